@@ -1,0 +1,145 @@
+//! The gossip key schema: every key a weft node writes, encoded and decoded in one place.
+//!
+//! Keys are short ASCII strings written only by their owner. chitchat can panic
+//! on keys that start with a multi-byte character, so nothing that is not
+//! validated here is ever written.
+
+use crate::GossipError;
+
+/// Longest instance id or service name accepted in a key.
+pub const MAX_ID_LEN: usize = 128;
+/// Largest value weft writes under one key (a catalog of 1000 instances must still gossip).
+pub const MAX_VALUE_LEN: usize = 4 * 1024;
+
+/// A typed gossip key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    /// The node's own record: addresses, version, status.
+    Node,
+    /// An instance this node hosts.
+    Svc(String),
+    /// What this node's checker or outlier detector concluded about an instance.
+    Health(String),
+    /// This node's compact statistics summary for a service.
+    Stats(String),
+}
+
+impl Key {
+    /// Builds a key after checking that its id is acceptable.
+    pub fn svc(id: &str) -> Result<Self, GossipError> {
+        validate_id(id)?;
+        Ok(Key::Svc(id.to_string()))
+    }
+
+    /// The string stored in chitchat.
+    pub fn encode(&self) -> String {
+        match self {
+            Key::Node => "node".to_string(),
+            Key::Svc(id) => format!("svc/{id}"),
+            Key::Health(id) => format!("health/{id}"),
+            Key::Stats(svc) => format!("stats/{svc}"),
+        }
+    }
+
+    /// Parses a chitchat key; unknown or malformed keys are `None` and ignored.
+    pub fn decode(raw: &str) -> Option<Self> {
+        if raw == "node" {
+            return Some(Key::Node);
+        }
+        let (prefix, rest) = raw.split_once('/')?;
+        if validate_id(rest).is_err() {
+            return None;
+        }
+        match prefix {
+            "svc" => Some(Key::Svc(rest.to_string())),
+            "health" => Some(Key::Health(rest.to_string())),
+            "stats" => Some(Key::Stats(rest.to_string())),
+            _ => None,
+        }
+    }
+}
+
+/// Instance ids: `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`.
+pub fn validate_id(id: &str) -> Result<(), GossipError> {
+    let mut chars = id.chars();
+    let ok_first = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_rest = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !ok_first || !ok_rest || id.len() > MAX_ID_LEN {
+        return Err(GossipError::Invalid(format!(
+            "id {id:?} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}"
+        )));
+    }
+    Ok(())
+}
+
+/// Service and node names: `[a-z0-9][a-z0-9-]{0,62}` (a DNS label).
+pub fn validate_name(name: &str) -> Result<(), GossipError> {
+    let mut chars = name.chars();
+    let ok_first = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let ok_rest = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !ok_first || !ok_rest || name.len() > 63 {
+        return Err(GossipError::Invalid(format!(
+            "name {name:?} must match [a-z0-9][a-z0-9-]{{0,62}}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that a value can be written: ASCII-safe JSON and small.
+pub fn validate_value(value: &str) -> Result<(), GossipError> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(GossipError::Invalid(format!(
+            "value of {} bytes exceeds {MAX_VALUE_LEN}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        for key in [
+            Key::Node,
+            Key::Svc("web-n1-8080".into()),
+            Key::Health("db.1".into()),
+            Key::Stats("web".into()),
+        ] {
+            assert_eq!(Key::decode(&key.encode()), Some(key));
+        }
+    }
+
+    #[test]
+    fn foreign_keys_are_ignored() {
+        for raw in ["", "svc/", "svc/é", "nodes", "other/x", "svc/a/b", "svc/-x"] {
+            assert_eq!(Key::decode(raw), None, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn ids_and_names_are_validated() {
+        assert!(validate_id("web-1").is_ok());
+        assert!(validate_id("Web_1.a").is_ok());
+        assert!(validate_id("").is_err());
+        assert!(validate_id("é").is_err());
+        assert!(validate_id(&"a".repeat(129)).is_err());
+        assert!(validate_name("web").is_ok());
+        assert!(validate_name("web-2").is_ok());
+        assert!(validate_name("Web").is_err());
+        assert!(validate_name("-web").is_err());
+        assert!(validate_name(&"a".repeat(64)).is_err());
+        assert!(Key::svc("ok").is_ok());
+        assert!(Key::svc("not ok").is_err());
+    }
+
+    #[test]
+    fn values_are_bounded() {
+        assert!(validate_value("{}").is_ok());
+        assert!(validate_value(&"x".repeat(MAX_VALUE_LEN + 1)).is_err());
+    }
+}

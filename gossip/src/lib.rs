@@ -1,0 +1,37 @@
+//! weft's gossip layer: a thin, typed wrapper around chitchat.
+//!
+//! # Layout
+//!
+//! - [`keys`]: the key schema (`node`, `svc/<id>`, `health/<id>`, `stats/<service>`),
+//!   validated before anything is written, so only short ASCII keys reach chitchat.
+//! - [`records`]: the JSON values stored under those keys.
+//! - [`view`]: a plain, owned picture of the cluster (members, their keys,
+//!   liveness) and the pure derivation of members and the service catalog from it.
+//! - [`cluster`]: starts chitchat with weft's configuration, keeps the node's own
+//!   keys, and publishes a fresh [`view::ClusterView`] on every change.
+//! - [`seal`]: the authenticated gossip transport (AEAD-sealed datagrams).
+
+pub mod cluster;
+pub mod keys;
+pub mod records;
+pub mod seal;
+pub mod view;
+
+pub use cluster::{Cluster, ClusterConfig};
+pub use keys::Key;
+pub use records::{Check, NodeInfo, NodeStatus, Protocol, ServiceRecord};
+pub use view::{Catalog, ClusterView, Instance, Member, MemberState};
+
+/// Errors of the gossip layer.
+#[derive(Debug, thiserror::Error)]
+pub enum GossipError {
+    /// A key or value does not fit the schema (non-ASCII, too long, bad id).
+    #[error("invalid gossip key or value: {0}")]
+    Invalid(String),
+    /// chitchat could not start (port in use, bad seed).
+    #[error("gossip failed to start: {0}")]
+    Start(String),
+    /// The gossip task stopped.
+    #[error("gossip stopped: {0}")]
+    Stopped(String),
+}

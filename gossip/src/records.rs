@@ -1,0 +1,84 @@
+//! The values stored under weft's gossip keys, as compact JSON.
+
+use serde::{Deserialize, Serialize};
+
+/// How a node describes itself under the `node` key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Address of the node's QUIC tunnel endpoint.
+    pub tunnel: String,
+    /// Address of the node's admin HTTP endpoint.
+    pub admin: String,
+    /// weft version the node runs.
+    pub version: String,
+    /// Whether the node is serving, draining or gone.
+    pub status: NodeStatus,
+}
+
+/// Lifecycle of a node as it announces it itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    /// Serving normally.
+    Alive,
+    /// Shutting down: its instances are being withdrawn.
+    Draining,
+    /// Left the cluster on purpose.
+    Left,
+}
+
+/// Application protocol of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 (and h2c if the instance speaks it).
+    #[default]
+    Http,
+    /// Opaque TCP.
+    Tcp,
+}
+
+impl Protocol {
+    /// The lowercase name used in JSON and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// A health check as registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    /// HTTP GET path expected to answer 2xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
+    /// TCP connect check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<bool>,
+    /// TTL the service must refresh, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+}
+
+/// An instance hosted by a node, stored under `svc/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    /// Service name.
+    pub name: String,
+    /// Instance id, unique on its node.
+    pub id: String,
+    /// Port on the node's loopback where the instance listens.
+    pub port: u16,
+    /// Application protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Health check, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<Check>,
+    /// Free-form tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}

@@ -1,0 +1,428 @@
+//! A plain picture of the cluster and the pure derivation of members and catalog.
+//!
+//! chitchat fires no event when a key is deleted, so weft never maintains the
+//! catalog from events: every change produces a fresh [`ClusterView`] and the
+//! catalog is derived from it whole. [`Catalog::diff`] tells what moved.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::keys::Key;
+use crate::records::{NodeInfo, NodeStatus, ServiceRecord};
+
+/// One node as seen in gossip, owned data only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSnapshot {
+    /// Node name (chitchat node id).
+    pub name: String,
+    /// Start time of this incarnation; a restarted node has a higher one.
+    pub generation: u64,
+    /// Address peers gossip with.
+    pub gossip_addr: SocketAddr,
+    /// The failure detector counts it live.
+    pub live: bool,
+    /// The failure detector declared it dead.
+    pub dead: bool,
+    /// Time since its heartbeat last advanced, as seen from here.
+    pub last_heard: Duration,
+    /// Its non-deleted keys and values.
+    pub kv: BTreeMap<String, String>,
+}
+
+/// Everything a node knows about the cluster at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterView {
+    /// Name of the node that took the view.
+    pub self_name: String,
+    /// All node incarnations chitchat knows.
+    pub nodes: Vec<NodeSnapshot>,
+    /// How long without a heartbeat makes a live node `suspect`.
+    pub suspect_after: Duration,
+}
+
+/// Membership state as shown to users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Heard from recently.
+    Alive,
+    /// Still counted live, but silent for several gossip rounds.
+    Suspect,
+    /// Declared dead by the failure detector.
+    Dead,
+    /// Left on purpose (graceful shutdown).
+    Left,
+}
+
+impl MemberState {
+    /// The lowercase name used in JSON and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Alive => "alive",
+            MemberState::Suspect => "suspect",
+            MemberState::Dead => "dead",
+            MemberState::Left => "left",
+        }
+    }
+}
+
+/// A member of the cluster, as `GET /v1/members` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Member {
+    /// Node name.
+    pub name: String,
+    /// Gossip address.
+    pub gossip_addr: String,
+    /// Tunnel address, once the node announced it.
+    pub tunnel_addr: Option<String>,
+    /// Admin address, once the node announced it.
+    pub admin_addr: Option<String>,
+    /// Membership state.
+    pub state: MemberState,
+    /// Milliseconds since its heartbeat last advanced.
+    pub last_heard_ms: u64,
+    /// weft version it runs.
+    pub version: Option<String>,
+}
+
+/// One instance of a service, as the catalog lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, PartialOrd, Ord)]
+pub struct Instance {
+    /// Instance id.
+    pub id: String,
+    /// Node hosting it.
+    pub node: String,
+    /// Port on that node's loopback.
+    pub port: u16,
+    /// "http" or "tcp".
+    pub protocol: String,
+    /// "passing", "failing", "unknown" or "ejected".
+    pub health: String,
+    /// Tags given at registration.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The hosting node's tunnel address.
+    #[serde(skip)]
+    pub tunnel_addr: Option<String>,
+}
+
+/// Service name -> instances, ordered for stable output.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Catalog {
+    /// Instances per service.
+    pub services: BTreeMap<String, Vec<Instance>>,
+}
+
+/// What changed between two catalogs, for logs and events.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CatalogDiff {
+    /// (service, node, id) that appeared.
+    pub added: Vec<(String, String, String)>,
+    /// (service, node, id) that disappeared.
+    pub removed: Vec<(String, String, String)>,
+    /// (service, node, id) whose record changed.
+    pub changed: Vec<(String, String, String)>,
+}
+
+impl CatalogDiff {
+    /// True when nothing moved.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+impl ClusterView {
+    /// The newest incarnation of every node name.
+    fn current_incarnations(&self) -> impl Iterator<Item = &NodeSnapshot> {
+        let mut newest: BTreeMap<&str, &NodeSnapshot> = BTreeMap::new();
+        for node in &self.nodes {
+            let replace = match newest.get(node.name.as_str()) {
+                None => true,
+                Some(prev) => (node.generation, node.live) > (prev.generation, prev.live),
+            };
+            if replace {
+                newest.insert(&node.name, node);
+            }
+        }
+        newest.into_values()
+    }
+
+    /// Members with their user-facing state.
+    pub fn members(&self) -> Vec<Member> {
+        self.current_incarnations()
+            .map(|node| {
+                let info = node_info(node);
+                let state = member_state(node, info.as_ref(), self.suspect_after);
+                Member {
+                    name: node.name.clone(),
+                    gossip_addr: node.gossip_addr.to_string(),
+                    tunnel_addr: info.as_ref().map(|i| i.tunnel.clone()),
+                    admin_addr: info.as_ref().map(|i| i.admin.clone()),
+                    state,
+                    last_heard_ms: if node.name == self.self_name {
+                        0
+                    } else {
+                        node.last_heard.as_millis() as u64
+                    },
+                    version: info.map(|i| i.version),
+                }
+            })
+            .collect()
+    }
+
+    /// The catalog: instances registered on live, non-leaving nodes.
+    pub fn catalog(&self) -> Catalog {
+        let mut services: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+        for node in self.current_incarnations() {
+            let info = node_info(node);
+            if !node.live
+                || matches!(
+                    member_state(node, info.as_ref(), self.suspect_after),
+                    MemberState::Left | MemberState::Dead
+                )
+            {
+                continue;
+            }
+            for (raw_key, value) in &node.kv {
+                let Some(Key::Svc(id)) = Key::decode(raw_key) else {
+                    continue;
+                };
+                let Ok(record) = serde_json::from_str::<ServiceRecord>(value) else {
+                    continue;
+                };
+                if record.id != id {
+                    continue;
+                }
+                let health = instance_health(node, &record);
+                services
+                    .entry(record.name.clone())
+                    .or_default()
+                    .push(Instance {
+                        id: record.id,
+                        node: node.name.clone(),
+                        port: record.port,
+                        protocol: record.protocol.as_str().to_string(),
+                        health,
+                        tags: record.tags,
+                        tunnel_addr: info.as_ref().map(|i| i.tunnel.clone()),
+                    });
+            }
+        }
+        for instances in services.values_mut() {
+            instances.sort();
+        }
+        Catalog { services }
+    }
+}
+
+fn node_info(node: &NodeSnapshot) -> Option<NodeInfo> {
+    node.kv
+        .get("node")
+        .and_then(|raw| serde_json::from_str(raw).ok())
+}
+
+fn member_state(
+    node: &NodeSnapshot,
+    info: Option<&NodeInfo>,
+    suspect_after: Duration,
+) -> MemberState {
+    if matches!(
+        info.map(|i| i.status),
+        Some(NodeStatus::Left | NodeStatus::Draining)
+    ) {
+        MemberState::Left
+    } else if node.dead || !node.live {
+        MemberState::Dead
+    } else if node.last_heard > suspect_after {
+        MemberState::Suspect
+    } else {
+        MemberState::Alive
+    }
+}
+
+/// Health of an instance from its owner's own conclusion (`health/<id>`).
+fn instance_health(node: &NodeSnapshot, record: &ServiceRecord) -> String {
+    match node.kv.get(&Key::Health(record.id.clone()).encode()) {
+        Some(v) if matches!(v.as_str(), "passing" | "failing" | "ejected") => v.clone(),
+        _ if record.check.is_none() => "passing".to_string(),
+        _ => "unknown".to_string(),
+    }
+}
+
+impl Catalog {
+    /// Instances of one service.
+    pub fn instances(&self, service: &str) -> &[Instance] {
+        self.services.get(service).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// What moved from `old` to `self`.
+    pub fn diff(&self, old: &Catalog) -> CatalogDiff {
+        let index = |c: &Catalog| -> BTreeMap<(String, String, String), Instance> {
+            c.services
+                .iter()
+                .flat_map(|(svc, list)| {
+                    list.iter()
+                        .map(move |i| ((svc.clone(), i.node.clone(), i.id.clone()), i.clone()))
+                })
+                .collect()
+        };
+        let (new, old) = (index(self), index(old));
+        let keys: BTreeSet<_> = new.keys().chain(old.keys()).cloned().collect();
+        let mut diff = CatalogDiff::default();
+        for key in keys {
+            match (old.get(&key), new.get(&key)) {
+                (None, Some(_)) => diff.added.push(key),
+                (Some(_), None) => diff.removed.push(key),
+                (Some(a), Some(b)) if a != b => diff.changed.push(key),
+                _ => {}
+            }
+        }
+        diff
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::Protocol;
+
+    fn node(name: &str, generation: u64, live: bool, svcs: &[(&str, &str, u16)]) -> NodeSnapshot {
+        let mut kv = BTreeMap::new();
+        let info = NodeInfo {
+            tunnel: "127.0.0.1:7947".into(),
+            admin: "127.0.0.1:9646".into(),
+            version: "0.1.0".into(),
+            status: NodeStatus::Alive,
+        };
+        kv.insert("node".to_string(), serde_json::to_string(&info).unwrap());
+        for (svc, id, port) in svcs {
+            let rec = ServiceRecord {
+                name: svc.to_string(),
+                id: id.to_string(),
+                port: *port,
+                protocol: Protocol::Http,
+                check: None,
+                tags: vec![],
+            };
+            kv.insert(format!("svc/{id}"), serde_json::to_string(&rec).unwrap());
+        }
+        NodeSnapshot {
+            name: name.into(),
+            generation,
+            gossip_addr: "127.0.0.1:7946".parse().unwrap(),
+            live,
+            dead: !live,
+            last_heard: Duration::from_millis(100),
+            kv,
+        }
+    }
+
+    fn view(nodes: Vec<NodeSnapshot>) -> ClusterView {
+        ClusterView {
+            self_name: "n1".into(),
+            nodes,
+            suspect_after: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn new_node_adds_its_instances() {
+        let before = view(vec![node("n1", 1, true, &[("web", "w1", 8080)])]);
+        let after = view(vec![
+            node("n1", 1, true, &[("web", "w1", 8080)]),
+            node("n2", 1, true, &[("web", "w2", 8081), ("db", "d1", 5432)]),
+        ]);
+        let diff = after.catalog().diff(&before.catalog());
+        assert_eq!(diff.added.len(), 2);
+        assert!(diff.removed.is_empty());
+        assert_eq!(after.catalog().instances("web").len(), 2);
+        assert_eq!(after.catalog().instances("db")[0].node, "n2");
+    }
+
+    #[test]
+    fn dead_node_instances_leave_the_catalog() {
+        let before = view(vec![
+            node("n1", 1, true, &[("web", "w1", 8080)]),
+            node("n2", 1, true, &[("web", "w2", 8081)]),
+        ]);
+        let after = view(vec![
+            node("n1", 1, true, &[("web", "w1", 8080)]),
+            node("n2", 1, false, &[("web", "w2", 8081)]),
+        ]);
+        let diff = after.catalog().diff(&before.catalog());
+        assert_eq!(diff.removed, vec![("web".into(), "n2".into(), "w2".into())]);
+        let members = after.members();
+        assert_eq!(members[1].state, MemberState::Dead);
+    }
+
+    #[test]
+    fn deleted_key_removes_instance() {
+        let before = view(vec![node(
+            "n1",
+            1,
+            true,
+            &[("web", "w1", 8080), ("web", "w2", 8081)],
+        )]);
+        let after = view(vec![node("n1", 1, true, &[("web", "w1", 8080)])]);
+        let diff = after.catalog().diff(&before.catalog());
+        assert_eq!(diff.removed, vec![("web".into(), "n1".into(), "w2".into())]);
+        assert!(diff.added.is_empty());
+    }
+
+    #[test]
+    fn replaced_registration_is_a_change() {
+        let before = view(vec![node("n1", 1, true, &[("web", "w1", 8080)])]);
+        let after = view(vec![node("n1", 1, true, &[("web", "w1", 9090)])]);
+        let diff = after.catalog().diff(&before.catalog());
+        assert_eq!(diff.changed, vec![("web".into(), "n1".into(), "w1".into())]);
+        assert_eq!(after.catalog().instances("web")[0].port, 9090);
+    }
+
+    #[test]
+    fn restarted_node_newest_generation_wins() {
+        let v = view(vec![
+            node("n2", 1, false, &[("web", "old", 8080)]),
+            node("n2", 2, true, &[("web", "new", 8080)]),
+        ]);
+        let cat = v.catalog();
+        assert_eq!(cat.instances("web").len(), 1);
+        assert_eq!(cat.instances("web")[0].id, "new");
+        assert_eq!(v.members().len(), 1);
+        assert_eq!(v.members()[0].state, MemberState::Alive);
+    }
+
+    #[test]
+    fn left_node_is_left_and_serves_nothing() {
+        let mut n2 = node("n2", 1, true, &[("web", "w2", 8081)]);
+        let mut info: NodeInfo = serde_json::from_str(&n2.kv["node"]).unwrap();
+        info.status = NodeStatus::Left;
+        n2.kv
+            .insert("node".into(), serde_json::to_string(&info).unwrap());
+        let v = view(vec![node("n1", 1, true, &[]), n2]);
+        assert!(v.catalog().instances("web").is_empty());
+        assert_eq!(v.members()[1].state, MemberState::Left);
+    }
+
+    #[test]
+    fn silent_live_node_is_suspect() {
+        let mut n2 = node("n2", 1, true, &[]);
+        n2.last_heard = Duration::from_secs(5);
+        let v = view(vec![node("n1", 1, true, &[]), n2]);
+        assert_eq!(v.members()[1].state, MemberState::Suspect);
+    }
+
+    #[test]
+    fn malformed_records_are_skipped() {
+        let mut n1 = node("n1", 1, true, &[("web", "w1", 8080)]);
+        n1.kv.insert("svc/bad".into(), "{not json".into());
+        n1.kv.insert(
+            "svc/w9".into(),
+            r#"{"name":"web","id":"other","port":1}"#.into(),
+        );
+        let v = view(vec![n1]);
+        assert_eq!(v.catalog().instances("web").len(), 1);
+    }
+}

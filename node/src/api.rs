@@ -1,0 +1,400 @@
+//! The local API: JSON over HTTP/1.1 on the node's Unix socket (read-write)
+//! and its admin address (read-only).
+//!
+//! Every request body is bounded (64 KiB) and validated field by field; a bad
+//! request gets a 4xx with `{"error": "..."}` naming the field, never a crash.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use weft_gossip::keys::{validate_id, validate_name};
+use weft_gossip::{Check, Cluster, Protocol, ServiceRecord};
+use weft_runtime::listener::{HttpHandler, Origin};
+use weft_runtime::router::RouterHandle;
+
+use crate::registry::Registry;
+use crate::NodeError;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// What the API handlers share.
+#[derive(Debug)]
+pub struct ApiState {
+    /// This node's name.
+    pub node: String,
+    /// Gossip, for writing own keys.
+    pub cluster: Arc<Cluster>,
+    /// Local registrations.
+    pub registry: Arc<Registry>,
+    /// The routing table.
+    pub router: RouterHandle,
+}
+
+/// The handler the Listener serves.
+pub fn handler(state: Arc<ApiState>) -> HttpHandler {
+    Arc::new(move |req, origin| {
+        let state = state.clone();
+        Box::pin(async move { route(&state, req, origin).await })
+    })
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, body: &Value) -> Reply {
+    let mut text = serde_json::to_vec(body).unwrap_or_default();
+    text.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(text)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+fn error(status: StatusCode, msg: impl std::fmt::Display) -> Reply {
+    reply(status, &json!({ "error": msg.to_string() }))
+}
+
+async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Reply {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let read_only = origin == Origin::Admin;
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["v1", "services"]) => get_services(state),
+        (&Method::GET, ["v1", "members"]) => get_members(state),
+        (&Method::GET, ["v1", "health"]) => get_health(state),
+        (_, ["v1", ..]) if read_only && method != Method::GET => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the admin address is read-only; use the node's socket",
+        ),
+        (&Method::PUT, ["v1", "services"]) => match read_json(req).await {
+            Ok(body) => put_service(state, &body).await,
+            Err(reply) => reply,
+        },
+        (&Method::DELETE, ["v1", "services", id]) => delete_service(state, id).await,
+        (_, ["v1", "services"] | ["v1", "members"] | ["v1", "health"] | ["v1", "services", _]) => {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}"),
+            )
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("no endpoint {method} {path}"),
+        ),
+    }
+}
+
+async fn read_json(req: Request<Incoming>) -> Result<Value, Reply> {
+    let too_large = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > MAX_BODY as u64);
+    if too_large {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body exceeds {MAX_BODY} bytes"),
+        ));
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body exceeds {MAX_BODY} bytes"),
+            ))
+        }
+        Err(e) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read body: {e}"),
+            ))
+        }
+    };
+    serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("body is not valid JSON: {e}"),
+        )
+    })
+}
+
+/// Validates a registration request, naming the first bad field.
+pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, String> {
+    let obj = body.as_object().ok_or("body must be a JSON object")?;
+    const KNOWN: [&str; 6] = ["name", "port", "id", "protocol", "check", "tags"];
+    if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(format!("unknown field {unknown:?}"));
+    }
+    let name = obj
+        .get("name")
+        .ok_or("field \"name\" is required")?
+        .as_str()
+        .ok_or("field \"name\" must be a string")?;
+    validate_name(name)
+        .map_err(|_| "field \"name\" must match [a-z0-9][a-z0-9-]{0,62}".to_string())?;
+    let port = obj
+        .get("port")
+        .ok_or("field \"port\" is required")?
+        .as_u64()
+        .ok_or("field \"port\" must be an integer between 1 and 65535")?;
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or("field \"port\" must be an integer between 1 and 65535")?;
+    let id = match obj.get("id") {
+        None | Some(Value::Null) => format!("{name}-{node}-{port}"),
+        Some(Value::String(id)) => {
+            validate_id(id).map_err(|_| {
+                "field \"id\" must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}".to_string()
+            })?;
+            id.clone()
+        }
+        Some(_) => return Err("field \"id\" must be a string".into()),
+    };
+    let protocol = match obj.get("protocol") {
+        None | Some(Value::Null) => Protocol::Http,
+        Some(Value::String(p)) if p == "http" => Protocol::Http,
+        Some(Value::String(p)) if p == "tcp" => Protocol::Tcp,
+        Some(_) => return Err("field \"protocol\" must be \"http\" or \"tcp\"".into()),
+    };
+    let check = match obj.get("check") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_check(v)?),
+    };
+    let tags = match obj.get("tags") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => {
+            let mut tags = Vec::with_capacity(items.len());
+            for item in items {
+                let tag = item
+                    .as_str()
+                    .filter(|t| !t.is_empty() && t.len() <= 64 && t.is_ascii())
+                    .ok_or("field \"tags\" must be ASCII strings of 1 to 64 characters")?;
+                tags.push(tag.to_string());
+            }
+            if tags.len() > 32 {
+                return Err("field \"tags\" holds at most 32 tags".into());
+            }
+            tags
+        }
+        Some(_) => return Err("field \"tags\" must be an array of strings".into()),
+    };
+    Ok(ServiceRecord {
+        name: name.to_string(),
+        id,
+        port,
+        protocol,
+        check,
+        tags,
+    })
+}
+
+fn parse_check(v: &Value) -> Result<Check, String> {
+    let obj = v.as_object().ok_or("field \"check\" must be an object")?;
+    if obj.len() != 1 {
+        return Err(
+            "field \"check\" must hold exactly one of \"http\", \"tcp\", \"ttl_ms\"".into(),
+        );
+    }
+    let mut check = Check {
+        http: None,
+        tcp: None,
+        ttl_ms: None,
+    };
+    match obj.iter().next() {
+        Some((k, Value::String(path))) if k == "http" => {
+            if !path.starts_with('/') || !path.is_ascii() || path.len() > 1024 {
+                return Err("field \"check.http\" must be an ASCII path starting with /".into());
+            }
+            check.http = Some(path.clone());
+        }
+        Some((k, Value::Bool(true))) if k == "tcp" => check.tcp = Some(true),
+        Some((k, n)) if k == "ttl_ms" => {
+            let ms = n
+                .as_u64()
+                .filter(|ms| (100..=86_400_000).contains(ms))
+                .ok_or("field \"check.ttl_ms\" must be an integer between 100 and 86400000")?;
+            check.ttl_ms = Some(ms);
+        }
+        Some((k, _)) => {
+            return Err(format!(
+                "field \"check.{k}\" is not valid; use {{\"http\":\"/path\"}}, {{\"tcp\":true}} or {{\"ttl_ms\":N}}"
+            ))
+        }
+        None => unreachable!("length checked above"),
+    }
+    Ok(check)
+}
+
+async fn put_service(state: &ApiState, body: &Value) -> Reply {
+    let record = match parse_registration(body, &state.node) {
+        Ok(r) => r,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+    };
+    let id = record.id.clone();
+    match state.registry.put(&state.cluster, record).await {
+        Ok(()) => reply(StatusCode::OK, &json!({ "id": id })),
+        Err(NodeError::Invalid(msg)) => error(StatusCode::BAD_REQUEST, msg),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn delete_service(state: &ApiState, id: &str) -> Reply {
+    match state.registry.remove(&state.cluster, id).await {
+        Ok(true) => reply(StatusCode::OK, &json!({ "id": id })),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("no local service with id {id:?}"),
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+fn instance_json(i: &weft_gossip::Instance) -> Value {
+    json!({
+        "id": i.id,
+        "node": i.node,
+        "port": i.port,
+        "protocol": i.protocol,
+        "health": i.health,
+        "tags": i.tags,
+    })
+}
+
+fn services_json(state: &ApiState) -> serde_json::Map<String, Value> {
+    let snap = state.router.load();
+    snap.catalog
+        .services
+        .iter()
+        .map(|(name, list)| {
+            (
+                name.clone(),
+                Value::Array(list.iter().map(instance_json).collect()),
+            )
+        })
+        .collect()
+}
+
+fn members_json(state: &ApiState) -> Value {
+    let snap = state.router.load();
+    serde_json::to_value(&snap.members).unwrap_or(Value::Null)
+}
+
+fn get_services(state: &ApiState) -> Reply {
+    reply(StatusCode::OK, &json!({ "services": services_json(state) }))
+}
+
+fn get_members(state: &ApiState) -> Reply {
+    reply(StatusCode::OK, &json!({ "members": members_json(state) }))
+}
+
+fn get_health(state: &ApiState) -> Reply {
+    let snap = state.router.load();
+    let services: serde_json::Map<String, Value> = snap
+        .catalog
+        .services
+        .iter()
+        .map(|(name, list)| {
+            let passing = list.iter().filter(|i| i.health == "passing").count();
+            (
+                name.clone(),
+                json!({
+                    "instances": list.iter().map(instance_json).collect::<Vec<_>>(),
+                    "healthy": passing,
+                    "total": list.len(),
+                    "rps": null,
+                    "success_rate": null,
+                    "p50_ms": null,
+                    "p99_ms": null,
+                    "retry_delay_ms": null,
+                    "retries": null,
+                    "retry_budget_used": null,
+                }),
+            )
+        })
+        .collect();
+    reply(
+        StatusCode::OK,
+        &json!({
+            "node": state.node,
+            "members": members_json(state),
+            "services": services,
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<ServiceRecord, String> {
+        parse_registration(&v, "n1")
+    }
+
+    #[test]
+    fn minimal_registration_gets_defaults() {
+        let r = parse(json!({"name": "web", "port": 8080})).unwrap();
+        assert_eq!(r.id, "web-n1-8080");
+        assert_eq!(r.protocol, Protocol::Http);
+        assert!(r.check.is_none());
+    }
+
+    #[test]
+    fn full_registration() {
+        let r = parse(
+            json!({"name": "db", "port": 5432, "id": "db.1", "protocol": "tcp",
+            "check": {"tcp": true}, "tags": ["primary"]}),
+        )
+        .unwrap();
+        assert_eq!(r.id, "db.1");
+        assert_eq!(r.protocol, Protocol::Tcp);
+        assert_eq!(r.check.unwrap().tcp, Some(true));
+        assert_eq!(r.tags, vec!["primary".to_string()]);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (json!([]), "object"),
+            (json!({"port": 1}), "\"name\""),
+            (json!({"name": 3, "port": 1}), "\"name\""),
+            (json!({"name": "Web", "port": 1}), "\"name\""),
+            (json!({"name": "web"}), "\"port\""),
+            (json!({"name": "web", "port": 0}), "\"port\""),
+            (json!({"name": "web", "port": 65536}), "\"port\""),
+            (json!({"name": "web", "port": -1}), "\"port\""),
+            (json!({"name": "web", "port": "80"}), "\"port\""),
+            (json!({"name": "web", "port": 80, "id": "a b"}), "\"id\""),
+            (
+                json!({"name": "web", "port": 80, "protocol": "udp"}),
+                "\"protocol\"",
+            ),
+            (
+                json!({"name": "web", "port": 80, "check": {"http": "x"}}),
+                "check.http",
+            ),
+            (
+                json!({"name": "web", "port": 80, "check": {"ttl_ms": 1}}),
+                "check.ttl_ms",
+            ),
+            (
+                json!({"name": "web", "port": 80, "check": {"grpc": 1}}),
+                "check.grpc",
+            ),
+            (json!({"name": "web", "port": 80, "tags": "x"}), "\"tags\""),
+            (json!({"name": "web", "port": 80, "extra": 1}), "\"extra\""),
+        ];
+        for (body, needle) in cases {
+            let err = parse(body.clone()).unwrap_err();
+            assert!(err.contains(needle), "{body} -> {err}");
+        }
+    }
+}

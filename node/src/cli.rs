@@ -1,0 +1,127 @@
+//! The command line: one binary, `weft`, for the node and its clients.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// weft: a service mesh without a control plane.
+#[derive(Debug, Parser)]
+#[command(name = "weft", version, about, long_about = None)]
+pub struct Cli {
+    /// The local node's socket (client commands).
+    #[arg(long, global = true, env = "WEFT_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// weft's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a cluster: CA (ca.pem, ca.key) and gossip key, once per cluster.
+    Init {
+        /// Directory to write the cluster files into.
+        #[arg(long, default_value = "./weft-cluster", value_name = "DIR")]
+        dir: PathBuf,
+        /// Overwrite an existing cluster.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run a node.
+    Node(Box<NodeArgs>),
+    /// Register a local service instance with the node.
+    Register(RegisterArgs),
+    /// Remove a registration by id.
+    Deregister {
+        /// Instance id.
+        id: String,
+    },
+    /// List the cluster-wide catalog.
+    Services {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the cluster's members.
+    Members {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show members and per-service health.
+    Health {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Redraw every second.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+/// Flags of `weft node`; each can also come from `WEFT_*` or `--config FILE`.
+#[derive(Debug, Args, Default, Clone)]
+pub struct NodeArgs {
+    /// Node name, unique in the cluster: [a-z0-9][a-z0-9-]{0,62}.
+    #[arg(long, env = "WEFT_NAME")]
+    pub name: Option<String>,
+    /// Cluster directory (ca.pem, gossip.key) made by `weft init`.
+    #[arg(long, env = "WEFT_CLUSTER", value_name = "DIR")]
+    pub cluster: Option<PathBuf>,
+    /// Gossip UDP address to bind [default: 0.0.0.0:7946].
+    #[arg(long, env = "WEFT_GOSSIP", value_name = "ADDR")]
+    pub gossip: Option<String>,
+    /// Gossip address other nodes use to reach this one [default: the bound address].
+    #[arg(long, env = "WEFT_ADVERTISE_GOSSIP", value_name = "ADDR")]
+    pub advertise_gossip: Option<String>,
+    /// QUIC tunnel UDP address [default: 0.0.0.0:7947].
+    #[arg(long, env = "WEFT_TUNNEL", value_name = "ADDR")]
+    pub tunnel: Option<String>,
+    /// Comma-separated seed gossip addresses (host:port).
+    #[arg(long, env = "WEFT_SEEDS", value_name = "A,B", value_delimiter = ',')]
+    pub seeds: Option<Vec<String>>,
+    /// Outbound HTTP proxy address [default: 127.0.0.1:4140].
+    #[arg(long, env = "WEFT_PROXY", value_name = "ADDR")]
+    pub proxy: Option<String>,
+    /// Admin HTTP address (read-only API, metrics) [default: 127.0.0.1:9646].
+    #[arg(long, env = "WEFT_ADMIN", value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// Where the node stores its state [default: ./weft-data/<name>].
+    #[arg(long, env = "WEFT_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Gossip round period, e.g. 250ms [default: 250ms].
+    #[arg(long, env = "WEFT_GOSSIP_INTERVAL", value_name = "DURATION")]
+    pub gossip_interval: Option<String>,
+    /// TOML file with any of these settings (flags and WEFT_* win).
+    #[arg(long, env = "WEFT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// Flags of `weft register`.
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// Service name: [a-z0-9][a-z0-9-]{0,62}.
+    pub name: String,
+    /// Port of the instance on this host's loopback.
+    #[arg(long)]
+    pub port: u32,
+    /// Instance id [default: <name>-<node>-<port>].
+    #[arg(long)]
+    pub id: Option<String>,
+    /// http or tcp.
+    #[arg(long, default_value = "http")]
+    pub protocol: String,
+    /// HTTP health check: GET this path, expect 2xx.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["check_tcp", "ttl"])]
+    pub check_http: Option<String>,
+    /// TCP connect health check.
+    #[arg(long, conflicts_with = "ttl")]
+    pub check_tcp: bool,
+    /// TTL check the service refreshes, e.g. 10s.
+    #[arg(long, value_name = "DURATION")]
+    pub ttl: Option<String>,
+    /// Tags (repeatable).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+}

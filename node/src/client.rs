@@ -1,0 +1,251 @@
+//! The CLI clients: talk to the local node over its Unix socket and print
+//! aligned tables (or the raw JSON with `--json`).
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+use crate::NodeError;
+
+/// Finds the socket: `--socket`/`WEFT_SOCKET`, else the one node under `./weft-data`.
+pub fn resolve_socket(flag: Option<&Path>) -> Result<PathBuf, NodeError> {
+    if let Some(p) = flag {
+        return Ok(p.to_path_buf());
+    }
+    let found: Vec<PathBuf> = std::fs::read_dir("./weft-data")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("weft.sock"))
+        .filter(|p| p.exists())
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(NodeError::Client(
+            "no node socket found under ./weft-data; pass --socket PATH or set WEFT_SOCKET".into(),
+        )),
+        many => Err(NodeError::Client(format!(
+            "several node sockets under ./weft-data ({}); pass --socket PATH or set WEFT_SOCKET",
+            many.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// One request to the node; returns (status, JSON body).
+pub async fn call(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value), NodeError> {
+    let not_running = |e: &dyn std::fmt::Display| {
+        NodeError::Client(format!(
+            "cannot reach the weft node at {} ({e}); is `weft node` running?",
+            socket.display()
+        ))
+    };
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| not_running(&e))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| not_running(&e))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let payload = body
+        .map(|b| Bytes::from(serde_json::to_vec(&b).unwrap_or_default()))
+        .unwrap_or_default();
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "weft")
+        .header("content-type", "application/json")
+        .body(Full::new(payload))
+        .map_err(|e| NodeError::Client(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| not_running(&e))?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| not_running(&e))?
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Ok((status, value))
+}
+
+/// Turns an error reply into a one-line error.
+pub fn check(status: u16, body: &Value) -> Result<(), NodeError> {
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    let msg = body
+        .get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("no error message");
+    Err(NodeError::Client(format!(
+        "the node refused: {msg} (HTTP {status})"
+    )))
+}
+
+/// Aligned columns, like `kubectl get` or `linkerd viz stat`.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(text.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => format!("{f:.2}"),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// `weft services` as a table.
+pub fn services_table(body: &Value) -> String {
+    let mut rows = Vec::new();
+    if let Some(services) = body.get("services").and_then(Value::as_object) {
+        for (name, list) in services {
+            for i in list.as_array().into_iter().flatten() {
+                rows.push(vec![
+                    name.clone(),
+                    s(&i["id"]),
+                    s(&i["node"]),
+                    s(&i["port"]),
+                    s(&i["protocol"]),
+                    s(&i["health"]),
+                ]);
+            }
+        }
+    }
+    table(
+        &["SERVICE", "ID", "NODE", "PORT", "PROTOCOL", "HEALTH"],
+        &rows,
+    )
+}
+
+/// `weft members` as a table.
+pub fn members_table(body: &Value) -> String {
+    let rows: Vec<Vec<String>> = body
+        .get("members")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            vec![
+                s(&m["name"]),
+                s(&m["state"]),
+                s(&m["gossip_addr"]),
+                s(&m["tunnel_addr"]),
+                s(&m["last_heard_ms"]),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "STATE", "GOSSIP", "TUNNEL", "LAST HEARD (ms)"],
+        &rows,
+    )
+}
+
+/// `weft health` as two tables: members, then services.
+pub fn health_table(body: &Value) -> String {
+    let mut out = format!("node {}\n\n", s(&body["node"]));
+    out.push_str(&members_table(body));
+    out.push('\n');
+    let rows: Vec<Vec<String>> = body
+        .get("services")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(name, v)| {
+            vec![
+                name.clone(),
+                format!("{}/{}", s(&v["healthy"]), s(&v["total"])),
+                s(&v["success_rate"]),
+                s(&v["rps"]),
+                s(&v["p50_ms"]),
+                s(&v["p99_ms"]),
+                s(&v["retry_delay_ms"]),
+                s(&v["retries"]),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "SERVICE",
+            "HEALTHY",
+            "SUCCESS",
+            "RPS",
+            "P50 (ms)",
+            "P99 (ms)",
+            "RETRY DELAY (ms)",
+            "RETRIES",
+        ],
+        &rows,
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tables_align() {
+        let t = table(
+            &["A", "LONG HEADER"],
+            &[
+                vec!["xxxx".into(), "1".into()],
+                vec!["y".into(), "22".into()],
+            ],
+        );
+        assert_eq!(t, "A     LONG HEADER\nxxxx  1\ny     22\n");
+    }
+
+    #[test]
+    fn services_render() {
+        let body = json!({"services": {"web": [{"id": "w1", "node": "n1", "port": 80,
+            "protocol": "http", "health": "passing"}]}});
+        let t = services_table(&body);
+        assert!(
+            t.contains("web      w1  n1    80    http      passing"),
+            "{t}"
+        );
+    }
+}

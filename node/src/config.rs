@@ -1,0 +1,328 @@
+//! Node configuration: flags and `WEFT_*` (through clap) over a TOML file over defaults.
+//!
+//! Everything is validated here, before anything binds, so a mistake is one
+//! clear line and exit code 64.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cli::NodeArgs;
+use crate::NodeError;
+
+/// Default gossip bind address.
+pub const DEFAULT_GOSSIP: &str = "0.0.0.0:7946";
+/// Default tunnel bind address.
+pub const DEFAULT_TUNNEL: &str = "0.0.0.0:7947";
+/// Default outbound proxy address.
+pub const DEFAULT_PROXY: &str = "127.0.0.1:4140";
+/// Default admin address.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9646";
+/// Default gossip interval.
+pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The settings a TOML file may hold (same names as the flags, with `_`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    name: Option<String>,
+    cluster: Option<PathBuf>,
+    gossip: Option<String>,
+    advertise_gossip: Option<String>,
+    tunnel: Option<String>,
+    seeds: Option<Vec<String>>,
+    proxy: Option<String>,
+    admin: Option<String>,
+    data_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    gossip_interval: Option<String>,
+}
+
+/// A validated node configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    /// Node name.
+    pub name: String,
+    /// Cluster dir, if given.
+    pub cluster: Option<PathBuf>,
+    /// Gossip bind address.
+    pub gossip: SocketAddr,
+    /// Gossip address announced to peers; `None` means "this host's primary
+    /// address", found at start when the bind address is unspecified.
+    pub advertise_gossip: Option<SocketAddr>,
+    /// Tunnel bind address.
+    pub tunnel: SocketAddr,
+    /// Seeds.
+    pub seeds: Vec<String>,
+    /// Proxy address.
+    pub proxy: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Data dir.
+    pub data_dir: PathBuf,
+    /// Local socket path.
+    pub socket: PathBuf,
+    /// Gossip period.
+    pub gossip_interval: Duration,
+}
+
+impl NodeConfig {
+    /// Merges flags/env (`args`), the optional file and defaults, then validates.
+    pub fn resolve(args: &NodeArgs, socket: Option<&Path>) -> Result<Self, NodeError> {
+        let file = match &args.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let name = args.name.clone().or(file.name).ok_or_else(|| {
+            NodeError::Config("--name is required (or WEFT_NAME, or name in --config)".into())
+        })?;
+        weft_gossip::keys::validate_name(&name).map_err(|_| {
+            NodeError::Config(format!(
+                "--name {name:?} must match [a-z0-9][a-z0-9-]{{0,62}}"
+            ))
+        })?;
+        let gossip = addr(
+            "--gossip",
+            args.gossip
+                .as_deref()
+                .or(file.gossip.as_deref())
+                .unwrap_or(DEFAULT_GOSSIP),
+        )?;
+        let advertise_gossip = match args
+            .advertise_gossip
+            .as_deref()
+            .or(file.advertise_gossip.as_deref())
+        {
+            Some(a) => {
+                let a = addr("--advertise-gossip", a)?;
+                if a.ip().is_unspecified() || a.port() == 0 {
+                    return Err(NodeError::Config(format!(
+                        "--advertise-gossip {a} must be a concrete address and port"
+                    )));
+                }
+                Some(a)
+            }
+            None if gossip.ip().is_unspecified() => None,
+            None => Some(gossip),
+        };
+        let tunnel = addr(
+            "--tunnel",
+            args.tunnel
+                .as_deref()
+                .or(file.tunnel.as_deref())
+                .unwrap_or(DEFAULT_TUNNEL),
+        )?;
+        let proxy = addr(
+            "--proxy",
+            args.proxy
+                .as_deref()
+                .or(file.proxy.as_deref())
+                .unwrap_or(DEFAULT_PROXY),
+        )?;
+        let admin = addr(
+            "--admin",
+            args.admin
+                .as_deref()
+                .or(file.admin.as_deref())
+                .unwrap_or(DEFAULT_ADMIN),
+        )?;
+        let seeds = args.seeds.clone().or(file.seeds).unwrap_or_default();
+        let seeds: Vec<String> = seeds
+            .into_iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        for seed in &seeds {
+            validate_seed(seed)?;
+        }
+        let gossip_interval = match args
+            .gossip_interval
+            .as_deref()
+            .or(file.gossip_interval.as_deref())
+        {
+            Some(raw) => parse_duration(raw)
+                .map_err(|e| NodeError::Config(format!("--gossip-interval {raw:?}: {e}")))?,
+            None => DEFAULT_GOSSIP_INTERVAL,
+        };
+        if gossip_interval < Duration::from_millis(10) || gossip_interval > Duration::from_secs(10)
+        {
+            return Err(NodeError::Config(format!(
+                "--gossip-interval {gossip_interval:?} must be between 10ms and 10s"
+            )));
+        }
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("./weft-data").join(&name));
+        let socket = socket
+            .map(Path::to_path_buf)
+            .or(file.socket)
+            .unwrap_or_else(|| data_dir.join("weft.sock"));
+        Ok(NodeConfig {
+            name,
+            cluster: args.cluster.clone().or(file.cluster),
+            gossip,
+            advertise_gossip,
+            tunnel,
+            seeds,
+            proxy,
+            admin,
+            data_dir,
+            socket,
+            gossip_interval,
+        })
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, NodeError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| NodeError::Config(format!("--config {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.message().to_string();
+        NodeError::Config(format!("--config {}: {msg}", path.display()))
+    })
+}
+
+fn addr(flag: &str, raw: &str) -> Result<SocketAddr, NodeError> {
+    raw.parse()
+        .map_err(|_| NodeError::Config(format!("{flag} {raw:?} is not an IP:port address")))
+}
+
+fn validate_seed(seed: &str) -> Result<(), NodeError> {
+    let ok = match seed.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(NodeError::Config(format!(
+            "--seeds entry {seed:?} must be host:port"
+        )))
+    }
+}
+
+/// Parses `250ms`, `2s`, `1m`, `1h` or a bare number of milliseconds.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (num, unit) = raw.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a number with a unit such as 250ms, 2s, 1m".to_string())?;
+    let ms = match unit {
+        "" | "ms" => Some(n),
+        "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("unknown unit {unit:?}; use ms, s, m or h")),
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| "duration too large".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(name: &str) -> NodeArgs {
+        NodeArgs {
+            name: Some(name.into()),
+            gossip: Some("127.0.0.1:7946".into()),
+            ..NodeArgs::default()
+        }
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let cfg = NodeConfig::resolve(&args("n1"), None).unwrap();
+        assert_eq!(cfg.proxy.to_string(), DEFAULT_PROXY);
+        assert_eq!(cfg.admin.to_string(), DEFAULT_ADMIN);
+        assert_eq!(cfg.tunnel.to_string(), DEFAULT_TUNNEL);
+        assert_eq!(cfg.data_dir, PathBuf::from("./weft-data/n1"));
+        assert_eq!(cfg.socket, PathBuf::from("./weft-data/n1/weft.sock"));
+        assert_eq!(cfg.gossip_interval, Duration::from_millis(250));
+        assert_eq!(cfg.advertise_gossip, Some(cfg.gossip));
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let mut a = args("N1");
+        let err = NodeConfig::resolve(&a, None).unwrap_err().to_string();
+        assert!(err.contains("--name"), "{err}");
+        a = args("n1");
+        a.admin = Some("localhost".into());
+        let err = NodeConfig::resolve(&a, None).unwrap_err().to_string();
+        assert!(err.contains("--admin"), "{err}");
+        a = args("n1");
+        a.seeds = Some(vec!["nope".into()]);
+        let err = NodeConfig::resolve(&a, None).unwrap_err().to_string();
+        assert!(err.contains("--seeds"), "{err}");
+        a = args("n1");
+        a.gossip_interval = Some("5 parsecs".into());
+        let err = NodeConfig::resolve(&a, None).unwrap_err().to_string();
+        assert!(err.contains("--gossip-interval"), "{err}");
+        a = args("n1");
+        a.advertise_gossip = Some("0.0.0.0:7946".into());
+        let err = NodeConfig::resolve(&a, None).unwrap_err().to_string();
+        assert!(err.contains("--advertise-gossip"), "{err}");
+        a = args("n1");
+        a.gossip = Some("0.0.0.0:7946".into());
+        assert_eq!(
+            NodeConfig::resolve(&a, None).unwrap().advertise_gossip,
+            None
+        );
+        let err = NodeConfig::resolve(&NodeArgs::default(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--name"), "{err}");
+    }
+
+    #[test]
+    fn file_fills_gaps_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weft.toml");
+        std::fs::write(
+            &path,
+            "name = \"from-file\"\nadmin = \"127.0.0.1:9999\"\nseeds = [\"127.0.0.1:7000\"]\ngossip = \"127.0.0.1:7001\"\n",
+        )
+        .unwrap();
+        let mut a = NodeArgs {
+            config: Some(path.clone()),
+            ..NodeArgs::default()
+        };
+        let cfg = NodeConfig::resolve(&a, None).unwrap();
+        assert_eq!(cfg.name, "from-file");
+        assert_eq!(cfg.admin.to_string(), "127.0.0.1:9999");
+        assert_eq!(cfg.seeds, vec!["127.0.0.1:7000".to_string()]);
+        a.name = Some("flag".into());
+        assert_eq!(NodeConfig::resolve(&a, None).unwrap().name, "flag");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weft.toml");
+        std::fs::write(&path, "nmae = \"typo\"\n").unwrap();
+        let a = NodeArgs {
+            config: Some(path),
+            ..NodeArgs::default()
+        };
+        let err = NodeConfig::resolve(&a, None).unwrap_err().to_string();
+        assert!(err.contains("nmae"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("40"), Ok(Duration::from_millis(40)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("1y").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! The `weft` binary: the node and its command-line clients.
+//!
+//! # Layout
+//!
+//! - `cli`: clap definitions of every command and flag.
+//! - `config`: flags over `WEFT_*` over TOML over defaults, validated.
+//! - `init`: `weft init` (cluster CA and gossip key).
+//! - `node`: `weft node`, wiring gossip, actors and the local API.
+//! - `registry`: local registrations, persisted and announced.
+//! - `api`: the JSON API on the local socket and the admin address.
+//! - `client`: the CLI clients and their tables.
+
+mod api;
+mod cli;
+mod client;
+mod config;
+mod init;
+mod node;
+mod registry;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use hyper::Method;
+use serde_json::json;
+
+use cli::{Cli, Command};
+
+/// Errors of the `weft` binary; each maps to an exit code and one line.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Bad flags, environment or config file (exit 64).
+    #[error("{0}")]
+    Config(String),
+    /// A request was refused as invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// A file or system call failed.
+    #[error("{0}")]
+    Io(String),
+    /// A client command failed (node unreachable, request refused).
+    #[error("{0}")]
+    Client(String),
+}
+
+impl NodeError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            NodeError::Config(_) | NodeError::Invalid(_) => 64,
+            NodeError::Io(_) => 1,
+            NodeError::Client(_) => 69,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            let first = first.trim_start_matches("error: ");
+            eprintln!("weft: {first} (see weft --help)");
+            return ExitCode::from(64);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,weft=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), NodeError> {
+    match cli.command {
+        Command::Init { dir, force } => {
+            init::init_cluster(&dir, force)?;
+            println!(
+                "created cluster in {}: ca.pem, ca.key (keep private), gossip.key (keep private)",
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Node(args) => {
+            let cfg = config::NodeConfig::resolve(&args, cli.socket.as_deref())?;
+            node::run(cfg)
+        }
+        other => client_command(other, cli.socket.as_deref()),
+    }
+}
+
+fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), NodeError> {
+    let socket = client::resolve_socket(socket)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| NodeError::Io(e.to_string()))?;
+    rt.block_on(async move {
+        match cmd {
+            Command::Register(a) => {
+                let mut body = json!({"name": a.name, "port": a.port, "protocol": a.protocol});
+                if let Some(id) = a.id {
+                    body["id"] = json!(id);
+                }
+                if let Some(path) = a.check_http {
+                    body["check"] = json!({"http": path});
+                } else if a.check_tcp {
+                    body["check"] = json!({"tcp": true});
+                } else if let Some(ttl) = a.ttl {
+                    let ttl = config::parse_duration(&ttl)
+                        .map_err(|e| NodeError::Config(format!("--ttl {ttl:?}: {e}")))?;
+                    body["check"] = json!({"ttl_ms": ttl.as_millis() as u64});
+                }
+                if !a.tags.is_empty() {
+                    body["tags"] = json!(a.tags);
+                }
+                let (status, reply) =
+                    client::call(&socket, Method::PUT, "/v1/services", Some(body)).await?;
+                client::check(status, &reply)?;
+                println!("registered {}", reply["id"].as_str().unwrap_or("?"));
+                Ok(())
+            }
+            Command::Deregister { id } => {
+                let path = format!("/v1/services/{id}");
+                let (status, reply) = client::call(&socket, Method::DELETE, &path, None).await?;
+                client::check(status, &reply)?;
+                println!("deregistered {id}");
+                Ok(())
+            }
+            Command::Services { json } => {
+                show(&socket, "/v1/services", json, client::services_table).await
+            }
+            Command::Members { json } => {
+                show(&socket, "/v1/members", json, client::members_table).await
+            }
+            Command::Health { json, watch } => {
+                if !watch {
+                    return show(&socket, "/v1/health", json, client::health_table).await;
+                }
+                loop {
+                    let (status, body) =
+                        client::call(&socket, Method::GET, "/v1/health", None).await?;
+                    client::check(status, &body)?;
+                    print!(
+                        "\x1b[2J\x1b[H{}",
+                        if json {
+                            format!("{body:#}\n")
+                        } else {
+                            client::health_table(&body)
+                        }
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            Command::Init { .. } | Command::Node(_) => unreachable!("handled before"),
+        }
+    })
+}
+
+async fn show(
+    socket: &std::path::Path,
+    path: &str,
+    json: bool,
+    render: fn(&serde_json::Value) -> String,
+) -> Result<(), NodeError> {
+    let (status, body) = client::call(socket, Method::GET, path, None).await?;
+    client::check(status, &body)?;
+    if json {
+        println!("{body:#}");
+    } else {
+        print!("{}", render(&body));
+    }
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! `weft node`: wires gossip, the actors and the local API, and leaves gracefully.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix::{Actor, Supervisor};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use weft_gossip::{Cluster, ClusterConfig, Key, NodeInfo, NodeStatus};
+use weft_runtime::listener::{Listener, StopListening};
+use weft_runtime::router::Router;
+
+use crate::api::{self, ApiState};
+use crate::config::NodeConfig;
+use crate::init;
+use crate::registry::Registry;
+use crate::NodeError;
+
+/// Runs a node until SIGTERM/SIGINT (exit 0 after a graceful leave) or until
+/// gossip dies (an error: the node never serves a stale view silently).
+pub fn run(cfg: NodeConfig) -> Result<(), NodeError> {
+    create_private_dir(&cfg.data_dir)?;
+    let cluster_dir = cluster_dir(&cfg)?;
+    let key = init::read_gossip_key(&cluster_dir)?;
+    let registry = Arc::new(Registry::load(&cfg.data_dir)?);
+
+    let system = actix::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("weft-worker")
+            .build()
+            .expect("the tokio runtime must start")
+    });
+    let result = system.block_on(serve(cfg, key, registry));
+    actix::System::current().stop();
+    result
+}
+
+async fn serve(cfg: NodeConfig, key: [u8; 32], registry: Arc<Registry>) -> Result<(), NodeError> {
+    let advertise = match cfg.advertise_gossip {
+        Some(a) => a,
+        None => SocketAddr::new(primary_ip(), cfg.gossip.port()),
+    };
+    let socket = bind_socket(&cfg.socket)?;
+    let admin = TcpListener::bind(cfg.admin)
+        .await
+        .map_err(|e| NodeError::Config(format!("--admin {}: {e}", cfg.admin)))?;
+
+    let generation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let info = NodeInfo {
+        tunnel: cfg.tunnel.to_string(),
+        admin: admin
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| cfg.admin.to_string()),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        status: NodeStatus::Alive,
+    };
+    let mut initial = vec![(Key::Node, to_json(&info))];
+    initial.extend(registry.initial_keys().await);
+    let cluster_cfg = ClusterConfig {
+        node_name: cfg.name.clone(),
+        generation,
+        listen_addr: cfg.gossip,
+        advertise_addr: advertise,
+        seeds: cfg.seeds.clone(),
+        interval: cfg.gossip_interval,
+        cluster_id: cluster_id(&key),
+    };
+    let _ = &key;
+    let transport = chitchat::transport::UdpTransport; // TEMP
+    let cluster = Cluster::start(&cluster_cfg, initial, &transport)
+        .await
+        .map_err(|e| NodeError::Config(format!("--gossip {}: {e}", cfg.gossip)))?;
+    let cluster = Arc::new(cluster);
+
+    let (router, router_handle) = Router::new(cluster.views());
+    let mut router = Some(router);
+    let _router = Supervisor::start(move |_| router.take().unwrap_or_else(|| unreachable!()));
+    let state = Arc::new(ApiState {
+        node: cfg.name.clone(),
+        cluster: cluster.clone(),
+        registry: registry.clone(),
+        router: router_handle,
+    });
+    let listener = Listener::new(socket, admin, api::handler(state)).start();
+
+    eprintln!(
+        "weft node {} ready: gossip {} (advertised {}), socket {}, admin {}",
+        cfg.name,
+        cfg.gossip,
+        advertise,
+        cfg.socket.display(),
+        info.admin
+    );
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| NodeError::Io(e.to_string()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| NodeError::Io(e.to_string()))?;
+    let outcome = tokio::select! {
+        _ = term.recv() => Ok("SIGTERM"),
+        _ = int.recv() => Ok("SIGINT"),
+        res = cluster.terminated() => Err(res),
+    };
+    match outcome {
+        Ok(sig) => {
+            tracing::info!(signal = sig, "leaving the cluster");
+            let leaving = NodeInfo {
+                status: NodeStatus::Left,
+                ..info
+            };
+            let _ = cluster.set(&Key::Node, &to_json(&leaving)).await;
+            registry.withdraw_all(&cluster).await;
+            // Two gossip rounds carry the leave to peers before we go quiet.
+            tokio::time::sleep(cluster.interval() * 2 + Duration::from_millis(100)).await;
+            listener.do_send(StopListening);
+            let _ = std::fs::remove_file(&cfg.socket);
+            if let Ok(cluster) = Arc::try_unwrap(cluster) {
+                cluster.shutdown().await;
+            }
+            eprintln!("weft node {} left the cluster", cfg.name);
+            Ok(())
+        }
+        Err(res) => {
+            let why = match res {
+                Ok(()) => "gossip task stopped".to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::error!(error = %why, "gossip died; stopping the node rather than serving a stale view");
+            let _ = std::fs::remove_file(&cfg.socket);
+            Err(NodeError::Io(format!("gossip died: {why}")))
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// Distinct clusters never mix: the id is derived from the gossip key.
+fn cluster_id(key: &[u8; 32]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, key);
+    let hex: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("weft-{hex}")
+}
+
+/// The address of the interface that routes outward (no packet is sent), for
+/// a node bound to 0.0.0.0 without `--advertise-gossip`.
+fn primary_ip() -> std::net::IpAddr {
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            s.connect("192.0.2.1:9")?;
+            s.local_addr()
+        })
+        .map(|a| a.ip())
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
+}
+
+fn cluster_dir(cfg: &NodeConfig) -> Result<PathBuf, NodeError> {
+    if let Some(dir) = &cfg.cluster {
+        return Ok(dir.clone());
+    }
+    let dir = cfg.data_dir.join("cluster");
+    if !dir.join(init::GOSSIP_KEY).exists() {
+        init::init_cluster(&dir, false)?;
+        eprintln!(
+            "weft: no --cluster given; created a single-host cluster in {} (copy it to other hosts, or pass --cluster, to let them join)",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), NodeError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| NodeError::Config(format!("--data-dir {}: {e}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| NodeError::Config(format!("--data-dir {}: {e}", dir.display())))
+}
+
+fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(NodeError::Config(format!(
+                "--socket {}: another weft node is serving this socket",
+                path.display()
+            )));
+        }
+        // A stale socket from a node that did not exit cleanly.
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| NodeError::Config(format!("--socket {}: {e}", path.display())))?;
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| NodeError::Config(format!("--socket {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| NodeError::Config(format!("--socket {}: {e}", path.display())))?;
+    Ok(listener)
+}

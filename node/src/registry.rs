@@ -1,0 +1,129 @@
+//! The node's local registrations: persisted in the data dir, announced in gossip.
+//!
+//! A registration is written to disk before it is gossiped, so a node that
+//! restarts on the same data dir announces exactly what it had. Registering an
+//! existing id replaces it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use weft_gossip::{Cluster, Key, ServiceRecord};
+
+use crate::NodeError;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Stored {
+    services: Vec<ServiceRecord>,
+}
+
+/// Local registrations.
+#[derive(Debug)]
+pub struct Registry {
+    path: PathBuf,
+    services: Mutex<BTreeMap<String, ServiceRecord>>,
+}
+
+impl Registry {
+    /// Loads `services.json` from the data dir (missing means none).
+    pub fn load(data_dir: &std::path::Path) -> Result<Self, NodeError> {
+        let path = data_dir.join("services.json");
+        let services = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let stored: Stored = serde_json::from_str(&text).map_err(|e| {
+                    NodeError::Config(format!("{} is corrupt: {e}", path.display()))
+                })?;
+                stored
+                    .services
+                    .into_iter()
+                    .map(|s| (s.id.clone(), s))
+                    .collect()
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(NodeError::Io(format!("{}: {e}", path.display()))),
+        };
+        Ok(Registry {
+            path,
+            services: Mutex::new(services),
+        })
+    }
+
+    /// The gossip keys to announce at start.
+    pub async fn initial_keys(&self) -> Vec<(Key, String)> {
+        self.services
+            .lock()
+            .await
+            .values()
+            .filter_map(|s| Some((Key::svc(&s.id).ok()?, serde_json::to_string(s).ok()?)))
+            .collect()
+    }
+
+    /// Number of local registrations.
+    pub async fn len(&self) -> usize {
+        self.services.lock().await.len()
+    }
+
+    /// Adds or replaces a registration: disk first, then gossip.
+    pub async fn put(
+        &self,
+        cluster: &Arc<Cluster>,
+        record: ServiceRecord,
+    ) -> Result<(), NodeError> {
+        let key = Key::svc(&record.id).map_err(|e| NodeError::Invalid(e.to_string()))?;
+        let value = serde_json::to_string(&record).map_err(|e| NodeError::Io(e.to_string()))?;
+        weft_gossip::keys::validate_value(&value).map_err(|e| NodeError::Invalid(e.to_string()))?;
+        let mut services = self.services.lock().await;
+        let previous = services.insert(record.id.clone(), record.clone());
+        if let Err(e) = self.persist(&services) {
+            match previous {
+                Some(p) => services.insert(p.id.clone(), p),
+                None => services.remove(&record.id),
+            };
+            return Err(e);
+        }
+        cluster
+            .set(&key, &value)
+            .await
+            .map_err(|e| NodeError::Invalid(e.to_string()))
+    }
+
+    /// Removes a registration; `Ok(false)` when the id is unknown.
+    pub async fn remove(&self, cluster: &Arc<Cluster>, id: &str) -> Result<bool, NodeError> {
+        let mut services = self.services.lock().await;
+        let Some(previous) = services.remove(id) else {
+            return Ok(false);
+        };
+        if let Err(e) = self.persist(&services) {
+            services.insert(previous.id.clone(), previous);
+            return Err(e);
+        }
+        if let Ok(key) = Key::svc(id) {
+            cluster.delete(&key).await;
+        }
+        Ok(true)
+    }
+
+    /// Withdraws every registration from gossip (graceful leave) without
+    /// forgetting them on disk, so a restart announces them again.
+    pub async fn withdraw_all(&self, cluster: &Arc<Cluster>) {
+        for key in cluster.own_keys("svc/").await {
+            if let Some(key) = Key::decode(&key) {
+                cluster.delete(&key).await;
+            }
+        }
+    }
+
+    fn persist(&self, services: &BTreeMap<String, ServiceRecord>) -> Result<(), NodeError> {
+        let stored = Stored {
+            services: services.values().cloned().collect(),
+        };
+        let text =
+            serde_json::to_string_pretty(&stored).map_err(|e| NodeError::Io(e.to_string()))?;
+        let tmp = self.path.with_extension("json.tmp");
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, &self.path))
+            .map_err(|e| NodeError::Io(format!("cannot save {}: {e}", self.path.display())))
+    }
+}

@@ -1,0 +1,28 @@
+//! The weft node runtime: the actors every node runs and the pieces they share.
+//!
+//! # Layout
+//!
+//! - [`router`]: the **Router** actor. It owns the routing table derived from
+//!   gossip and publishes immutable [`router::RouterSnapshot`]s through an
+//!   `ArcSwap`, so request handlers read the table without a mailbox round trip.
+//! - [`listener`]: the **Listener** actor. It owns the accept loops (the local
+//!   Unix socket and the admin address); each connection is a plain tokio task.
+//!
+//! Actors run on the `actix::System` thread of a multi-thread tokio runtime;
+//! connection tasks run on the worker threads.
+
+pub mod listener;
+pub mod router;
+
+/// Errors of the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A listening address or socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// What we tried to bind.
+        addr: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,122 @@
+//! The Router actor: turns gossip views into the routing table and publishes it.
+//!
+//! Readers (API handlers, and the data plane later) call [`RouterHandle::load`]
+//! and get an `Arc` of the latest snapshot: no lock, no actor round trip.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use weft_gossip::{Catalog, ClusterView, Member};
+
+/// One immutable routing table.
+#[derive(Debug, Clone)]
+pub struct RouterSnapshot {
+    /// Members and their states.
+    pub members: Vec<Member>,
+    /// Service name -> instances.
+    pub catalog: Catalog,
+    /// When this snapshot was derived.
+    pub taken_at: Instant,
+}
+
+impl Default for RouterSnapshot {
+    fn default() -> Self {
+        RouterSnapshot {
+            members: Vec::new(),
+            catalog: Catalog::default(),
+            taken_at: Instant::now(),
+        }
+    }
+}
+
+/// Cheap, cloneable read access to the latest snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct RouterHandle {
+    current: Arc<ArcSwap<RouterSnapshot>>,
+}
+
+impl RouterHandle {
+    /// The latest snapshot.
+    pub fn load(&self) -> Arc<RouterSnapshot> {
+        self.current.load_full()
+    }
+}
+
+/// Owns the routing table; the only writer of the snapshot.
+pub struct Router {
+    handle: RouterHandle,
+    views: watch::Receiver<Arc<ClusterView>>,
+}
+
+impl Router {
+    /// A router fed by a stream of gossip views.
+    pub fn new(views: watch::Receiver<Arc<ClusterView>>) -> (Self, RouterHandle) {
+        let handle = RouterHandle::default();
+        (
+            Router {
+                handle: handle.clone(),
+                views,
+            },
+            handle,
+        )
+    }
+
+    fn apply(&mut self, view: &ClusterView) {
+        let catalog = view.catalog();
+        let previous = self.handle.load();
+        let diff = catalog.diff(&previous.catalog);
+        for (svc, node, id) in &diff.added {
+            tracing::info!(service = %svc, node = %node, id = %id, "instance joined the catalog");
+        }
+        for (svc, node, id) in &diff.removed {
+            tracing::info!(service = %svc, node = %node, id = %id, "instance left the catalog");
+        }
+        for (svc, node, id) in &diff.changed {
+            tracing::debug!(service = %svc, node = %node, id = %id, "instance changed");
+        }
+        self.handle.current.store(Arc::new(RouterSnapshot {
+            members: view.members(),
+            catalog,
+            taken_at: Instant::now(),
+        }));
+    }
+}
+
+impl Actor for Router {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let initial = self.views.borrow().clone();
+        self.apply(&initial);
+        // Forward every new view to the actor; the task ends when gossip stops
+        // or the actor goes away.
+        let mut views = self.views.clone();
+        let addr = ctx.address();
+        tokio::spawn(async move {
+            while views.changed().await.is_ok() {
+                let view = views.borrow_and_update().clone();
+                if addr.try_send(ViewChanged(view)).is_err() && !addr.connected() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+impl Supervised for Router {}
+
+/// A fresh gossip view arrived.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ViewChanged(pub Arc<ClusterView>);
+
+impl Handler<ViewChanged> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: ViewChanged, _ctx: &mut Self::Context) {
+        self.apply(&msg.0);
+    }
+}
