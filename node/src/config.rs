@@ -181,8 +181,17 @@ fn load_file(path: &Path) -> Result<FileConfig, NodeError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| NodeError::Config(format!("--config {}: {e}", path.display())))?;
     toml::from_str(&text).map_err(|e| {
-        let msg = e.message().to_string();
-        NodeError::Config(format!("--config {}: {msg}", path.display()))
+        let msg = e.message().trim().to_string();
+        // Point at the offending line: the message alone may not name the key.
+        let at = e
+            .span()
+            .map(|span| {
+                let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+                format!(" at line {line_no} `{line}`")
+            })
+            .unwrap_or_default();
+        NodeError::Config(format!("--config {}: {msg}{at}", path.display()))
     })
 }
 

@@ -60,11 +60,6 @@ impl Registry {
             .collect()
     }
 
-    /// Number of local registrations.
-    pub async fn len(&self) -> usize {
-        self.services.lock().await.len()
-    }
-
     /// Adds or replaces a registration: disk first, then gossip.
     pub async fn put(
         &self,

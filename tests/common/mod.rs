@@ -1,0 +1,354 @@
+//! Test harness: starts real `weft node` processes on 127.0.0.1 and talks to
+//! their Unix sockets with a hyper client. Shared by the end-to-end tests and
+//! the measurement examples.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// The weft binary under test.
+pub fn weft_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("WEFT_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = option_env!("CARGO_BIN_EXE_weft") {
+        return PathBuf::from(p);
+    }
+    // Examples live in target/<profile>/examples/, the binary one level up.
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("weft"))
+        .expect("weft binary next to the example")
+}
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// A port free for both TCP and UDP on 127.0.0.1, unique within this process.
+pub fn free_port() -> u16 {
+    let base = 20_000 + (std::process::id() % 400) as u16 * 100;
+    loop {
+        let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let port = base.wrapping_add(n % 4_000);
+        if port < 20_000 {
+            continue;
+        }
+        let tcp = TcpListener::bind(("127.0.0.1", port)).is_ok();
+        let udp = UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if tcp && udp {
+            return port;
+        }
+    }
+}
+
+/// One running (or stopped) node.
+pub struct Node {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    pub gossip: SocketAddr,
+    pub admin: SocketAddr,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Node {
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(weft_bin())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn weft node");
+        self.child = Some(child);
+    }
+}
+
+/// A local cluster of real nodes in a temp dir.
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub cluster_dir: PathBuf,
+    pub nodes: Vec<Node>,
+    pub interval_ms: u64,
+}
+
+impl TestCluster {
+    /// `weft init` plus `n` nodes seeded at the first; waits until every node
+    /// lists all `n` as alive.
+    pub async fn start(n: usize) -> TestCluster {
+        let mut c = TestCluster::new();
+        for _ in 0..n {
+            c.add_node();
+        }
+        c.wait_converged(n, Duration::from_secs(15)).await;
+        c
+    }
+
+    /// An initialised cluster dir without nodes.
+    pub fn new() -> TestCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cluster_dir = dir.path().join("cluster");
+        let out = Command::new(weft_bin())
+            .args(["init", "--dir"])
+            .arg(&cluster_dir)
+            .output()
+            .expect("weft init");
+        assert!(out.status.success(), "weft init failed: {out:?}");
+        TestCluster {
+            dir,
+            cluster_dir,
+            nodes: Vec::new(),
+            interval_ms: 100,
+        }
+    }
+
+    /// Starts one more node; returns its index.
+    pub fn add_node(&mut self) -> usize {
+        let cluster_dir = self.cluster_dir.clone();
+        self.add_node_in(&cluster_dir)
+    }
+
+    /// Starts a node with the given cluster dir (another cluster's, to test isolation).
+    pub fn add_node_in(&mut self, cluster_dir: &Path) -> usize {
+        let i = self.nodes.len();
+        let name = format!("n{}", i + 1);
+        let data_dir = self.dir.path().join(&name);
+        let socket = data_dir.join("weft.sock");
+        let gossip: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let tunnel: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let proxy: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let seed = self.nodes.first().map(|n| n.gossip).unwrap_or(gossip);
+        let args = vec![
+            "node".to_string(),
+            "--name".into(),
+            name.clone(),
+            "--cluster".into(),
+            cluster_dir.display().to_string(),
+            "--gossip".into(),
+            gossip.to_string(),
+            "--tunnel".into(),
+            tunnel.to_string(),
+            "--proxy".into(),
+            proxy.to_string(),
+            "--admin".into(),
+            admin.to_string(),
+            "--seeds".into(),
+            seed.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--gossip-interval".into(),
+            format!("{}ms", self.interval_ms),
+        ];
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut node = Node {
+            name,
+            data_dir,
+            socket,
+            gossip,
+            admin,
+            args,
+            log,
+            child: None,
+        };
+        node.spawn();
+        self.nodes.push(node);
+        i
+    }
+
+    /// Starts node `i` again with the same flags and data dir.
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i].spawn();
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends a signal and waits (bounded) for the exit status.
+    pub fn signal_and_wait(&mut self, i: usize, sig: i32, within: Duration) -> ExitStatus {
+        let mut child = self.nodes[i].child.take().expect("node running");
+        // SAFETY-free: libc::kill on our own child's pid.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(child.id() as i32, sig);
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("node {} did not exit within {within:?}", self.nodes[i].name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until every running node lists `n` alive members.
+    pub async fn wait_converged(&self, n: usize, within: Duration) {
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let socket = node.socket.clone();
+            wait_for(
+                within,
+                &format!("{} sees {n} alive members", node.name),
+                || {
+                    let socket = socket.clone();
+                    async move {
+                        let (_, body) = get(&socket, "/v1/members").await.ok()?;
+                        let alive = body["members"]
+                            .as_array()?
+                            .iter()
+                            .filter(|m| m["state"] == "alive")
+                            .count();
+                        (alive == n).then_some(())
+                    }
+                },
+            )
+            .await;
+        }
+    }
+
+    /// The last lines of every node's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            let text = std::fs::read_to_string(&node.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(30)..];
+            out.push_str(&format!("--- {} ---\n{}\n", node.name, tail.join("\n")));
+        }
+        out
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// Polls `probe` every 25 ms until it yields a value or `within` passes (then panics).
+pub async fn wait_for<T, F, Fut>(within: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// One HTTP/1.1 request over a Unix socket; returns status and JSON (Null if not JSON).
+pub async fn request(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+) -> std::io::Result<(u16, Value)> {
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "weft")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(std::io::Error::other)?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(std::io::Error::other)?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
+}
+
+pub async fn get(socket: &Path, path: &str) -> std::io::Result<(u16, Value)> {
+    request(socket, Method::GET, path, Vec::new()).await
+}
+
+pub async fn put_json(socket: &Path, path: &str, body: &Value) -> std::io::Result<(u16, Value)> {
+    request(socket, Method::PUT, path, serde_json::to_vec(body).unwrap()).await
+}
+
+pub async fn delete(socket: &Path, path: &str) -> std::io::Result<(u16, Value)> {
+    request(socket, Method::DELETE, path, Vec::new()).await
+}
+
+/// Ids of the instances of `service` that `socket`'s node lists.
+pub async fn instance_ids(socket: &Path, service: &str) -> Option<Vec<String>> {
+    let (_, body) = get(socket, "/v1/services").await.ok()?;
+    Some(
+        body["services"][service]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .filter_map(|i| i["id"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    )
+}
+
+/// State of member `name` as `socket`'s node reports it.
+pub async fn member_state(socket: &Path, name: &str) -> Option<String> {
+    let (_, body) = get(socket, "/v1/members").await.ok()?;
+    body["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == name)
+        .and_then(|m| m["state"].as_str().map(String::from))
+}
