@@ -63,7 +63,7 @@ pub enum Command {
 /// Flags of `weft node`; each can also come from `WEFT_*` or `--config FILE`.
 #[derive(Debug, Args, Default, Clone)]
 pub struct NodeArgs {
-    /// Node name, unique in the cluster: [a-z0-9][a-z0-9-]{0,62}.
+    /// Node name, unique in the cluster: [a-z0-9][a-z0-9-]{0,62} [default: host name].
     #[arg(long, env = "WEFT_NAME")]
     pub name: Option<String>,
     /// Cluster directory (ca.pem, gossip.key) made by `weft init`.

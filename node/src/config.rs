@@ -75,9 +75,7 @@ impl NodeConfig {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
-        let name = args.name.clone().or(file.name).ok_or_else(|| {
-            NodeError::Config("--name is required (or WEFT_NAME, or name in --config)".into())
-        })?;
+        let name = args.name.clone().or(file.name).unwrap_or_else(host_name);
         weft_gossip::keys::validate_name(&name).map_err(|_| {
             NodeError::Config(format!(
                 "--name {name:?} must match [a-z0-9][a-z0-9-]{{0,62}}"
@@ -174,6 +172,24 @@ impl NodeConfig {
             socket,
             gossip_interval,
         })
+    }
+}
+
+/// The default node name: this host's name, made a valid DNS label.
+pub fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let mut name: String = raw
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    name = name.trim_matches('-').to_string();
+    if name.is_empty() {
+        "node".to_string()
+    } else {
+        name
     }
 }
 
@@ -284,10 +300,9 @@ mod tests {
             NodeConfig::resolve(&a, None).unwrap().advertise_gossip,
             None
         );
-        let err = NodeConfig::resolve(&NodeArgs::default(), None)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--name"), "{err}");
+        let cfg = NodeConfig::resolve(&NodeArgs::default(), None).unwrap();
+        assert_eq!(cfg.name, host_name());
+        assert!(weft_gossip::keys::validate_name(&cfg.name).is_ok());
     }
 
     #[test]
