@@ -929,6 +929,7 @@ impl Socket for SealedSocket {
             self.send_failed(to, "too large", &format_args!("{len} bytes"));
             return Ok(FAILED);
         };
+        if len > 50_000 { eprintln!("DEBUG big message {len}"); }
         if datagrams.len() > 1 {
             bump(&self.stats.fragmented_messages);
         }
@@ -1777,6 +1778,9 @@ mod tests {
         let mut b = transport.open(loopback_any()).await.unwrap();
         let b_addr = b.local_addr().unwrap();
         let attacker = TokioUdpSocket::bind(loopback_any()).await.unwrap();
+        // One rng: reusing a seed within the same millisecond would reuse
+        // the nonce, which the replay window (rightly) rejects.
+        let mut rng = rng();
 
         // A valid sealed message, delivered twice: the second is a replay.
         let encoded = {
@@ -1789,7 +1793,7 @@ mod tests {
             &encoded,
             DEFAULT_MAX_DATAGRAM_LEN,
             unix_now_ms(),
-            &mut rng(),
+            &mut rng,
         )
         .unwrap();
         attacker.send_to(&datagrams[0], b_addr).await.unwrap();
@@ -1803,7 +1807,7 @@ mod tests {
             &encoded,
             DEFAULT_MAX_DATAGRAM_LEN,
             unix_now_ms() - 60_000,
-            &mut rng(),
+            &mut rng,
         )
         .unwrap();
         attacker.send_to(&stale[0], b_addr).await.unwrap();
@@ -1812,7 +1816,7 @@ mod tests {
             &encoded,
             DEFAULT_MAX_DATAGRAM_LEN,
             unix_now_ms(),
-            &mut rng(),
+            &mut rng,
         )
         .unwrap();
         attacker.send_to(&foreign[0], b_addr).await.unwrap();
@@ -1822,7 +1826,7 @@ mod tests {
             b"not chitchat",
             DEFAULT_MAX_DATAGRAM_LEN,
             unix_now_ms(),
-            &mut rng(),
+            &mut rng,
         )
         .unwrap();
         attacker.send_to(&junk[0], b_addr).await.unwrap();

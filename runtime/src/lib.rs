@@ -8,11 +8,19 @@
 //! - [`listener`]: the **Listener** actor. It owns the accept loops (the local
 //!   Unix socket and the admin address); each connection is a plain tokio task.
 //!
+//! - [`policy`]: pure decision logic (load balancing, later retries and
+//!   health), tested without sockets or sleeps.
+//! - [`wire`]: the tunnel codec, the one module that touches bincode.
+//! - [`tls`]: node certificates and the mTLS configuration of the tunnel.
+//!
 //! Actors run on the `actix::System` thread of a multi-thread tokio runtime;
 //! connection tasks run on the worker threads.
 
 pub mod listener;
+pub mod policy;
 pub mod router;
+pub mod tls;
+pub mod wire;
 
 /// Errors of the runtime.
 #[derive(Debug, thiserror::Error)]

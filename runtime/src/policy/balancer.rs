@@ -1,0 +1,1 @@
+//! Load balancing: power of two choices over peak-EWMA latency.

@@ -1,0 +1,1 @@
+//! Node identity: certificates signed by the cluster CA, and the mTLS configs of the QUIC tunnel.

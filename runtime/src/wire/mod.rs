@@ -1,0 +1,1 @@
+//! The tunnel codec: the only module that touches bincode.
