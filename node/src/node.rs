@@ -74,7 +74,7 @@ async fn serve(cfg: NodeConfig, key: [u8; 32], registry: Arc<Registry>) -> Resul
         cluster_id: cluster_id(&key),
     };
     let _ = &key;
-    let transport = chitchat::transport::UdpTransport; // TEMP
+    let transport = weft_gossip::seal::SealedTransport::new(key);
     let cluster = Cluster::start(&cluster_cfg, initial, &transport)
         .await
         .map_err(|e| NodeError::Config(format!("--gossip {}: {e}", cfg.gossip)))?;
