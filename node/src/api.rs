@@ -17,6 +17,7 @@ use weft_runtime::listener::{HttpHandler, Origin};
 use weft_runtime::router::RouterHandle;
 
 use crate::registry::Registry;
+use crate::upstreams::Upstreams;
 use crate::NodeError;
 
 /// Largest request body accepted.
@@ -33,6 +34,8 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     /// The routing table.
     pub router: RouterHandle,
+    /// TCP upstreams.
+    pub upstreams: Arc<Upstreams>,
 }
 
 /// The handler the Listener serves.
@@ -68,6 +71,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
         (&Method::GET, ["v1", "services"]) => get_services(state),
         (&Method::GET, ["v1", "members"]) => get_members(state),
         (&Method::GET, ["v1", "health"]) => get_health(state),
+        (&Method::GET, ["v1", "upstreams"]) => get_upstreams(state).await,
         (_, ["v1", ..]) if read_only && method != Method::GET => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "the admin address is read-only; use the node's socket",
@@ -77,12 +81,23 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             Err(reply) => reply,
         },
         (&Method::DELETE, ["v1", "services", id]) => delete_service(state, id).await,
-        (_, ["v1", "services"] | ["v1", "members"] | ["v1", "health"] | ["v1", "services", _]) => {
-            error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{method} is not allowed on {path}"),
-            )
-        }
+        (&Method::PUT, ["v1", "upstreams"]) => match read_json(req).await {
+            Ok(body) => put_upstream(state, &body).await,
+            Err(reply) => reply,
+        },
+        (&Method::DELETE, ["v1", "upstreams", listen]) => delete_upstream(state, listen).await,
+        (
+            _,
+            ["v1", "services"]
+            | ["v1", "members"]
+            | ["v1", "health"]
+            | ["v1", "services", _]
+            | ["v1", "upstreams"]
+            | ["v1", "upstreams", _],
+        ) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on {path}"),
+        ),
         _ => error(
             StatusCode::NOT_FOUND,
             format!("no endpoint {method} {path}"),
@@ -256,6 +271,73 @@ async fn delete_service(state: &ApiState, id: &str) -> Reply {
         ),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
+}
+
+/// Validates `{"service","listen"}`.
+pub fn parse_upstream(body: &Value) -> Result<(String, std::net::SocketAddr), String> {
+    let obj = body.as_object().ok_or("body must be a JSON object")?;
+    if let Some(unknown) = obj
+        .keys()
+        .find(|k| !["service", "listen"].contains(&k.as_str()))
+    {
+        return Err(format!("unknown field {unknown:?}"));
+    }
+    let service = obj
+        .get("service")
+        .and_then(Value::as_str)
+        .ok_or("field \"service\" must be a string")?;
+    validate_name(service)
+        .map_err(|_| "field \"service\" must match [a-z0-9][a-z0-9-]{0,62}".to_string())?;
+    let listen: std::net::SocketAddr = obj
+        .get("listen")
+        .and_then(Value::as_str)
+        .ok_or("field \"listen\" must be a string like \"127.0.0.1:15432\"")?
+        .parse()
+        .map_err(|_| "field \"listen\" must be an IP:port address".to_string())?;
+    if listen.port() == 0 {
+        return Err("field \"listen\" needs a port".into());
+    }
+    Ok((service.to_string(), listen))
+}
+
+async fn put_upstream(state: &ApiState, body: &Value) -> Reply {
+    let (service, listen) = match parse_upstream(body) {
+        Ok(v) => v,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+    };
+    match state.upstreams.add(service.clone(), listen).await {
+        Ok(()) => reply(
+            StatusCode::OK,
+            &json!({"service": service, "listen": listen.to_string()}),
+        ),
+        Err(NodeError::Conflict(msg)) => error(StatusCode::CONFLICT, msg),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn delete_upstream(state: &ApiState, listen: &str) -> Reply {
+    let Ok(addr) = listen.parse() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the path must end in an IP:port address",
+        );
+    };
+    match state.upstreams.remove(addr).await {
+        Ok(true) => reply(StatusCode::OK, &json!({"listen": listen})),
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no upstream on {listen}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn get_upstreams(state: &ApiState) -> Reply {
+    let list: Vec<Value> = state
+        .upstreams
+        .list()
+        .await
+        .into_iter()
+        .map(|(listen, service)| json!({"service": service, "listen": listen.to_string()}))
+        .collect();
+    reply(StatusCode::OK, &json!({ "upstreams": list }))
 }
 
 fn instance_json(i: &weft_gossip::Instance) -> Value {

@@ -30,6 +30,17 @@ pub enum Command {
     },
     /// Run a node.
     Node(Box<NodeArgs>),
+    /// Issue node certificates signed by the cluster CA.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Open a local TCP port that reaches a service anywhere in the mesh.
+    Upstream {
+        /// Service to reach.
+        service: String,
+        /// Local address to listen on, e.g. 127.0.0.1:15432.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+    },
     /// Register a local service instance with the node.
     Register(RegisterArgs),
     /// Remove a registration by id.
@@ -60,6 +71,23 @@ pub enum Command {
     },
 }
 
+/// `weft cert ...`
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Issue a certificate for node NAME (run where ca.key lives; hand the
+    /// node only ca.pem, gossip.key and its own cert and key).
+    Issue {
+        /// Node name.
+        name: String,
+        /// Cluster directory holding ca.pem and ca.key.
+        #[arg(long, value_name = "DIR")]
+        cluster: PathBuf,
+        /// Directory to write NAME.pem and NAME.key into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
 /// Flags of `weft node`; each can also come from `WEFT_*` or `--config FILE`.
 #[derive(Debug, Args, Default, Clone)]
 pub struct NodeArgs {
@@ -78,6 +106,15 @@ pub struct NodeArgs {
     /// QUIC tunnel UDP address [default: 0.0.0.0:7947].
     #[arg(long, env = "WEFT_TUNNEL", value_name = "ADDR")]
     pub tunnel: Option<String>,
+    /// Tunnel address other nodes use to reach this one [default: the bound address].
+    #[arg(long, env = "WEFT_ADVERTISE_TUNNEL", value_name = "ADDR")]
+    pub advertise_tunnel: Option<String>,
+    /// This node's certificate (from `weft cert issue`) [default: issued at start from the cluster's ca.key].
+    #[arg(long, env = "WEFT_CERT", value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// This node's private key (mode 0600).
+    #[arg(long, env = "WEFT_KEY", value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
     /// Comma-separated seed gossip addresses (host:port).
     #[arg(long, env = "WEFT_SEEDS", value_name = "A,B", value_delimiter = ',')]
     pub seeds: Option<Vec<String>>,

@@ -32,6 +32,9 @@ pub struct FileConfig {
     gossip: Option<String>,
     advertise_gossip: Option<String>,
     tunnel: Option<String>,
+    advertise_tunnel: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
     seeds: Option<Vec<String>>,
     proxy: Option<String>,
     admin: Option<String>,
@@ -54,6 +57,10 @@ pub struct NodeConfig {
     pub advertise_gossip: Option<SocketAddr>,
     /// Tunnel bind address.
     pub tunnel: SocketAddr,
+    /// Tunnel address announced to peers (`None`: derived at start).
+    pub advertise_tunnel: Option<SocketAddr>,
+    /// Node certificate and key given by the operator.
+    pub cert_key: Option<(PathBuf, PathBuf)>,
     /// Seeds.
     pub seeds: Vec<String>,
     /// Proxy address.
@@ -112,6 +119,35 @@ impl NodeConfig {
                 .or(file.tunnel.as_deref())
                 .unwrap_or(DEFAULT_TUNNEL),
         )?;
+        let advertise_tunnel = match args
+            .advertise_tunnel
+            .as_deref()
+            .or(file.advertise_tunnel.as_deref())
+        {
+            Some(a) => {
+                let a = addr("--advertise-tunnel", a)?;
+                if a.ip().is_unspecified() || a.port() == 0 {
+                    return Err(NodeError::Config(format!(
+                        "--advertise-tunnel {a} must be a concrete address and port"
+                    )));
+                }
+                Some(a)
+            }
+            None if tunnel.ip().is_unspecified() => None,
+            None => Some(tunnel),
+        };
+        let cert_key = match (
+            args.cert.clone().or(file.cert),
+            args.key.clone().or(file.key),
+        ) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(NodeError::Config(
+                    "--cert and --key must be given together".into(),
+                ))
+            }
+        };
         let proxy = addr(
             "--proxy",
             args.proxy
@@ -165,6 +201,8 @@ impl NodeConfig {
             gossip,
             advertise_gossip,
             tunnel,
+            advertise_tunnel,
+            cert_key,
             seeds,
             proxy,
             admin,

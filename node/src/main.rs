@@ -7,6 +7,7 @@
 //! - `init`: `weft init` (cluster CA and gossip key).
 //! - `node`: `weft node`, wiring gossip, actors and the local API.
 //! - `registry`: local registrations, persisted and announced.
+//! - `upstreams`: TCP upstreams, persisted and served by the Listener.
 //! - `api`: the JSON API on the local socket and the admin address.
 //! - `client`: the CLI clients and their tables.
 
@@ -17,6 +18,7 @@ mod config;
 mod init;
 mod node;
 mod registry;
+mod upstreams;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -39,6 +41,9 @@ pub enum NodeError {
     /// A file or system call failed.
     #[error("{0}")]
     Io(String),
+    /// The request conflicts with the node's state (an address in use).
+    #[error("{0}")]
+    Conflict(String),
     /// A client command failed (node unreachable, request refused).
     #[error("{0}")]
     Client(String),
@@ -48,7 +53,7 @@ impl NodeError {
     fn exit_code(&self) -> u8 {
         match self {
             NodeError::Config(_) | NodeError::Invalid(_) => 64,
-            NodeError::Io(_) => 1,
+            NodeError::Io(_) | NodeError::Conflict(_) => 1,
             NodeError::Client(_) => 69,
         }
     }
@@ -101,6 +106,36 @@ fn run(cli: Cli) -> Result<(), NodeError> {
             );
             Ok(())
         }
+        Command::Cert(cli::CertCommand::Issue { name, cluster, out }) => {
+            weft_gossip::keys::validate_name(&name)
+                .map_err(|e| NodeError::Config(e.to_string()))?;
+            let read = |f: &str| {
+                std::fs::read_to_string(cluster.join(f)).map_err(|e| {
+                    NodeError::Config(format!(
+                        "--cluster {}: cannot read {f}: {e}",
+                        cluster.display()
+                    ))
+                })
+            };
+            let (cert, key) = weft_runtime::tls::issue_node_cert(
+                &read(init::CA_CERT)?,
+                &read(init::CA_KEY)?,
+                &name,
+            )
+            .map_err(|e| NodeError::Config(e.to_string()))?;
+            std::fs::create_dir_all(&out)
+                .map_err(|e| NodeError::Config(format!("--out {}: {e}", out.display())))?;
+            let (cert_path, key_path) =
+                weft_runtime::tls::write_node_cert(&out, &name, &cert, &key)
+                    .map_err(|e| NodeError::Io(e.to_string()))?;
+            println!(
+                "issued {} and {} for node {name} ({}); start it with --cert and --key and a cluster dir holding only ca.pem and gossip.key",
+                cert_path.display(),
+                key_path.display(),
+                weft_runtime::tls::node_server_name(&name)
+            );
+            Ok(())
+        }
         Command::Node(args) => {
             let cfg = config::NodeConfig::resolve(&args, cli.socket.as_deref())?;
             node::run(cfg)
@@ -140,6 +175,14 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
                 println!("registered {}", reply["id"].as_str().unwrap_or("?"));
                 Ok(())
             }
+            Command::Upstream { service, listen } => {
+                let body = json!({"service": service, "listen": listen});
+                let (status, reply) =
+                    client::call(&socket, Method::PUT, "/v1/upstreams", Some(body)).await?;
+                client::check(status, &reply)?;
+                println!("{listen} now reaches {service}");
+                Ok(())
+            }
             Command::Deregister { id } => {
                 let path = format!("/v1/services/{id}");
                 let (status, reply) = client::call(&socket, Method::DELETE, &path, None).await?;
@@ -172,7 +215,9 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-            Command::Init { .. } | Command::Node(_) => unreachable!("handled before"),
+            Command::Init { .. } | Command::Node(_) | Command::Cert(_) => {
+                unreachable!("handled before")
+            }
         }
     })
 }

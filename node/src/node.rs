@@ -10,13 +10,18 @@ use actix::{Actor, Supervisor};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use weft_gossip::{Cluster, ClusterConfig, Key, NodeInfo, NodeStatus};
+use weft_runtime::dataplane::{DataPlane, Timeouts};
 use weft_runtime::listener::{Listener, StopListening};
+use weft_runtime::outcome::{Outcome, OutcomeSink};
 use weft_runtime::router::Router;
+use weft_runtime::tls;
+use weft_runtime::tunnel::TunnelPool;
 
 use crate::api::{self, ApiState};
 use crate::config::NodeConfig;
 use crate::init;
 use crate::registry::Registry;
+use crate::upstreams::Upstreams;
 use crate::NodeError;
 
 /// Runs a node until SIGTERM/SIGINT (exit 0 after a graceful leave) or until
@@ -34,27 +39,49 @@ pub fn run(cfg: NodeConfig) -> Result<(), NodeError> {
             .build()
             .expect("the tokio runtime must start")
     });
-    let result = system.block_on(serve(cfg, key, registry));
+    let result = system.block_on(serve(cfg, cluster_dir, key, registry));
     actix::System::current().stop();
     result
 }
 
-async fn serve(cfg: NodeConfig, key: [u8; 32], registry: Arc<Registry>) -> Result<(), NodeError> {
+async fn serve(
+    cfg: NodeConfig,
+    cluster_dir: PathBuf,
+    key: [u8; 32],
+    registry: Arc<Registry>,
+) -> Result<(), NodeError> {
     let advertise = match cfg.advertise_gossip {
         Some(a) => a,
         None => SocketAddr::new(primary_ip(), cfg.gossip.port()),
+    };
+    let advertise_tunnel = match cfg.advertise_tunnel {
+        Some(a) => a,
+        None => SocketAddr::new(advertise.ip(), cfg.tunnel.port()),
     };
     let socket = bind_socket(&cfg.socket)?;
     let admin = TcpListener::bind(cfg.admin)
         .await
         .map_err(|e| NodeError::Config(format!("--admin {}: {e}", cfg.admin)))?;
+    let proxy = TcpListener::bind(cfg.proxy)
+        .await
+        .map_err(|e| NodeError::Config(format!("--proxy {}: {e}", cfg.proxy)))?;
+    let identity = match &cfg.cert_key {
+        Some((cert, key)) => tls::Identity::load(&cluster_dir.join(init::CA_CERT), cert, key),
+        None => tls::Identity::from_cluster_dir(&cluster_dir, &cfg.name, &cfg.data_dir),
+    }
+    .map_err(|e| NodeError::Config(e.to_string()))?;
+    let server_tls = tls::server_config(&identity).map_err(|e| NodeError::Config(e.to_string()))?;
+    let client_tls = tls::client_config(&identity).map_err(|e| NodeError::Config(e.to_string()))?;
+    let mut endpoint = quinn::Endpoint::server(server_tls, cfg.tunnel)
+        .map_err(|e| NodeError::Config(format!("--tunnel {}: {e}", cfg.tunnel)))?;
+    endpoint.set_default_client_config(client_tls);
 
     let generation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let info = NodeInfo {
-        tunnel: cfg.tunnel.to_string(),
+        tunnel: advertise_tunnel.to_string(),
         admin: admin
             .local_addr()
             .map(|a| a.to_string())
@@ -80,6 +107,7 @@ async fn serve(cfg: NodeConfig, key: [u8; 32], registry: Arc<Registry>) -> Resul
         .map_err(|e| NodeError::Config(format!("--gossip {}: {e}", cfg.gossip)))?;
     let cluster = Arc::new(cluster);
 
+    let upstreams = Arc::new(Upstreams::load(&cfg.data_dir)?);
     let (router, router_handle) = Router::new(cluster.views());
     let mut router = Some(router);
     let _router = Supervisor::start(move |_| router.take().unwrap_or_else(|| unreachable!()));
@@ -87,15 +115,41 @@ async fn serve(cfg: NodeConfig, key: [u8; 32], registry: Arc<Registry>) -> Resul
         node: cfg.name.clone(),
         cluster: cluster.clone(),
         registry: registry.clone(),
-        router: router_handle,
+        router: router_handle.clone(),
+        upstreams: upstreams.clone(),
     });
-    let listener = Listener::new(socket, admin, api::handler(state)).start();
+    let (outcomes, outcome_rx) = OutcomeSink::channel(16 * 1024);
+    tokio::spawn(count_outcomes(outcome_rx));
+    let tunnels = Arc::new(TunnelPool::new(
+        endpoint.clone(),
+        Timeouts::default().connect,
+    ));
+    let dataplane = DataPlane::new(
+        cfg.name.clone(),
+        router_handle,
+        tunnels,
+        outcomes,
+        Timeouts::default(),
+    );
+    let listener = Listener::new(
+        socket,
+        admin,
+        proxy,
+        endpoint,
+        dataplane,
+        api::handler(state),
+    )
+    .start();
+    upstreams.attach(listener.clone()).await;
 
     eprintln!(
-        "weft node {} ready: gossip {} (advertised {}), socket {}, admin {}",
+        "weft node {} ready: gossip {} (advertised {}), tunnel {} (advertised {}), proxy {}, socket {}, admin {}",
         cfg.name,
         cfg.gossip,
         advertise,
+        cfg.tunnel,
+        advertise_tunnel,
+        cfg.proxy,
         cfg.socket.display(),
         info.admin
     );
@@ -134,6 +188,22 @@ async fn serve(cfg: NodeConfig, key: [u8; 32], registry: Arc<Registry>) -> Resul
             tracing::error!(error = %why, "gossip died; stopping the node rather than serving a stale view");
             let _ = std::fs::remove_file(&cfg.socket);
             Err(NodeError::Io(format!("gossip died: {why}")))
+        }
+    }
+}
+
+/// Counts outcomes as `weft_requests_total` until the stats aggregator consumes them.
+async fn count_outcomes(mut rx: tokio::sync::mpsc::Receiver<Outcome>) {
+    let mut batch = Vec::with_capacity(256);
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        for o in batch.drain(..) {
+            metrics::counter!(
+                "weft_requests_total",
+                "service" => o.service,
+                "direction" => "outbound",
+                "class" => o.class.as_str()
+            )
+            .increment(1);
         }
     }
 }

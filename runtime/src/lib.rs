@@ -8,6 +8,10 @@
 //! - [`listener`]: the **Listener** actor. It owns the accept loops (the local
 //!   Unix socket and the admin address); each connection is a plain tokio task.
 //!
+//! - [`dataplane`]: the outbound HTTP proxy, TCP upstreams and the inbound
+//!   side of the tunnel; connection tasks read the Router's snapshot.
+//! - [`tunnel`]: pooled QUIC connections to peer nodes and body framing.
+//! - [`outcome`]: request outcomes, sent in one bounded channel to statistics.
 //! - [`policy`]: pure decision logic (load balancing, later retries and
 //!   health), tested without sockets or sleeps.
 //! - [`wire`]: the tunnel codec, the one module that touches bincode.
@@ -16,10 +20,13 @@
 //! Actors run on the `actix::System` thread of a multi-thread tokio runtime;
 //! connection tasks run on the worker threads.
 
+pub mod dataplane;
 pub mod listener;
+pub mod outcome;
 pub mod policy;
 pub mod router;
 pub mod tls;
+pub mod tunnel;
 pub mod wire;
 
 /// Errors of the runtime.

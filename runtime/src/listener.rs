@@ -1,11 +1,16 @@
 //! The Listener actor: owns the accept loops and hands each connection to a task.
 //!
+//! It listens on the local socket and admin address (the local API), the
+//! outbound proxy, the QUIC tunnel endpoint, and every TCP upstream.
+//!
 //! The actor decides what is listened on and stops it; the per-connection work
 //! (HTTP/1.1 parsing, the handler) runs in plain tokio tasks, bounded by a
 //! semaphore so a flood of connections cannot exhaust the node.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -19,6 +24,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+
+use crate::dataplane::{inbound, outbound, tcp, DataPlane};
 
 /// Where a request came from: the local socket may change state, the admin
 /// address only reads.
@@ -39,23 +46,39 @@ pub type HttpHandler = Arc<dyn Fn(Request<Incoming>, Origin) -> ResponseFuture +
 /// Most concurrent connections per listener.
 const MAX_CONNECTIONS: usize = 1024;
 
-/// Owns the accept loops of the local socket and the admin address.
+/// Owns the accept loops: local socket, admin address, outbound proxy, QUIC
+/// endpoint and TCP upstreams.
 pub struct Listener {
     socket: Option<UnixListener>,
     admin: Option<TcpListener>,
+    proxy: Option<TcpListener>,
+    tunnel: Option<quinn::Endpoint>,
+    dataplane: Arc<DataPlane>,
     handler: HttpHandler,
     loops: Vec<JoinHandle<()>>,
+    upstreams: HashMap<SocketAddr, (String, JoinHandle<()>)>,
 }
 
 impl Listener {
     /// A listener for already-bound endpoints (binding happens before start so
     /// that a busy address is a clear start-up error).
-    pub fn new(socket: UnixListener, admin: TcpListener, handler: HttpHandler) -> Self {
+    pub fn new(
+        socket: UnixListener,
+        admin: TcpListener,
+        proxy: TcpListener,
+        tunnel: quinn::Endpoint,
+        dataplane: Arc<DataPlane>,
+        handler: HttpHandler,
+    ) -> Self {
         Listener {
             socket: Some(socket),
             admin: Some(admin),
+            proxy: Some(proxy),
+            tunnel: Some(tunnel),
+            dataplane,
             handler,
             loops: Vec::new(),
+            upstreams: HashMap::new(),
         }
     }
 }
@@ -72,11 +95,70 @@ impl Actor for Listener {
             let handler = self.handler.clone();
             self.loops.push(tokio::spawn(accept_tcp(admin, handler)));
         }
+        if let Some(proxy) = self.proxy.take() {
+            let dp = self.dataplane.clone();
+            self.loops.push(tokio::spawn(outbound::serve(proxy, dp)));
+        }
+        if let Some(endpoint) = self.tunnel.take() {
+            let dp = self.dataplane.clone();
+            self.loops.push(tokio::spawn(inbound::serve(endpoint, dp)));
+        }
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         for task in self.loops.drain(..) {
             task.abort();
+        }
+        for (_, (_, task)) in self.upstreams.drain() {
+            task.abort();
+        }
+    }
+}
+
+/// Serve a TCP upstream: connections to `listener` reach `service`.
+/// Replaces an upstream already on the same address.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AddUpstream {
+    /// Service the port reaches.
+    pub service: String,
+    /// The bound local port.
+    pub listener: TcpListener,
+}
+
+impl Handler<AddUpstream> for Listener {
+    type Result = ();
+
+    fn handle(&mut self, msg: AddUpstream, _ctx: &mut Self::Context) {
+        let Ok(addr) = msg.listener.local_addr() else {
+            return;
+        };
+        let task = tokio::spawn(tcp::serve(
+            msg.listener,
+            msg.service.clone(),
+            self.dataplane.clone(),
+        ));
+        if let Some((_, old)) = self.upstreams.insert(addr, (msg.service, task)) {
+            old.abort();
+        }
+    }
+}
+
+/// Stop serving the TCP upstream on an address.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct RemoveUpstream(pub SocketAddr);
+
+impl Handler<RemoveUpstream> for Listener {
+    type Result = bool;
+
+    fn handle(&mut self, msg: RemoveUpstream, _ctx: &mut Self::Context) -> bool {
+        match self.upstreams.remove(&msg.0) {
+            Some((_, task)) => {
+                task.abort();
+                true
+            }
+            None => false,
         }
     }
 }

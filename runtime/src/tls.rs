@@ -1,1 +1,484 @@
 //! Node identity: certificates signed by the cluster CA, and the mTLS configs of the QUIC tunnel.
+
+mod der;
+
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+};
+use rustls::client::danger::ServerCertVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{client::WebPkiServerVerifier, RootCertStore};
+
+/// ALPN protocol of node-to-node tunnels; a peer speaking anything else is refused.
+pub const ALPN: &[u8] = b"weft/1";
+/// DNS suffix of node names in certificates (`<node>.node.weft`).
+pub const NODE_DOMAIN: &str = "node.weft";
+/// File name of the cluster CA certificate in a cluster dir.
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// File name of the cluster CA key in a cluster dir (only where certificates are issued).
+pub const CA_KEY_FILE: &str = "ca.key";
+
+/// How long an issued node certificate is valid.
+const CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How far `not_before` is backdated, so peers with slow clocks accept a fresh cert.
+const CLOCK_SKEW: Duration = Duration::from_secs(3600);
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_BIDI_STREAMS: u32 = 4096;
+/// Upper bound on the PEM files we read; a certificate or key is a few KiB.
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// Errors of loading, issuing and using node certificates.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A PEM file is malformed or lacks the expected item.
+    #[error("{0}")]
+    Pem(String),
+    /// A certificate or key is invalid, mismatched or not signed by the cluster CA.
+    #[error("{0}")]
+    Cert(String),
+    /// A private key file can be read by group or others.
+    #[error("{} can be read by group or others; run `chmod 600 {}`", .0.display(), .0.display())]
+    InsecureKey(PathBuf),
+    /// The TLS/QUIC configuration could not be built, or the node lacks a certificate.
+    #[error("{0}")]
+    Config(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The DNS name every node certificate carries, and the server name a client
+/// dials: the handshake then proves the peer is the node gossip named.
+pub fn node_server_name(node: &str) -> String {
+    format!("{node}.{NODE_DOMAIN}")
+}
+
+/// Refuses node names that cannot be a DNS name or a file name, so a bad
+/// `--name` fails at issue time rather than at the first handshake.
+fn check_node_name(node: &str) -> Result<(), TlsError> {
+    let bad = node.is_empty()
+        || node.starts_with('.')
+        || node.ends_with('.')
+        || node.contains('/')
+        || !node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if bad || ServerName::try_from(node_server_name(node)).is_err() {
+        return Err(TlsError::Config(format!(
+            "node name {node:?} cannot be used in a certificate: use letters, digits, '-', '_' and inner '.'"
+        )));
+    }
+    Ok(())
+}
+
+/// The ring provider, always passed explicitly: the process-wide default may
+/// be unset or differ in other binaries linking this crate.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn first_cert_der(pem: &str, what: &str) -> Result<CertificateDer<'static>, TlsError> {
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .ok_or_else(|| TlsError::Pem(format!("{what} holds no PEM certificate")))?
+        .map_err(|e| TlsError::Pem(format!("{what}: {e}")))
+}
+
+/// Rebuilds the CA's subject name for rcgen from the certificate's DER, so the
+/// issuer field of leaves is byte-identical to the CA subject (webpki compares bytes).
+fn ca_distinguished_name(subject: &[u8]) -> Result<DistinguishedName, TlsError> {
+    let unsupported = |why: &str| TlsError::Cert(format!("CA subject name: {why}"));
+    let rdns = der::name_rdns(subject).ok_or_else(|| unsupported("malformed"))?;
+    let mut dn = DistinguishedName::new();
+    for rdn in rdns {
+        let [attr] = rdn.as_slice() else {
+            return Err(unsupported("multi-valued names are not supported"));
+        };
+        let arcs = der::oid_arcs(attr.oid).ok_or_else(|| unsupported("bad attribute type"))?;
+        let ty = DnType::from_oid(&arcs);
+        if dn.get(&ty).is_some() {
+            return Err(unsupported("repeated attribute types are not supported"));
+        }
+        let text = std::str::from_utf8(attr.value)
+            .map_err(|_| unsupported("attribute is not text"))?
+            .to_owned();
+        let value = match attr.tag {
+            0x0c => DnValue::Utf8String(text),
+            0x13 => DnValue::PrintableString(
+                text.try_into()
+                    .map_err(|_| unsupported("bad PrintableString"))?,
+            ),
+            0x16 => DnValue::Ia5String(text.try_into().map_err(|_| unsupported("bad IA5String"))?),
+            _ => return Err(unsupported("unsupported string type")),
+        };
+        dn.push(ty, value);
+    }
+    Ok(dn)
+}
+
+/// Issues a certificate for `node`, signed by the cluster CA: SAN
+/// `<node>.node.weft`, CN `node`, usable as TLS server and client, valid one
+/// year (backdated an hour for clock skew). Returns `(cert_pem, key_pem)`.
+pub fn issue_node_cert(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    node: &str,
+) -> Result<(String, String), TlsError> {
+    check_node_name(node)?;
+    let ca_key = KeyPair::from_pem(ca_key_pem)
+        .map_err(|e| TlsError::Pem(format!("CA key is not a PEM private key: {e}")))?;
+    let ca_der = first_cert_der(ca_cert_pem, "CA certificate")?;
+    let ca = der::cert_fields(&ca_der)
+        .ok_or_else(|| TlsError::Cert("CA certificate is not valid X.509".into()))?;
+    if ca.spki.raw != ca_key.public_key_der().as_slice() {
+        return Err(TlsError::Cert(
+            "the CA key does not belong to the CA certificate".into(),
+        ));
+    }
+
+    // rcgen 0.13 signs with an issuer `Certificate`; without its x509-parser
+    // feature (no `from_ca_cert_pem`) we rebuild one from the CA's name and key.
+    let mut issuer_params = CertificateParams::default();
+    issuer_params.distinguished_name = ca_distinguished_name(ca.subject.raw)?;
+    issuer_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    issuer_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let issuer = issuer_params
+        .self_signed(&ca_key)
+        .map_err(|e| TlsError::Cert(format!("CA: {e}")))?;
+
+    let mut params = CertificateParams::new(vec![node_server_name(node)])
+        .map_err(|e| TlsError::Cert(format!("node certificate for {node:?}: {e}")))?;
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, node);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let now = SystemTime::now();
+    params.not_before = now
+        .checked_sub(CLOCK_SKEW)
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+        .into();
+    params.not_after = (now + CERT_VALIDITY).into();
+    let key = KeyPair::generate().map_err(|e| TlsError::Cert(format!("node key: {e}")))?;
+    let cert = params
+        .signed_by(&key, &issuer, &ca_key)
+        .map_err(|e| TlsError::Cert(format!("node certificate for {node:?}: {e}")))?;
+
+    let same_name = der::cert_fields(cert.der()).map(|f| f.issuer.raw) == Some(ca.subject.raw);
+    if !same_name {
+        return Err(TlsError::Cert(
+            "cannot reproduce the CA's subject name in the issued certificate".into(),
+        ));
+    }
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        // The mode above is filtered by the umask and ignored for an existing file.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io_err(&tmp))?;
+        f.write_all(bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io_err(path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes `<dir>/<node>.pem` (0644) and `<dir>/<node>.key` (0600), each via a
+/// temp file and rename so a crash never leaves a half-written key; returns the paths.
+pub fn write_node_cert(
+    dir: &Path,
+    node: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<(PathBuf, PathBuf), TlsError> {
+    check_node_name(node)?;
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let cert = dir.join(format!("{node}.pem"));
+    let key = dir.join(format!("{node}.key"));
+    write_atomic(&key, key_pem.as_bytes(), 0o600)?;
+    write_atomic(&cert, cert_pem.as_bytes(), 0o644)?;
+    Ok((cert, key))
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    if meta.len() > MAX_PEM_BYTES {
+        return Err(TlsError::Pem(format!(
+            "{} is too large for a PEM file ({} bytes)",
+            path.display(),
+            meta.len()
+        )));
+    }
+    std::fs::read(path).map_err(io_err(path))
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read_pem(path)?;
+    let certs = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem(format!(
+            "{} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The node name a certificate was issued for: its `*.node.weft` DNS SAN, else its CN.
+fn node_of_cert(der: &[u8]) -> Option<String> {
+    let suffix = format!(".{NODE_DOMAIN}");
+    der::dns_names(der)
+        .into_iter()
+        .find_map(|n| n.strip_suffix(&suffix).map(str::to_owned))
+        .filter(|n| !n.is_empty())
+        .or_else(|| der::common_name(der))
+}
+
+/// This node's certificate chain, key and the cluster CA roots: everything the
+/// QUIC tunnel needs to prove who it is and to check who the peer is.
+pub struct Identity {
+    /// The node name the certificate was issued for.
+    pub node: String,
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("node", &self.node)
+            .field("certs", &self.certs.len())
+            .field("roots", &self.roots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// Loads a node identity and checks it before the node starts, so a bad
+    /// file gives one clear error instead of failing every handshake: the key
+    /// must be private (mode 0600), match the certificate, and the certificate
+    /// must chain to `ca.pem` for server and client use.
+    pub fn load(ca_pem: &Path, cert: &Path, key: &Path) -> Result<Identity, TlsError> {
+        let meta = std::fs::metadata(key).map_err(io_err(key))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(TlsError::InsecureKey(key.to_path_buf()));
+        }
+        let key_bytes = read_pem(key)?;
+        let key_der = rustls_pemfile::private_key(&mut key_bytes.as_slice())
+            .map_err(|e| TlsError::Pem(format!("{}: {e}", key.display())))?
+            .ok_or_else(|| TlsError::Pem(format!("{} holds no PEM private key", key.display())))?;
+
+        let mut roots = RootCertStore::empty();
+        for ca in read_certs(ca_pem)? {
+            roots.add(ca).map_err(|e| {
+                TlsError::Cert(format!(
+                    "{} is not a usable CA certificate: {e}",
+                    ca_pem.display()
+                ))
+            })?;
+        }
+        let roots = Arc::new(roots);
+        let certs = read_certs(cert)?;
+        let provider = provider();
+
+        CertifiedKey::from_der(certs.clone(), key_der.clone_key(), &provider).map_err(|e| {
+            TlsError::Cert(format!(
+                "{} does not match {}: {e}",
+                key.display(),
+                cert.display()
+            ))
+        })?;
+
+        let (end_entity, intermediates) = match certs.split_first() {
+            Some(split) => split,
+            None => return Err(TlsError::Pem(format!("{} is empty", cert.display()))),
+        };
+        let node = node_of_cert(end_entity).ok_or_else(|| {
+            TlsError::Cert(format!(
+                "{} names no node (no *.{NODE_DOMAIN} name)",
+                cert.display()
+            ))
+        })?;
+        let server_name = ServerName::try_from(node_server_name(&node))
+            .map_err(|e| TlsError::Cert(format!("{}: node name {node:?}: {e}", cert.display())))?;
+        let not_signed = |e: rustls::Error| {
+            TlsError::Cert(format!(
+                "{} is not a node certificate of the cluster CA in {}: {e}",
+                cert.display(),
+                ca_pem.display()
+            ))
+        };
+        let now = UnixTime::now();
+        WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| TlsError::Config(format!("server verifier: {e}")))?
+            .verify_server_cert(end_entity, intermediates, &server_name, &[], now)
+            .map_err(not_signed)?;
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider)
+            .build()
+            .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(not_signed)?;
+
+        Ok(Identity {
+            node,
+            certs,
+            key: key_der,
+            roots,
+        })
+    }
+
+    /// Where the cluster dir holds `ca.key`, the node issues itself a fresh
+    /// certificate into `<data_dir>/tls/` and loads it (dev and single-host
+    /// setups); otherwise it tells the operator how to issue one.
+    pub fn from_cluster_dir(
+        cluster_dir: &Path,
+        node: &str,
+        data_dir: &Path,
+    ) -> Result<Identity, TlsError> {
+        let ca_key_path = cluster_dir.join(CA_KEY_FILE);
+        let ca_cert_path = cluster_dir.join(CA_CERT_FILE);
+        if !ca_key_path.exists() {
+            return Err(TlsError::Config(format!(
+                "{} has no {CA_KEY_FILE}, so node {node:?} cannot issue its own certificate; \
+                 run `weft cert issue {node} --cluster DIR --out DIR` where the CA key is \
+                 and start the node with --cert FILE --key FILE",
+                cluster_dir.display()
+            )));
+        }
+        let meta = std::fs::metadata(&ca_key_path).map_err(io_err(&ca_key_path))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(TlsError::InsecureKey(ca_key_path));
+        }
+        let ca_cert_pem = String::from_utf8(read_pem(&ca_cert_path)?)
+            .map_err(|_| TlsError::Pem(format!("{} is not text", ca_cert_path.display())))?;
+        let ca_key_pem = String::from_utf8(read_pem(&ca_key_path)?)
+            .map_err(|_| TlsError::Pem(format!("{} is not text", ca_key_path.display())))?;
+        let (cert_pem, key_pem) = issue_node_cert(&ca_cert_pem, &ca_key_pem, node)?;
+        let tls_dir = data_dir.join("tls");
+        let (cert, key) = write_node_cert(&tls_dir, node, &cert_pem, &key_pem)?;
+        tracing::info!(node, cert = %cert.display(), "issued node certificate from the cluster CA");
+        Identity::load(&ca_cert_path, &cert, &key)
+    }
+}
+
+fn transport() -> Result<quinn::TransportConfig, TlsError> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
+            .map_err(|e| TlsError::Config(format!("idle timeout: {e}")))?,
+    ));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_BIDI_STREAMS));
+    Ok(t)
+}
+
+/// The tunnel's server side: TLS 1.3, ALPN weft/1, and a client certificate
+/// from the cluster CA required, so only cluster nodes can open streams.
+pub fn server_config(id: &Identity) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(format!("TLS server: {e}")))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(id.certs.clone(), id.key.clone_key())
+        .map_err(|e| TlsError::Config(format!("TLS server certificate: {e}")))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(format!("QUIC server: {e}")))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(transport()?));
+    Ok(config)
+}
+
+/// The tunnel's client side: the server must present a CA-signed cert whose
+/// SAN matches the name passed to `connect` (use [`node_server_name`] of the
+/// node gossip says owns the instance), and we present our own node cert.
+pub fn client_config(id: &Identity) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(format!("server verifier: {e}")))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(format!("TLS client: {e}")))?
+        .with_webpki_verifier(verifier)
+        .with_client_auth_cert(id.certs.clone(), id.key.clone_key())
+        .map_err(|e| TlsError::Config(format!("TLS client certificate: {e}")))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(format!("QUIC client: {e}")))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport()?));
+    Ok(config)
+}
+
+/// The node name in the peer's (already CA-verified) certificate, for logs,
+/// metrics and authorisation of what a peer may ask; `None` before the
+/// handshake or if the certificate names no node.
+pub fn peer_node(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    node_of_cert(certs.first()?)
+}
+
+#[cfg(test)]
+mod tests;

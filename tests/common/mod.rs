@@ -58,6 +58,8 @@ pub struct Node {
     pub socket: PathBuf,
     pub gossip: SocketAddr,
     pub admin: SocketAddr,
+    pub proxy: SocketAddr,
+    pub tunnel: SocketAddr,
     pub args: Vec<String>,
     pub log: PathBuf,
     pub child: Option<Child>,
@@ -169,6 +171,8 @@ impl TestCluster {
             socket,
             gossip,
             admin,
+            proxy,
+            tunnel,
             args,
             log,
             child: None,
@@ -351,4 +355,39 @@ pub async fn member_state(socket: &Path, name: &str) -> Option<String> {
         .iter()
         .find(|m| m["name"] == name)
         .and_then(|m| m["state"].as_str().map(String::from))
+}
+
+/// Registers `service` on node `socket` at `port` (with `extra` JSON fields) and
+/// waits until every node in `all` lists the instance.
+pub async fn register_everywhere(
+    c: &TestCluster,
+    on: usize,
+    service: &str,
+    port: u16,
+    protocol: &str,
+) -> String {
+    let (status, body) = put_json(
+        &c.nodes[on].socket,
+        "/v1/services",
+        &serde_json::json!({"name": service, "port": port, "protocol": protocol}),
+    )
+    .await
+    .expect("register");
+    assert_eq!(status, 200, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    for node in c.nodes.iter().filter(|n| n.child.is_some()) {
+        let id = id.clone();
+        wait_for(Duration::from_secs(10), "registration propagates", || {
+            let socket = node.socket.clone();
+            let id = id.clone();
+            async move {
+                instance_ids(&socket, service)
+                    .await?
+                    .contains(&id)
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+    id
 }

@@ -1,0 +1,47 @@
+//! Moving HTTP bodies between hyper and tunnel streams without buffering them.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Body, Frame};
+use quinn::{RecvStream, SendStream};
+
+use super::{header_map, BoxError, ProxyBody};
+use crate::tunnel::{self, BodyPart, TunnelError};
+
+/// A hyper body that reads framed chunks from a tunnel stream as they arrive.
+pub fn from_tunnel(recv: RecvStream) -> ProxyBody {
+    let frames = futures::stream::unfold(Some(recv), |state| async move {
+        let mut recv = state?;
+        match tunnel::read_part(&mut recv).await {
+            Ok(BodyPart::Data(b)) => Some((Ok(Frame::data(b)), Some(recv))),
+            Ok(BodyPart::Trailers(t)) => Some((Ok(Frame::trailers(header_map(&t))), None)),
+            Ok(BodyPart::End) => None,
+            Err(e) => Some((Err(BoxError::from(e)), None)),
+        }
+    });
+    StreamBody::new(frames).boxed()
+}
+
+/// Streams a hyper body into a tunnel stream, chunk by chunk, then ends it.
+pub async fn to_tunnel<B>(mut body: B, send: &mut SendStream) -> Result<(), TunnelError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| TunnelError::Stream(format!("body: {e}")))?;
+        match frame.into_data() {
+            Ok(data) => tunnel::write_chunk(send, data).await?,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let pairs = trailers
+                        .iter()
+                        .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+                        .collect();
+                    return tunnel::write_end(send, Some(pairs)).await;
+                }
+            }
+        }
+    }
+    tunnel::write_end(send, None).await
+}

@@ -1,0 +1,139 @@
+//! TCP upstreams: a local port that reaches a service; each accepted
+//! connection is one QUIC stream (or a direct connection when the chosen
+//! instance is on this host). Half-close is preserved both ways.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncWriteExt, ReadHalf};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::DataPlane;
+use crate::outcome::{Outcome, OutcomeClass};
+use crate::tunnel;
+use crate::wire::{RequestHead, ResponseHead, StreamKind, WIRE_VERSION};
+
+/// Accepts connections for `service` until the task is aborted.
+pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, service, "upstream accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let dp = dp.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connect(&dp, &service, stream).await {
+                tracing::info!(service, %peer, error = %e, "upstream connection refused");
+            }
+        });
+    }
+}
+
+async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(), String> {
+    let instance = {
+        let snap = dp.router.load();
+        dp.pick(&snap, service, "tcp", &[])
+            .map_err(str::to_string)?
+    };
+    let start = Instant::now();
+    let record = |class| {
+        dp.outcomes.record(Outcome {
+            service: service.to_string(),
+            node: instance.node.clone(),
+            instance: instance.id.clone(),
+            class,
+            status: None,
+            latency: start.elapsed(),
+            attempt: 0,
+        })
+    };
+    if instance.node == dp.node {
+        let upstream = tokio::time::timeout(
+            dp.timeouts.connect,
+            TcpStream::connect(("127.0.0.1", instance.port)),
+        )
+        .await;
+        let Ok(Ok(mut upstream)) = upstream else {
+            record(OutcomeClass::Unreachable);
+            return Err(format!("127.0.0.1:{} unreachable", instance.port));
+        };
+        record(OutcomeClass::Success);
+        let mut client = client;
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        return Ok(());
+    }
+    let addr: SocketAddr = instance
+        .tunnel_addr
+        .as_deref()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| format!("node {} announced no tunnel address", instance.node))?;
+    let opened = dp.tunnels.open(&instance.node, addr).await;
+    let (mut send, mut recv) = match opened {
+        Ok(pair) => pair,
+        Err(e) => {
+            record(OutcomeClass::Unreachable);
+            return Err(e.to_string());
+        }
+    };
+    let head = RequestHead {
+        version: WIRE_VERSION,
+        kind: StreamKind::Tcp,
+        service: service.to_string(),
+        instance: instance.id.clone(),
+        method: String::new(),
+        uri: String::new(),
+        headers: Vec::new(),
+        deadline_ms: u32::try_from(dp.timeouts.request.as_millis()).unwrap_or(u32::MAX),
+        attempt: 0,
+        http2: false,
+    };
+    tunnel::write_frame(&mut send, &head)
+        .await
+        .map_err(|e| e.to_string())?;
+    let reply: ResponseHead = match tunnel::read_frame(&mut recv).await {
+        Ok(r) => r,
+        Err(e) => {
+            record(OutcomeClass::Unreachable);
+            return Err(e.to_string());
+        }
+    };
+    if let Some(code) = reply.error {
+        record(OutcomeClass::Unreachable);
+        return Err(code);
+    }
+    record(OutcomeClass::Success);
+    splice(client, send, &mut recv).await;
+    Ok(())
+}
+
+/// Copies bytes both ways between a TCP connection and a tunnel stream until
+/// both directions are done; each EOF is passed on as a half-close.
+pub async fn splice(stream: TcpStream, mut send: SendStream, recv: &mut RecvStream) {
+    let (mut read_half, mut write_half): (ReadHalf<TcpStream>, _) = tokio::io::split(stream);
+    let up = async {
+        let copied = tokio::io::copy(&mut read_half, &mut send).await;
+        match copied {
+            Ok(_) => {
+                let _ = send.finish();
+            }
+            Err(_) => {
+                let _ = send.reset(quinn::VarInt::from_u32(1));
+            }
+        }
+    };
+    let down = async {
+        let _ = tokio::io::copy(recv, &mut write_half).await;
+        let _ = write_half.shutdown().await;
+    };
+    tokio::join!(up, down);
+    // Wait until the peer has read everything we sent before dropping the stream.
+    let _ = send.stopped().await;
+}

@@ -1,0 +1,80 @@
+//! Request outcomes: what the data plane reports for every request, through one
+//! bounded channel, so statistics never sit on the request path.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+/// How a request ended, as the statistics see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutcomeClass {
+    /// 1xx-4xx from the instance.
+    Success,
+    /// 5xx from the instance.
+    ServerError,
+    /// The mesh could not reach the instance (connect failure, reset).
+    Unreachable,
+    /// No response head within the deadline.
+    Timeout,
+}
+
+impl OutcomeClass {
+    /// Classifies an HTTP status from the instance.
+    pub fn from_status(status: u16) -> Self {
+        if status >= 500 {
+            OutcomeClass::ServerError
+        } else {
+            OutcomeClass::Success
+        }
+    }
+
+    /// The label used in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeClass::Success => "success",
+            OutcomeClass::ServerError => "server_error",
+            OutcomeClass::Unreachable => "unreachable",
+            OutcomeClass::Timeout => "timeout",
+        }
+    }
+}
+
+/// One finished attempt.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Service called.
+    pub service: String,
+    /// Node hosting the instance.
+    pub node: String,
+    /// Instance id.
+    pub instance: String,
+    /// How it ended.
+    pub class: OutcomeClass,
+    /// Status code when there was a response.
+    pub status: Option<u16>,
+    /// Time to the response head (or to the failure).
+    pub latency: Duration,
+    /// 0 for the first attempt, 1.. for retries.
+    pub attempt: u8,
+}
+
+/// Where the data plane sends outcomes; never blocks, drops when full.
+#[derive(Debug, Clone)]
+pub struct OutcomeSink {
+    tx: mpsc::Sender<Outcome>,
+}
+
+impl OutcomeSink {
+    /// A sink and the receiving end the stats aggregator drains in batches.
+    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<Outcome>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (OutcomeSink { tx }, rx)
+    }
+
+    /// Records one outcome; drops it (and counts the drop) if the consumer lags.
+    pub fn record(&self, outcome: Outcome) {
+        if self.tx.try_send(outcome).is_err() {
+            metrics::counter!("weft_outcomes_dropped_total").increment(1);
+        }
+    }
+}

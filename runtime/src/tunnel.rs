@@ -1,0 +1,216 @@
+//! QUIC tunnels between nodes: one pooled connection per peer, and the framing
+//! of HTTP bodies on a stream.
+//!
+//! A stream starts with a [`wire`](crate::wire) header frame. HTTP bodies then
+//! travel as chunks, each `u32` big-endian length + bytes; a zero length ends
+//! the body, and `u32::MAX` introduces a trailers frame (gRPC needs trailers).
+//! TCP streams carry raw bytes after the heads.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+
+use crate::wire::{self, WireError};
+
+/// Largest body chunk accepted from a peer.
+pub const MAX_CHUNK: usize = 1024 * 1024;
+const TRAILERS: u32 = u32::MAX;
+
+/// Errors on a tunnel stream.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// Could not connect to the peer node.
+    #[error("cannot connect to node {node} at {addr}: {reason}")]
+    Connect {
+        /// Peer node.
+        node: String,
+        /// Its tunnel address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The stream failed mid-way.
+    #[error("tunnel stream failed: {0}")]
+    Stream(String),
+    /// The peer sent something malformed.
+    #[error("tunnel protocol error: {0}")]
+    Wire(#[from] WireError),
+}
+
+/// Outbound side: connections to peer nodes, reused across requests.
+#[derive(Debug)]
+pub struct TunnelPool {
+    endpoint: Endpoint,
+    connections: Mutex<HashMap<(String, SocketAddr), Connection>>,
+    connect_timeout: Duration,
+}
+
+impl TunnelPool {
+    /// A pool dialing from `endpoint` (which carries the client config).
+    pub fn new(endpoint: Endpoint, connect_timeout: Duration) -> Self {
+        TunnelPool {
+            endpoint,
+            connections: Mutex::new(HashMap::new()),
+            connect_timeout,
+        }
+    }
+
+    /// The endpoint, for the accept loop.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    async fn connection(&self, node: &str, addr: SocketAddr) -> Result<Connection, TunnelError> {
+        let key = (node.to_string(), addr);
+        if let Some(conn) = self.lock().get(&key) {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+        }
+        let err = |reason: String| TunnelError::Connect {
+            node: node.to_string(),
+            addr,
+            reason,
+        };
+        let connecting = self
+            .endpoint
+            .connect(addr, &crate::tls::node_server_name(node))
+            .map_err(|e| err(e.to_string()))?;
+        let conn = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| err(format!("no handshake within {:?}", self.connect_timeout)))?
+            .map_err(|e| err(e.to_string()))?;
+        metrics::counter!("weft_tunnel_connections_total").increment(1);
+        // Two tasks may race to connect; either connection works, keep the last.
+        self.lock().insert(key, conn.clone());
+        Ok(conn)
+    }
+
+    /// Opens one bidirectional stream to `node`, reconnecting if the pooled
+    /// connection was lost.
+    pub async fn open(
+        &self,
+        node: &str,
+        addr: SocketAddr,
+    ) -> Result<(SendStream, RecvStream), TunnelError> {
+        for attempt in 0..2 {
+            let conn = self.connection(node, addr).await?;
+            match conn.open_bi().await {
+                Ok(pair) => {
+                    metrics::counter!("weft_tunnel_streams_total").increment(1);
+                    return Ok(pair);
+                }
+                Err(e) if attempt == 0 => {
+                    tracing::debug!(node, error = %e, "pooled tunnel connection lost; reconnecting");
+                    self.lock().remove(&(node.to_string(), addr));
+                }
+                Err(e) => return Err(TunnelError::Stream(e.to_string())),
+            }
+        }
+        Err(TunnelError::Stream("unreachable".into()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, SocketAddr), Connection>> {
+        self.connections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Writes one wire frame.
+pub async fn write_frame<T: serde::Serialize>(
+    send: &mut SendStream,
+    msg: &T,
+) -> Result<(), TunnelError> {
+    let bytes = wire::encode(msg)?;
+    send.write_all(&bytes)
+        .await
+        .map_err(|e| TunnelError::Stream(e.to_string()))
+}
+
+/// Reads one wire frame (bounded by the wire limit).
+pub async fn read_frame<T: serde::de::DeserializeOwned>(
+    recv: &mut RecvStream,
+) -> Result<T, TunnelError> {
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| TunnelError::Stream(format!("reading frame length: {e}")))?;
+    let len = wire::frame_len(prefix)?;
+    let mut buf = vec![0u8; 4 + len];
+    buf[..4].copy_from_slice(&prefix);
+    recv.read_exact(&mut buf[4..])
+        .await
+        .map_err(|e| TunnelError::Stream(format!("reading frame: {e}")))?;
+    match wire::decode(&buf)? {
+        wire::Decoded::Frame { msg, .. } => Ok(msg),
+        wire::Decoded::Incomplete { .. } => Err(TunnelError::Stream("truncated frame".into())),
+    }
+}
+
+/// One piece of a framed HTTP body.
+#[derive(Debug)]
+pub enum BodyPart {
+    /// Body bytes.
+    Data(Bytes),
+    /// Trailers; the body is over.
+    Trailers(Vec<(String, Vec<u8>)>),
+    /// The body is over.
+    End,
+}
+
+/// Writes a body chunk.
+pub async fn write_chunk(send: &mut SendStream, data: Bytes) -> Result<(), TunnelError> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let len =
+        u32::try_from(data.len()).map_err(|_| TunnelError::Stream("chunk too large".into()))?;
+    let mut chunks = [Bytes::copy_from_slice(&len.to_be_bytes()), data];
+    send.write_all_chunks(&mut chunks)
+        .await
+        .map_err(|e| TunnelError::Stream(e.to_string()))
+}
+
+/// Ends a body, with optional trailers.
+pub async fn write_end(
+    send: &mut SendStream,
+    trailers: Option<Vec<(String, Vec<u8>)>>,
+) -> Result<(), TunnelError> {
+    match trailers {
+        Some(t) => {
+            send.write_all(&TRAILERS.to_be_bytes())
+                .await
+                .map_err(|e| TunnelError::Stream(e.to_string()))?;
+            write_frame(send, &t).await
+        }
+        None => send
+            .write_all(&0u32.to_be_bytes())
+            .await
+            .map_err(|e| TunnelError::Stream(e.to_string())),
+    }
+}
+
+/// Reads the next body part.
+pub async fn read_part(recv: &mut RecvStream) -> Result<BodyPart, TunnelError> {
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| TunnelError::Stream(format!("body ended early: {e}")))?;
+    match u32::from_be_bytes(prefix) {
+        0 => Ok(BodyPart::End),
+        TRAILERS => Ok(BodyPart::Trailers(read_frame(recv).await?)),
+        len if len as usize > MAX_CHUNK => Err(TunnelError::Stream(format!(
+            "body chunk of {len} bytes exceeds {MAX_CHUNK}"
+        ))),
+        len => {
+            let mut buf = BytesMut::zeroed(len as usize);
+            recv.read_exact(&mut buf)
+                .await
+                .map_err(|e| TunnelError::Stream(format!("body ended early: {e}")))?;
+            Ok(BodyPart::Data(buf.freeze()))
+        }
+    }
+}
