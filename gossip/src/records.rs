@@ -61,6 +61,12 @@ pub struct Check {
     /// TTL the service must refresh, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_ms: Option<u64>,
+    /// Probe period override (default 2 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    /// Probe timeout override (default 1 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// An instance hosted by a node, stored under `svc/<id>`.
@@ -81,4 +87,13 @@ pub struct ServiceRecord {
     /// Free-form tags.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// Request timeout override for callers, in milliseconds (default 30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Retry wait policy override: "learned" (default) or "exponential".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<String>,
+    /// Callers may retry non-idempotent methods (POST, PATCH) too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry_non_idempotent: bool,
 }

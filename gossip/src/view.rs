@@ -107,6 +107,15 @@ pub struct Instance {
     /// The hosting node's tunnel address.
     #[serde(skip)]
     pub tunnel_addr: Option<String>,
+    /// Request timeout override (ms).
+    #[serde(skip)]
+    pub timeout_ms: Option<u64>,
+    /// Retry wait policy override.
+    #[serde(skip)]
+    pub retry: Option<String>,
+    /// Non-idempotent methods may be retried.
+    #[serde(skip)]
+    pub retry_non_idempotent: bool,
 }
 
 /// Service name -> instances, ordered for stable output.
@@ -208,6 +217,9 @@ impl ClusterView {
                         health,
                         tags: record.tags,
                         tunnel_addr: info.as_ref().map(|i| i.tunnel.clone()),
+                        timeout_ms: record.timeout_ms,
+                        retry: record.retry,
+                        retry_non_idempotent: record.retry_non_idempotent,
                     });
             }
         }
@@ -306,6 +318,9 @@ mod tests {
                 protocol: Protocol::Http,
                 check: None,
                 tags: vec![],
+                timeout_ms: None,
+                retry: None,
+                retry_non_idempotent: false,
             };
             kv.insert(format!("svc/{id}"), serde_json::to_string(&rec).unwrap());
         }

@@ -19,6 +19,8 @@ use weft_runtime::router::RouterHandle;
 use crate::registry::Registry;
 use crate::upstreams::Upstreams;
 use crate::NodeError;
+use metrics_exporter_prometheus::PrometheusHandle;
+use weft_runtime::health_checker::{HealthChecker, SetRegistrations, TtlPass};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -36,6 +38,10 @@ pub struct ApiState {
     pub router: RouterHandle,
     /// TCP upstreams.
     pub upstreams: Arc<Upstreams>,
+    /// The health checker, told about every registration change.
+    pub checker: actix::Addr<HealthChecker>,
+    /// Renders `/metrics`.
+    pub metrics: Option<PrometheusHandle>,
 }
 
 /// The handler the Listener serves.
@@ -72,6 +78,14 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
         (&Method::GET, ["v1", "members"]) => get_members(state),
         (&Method::GET, ["v1", "health"]) => get_health(state),
         (&Method::GET, ["v1", "upstreams"]) => get_upstreams(state).await,
+        (&Method::GET, ["metrics"]) if read_only => match &state.metrics {
+            Some(handle) => Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "text/plain; version=0.0.4")
+                .body(Full::new(Bytes::from(handle.render())))
+                .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "render failed")),
+            None => error(StatusCode::SERVICE_UNAVAILABLE, "metrics are not enabled"),
+        },
         (_, ["v1", ..]) if read_only && method != Method::GET => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "the admin address is read-only; use the node's socket",
@@ -81,6 +95,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             Err(reply) => reply,
         },
         (&Method::DELETE, ["v1", "services", id]) => delete_service(state, id).await,
+        (&Method::PUT, ["v1", "services", id, "ttl"]) => ttl_pass(state, id).await,
         (&Method::PUT, ["v1", "upstreams"]) => match read_json(req).await {
             Ok(body) => put_upstream(state, &body).await,
             Err(reply) => reply,
@@ -92,6 +107,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             | ["v1", "members"]
             | ["v1", "health"]
             | ["v1", "services", _]
+            | ["v1", "services", _, "ttl"]
             | ["v1", "upstreams"]
             | ["v1", "upstreams", _],
         ) => error(
@@ -144,7 +160,17 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Reply> {
 /// Validates a registration request, naming the first bad field.
 pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, String> {
     let obj = body.as_object().ok_or("body must be a JSON object")?;
-    const KNOWN: [&str; 6] = ["name", "port", "id", "protocol", "check", "tags"];
+    const KNOWN: [&str; 9] = [
+        "name",
+        "port",
+        "id",
+        "protocol",
+        "check",
+        "tags",
+        "timeout_ms",
+        "retry",
+        "retry_non_idempotent",
+    ];
     if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(format!("unknown field {unknown:?}"));
     }
@@ -202,6 +228,24 @@ pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, Str
         }
         Some(_) => return Err("field \"tags\" must be an array of strings".into()),
     };
+    let timeout_ms = match obj.get("timeout_ms") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|ms| (1..=3_600_000).contains(ms))
+                .ok_or("field \"timeout_ms\" must be an integer between 1 and 3600000")?,
+        ),
+    };
+    let retry = match obj.get("retry") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) if p == "learned" || p == "exponential" => Some(p.clone()),
+        Some(_) => return Err("field \"retry\" must be \"learned\" or \"exponential\"".into()),
+    };
+    let retry_non_idempotent = match obj.get("retry_non_idempotent") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("field \"retry_non_idempotent\" must be true or false".into()),
+    };
     Ok(ServiceRecord {
         name: name.to_string(),
         id,
@@ -209,22 +253,43 @@ pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, Str
         protocol,
         check,
         tags,
+        timeout_ms,
+        retry,
+        retry_non_idempotent,
     })
 }
 
 fn parse_check(v: &Value) -> Result<Check, String> {
     let obj = v.as_object().ok_or("field \"check\" must be an object")?;
-    if obj.len() != 1 {
+    let kinds: Vec<(&String, &Value)> = obj
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "interval_ms" | "timeout_ms"))
+        .collect();
+    if kinds.len() != 1 {
         return Err(
             "field \"check\" must hold exactly one of \"http\", \"tcp\", \"ttl_ms\"".into(),
         );
     }
+    let period = |field: &str| -> Result<Option<u64>, String> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|ms| (100..=3_600_000).contains(ms))
+                .map(Some)
+                .ok_or(format!(
+                    "field \"check.{field}\" must be an integer between 100 and 3600000"
+                )),
+        }
+    };
     let mut check = Check {
         http: None,
         tcp: None,
         ttl_ms: None,
+        interval_ms: period("interval_ms")?,
+        timeout_ms: period("timeout_ms")?,
     };
-    match obj.iter().next() {
+    match kinds.into_iter().next() {
         Some((k, Value::String(path))) if k == "http" => {
             if !path.starts_with('/') || !path.is_ascii() || path.len() > 1024 {
                 return Err("field \"check.http\" must be an ASCII path starting with /".into());
@@ -256,7 +321,12 @@ async fn put_service(state: &ApiState, body: &Value) -> Reply {
     };
     let id = record.id.clone();
     match state.registry.put(&state.cluster, record).await {
-        Ok(()) => reply(StatusCode::OK, &json!({ "id": id })),
+        Ok(()) => {
+            state
+                .checker
+                .do_send(SetRegistrations(state.registry.all().await));
+            reply(StatusCode::OK, &json!({ "id": id }))
+        }
         Err(NodeError::Invalid(msg)) => error(StatusCode::BAD_REQUEST, msg),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
@@ -338,6 +408,21 @@ async fn get_upstreams(state: &ApiState) -> Reply {
         .map(|(listen, service)| json!({"service": service, "listen": listen.to_string()}))
         .collect();
     reply(StatusCode::OK, &json!({ "upstreams": list }))
+}
+
+async fn ttl_pass(state: &ApiState, id: &str) -> Reply {
+    match state.checker.send(TtlPass(id.to_string())).await {
+        Ok(true) => reply(StatusCode::OK, &json!({ "id": id })),
+        Ok(false) if state.registry.get(id).await.is_some() => error(
+            StatusCode::BAD_REQUEST,
+            format!("service {id:?} has no ttl check"),
+        ),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("no local service with id {id:?}"),
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
 }
 
 fn instance_json(i: &weft_gossip::Instance) -> Value {

@@ -11,6 +11,8 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use weft_gossip::{Cluster, ClusterConfig, Key, NodeInfo, NodeStatus};
 use weft_runtime::dataplane::{DataPlane, Timeouts};
+use weft_runtime::gossip_writer::GossipWriter;
+use weft_runtime::health_checker::{HealthChecker, SetRegistrations};
 use weft_runtime::listener::{Listener, StopListening};
 use weft_runtime::outcome::{Outcome, OutcomeSink};
 use weft_runtime::router::Router;
@@ -102,11 +104,31 @@ async fn serve(
     };
     let _ = &key;
     let transport = weft_gossip::seal::SealedTransport::new(key);
+    let seal_stats = transport.stats();
+    tokio::spawn(async move {
+        loop {
+            for (reason, n) in seal_stats.rejected_by_reason() {
+                metrics::counter!("weft_gossip_rejected_total", "reason" => reason).absolute(n);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
     let cluster = Cluster::start(&cluster_cfg, initial, &transport)
         .await
         .map_err(|e| NodeError::Config(format!("--gossip {}: {e}", cfg.gossip)))?;
     let cluster = Arc::new(cluster);
 
+    let metrics = install_metrics();
+    let writer = GossipWriter::spawn(cluster.clone());
+    let checker = {
+        let mut first = Some(HealthChecker::new(writer.clone()));
+        Supervisor::start(move |_| {
+            first
+                .take()
+                .unwrap_or_else(|| HealthChecker::new(writer.clone()))
+        })
+    };
+    checker.do_send(SetRegistrations(registry.all().await));
     let upstreams = Arc::new(Upstreams::load(&cfg.data_dir)?);
     let (router, router_handle) = Router::new(cluster.views());
     let mut router = Some(router);
@@ -117,6 +139,8 @@ async fn serve(
         registry: registry.clone(),
         router: router_handle.clone(),
         upstreams: upstreams.clone(),
+        checker: checker.clone(),
+        metrics,
     });
     let (outcomes, outcome_rx) = OutcomeSink::channel(16 * 1024);
     tokio::spawn(count_outcomes(outcome_rx));
@@ -204,6 +228,35 @@ async fn count_outcomes(mut rx: tokio::sync::mpsc::Receiver<Outcome>) {
                 "class" => o.class.as_str()
             )
             .increment(1);
+        }
+    }
+}
+
+/// Installs the Prometheus recorder (once per process) and keeps it tidy.
+fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    let seconds = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &seconds,
+        )
+        .ok()?;
+    match builder.install_recorder() {
+        Ok(handle) => {
+            let upkeep = handle.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    upkeep.run_upkeep();
+                }
+            });
+            Some(handle)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics disabled");
+            None
         }
     }
 }

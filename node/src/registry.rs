@@ -60,6 +60,16 @@ impl Registry {
             .collect()
     }
 
+    /// Every local registration.
+    pub async fn all(&self) -> Vec<ServiceRecord> {
+        self.services.lock().await.values().cloned().collect()
+    }
+
+    /// The registration with this id.
+    pub async fn get(&self, id: &str) -> Option<ServiceRecord> {
+        self.services.lock().await.get(id).cloned()
+    }
+
     /// Adds or replaces a registration: disk first, then gossip.
     pub async fn put(
         &self,

@@ -8,6 +8,8 @@
 //! - [`listener`]: the **Listener** actor. It owns the accept loops (the local
 //!   Unix socket and the admin address); each connection is a plain tokio task.
 //!
+//! - [`health_checker`]: the **Health checker** actor. It probes this node's
+//!   own instances and publishes their health in gossip.
 //! - [`dataplane`]: the outbound HTTP proxy, TCP upstreams and the inbound
 //!   side of the tunnel; connection tasks read the Router's snapshot.
 //! - [`tunnel`]: pooled QUIC connections to peer nodes and body framing.
@@ -21,6 +23,8 @@
 //! connection tasks run on the worker threads.
 
 pub mod dataplane;
+pub mod gossip_writer;
+pub mod health_checker;
 pub mod listener;
 pub mod outcome;
 pub mod policy;

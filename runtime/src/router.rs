@@ -9,7 +9,7 @@ use std::time::Instant;
 use actix::prelude::*;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
-use weft_gossip::{Catalog, ClusterView, Member};
+use weft_gossip::{Catalog, ClusterView, Member, MemberState};
 
 /// One immutable routing table.
 #[derive(Debug, Clone)]
@@ -77,11 +77,43 @@ impl Router {
         for (svc, node, id) in &diff.changed {
             tracing::debug!(service = %svc, node = %node, id = %id, "instance changed");
         }
+        let members = view.members();
+        export_gauges(&members, &catalog, &previous.catalog);
         self.handle.current.store(Arc::new(RouterSnapshot {
-            members: view.members(),
+            members,
             catalog,
             taken_at: Instant::now(),
         }));
+    }
+}
+
+/// `weft_members{state}` and `weft_instances{service,health}`; series of
+/// services that disappeared drop to zero rather than keep a stale value.
+fn export_gauges(members: &[Member], catalog: &Catalog, previous: &Catalog) {
+    for state in [
+        MemberState::Alive,
+        MemberState::Suspect,
+        MemberState::Dead,
+        MemberState::Left,
+    ] {
+        let n = members.iter().filter(|m| m.state == state).count();
+        metrics::gauge!("weft_members", "state" => state.as_str()).set(n as f64);
+    }
+    const HEALTH: [&str; 4] = ["passing", "failing", "unknown", "ejected"];
+    for (service, instances) in &catalog.services {
+        for health in HEALTH {
+            let n = instances.iter().filter(|i| i.health == health).count();
+            metrics::gauge!("weft_instances", "service" => service.clone(), "health" => health)
+                .set(n as f64);
+        }
+    }
+    for service in previous.services.keys() {
+        if !catalog.services.contains_key(service) {
+            for health in HEALTH {
+                metrics::gauge!("weft_instances", "service" => service.clone(), "health" => health)
+                    .set(0.0);
+            }
+        }
     }
 }
 
