@@ -15,6 +15,11 @@ struct Upstream {
 
 impl Upstream {
     async fn start(port: u16, status: u16) -> Upstream {
+        Upstream::start_slow(port, status, Duration::ZERO).await
+    }
+
+    /// Answers after `delay`.
+    async fn start_slow(port: u16, status: u16, delay: Duration) -> Upstream {
         let listener = wait_for(Duration::from_secs(5), "bind upstream", || async {
             tokio::net::TcpListener::bind(("127.0.0.1", port))
                 .await
@@ -32,6 +37,7 @@ impl Upstream {
                 };
                 conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |_req| async move {
+                        tokio::time::sleep(delay).await;
                         let mut resp = hyper::Response::new(http_body_util::Full::new(
                             bytes::Bytes::from_static(b"ok"),
                         ));
@@ -149,4 +155,64 @@ async fn ttl_checks_pass_while_refreshed_and_fail_when_not() {
         .await
         .unwrap();
     assert_eq!(status, 404);
+}
+
+async fn proxy_get(proxy: std::net::SocketAddr, service: &str) -> u16 {
+    let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(format!("http://{service}/"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    sender.send_request(req).await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_502_instance_is_ejected_by_callers_and_needs_two_observers_cluster_wide() {
+    let c = TestCluster::start(4).await;
+    // The bad instance fails fast, so latency-based balancing alone would
+    // favour it: the case passive outlier detection exists for.
+    let good = Upstream::start_slow(0, 200, Duration::from_millis(40)).await;
+    let bad = Upstream::start(0, 502).await;
+    register_everywhere(&c, 1, "web", good.port, "http").await;
+    let bad_id = register_everywhere(&c, 2, "web", bad.port, "http").await;
+
+    // n1 calls: at most 5 failures, then every request lands on the good instance.
+    let mut failures = 0;
+    for _ in 0..20 {
+        if proxy_get(c.nodes[0].proxy, "web").await != 200 {
+            failures += 1;
+        }
+    }
+    assert!(failures <= 5, "{failures} failed requests before ejection");
+    for _ in 0..5 {
+        assert_eq!(proxy_get(c.nodes[0].proxy, "web").await, 200);
+    }
+    // One observer alone: n4 (never called) still sees the instance as passing.
+    let n4 = c.nodes[3].socket.clone();
+    let quiet = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < quiet {
+        assert_eq!(health_of(&n4, "web", &bad_id).await.unwrap(), "passing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A second observer (n2) agrees: now the whole mesh treats it as ejected.
+    let mut n2_failures = 0;
+    for _ in 0..20 {
+        if proxy_get(c.nodes[1].proxy, "web").await != 200 {
+            n2_failures += 1;
+        }
+    }
+    assert!(n2_failures <= 5, "{n2_failures} failed requests from n2");
+    wait_for(Duration::from_secs(10), "ejected seen by n4", || async {
+        (health_of(&n4, "web", &bad_id).await? == "ejected").then_some(())
+    })
+    .await;
+    // n4 itself never sends to it now.
+    for _ in 0..10 {
+        assert_eq!(proxy_get(c.nodes[3].proxy, "web").await, 200);
+    }
+    drop(good);
 }

@@ -183,7 +183,23 @@ impl ClusterView {
     }
 
     /// The catalog: instances registered on live, non-leaving nodes.
+    ///
+    /// An instance is `ejected` cluster-wide only when two or more other live
+    /// nodes' outlier detectors say so (`health/<id>` = `ejected:<owner>`), so
+    /// one sick or partitioned caller cannot take it out of the whole mesh.
     pub fn catalog(&self) -> Catalog {
+        let mut observers: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for node in self.current_incarnations().filter(|n| n.live) {
+            for (raw_key, value) in &node.kv {
+                if let (Some(Key::Health(id)), Some(owner)) =
+                    (Key::decode(raw_key), value.strip_prefix(EJECTED_PREFIX))
+                {
+                    if owner != node.name {
+                        *observers.entry((owner.to_string(), id)).or_default() += 1;
+                    }
+                }
+            }
+        }
         let mut services: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
         for node in self.current_incarnations() {
             let info = node_info(node);
@@ -205,7 +221,14 @@ impl ClusterView {
                 if record.id != id {
                     continue;
                 }
-                let health = instance_health(node, &record);
+                let mut health = instance_health(node, &record);
+                let votes = observers
+                    .get(&(node.name.clone(), record.id.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                if votes >= 2 && health != "failing" {
+                    health = "ejected".to_string();
+                }
                 services
                     .entry(record.name.clone())
                     .or_default()
@@ -229,6 +252,10 @@ impl ClusterView {
         Catalog { services }
     }
 }
+
+/// Value prefix an observer writes under `health/<id>` when its outlier
+/// detector ejected another node's instance: `ejected:<owner node>`.
+pub const EJECTED_PREFIX: &str = "ejected:";
 
 fn node_info(node: &NodeSnapshot) -> Option<NodeInfo> {
     node.kv
@@ -427,6 +454,29 @@ mod tests {
         n2.last_heard = Duration::from_secs(5);
         let v = view(vec![node("n1", 1, true, &[]), n2]);
         assert_eq!(v.members()[1].state, MemberState::Suspect);
+    }
+
+    #[test]
+    fn ejection_needs_two_observers() {
+        let mut n2 = node("n2", 1, true, &[]);
+        n2.kv.insert("health/w1".into(), "ejected:n1".into());
+        let v = view(vec![
+            node("n1", 1, true, &[("web", "w1", 8080)]),
+            n2.clone(),
+        ]);
+        assert_eq!(v.catalog().instances("web")[0].health, "passing");
+        let mut n3 = node("n3", 1, true, &[]);
+        n3.kv.insert("health/w1".into(), "ejected:n1".into());
+        let v = view(vec![
+            node("n1", 1, true, &[("web", "w1", 8080)]),
+            n2.clone(),
+            n3.clone(),
+        ]);
+        assert_eq!(v.catalog().instances("web")[0].health, "ejected");
+        // A dead observer's vote does not count.
+        n3.live = false;
+        let v = view(vec![node("n1", 1, true, &[("web", "w1", 8080)]), n2, n3]);
+        assert_eq!(v.catalog().instances("web")[0].health, "passing");
     }
 
     #[test]

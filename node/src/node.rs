@@ -15,7 +15,7 @@ use weft_runtime::gossip_writer::GossipWriter;
 use weft_runtime::health_checker::{HealthChecker, SetRegistrations};
 use weft_runtime::listener::{Listener, StopListening};
 use weft_runtime::outcome::{Outcome, OutcomeSink};
-use weft_runtime::router::Router;
+use weft_runtime::router::{Router, RouterHandle};
 use weft_runtime::tls;
 use weft_runtime::tunnel::TunnelPool;
 
@@ -121,18 +121,16 @@ async fn serve(
     let metrics = install_metrics();
     let writer = GossipWriter::spawn(cluster.clone());
     let checker = {
-        let mut first = Some(HealthChecker::new(writer.clone()));
-        Supervisor::start(move |_| {
-            first
-                .take()
-                .unwrap_or_else(|| HealthChecker::new(writer.clone()))
-        })
+        let writer = writer.clone();
+        Supervisor::start(move |_| HealthChecker::new(writer.clone()))
     };
     checker.do_send(SetRegistrations(registry.all().await));
     let upstreams = Arc::new(Upstreams::load(&cfg.data_dir)?);
-    let (router, router_handle) = Router::new(cluster.views());
-    let mut router = Some(router);
-    let _router = Supervisor::start(move |_| router.take().unwrap_or_else(|| unreachable!()));
+    let router_handle = RouterHandle::default();
+    let _router = {
+        let (views, handle) = (cluster.views(), router_handle.clone());
+        Supervisor::start(move |_| Router::with_handle(views.clone(), handle.clone()))
+    };
     let state = Arc::new(ApiState {
         node: cfg.name.clone(),
         cluster: cluster.clone(),
@@ -154,6 +152,7 @@ async fn serve(
         tunnels,
         outcomes,
         Timeouts::default(),
+        Some(writer.clone()),
     );
     let listener = Listener::new(
         socket,

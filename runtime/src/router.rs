@@ -55,13 +55,13 @@ impl Router {
     /// A router fed by a stream of gossip views.
     pub fn new(views: watch::Receiver<Arc<ClusterView>>) -> (Self, RouterHandle) {
         let handle = RouterHandle::default();
-        (
-            Router {
-                handle: handle.clone(),
-                views,
-            },
-            handle,
-        )
+        (Router::with_handle(views, handle.clone()), handle)
+    }
+
+    /// A router publishing into an existing handle (a restarted router keeps
+    /// serving the readers of the old one).
+    pub fn with_handle(views: watch::Receiver<Arc<ClusterView>>, handle: RouterHandle) -> Self {
+        Router { handle, views }
     }
 
     fn apply(&mut self, view: &ClusterView) {

@@ -24,8 +24,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use weft_gossip::Instance;
 
+use weft_gossip::view::EJECTED_PREFIX;
+use weft_gossip::Key;
+
+use crate::gossip_writer::GossipWriter;
 use crate::outcome::OutcomeSink;
 use crate::policy::balancer::Balancer;
+use crate::policy::outlier::{Change, OutlierConfig, OutlierDetector};
 use crate::router::{RouterHandle, RouterSnapshot};
 use crate::tunnel::TunnelPool;
 
@@ -115,6 +120,8 @@ pub struct DataPlane {
     /// Timeouts.
     pub timeouts: Timeouts,
     balancer: Mutex<Balancer<(String, String)>>,
+    outliers: Mutex<OutlierDetector<(String, String)>>,
+    writer: Option<GossipWriter>,
 }
 
 impl DataPlane {
@@ -125,8 +132,9 @@ impl DataPlane {
         tunnels: Arc<TunnelPool>,
         outcomes: OutcomeSink,
         timeouts: Timeouts,
+        writer: Option<GossipWriter>,
     ) -> Arc<Self> {
-        Arc::new(DataPlane {
+        let dp = Arc::new(DataPlane {
             node,
             router,
             tunnels,
@@ -137,7 +145,73 @@ impl DataPlane {
                 Duration::from_millis(30),
                 Duration::from_secs(10),
             )),
-        })
+            outliers: Mutex::new(OutlierDetector::new(OutlierConfig::default())),
+            writer,
+        });
+        // Ejections end on their own; withdraw our gossip vote when they do.
+        let weak = Arc::downgrade(&dp);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Some(dp) = weak.upgrade() else { return };
+                let expired = dp.outliers().expired(Instant::now());
+                for (node, id) in expired {
+                    tracing::info!(node, id, "outlier ejection ended");
+                    if let (Some(w), true) = (&dp.writer, node != dp.node) {
+                        w.delete(Key::Health(id));
+                    }
+                }
+            }
+        });
+        dp
+    }
+
+    fn outliers(&self) -> std::sync::MutexGuard<'_, OutlierDetector<(String, String)>> {
+        self.outliers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Feeds one attempt's result to passive outlier detection.
+    pub fn observe_outcome(&self, service: &str, key: &(String, String), failed: bool) {
+        let siblings: Vec<(String, String)> = self
+            .router
+            .load()
+            .catalog
+            .instances(service)
+            .iter()
+            .map(|i| (i.node.clone(), i.id.clone()))
+            .collect();
+        let change = {
+            let mut rng = rand::thread_rng();
+            self.outliers()
+                .observe(key, failed, &siblings, Instant::now(), &mut rng)
+        };
+        if let Change::Ejected(until) = change {
+            let (node, id) = key;
+            tracing::warn!(service, node, id, secs = ?until.saturating_duration_since(Instant::now()), "instance ejected by outlier detection");
+            metrics::counter!("weft_outlier_ejections_total", "service" => service.to_string())
+                .increment(1);
+            // Vote in gossip; the owner's own instances are judged by its checks.
+            if let (Some(w), true) = (&self.writer, *node != self.node) {
+                w.set(Key::Health(id.clone()), format!("{EJECTED_PREFIX}{node}"));
+            }
+        }
+    }
+
+    /// True when every routable instance of `service` is ejected, so traffic
+    /// goes to all of them anyway (Envoy's panic routing).
+    pub fn in_panic(&self, snap: &RouterSnapshot, service: &str) -> bool {
+        let now = Instant::now();
+        let outliers = self.outliers();
+        let routable: Vec<&Instance> = snap
+            .catalog
+            .instances(service)
+            .iter()
+            .filter(|i| matches!(i.health.as_str(), "passing" | "unknown" | "ejected"))
+            .collect();
+        !routable.is_empty()
+            && routable.iter().all(|i| {
+                i.health == "ejected" || outliers.is_ejected(&(i.node.clone(), i.id.clone()), now)
+            })
     }
 
     fn balancer(&self) -> std::sync::MutexGuard<'_, Balancer<(String, String)>> {
@@ -156,12 +230,31 @@ impl DataPlane {
         if all.is_empty() {
             return Err(codes::UNKNOWN_SERVICE);
         }
-        let routable: Vec<&Instance> = all
+        let now = Instant::now();
+        let usable: Vec<&Instance> = all
             .iter()
             .filter(|i| {
-                i.protocol == protocol && matches!(i.health.as_str(), "passing" | "unknown")
+                i.protocol == protocol
+                    && matches!(i.health.as_str(), "passing" | "unknown" | "ejected")
             })
             .collect();
+        let routable: Vec<&Instance> = {
+            let outliers = self.outliers();
+            let not_ejected: Vec<&Instance> = usable
+                .iter()
+                .copied()
+                .filter(|i| {
+                    i.health != "ejected"
+                        && !outliers.is_ejected(&(i.node.clone(), i.id.clone()), now)
+                })
+                .collect();
+            // Panic routing: when every usable instance is ejected, use them all.
+            if not_ejected.is_empty() {
+                usable
+            } else {
+                not_ejected
+            }
+        };
         let keys: Vec<(String, String)> = routable
             .iter()
             .map(|i| (i.node.clone(), i.id.clone()))

@@ -118,6 +118,12 @@ async fn handle(dp: Arc<DataPlane>, req: Request<Incoming>) -> Response<ProxyBod
             ),
         ),
     };
+    let failed = match class {
+        OutcomeClass::Unreachable => true,
+        OutcomeClass::ServerError => matches!(status, Some(502..=504)),
+        _ => false,
+    };
+    dp.observe_outcome(&service, &key, failed);
     dp.outcomes.record(Outcome {
         service,
         node: instance.node,

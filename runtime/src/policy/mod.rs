@@ -2,3 +2,8 @@
 //! Time comes in as a `now: Instant` argument and randomness as an `Rng`.
 
 pub mod balancer;
+pub mod episodes;
+pub mod health;
+pub mod outlier;
+pub mod retry;
+pub mod stats;

@@ -1,0 +1,286 @@
+//! Outage episodes of a service and the retry delay learned from how long they last.
+//!
+//! An *episode* starts at the first failed attempt after a success and ends at
+//! the next success (DESIGN section 7). Health-check transitions feed the same
+//! state machine. Finished episode durations go into a DDSketch, so a node can
+//! say "this service usually comes back after 180 ms, almost always within
+//! 400 ms", and gossip that as [`EpisodeStats`].
+//!
+//! [`learned_delay`] turns the cluster-merged statistics into a wait before a
+//! retry: wait until the episode has lasted its p90 (first retry) or p99
+//! (second retry). With too few samples it falls back to Envoy's jittered
+//! exponential backoff, which [`exponential_delay`] also offers on its own for
+//! side-by-side comparison.
+//!
+//! Memory is bounded and recent behaviour wins: durations go into the
+//! *current* of two sketches; every [`ROTATION`] the current one becomes the
+//! *previous* one and the old previous one is dropped. Statistics read both, so
+//! they always cover between one and two rotation periods (5 to 10 minutes) of
+//! episodes. A DDSketch keeps at most 2048 bins, whatever the number of
+//! samples.
+//!
+//! Pure logic: time comes in as `now`, randomness as an [`Rng`].
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use sketches_ddsketch::DDSketch;
+
+use super::stats::{duration_ms, new_sketch, quantile};
+
+/// Samples needed before the learned delay is trusted: below this the
+/// quantiles are mostly noise (the p99 of 10 samples is their maximum).
+pub const MIN_SAMPLES: u64 = 20;
+
+/// Shortest learned wait: below this a retry would most likely hit the same
+/// outage again, and timers are not that precise anyway.
+pub const MIN_WAIT: Duration = Duration::from_millis(5);
+
+/// Longest learned wait before jitter: a caller waiting longer than this is
+/// better served by an error it can handle itself.
+pub const MAX_WAIT: Duration = Duration::from_secs(2);
+
+/// Largest stretch applied to a learned wait, so clients that saw the same
+/// episode do not all retry at the same instant.
+pub const MAX_STRETCH: f64 = 1.2;
+
+/// Envoy's default base interval, used until enough episodes were seen.
+pub const FALLBACK_BASE: Duration = Duration::from_millis(25);
+
+/// Envoy's default cap (10 times the base).
+pub const FALLBACK_CAP: Duration = Duration::from_millis(250);
+
+/// How long a sketch collects durations before it becomes the previous one;
+/// statistics cover between one and two of these, so a service whose recovery
+/// changed is relearned within ten minutes.
+pub const ROTATION: Duration = Duration::from_secs(5 * 60);
+
+// === impl EpisodeStats ===
+
+/// Quantiles of outage durations: what a node gossips and what the cluster
+/// merges, so a node that never called a service still knows how it fails.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EpisodeStats {
+    /// Finished episodes behind the quantiles; the weight when merging.
+    pub samples: u64,
+    /// Median duration in milliseconds (`None` without samples).
+    pub p50_ms: Option<f64>,
+    /// 90th percentile in milliseconds: the wait before a first retry.
+    pub p90_ms: Option<f64>,
+    /// 99th percentile in milliseconds: the wait before a second retry.
+    pub p99_ms: Option<f64>,
+}
+
+// === impl EpisodeTracker ===
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Nothing seen yet: a failure now has no known start, so it does not
+    /// open an episode (its duration would be a guess).
+    Unknown,
+    /// Last signal was a success.
+    Up,
+    /// In an episode since the first failure after a success.
+    Down { since: Instant },
+}
+
+/// Outage episodes of one service as seen from this node: the input of the
+/// learned retry delay.
+#[derive(Clone)]
+pub struct EpisodeTracker {
+    state: State,
+    current: DDSketch,
+    previous: DDSketch,
+    rotated_at: Option<Instant>,
+    rotation: Duration,
+}
+
+impl std::fmt::Debug for EpisodeTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpisodeTracker")
+            .field("state", &self.state)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Default for EpisodeTracker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EpisodeTracker {
+    /// A tracker that rotates its sketches every [`ROTATION`].
+    pub fn new() -> Self {
+        Self::with_rotation(ROTATION)
+    }
+
+    /// A tracker with another rotation period, for tests and experiments
+    /// (a zero period is raised to one second).
+    pub fn with_rotation(rotation: Duration) -> Self {
+        EpisodeTracker {
+            state: State::Unknown,
+            current: new_sketch(),
+            previous: new_sketch(),
+            rotated_at: None,
+            rotation: rotation.max(Duration::from_secs(1)),
+        }
+    }
+
+    /// Feeds one attempt outcome; returns the duration of the episode it
+    /// ended, if any, so the caller can log or export it.
+    pub fn on_outcome(&mut self, now: Instant, success: bool) -> Option<Duration> {
+        self.rotate(now);
+        if success {
+            let ended = match self.state {
+                State::Down { since } => {
+                    let duration = now.saturating_duration_since(since);
+                    self.current.add(duration_ms(duration));
+                    Some(duration)
+                }
+                State::Unknown | State::Up => None,
+            };
+            self.state = State::Up;
+            ended
+        } else {
+            if self.state == State::Up {
+                self.state = State::Down { since: now };
+            }
+            None
+        }
+    }
+
+    /// Feeds a health transition of the service, so outages found by probes
+    /// count like outages found by requests (unhealthy opens an episode,
+    /// healthy closes it).
+    pub fn on_health_change(&mut self, now: Instant, healthy: bool) -> Option<Duration> {
+        self.on_outcome(now, healthy)
+    }
+
+    /// When the ongoing episode started, the anchor of the learned wait;
+    /// `None` when the service is up (or its state is unknown).
+    pub fn current_episode_start(&self) -> Option<Instant> {
+        match self.state {
+            State::Down { since } => Some(since),
+            State::Unknown | State::Up => None,
+        }
+    }
+
+    /// Quantiles of the episodes of the last one to two rotation periods,
+    /// what this node gossips.
+    pub fn stats(&self) -> EpisodeStats {
+        let mut all = self.current.clone();
+        // Both sketches come from `new_sketch`, so the configs match and the
+        // merge cannot fail; ignoring the result keeps this panic-free.
+        let _ = all.merge(&self.previous);
+        let samples = all.count() as u64;
+        EpisodeStats {
+            samples,
+            p50_ms: quantile(&all, 0.5),
+            p90_ms: quantile(&all, 0.9),
+            p99_ms: quantile(&all, 0.99),
+        }
+    }
+
+    /// Ages the sketches: after one period the current becomes the previous,
+    /// after two with no event both are empty.
+    fn rotate(&mut self, now: Instant) {
+        let Some(at) = self.rotated_at else {
+            self.rotated_at = Some(now);
+            return;
+        };
+        let elapsed = now.saturating_duration_since(at);
+        if elapsed < self.rotation {
+            return;
+        }
+        self.previous = if elapsed >= self.rotation.saturating_mul(2) {
+            new_sketch()
+        } else {
+            std::mem::replace(&mut self.current, new_sketch())
+        };
+        self.current = new_sketch();
+        self.rotated_at = Some(now);
+    }
+}
+
+// === learned delay ===
+
+/// Which policy chose a wait, for metrics and for the comparison with Envoy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DelaySource {
+    /// From the cluster's episode quantiles.
+    Learned,
+    /// Envoy's default backoff, because fewer than [`MIN_SAMPLES`] episodes
+    /// are known.
+    Fallback,
+}
+
+/// A wait before a retry and where it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delay {
+    /// How long to wait before sending the retry.
+    pub wait: Duration,
+    /// Which policy produced `wait`.
+    pub source: DelaySource,
+}
+
+/// How long to wait before retry `retry_number` (1 or 2) of a service that
+/// has no other healthy instance: until the ongoing episode has lasted as
+/// long as most episodes do (p90, then p99), when the cluster has seen at
+/// least [`MIN_SAMPLES`] of them.
+///
+/// The learned wait is `episode_start + quantile - now`, clamped to
+/// [[`MIN_WAIT`], [`MAX_WAIT`]] and then stretched by a uniform factor in
+/// [1, [`MAX_STRETCH`]], so it never exceeds 2.4 s. With `episode_start`
+/// unknown the episode is taken to start now. Retry numbers above 2 use the
+/// p99; 0 is treated as 1.
+pub fn learned_delay<R: Rng + ?Sized>(
+    episode_start: Option<Instant>,
+    now: Instant,
+    merged: &EpisodeStats,
+    retry_number: u8,
+    rng: &mut R,
+) -> Delay {
+    let quantile_ms = if retry_number <= 1 {
+        merged.p90_ms
+    } else {
+        merged.p99_ms
+    };
+    let target = match quantile_ms {
+        Some(ms) if merged.samples >= MIN_SAMPLES && ms.is_finite() && ms >= 0.0 => {
+            // Capped so the conversion below cannot overflow.
+            Duration::from_secs_f64(ms.min(1e9) / 1e3)
+        }
+        _ => {
+            return Delay {
+                wait: exponential_delay(retry_number, rng),
+                source: DelaySource::Fallback,
+            }
+        }
+    };
+    let elapsed =
+        episode_start.map_or(Duration::ZERO, |start| now.saturating_duration_since(start));
+    let wait = target.saturating_sub(elapsed).clamp(MIN_WAIT, MAX_WAIT);
+    let stretch = rng.gen_range(1.0..=MAX_STRETCH);
+    Delay {
+        wait: wait.mul_f64(stretch),
+        source: DelaySource::Learned,
+    }
+}
+
+/// Envoy's default retry backoff (base 25 ms, cap 250 ms, full jitter): a
+/// uniform wait in [0, min(base * 2^(retry_number - 1), cap)]. Used until
+/// enough episodes are known, and for services configured with the
+/// `exponential` policy, so both can be compared on the same traffic.
+pub fn exponential_delay<R: Rng + ?Sized>(retry_number: u8, rng: &mut R) -> Duration {
+    // 2^4 * 25 ms already exceeds the cap; capping the shift avoids overflow.
+    let shift = u32::from(retry_number.saturating_sub(1).min(16));
+    let ceiling = FALLBACK_BASE.saturating_mul(1 << shift).min(FALLBACK_CAP);
+    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rng.gen_range(0..=nanos))
+}
+
+#[cfg(test)]
+#[path = "episodes_tests.rs"]
+mod tests;
