@@ -20,7 +20,9 @@ use crate::registry::Registry;
 use crate::upstreams::Upstreams;
 use crate::NodeError;
 use metrics_exporter_prometheus::PrometheusHandle;
+use weft_runtime::dataplane::DataPlane;
 use weft_runtime::health_checker::{HealthChecker, SetRegistrations, TtlPass};
+use weft_runtime::stats_aggregator::StatsHandle;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -42,6 +44,10 @@ pub struct ApiState {
     pub checker: actix::Addr<HealthChecker>,
     /// Renders `/metrics`.
     pub metrics: Option<PrometheusHandle>,
+    /// Request statistics, local and merged.
+    pub stats: StatsHandle,
+    /// The data plane (retry budget use).
+    pub dataplane: Arc<DataPlane>,
 }
 
 /// The handler the Listener serves.
@@ -463,27 +469,52 @@ fn get_members(state: &ApiState) -> Reply {
     reply(StatusCode::OK, &json!({ "members": members_json(state) }))
 }
 
+fn round(v: Option<f64>, places: i32) -> Value {
+    let scale = 10f64.powi(places);
+    v.filter(|x| x.is_finite())
+        .map(|x| json!((x * scale).round() / scale))
+        .unwrap_or(Value::Null)
+}
+
 fn get_health(state: &ApiState) -> Reply {
     let snap = state.router.load();
-    let services: serde_json::Map<String, Value> = snap
-        .catalog
-        .services
-        .iter()
-        .map(|(name, list)| {
+    let stats = state.stats.load();
+    let budget_used = state.dataplane.budget_used();
+    let mut names: Vec<&String> = snap.catalog.services.keys().collect();
+    names.extend(stats.services.keys());
+    names.sort();
+    names.dedup();
+    let services: serde_json::Map<String, Value> = names
+        .into_iter()
+        .map(|name| {
+            let list = snap.catalog.instances(name);
             let passing = list.iter().filter(|i| i.health == "passing").count();
+            let ejected = list.iter().filter(|i| i.health == "ejected").count();
+            let s = stats.services.get(name).cloned().unwrap_or_default();
             (
                 name.clone(),
                 json!({
                     "instances": list.iter().map(instance_json).collect::<Vec<_>>(),
                     "healthy": passing,
+                    "ejected": ejected,
                     "total": list.len(),
-                    "rps": null,
-                    "success_rate": null,
-                    "p50_ms": null,
-                    "p99_ms": null,
-                    "retry_delay_ms": null,
-                    "retries": null,
-                    "retry_budget_used": null,
+                    "panic": state.dataplane.in_panic(&snap, name),
+                    "rps": round((s.cluster.nodes > 0).then_some(s.cluster.rps), 2),
+                    "success_rate": round(s.cluster.success_rate, 4),
+                    "p50_ms": round(s.cluster.p50_ms, 2),
+                    "p99_ms": round(s.cluster.p99_ms, 2),
+                    "retry_delay_ms": round(s.retry_delay_ms(), 1),
+                    "outage_samples": s.cluster.episodes.samples,
+                    "retries": s.cluster.retries,
+                    "retry_budget_used": round(Some(budget_used), 3),
+                    "local": {
+                        "rps": round(Some(s.local.rps), 2),
+                        "success_rate": round(s.local.success_rate, 4),
+                        "effective_success_rate": round(s.effective.success_rate, 4),
+                        "p50_ms": round(s.local.p50_ms, 2),
+                        "p99_ms": round(s.local.p99_ms, 2),
+                        "retries": s.retries,
+                    },
                 }),
             )
         })

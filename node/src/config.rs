@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use weft_runtime::dataplane::RetryPolicy;
+
 use crate::cli::NodeArgs;
 use crate::NodeError;
 
@@ -41,6 +43,7 @@ pub struct FileConfig {
     data_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
     gossip_interval: Option<String>,
+    retry_policy: Option<String>,
 }
 
 /// A validated node configuration.
@@ -73,6 +76,8 @@ pub struct NodeConfig {
     pub socket: PathBuf,
     /// Gossip period.
     pub gossip_interval: Duration,
+    /// Default retry wait policy.
+    pub retry_policy: RetryPolicy,
 }
 
 impl NodeConfig {
@@ -186,6 +191,18 @@ impl NodeConfig {
                 "--gossip-interval {gossip_interval:?} must be between 10ms and 10s"
             )));
         }
+        let retry_policy = match args
+            .retry_policy
+            .as_deref()
+            .or(file.retry_policy.as_deref())
+        {
+            None => RetryPolicy::Learned,
+            Some(p) => RetryPolicy::parse(p).ok_or_else(|| {
+                NodeError::Config(format!(
+                    "--retry-policy {p:?} must be \"learned\" or \"exponential\""
+                ))
+            })?,
+        };
         let data_dir = args
             .data_dir
             .clone()
@@ -209,6 +226,7 @@ impl NodeConfig {
             data_dir,
             socket,
             gossip_interval,
+            retry_policy,
         })
     }
 }

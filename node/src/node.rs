@@ -10,12 +10,13 @@ use actix::{Actor, Supervisor};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use weft_gossip::{Cluster, ClusterConfig, Key, NodeInfo, NodeStatus};
-use weft_runtime::dataplane::{DataPlane, Timeouts};
+use weft_runtime::dataplane::{DataPlane, DataPlaneParts, Timeouts};
 use weft_runtime::gossip_writer::GossipWriter;
 use weft_runtime::health_checker::{HealthChecker, SetRegistrations};
 use weft_runtime::listener::{Listener, StopListening};
-use weft_runtime::outcome::{Outcome, OutcomeSink};
+use weft_runtime::outcome::OutcomeSink;
 use weft_runtime::router::{Router, RouterHandle};
+use weft_runtime::stats_aggregator::{StatsAggregator, StatsHandle};
 use weft_runtime::tls;
 use weft_runtime::tunnel::TunnelPool;
 
@@ -127,10 +128,35 @@ async fn serve(
     checker.do_send(SetRegistrations(registry.all().await));
     let upstreams = Arc::new(Upstreams::load(&cfg.data_dir)?);
     let router_handle = RouterHandle::default();
+    let stats = StatsHandle::default();
     let _router = {
         let (views, handle) = (cluster.views(), router_handle.clone());
         Supervisor::start(move |_| Router::with_handle(views.clone(), handle.clone()))
     };
+    let (outcomes, outcome_rx) = OutcomeSink::channel(16 * 1024);
+    let _stats = StatsAggregator::new(
+        cfg.name.clone(),
+        stats.clone(),
+        writer.clone(),
+        cluster.views(),
+        router_handle.clone(),
+        outcome_rx,
+    )
+    .start();
+    let tunnels = Arc::new(TunnelPool::new(
+        endpoint.clone(),
+        Timeouts::default().connect,
+    ));
+    let dataplane = DataPlane::new(DataPlaneParts {
+        node: cfg.name.clone(),
+        router: router_handle.clone(),
+        tunnels,
+        outcomes,
+        timeouts: Timeouts::default(),
+        writer: Some(writer.clone()),
+        stats: stats.clone(),
+        policy: cfg.retry_policy,
+    });
     let state = Arc::new(ApiState {
         node: cfg.name.clone(),
         cluster: cluster.clone(),
@@ -139,21 +165,9 @@ async fn serve(
         upstreams: upstreams.clone(),
         checker: checker.clone(),
         metrics,
+        stats: stats.clone(),
+        dataplane: dataplane.clone(),
     });
-    let (outcomes, outcome_rx) = OutcomeSink::channel(16 * 1024);
-    tokio::spawn(count_outcomes(outcome_rx));
-    let tunnels = Arc::new(TunnelPool::new(
-        endpoint.clone(),
-        Timeouts::default().connect,
-    ));
-    let dataplane = DataPlane::new(
-        cfg.name.clone(),
-        router_handle,
-        tunnels,
-        outcomes,
-        Timeouts::default(),
-        Some(writer.clone()),
-    );
     let listener = Listener::new(
         socket,
         admin,
@@ -211,22 +225,6 @@ async fn serve(
             tracing::error!(error = %why, "gossip died; stopping the node rather than serving a stale view");
             let _ = std::fs::remove_file(&cfg.socket);
             Err(NodeError::Io(format!("gossip died: {why}")))
-        }
-    }
-}
-
-/// Counts outcomes as `weft_requests_total` until the stats aggregator consumes them.
-async fn count_outcomes(mut rx: tokio::sync::mpsc::Receiver<Outcome>) {
-    let mut batch = Vec::with_capacity(256);
-    while rx.recv_many(&mut batch, 256).await > 0 {
-        for o in batch.drain(..) {
-            metrics::counter!(
-                "weft_requests_total",
-                "service" => o.service,
-                "direction" => "outbound",
-                "class" => o.class.as_str()
-            )
-            .increment(1);
         }
     }
 }

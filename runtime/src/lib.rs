@@ -10,6 +10,9 @@
 //!
 //! - [`health_checker`]: the **Health checker** actor. It probes this node's
 //!   own instances and publishes their health in gossip.
+//! - [`stats_aggregator`]: the **Stats aggregator** actor. It turns request
+//!   outcomes into per-service windows and outage episodes, gossips a compact
+//!   summary, merges everyone's, and learns each service's retry delay.
 //! - [`dataplane`]: the outbound HTTP proxy, TCP upstreams and the inbound
 //!   side of the tunnel; connection tasks read the Router's snapshot.
 //! - [`tunnel`]: pooled QUIC connections to peer nodes and body framing.
@@ -29,6 +32,7 @@ pub mod listener;
 pub mod outcome;
 pub mod policy;
 pub mod router;
+pub mod stats_aggregator;
 pub mod tls;
 pub mod tunnel;
 pub mod wire;

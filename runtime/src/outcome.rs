@@ -56,6 +56,8 @@ pub struct Outcome {
     pub latency: Duration,
     /// 0 for the first attempt, 1.. for retries.
     pub attempt: u8,
+    /// The last attempt of its request: its class is what the app saw.
+    pub last: bool,
 }
 
 /// Where the data plane sends outcomes; never blocks, drops when full.

@@ -30,8 +30,11 @@ use weft_gossip::Key;
 use crate::gossip_writer::GossipWriter;
 use crate::outcome::OutcomeSink;
 use crate::policy::balancer::Balancer;
+use crate::policy::episodes::{exponential_delay, learned_delay};
 use crate::policy::outlier::{Change, OutlierConfig, OutlierDetector};
+use crate::policy::retry::RetryBudget;
 use crate::router::{RouterHandle, RouterSnapshot};
+use crate::stats_aggregator::StatsHandle;
 use crate::tunnel::TunnelPool;
 
 /// Errors boxed inside bodies.
@@ -52,6 +55,29 @@ pub mod codes {
     pub const UPSTREAM_TIMEOUT: &str = "upstream-timeout";
     /// The instance or its node could not be reached.
     pub const UPSTREAM_UNREACHABLE: &str = "upstream-unreachable";
+    /// A retry was needed and the retry budget refused it.
+    pub const RETRY_BUDGET_EXHAUSTED: &str = "retry-budget-exhausted";
+}
+
+/// How long a retry to the same instance waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetryPolicy {
+    /// The learned delay: how long this service's outages usually last.
+    #[default]
+    Learned,
+    /// Envoy's default: 25 ms base, 250 ms cap, exponential, full jitter.
+    Exponential,
+}
+
+impl RetryPolicy {
+    /// Parses "learned" or "exponential".
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "learned" => Some(RetryPolicy::Learned),
+            "exponential" => Some(RetryPolicy::Exponential),
+            _ => None,
+        }
+    }
 }
 
 /// Timeouts of the data plane.
@@ -122,18 +148,45 @@ pub struct DataPlane {
     balancer: Mutex<Balancer<(String, String)>>,
     outliers: Mutex<OutlierDetector<(String, String)>>,
     writer: Option<GossipWriter>,
+    budget: Mutex<RetryBudget>,
+    stats: StatsHandle,
+    policy: RetryPolicy,
+}
+
+/// What a data plane is built from.
+#[derive(Debug)]
+pub struct DataPlaneParts {
+    /// This node's name.
+    pub node: String,
+    /// The routing table.
+    pub router: RouterHandle,
+    /// Connections to peer nodes.
+    pub tunnels: Arc<TunnelPool>,
+    /// Where outcomes go.
+    pub outcomes: OutcomeSink,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Gossip writes (outlier votes); `None` in tests without gossip.
+    pub writer: Option<GossipWriter>,
+    /// Merged statistics (the learned delay).
+    pub stats: StatsHandle,
+    /// Default retry wait policy.
+    pub policy: RetryPolicy,
 }
 
 impl DataPlane {
-    /// A data plane for `node`.
-    pub fn new(
-        node: String,
-        router: RouterHandle,
-        tunnels: Arc<TunnelPool>,
-        outcomes: OutcomeSink,
-        timeouts: Timeouts,
-        writer: Option<GossipWriter>,
-    ) -> Arc<Self> {
+    /// A data plane from its parts.
+    pub fn new(parts: DataPlaneParts) -> Arc<Self> {
+        let DataPlaneParts {
+            node,
+            router,
+            tunnels,
+            outcomes,
+            timeouts,
+            writer,
+            stats,
+            policy,
+        } = parts;
         let dp = Arc::new(DataPlane {
             node,
             router,
@@ -147,6 +200,9 @@ impl DataPlane {
             )),
             outliers: Mutex::new(OutlierDetector::new(OutlierConfig::default())),
             writer,
+            budget: Mutex::new(RetryBudget::default()),
+            stats,
+            policy,
         });
         // Ejections end on their own; withdraw our gossip vote when they do.
         let weak = Arc::downgrade(&dp);
@@ -164,6 +220,41 @@ impl DataPlane {
             }
         });
         dp
+    }
+
+    fn budget(&self) -> std::sync::MutexGuard<'_, RetryBudget> {
+        self.budget.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a client request toward the retry budget.
+    pub fn record_request(&self) {
+        self.budget().record_request(Instant::now());
+    }
+
+    /// Asks the budget for one retry.
+    pub fn try_retry(&self) -> bool {
+        self.budget().try_withdraw(Instant::now())
+    }
+
+    /// Fraction of the retry budget in use.
+    pub fn budget_used(&self) -> f64 {
+        self.budget().used_fraction(Instant::now())
+    }
+
+    /// The wait before retry number `retry` (1 or 2) to an instance that was
+    /// just tried, by the service's policy or this node's default.
+    pub fn retry_wait(&self, service: &str, service_policy: Option<&str>, retry: u8) -> Duration {
+        let policy = service_policy
+            .and_then(RetryPolicy::parse)
+            .unwrap_or(self.policy);
+        let mut rng = rand::thread_rng();
+        match policy {
+            RetryPolicy::Exponential => exponential_delay(retry, &mut rng),
+            RetryPolicy::Learned => {
+                let (merged, start) = self.stats.episodes(service);
+                learned_delay(start, Instant::now(), &merged, retry, &mut rng).wait
+            }
+        }
     }
 
     fn outliers(&self) -> std::sync::MutexGuard<'_, OutlierDetector<(String, String)>> {

@@ -15,11 +15,16 @@ use tokio::net::TcpListener;
 use weft_gossip::Instance;
 
 use super::{
-    body, codes, end_to_end_headers, header_map, mesh_error, status_for, DataPlane, ProxyBody,
+    body, codes, end_to_end_headers, header_map, mesh_error, status_for, BoxError, DataPlane,
+    ProxyBody,
 };
 use crate::outcome::{Outcome, OutcomeClass};
+use crate::policy::retry::{self, AttemptResult};
 use crate::tunnel::{self, TunnelError};
 use crate::wire::{RequestHead, ResponseHead, StreamKind, WIRE_VERSION};
+use bytes::Bytes;
+use http_body_util::{Full, StreamBody};
+use hyper::body::Frame;
 
 /// Accepts app connections until the task is aborted.
 pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>) {
@@ -73,35 +78,182 @@ async fn handle(dp: Arc<DataPlane>, req: Request<Incoming>) -> Response<ProxyBod
             "no service: send an absolute URI or a Host header naming the service",
         );
     };
-    let snap = dp.router.load();
-    let instance = match dp.pick(&snap, &service, "http", &[]) {
-        Ok(i) => i,
-        Err(code) => return mesh_error(status_for(code), code, &format!("service {service:?}")),
+    let mut instance = {
+        let snap = dp.router.load();
+        match dp.pick(&snap, &service, "http", &[]) {
+            Ok(i) => i,
+            Err(code) => {
+                return mesh_error(status_for(code), code, &format!("service {service:?}"))
+            }
+        }
     };
-    drop(snap);
-    let key = (instance.node.clone(), instance.id.clone());
-    dp.started(&key);
-    let start = Instant::now();
-    let result =
-        tokio::time::timeout(dp.timeouts.request, forward(&dp, &service, &instance, req)).await;
-    let latency = start.elapsed();
-    dp.finished(&key, latency);
-    let (class, status, resp) = match result {
+    let timeout = instance
+        .timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(dp.timeouts.request);
+    let deadline = Instant::now() + timeout;
+    let retry_method =
+        retry::method_is_idempotent(req.method().as_str()) || instance.retry_non_idempotent;
+    dp.record_request();
+    let (parts, body) = req.into_parts();
+    let head = Head::from(&parts);
+    // Bodies up to 64 KiB are kept so that an attempt can be sent again.
+    let mut body = if retry_method {
+        Replay::buffer(body).await
+    } else {
+        Replay::Once(Some(body.map_err(Into::into).boxed()))
+    };
+    let mut tried: Vec<(String, String)> = Vec::new();
+    let mut attempt: u8 = 0;
+    loop {
+        let key = (instance.node.clone(), instance.id.clone());
+        let Some(attempt_body) = body.next() else {
+            // Cannot happen: a streamed body is never retried.
+            return mesh_error(
+                StatusCode::BAD_GATEWAY,
+                codes::UPSTREAM_UNREACHABLE,
+                "body already sent",
+            );
+        };
+        dp.started(&key);
+        let start = Instant::now();
+        let remaining = deadline.saturating_duration_since(start);
+        let result = tokio::time::timeout(
+            remaining,
+            forward(
+                &dp,
+                &service,
+                &instance,
+                head.request(attempt_body),
+                attempt,
+            ),
+        )
+        .await;
+        let latency = start.elapsed();
+        dp.finished(&key, latency);
+        let (class, status, result_kind, resp) = classify(result, timeout);
+        let retryable = retry::is_retryable(result_kind);
+        dp.observe_outcome(&service, &key, retryable);
+        if attempt > 0 {
+            let outcome = if retryable { "failure" } else { "success" };
+            metrics::counter!("weft_retries_total", "service" => service.clone(), "outcome" => outcome)
+                .increment(1);
+        }
+        // Decide whether another attempt is due before reporting this one.
+        let time_left = deadline.saturating_duration_since(Instant::now());
+        let verdict = if !retryable || attempt >= retry::MAX_RETRIES || time_left.is_zero() {
+            Verdict::Done
+        } else if !retry_method {
+            Verdict::Refused("not_retryable")
+        } else if body.is_streamed() {
+            Verdict::Refused("not_bufferable")
+        } else if !dp.try_retry() {
+            Verdict::BudgetExhausted
+        } else {
+            Verdict::Retry
+        };
+        dp.outcomes.record(Outcome {
+            service: service.clone(),
+            node: instance.node.clone(),
+            instance: instance.id.clone(),
+            class,
+            status,
+            latency,
+            attempt,
+            last: verdict != Verdict::Retry,
+        });
+        match verdict {
+            Verdict::Done => return resp,
+            Verdict::Refused(why) => {
+                metrics::counter!("weft_retries_total", "service" => service.clone(), "outcome" => why)
+                    .increment(1);
+                return resp;
+            }
+            Verdict::BudgetExhausted => {
+                metrics::counter!("weft_retries_total", "service" => service.clone(), "outcome" => "budget_exhausted")
+                    .increment(1);
+                metrics::counter!("weft_retry_budget_exhausted_total", "service" => service.clone())
+                    .increment(1);
+                return mesh_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    codes::RETRY_BUDGET_EXHAUSTED,
+                    &format!(
+                        "attempt failed ({}) and the retry budget is spent",
+                        status
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| class.as_str().to_string())
+                    ),
+                );
+            }
+            Verdict::Retry => {}
+        }
+        tried.push(key);
+        let next = {
+            let snap = dp.router.load();
+            dp.pick(&snap, &service, "http", &tried)
+        };
+        let Ok(next) = next else { return resp };
+        drop(resp);
+        attempt += 1;
+        // Another instance: go now. The same one again: wait as long as this
+        // service usually takes to recover (or Envoy's backoff, if asked).
+        let same = tried.iter().any(|k| k.0 == next.node && k.1 == next.id);
+        if same {
+            let wait = dp.retry_wait(&service, next.retry.as_deref(), attempt);
+            let wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+            tokio::time::sleep(wait).await;
+        }
+        instance = next;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Done,
+    Retry,
+    Refused(&'static str),
+    BudgetExhausted,
+}
+
+type AttemptOutput = Result<Result<Response<ProxyBody>, Failure>, tokio::time::error::Elapsed>;
+
+/// Turns an attempt into (class, status, retry input, response for the app).
+fn classify(
+    result: AttemptOutput,
+    timeout: Duration,
+) -> (
+    OutcomeClass,
+    Option<u16>,
+    AttemptResult,
+    Response<ProxyBody>,
+) {
+    match result {
         Ok(Ok(resp)) => {
             let status = resp.status().as_u16();
-            (OutcomeClass::from_status(status), Some(status), resp)
+            (
+                OutcomeClass::from_status(status),
+                Some(status),
+                AttemptResult::Response(status),
+                resp,
+            )
         }
         Ok(Err(Failure::Remote(code, detail))) => {
-            let class = if code == codes::UPSTREAM_TIMEOUT {
-                OutcomeClass::Timeout
+            let (class, kind) = if code == codes::UPSTREAM_TIMEOUT {
+                (OutcomeClass::Timeout, AttemptResult::Timeout)
             } else {
-                OutcomeClass::Unreachable
+                (OutcomeClass::Unreachable, AttemptResult::ConnectFailed)
             };
-            (class, None, mesh_error(status_for(&code), &code, &detail))
+            (
+                class,
+                None,
+                kind,
+                mesh_error(status_for(&code), &code, &detail),
+            )
         }
         Ok(Err(Failure::Unreachable(detail))) => (
             OutcomeClass::Unreachable,
             None,
+            AttemptResult::ConnectFailed,
             mesh_error(
                 StatusCode::BAD_GATEWAY,
                 codes::UPSTREAM_UNREACHABLE,
@@ -111,29 +263,114 @@ async fn handle(dp: Arc<DataPlane>, req: Request<Incoming>) -> Response<ProxyBod
         Err(_) => (
             OutcomeClass::Timeout,
             None,
+            AttemptResult::Timeout,
             mesh_error(
                 StatusCode::GATEWAY_TIMEOUT,
                 codes::UPSTREAM_TIMEOUT,
-                &format!("no response within {:?}", dp.timeouts.request),
+                &format!("no response within {timeout:?}"),
             ),
         ),
-    };
-    let failed = match class {
-        OutcomeClass::Unreachable => true,
-        OutcomeClass::ServerError => matches!(status, Some(502..=504)),
-        _ => false,
-    };
-    dp.observe_outcome(&service, &key, failed);
-    dp.outcomes.record(Outcome {
-        service,
-        node: instance.node,
-        instance: instance.id,
-        class,
-        status,
-        latency,
-        attempt: 0,
-    });
-    resp
+    }
+}
+
+/// The parts of a request needed to send it again.
+struct Head {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Head {
+    fn from(parts: &http::request::Parts) -> Self {
+        Head {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        }
+    }
+
+    fn request(&self, body: ProxyBody) -> Request<ProxyBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// A request body that can be sent again (buffered) or only once (streamed).
+enum Replay {
+    Buffered(Bytes),
+    Once(Option<ProxyBody>),
+}
+
+impl Replay {
+    /// Reads up to [`retry::MAX_BUFFERED_BODY`]; a larger body streams once,
+    /// with what was read put back in front.
+    async fn buffer(mut body: Incoming) -> Replay {
+        use hyper::body::Body as _;
+        if body.is_end_stream() {
+            return Replay::Buffered(Bytes::new());
+        }
+        if body.size_hint().lower() > retry::MAX_BUFFERED_BODY as u64 {
+            return Replay::Once(Some(body.map_err(Into::into).boxed()));
+        }
+        let mut read: Vec<Bytes> = Vec::new();
+        let mut total = 0usize;
+        loop {
+            match body.frame().await {
+                None => {
+                    let mut all = bytes::BytesMut::with_capacity(total);
+                    for b in read {
+                        all.extend_from_slice(&b);
+                    }
+                    return Replay::Buffered(all.freeze());
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        total += data.len();
+                        read.push(data);
+                        if total > retry::MAX_BUFFERED_BODY {
+                            return Replay::Once(Some(prepend(read, body, None)));
+                        }
+                    }
+                    Err(frame) => return Replay::Once(Some(prepend(read, body, Some(frame)))),
+                },
+                Some(Err(e)) => {
+                    let err: BoxError = e.into();
+                    let failed = futures::stream::iter(vec![Err::<Frame<Bytes>, BoxError>(err)]);
+                    return Replay::Once(Some(StreamBody::new(failed).boxed()));
+                }
+            }
+        }
+    }
+
+    fn is_streamed(&self) -> bool {
+        matches!(self, Replay::Once(_))
+    }
+
+    fn next(&mut self) -> Option<ProxyBody> {
+        match self {
+            Replay::Buffered(b) => {
+                Some(Full::new(b.clone()).map_err(|never| match never {}).boxed())
+            }
+            Replay::Once(body) => body.take(),
+        }
+    }
+}
+
+/// `read` chunks, then an optional non-data frame, then the rest of `body`.
+fn prepend(read: Vec<Bytes>, body: Incoming, extra: Option<Frame<Bytes>>) -> ProxyBody {
+    use futures::StreamExt;
+    let head = read
+        .into_iter()
+        .map(|b| Ok::<_, BoxError>(Frame::data(b)))
+        .chain(extra.map(Ok));
+    let rest = http_body_util::BodyStream::new(body).map(|f| f.map_err(BoxError::from));
+    BodyExt::boxed(StreamBody::new(futures::stream::iter(head).chain(rest)))
 }
 
 /// Why an attempt produced no response from the instance.
@@ -155,16 +392,11 @@ async fn forward(
     dp: &DataPlane,
     service: &str,
     instance: &Instance,
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
+    attempt: u8,
 ) -> Result<Response<ProxyBody>, Failure> {
     if instance.node == dp.node {
-        return forward_local(
-            dp,
-            service,
-            instance.port,
-            req.map(|b| b.map_err(Into::into).boxed()),
-        )
-        .await;
+        return forward_local(dp, service, instance.port, req).await;
     }
     let addr: SocketAddr = instance
         .tunnel_addr
@@ -191,7 +423,7 @@ async fn forward(
             .unwrap_or_else(|| "/".to_string()),
         headers: with_host(end_to_end_headers(&parts.headers), service, &parts),
         deadline_ms: u32::try_from(dp.timeouts.request.as_millis()).unwrap_or(u32::MAX),
-        attempt: 0,
+        attempt,
         http2: parts.version == http::Version::HTTP_2,
     };
     tunnel::write_frame(&mut send, &head).await?;

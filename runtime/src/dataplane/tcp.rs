@@ -53,6 +53,7 @@ async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(),
             status: None,
             latency: start.elapsed(),
             attempt: 0,
+            last: true,
         })
     };
     if instance.node == dp.node {

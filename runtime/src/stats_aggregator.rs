@@ -1,0 +1,281 @@
+//! The Stats aggregator actor: consumes request outcomes in batches, keeps
+//! per-service windows and outage episodes, gossips a compact summary once a
+//! second under `stats/<service>`, merges every node's summaries, and
+//! publishes the cluster view (including the learned retry delay) for readers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch};
+use weft_gossip::{ClusterView, Key};
+
+use crate::gossip_writer::GossipWriter;
+use crate::outcome::{Outcome, OutcomeClass};
+use crate::policy::episodes::{EpisodeStats, EpisodeTracker};
+use crate::policy::stats::{merge, ClusterStats, ServiceWindow, Summary, WindowStats};
+use crate::router::RouterHandle;
+
+/// What readers see for one service.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceStats {
+    /// Merged over every node's summary.
+    pub cluster: ClusterStats,
+    /// This node's attempts.
+    pub local: WindowStats,
+    /// This node's client requests (last attempts only): the success the app saw.
+    pub effective: WindowStats,
+    /// Start of the outage episode in progress on this node, if any.
+    pub episode_start: Option<Instant>,
+    /// Retries this node sent in the window.
+    pub retries: u64,
+}
+
+impl ServiceStats {
+    /// The learned retry delay shown to users: the merged p90 outage length.
+    pub fn retry_delay_ms(&self) -> Option<f64> {
+        self.cluster.episodes.p90_ms
+    }
+}
+
+/// The published statistics of every known service.
+#[derive(Debug, Clone, Default)]
+pub struct StatsSnapshot {
+    /// Per service.
+    pub services: BTreeMap<String, ServiceStats>,
+}
+
+/// Lock-free read access to the latest statistics.
+#[derive(Debug, Clone, Default)]
+pub struct StatsHandle {
+    current: Arc<ArcSwap<StatsSnapshot>>,
+}
+
+impl StatsHandle {
+    /// The latest snapshot.
+    pub fn load(&self) -> Arc<StatsSnapshot> {
+        self.current.load_full()
+    }
+
+    /// Merged episode statistics and this node's episode start for `service`.
+    pub fn episodes(&self, service: &str) -> (EpisodeStats, Option<Instant>) {
+        let snap = self.current.load();
+        snap.services
+            .get(service)
+            .map(|s| (s.cluster.episodes, s.episode_start))
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Default)]
+struct Local {
+    attempts: ServiceWindow,
+    requests: ServiceWindow,
+    episodes: EpisodeTracker,
+    healthy: Option<bool>,
+}
+
+/// Owns the statistics; the only writer of `stats/<service>`.
+pub struct StatsAggregator {
+    node: String,
+    handle: StatsHandle,
+    writer: GossipWriter,
+    views: watch::Receiver<Arc<ClusterView>>,
+    router: RouterHandle,
+    outcomes: Option<mpsc::Receiver<Outcome>>,
+    local: HashMap<String, Local>,
+    published: HashMap<String, String>,
+}
+
+impl StatsAggregator {
+    /// An aggregator draining `outcomes`.
+    pub fn new(
+        node: String,
+        handle: StatsHandle,
+        writer: GossipWriter,
+        views: watch::Receiver<Arc<ClusterView>>,
+        router: RouterHandle,
+        outcomes: mpsc::Receiver<Outcome>,
+    ) -> Self {
+        StatsAggregator {
+            node,
+            handle,
+            writer,
+            views,
+            router,
+            outcomes: Some(outcomes),
+            local: HashMap::new(),
+            published: HashMap::new(),
+        }
+    }
+
+    fn record(&mut self, o: Outcome, now: Instant) {
+        let success = o.class == OutcomeClass::Success;
+        metrics::counter!(
+            "weft_requests_total",
+            "service" => o.service.clone(),
+            "direction" => "outbound",
+            "class" => o.class.as_str()
+        )
+        .increment(1);
+        metrics::histogram!("weft_request_duration_seconds", "service" => o.service.clone())
+            .record(o.latency.as_secs_f64());
+        let local = self.local.entry(o.service).or_default();
+        local
+            .attempts
+            .record(now, success, o.class.as_str(), o.latency);
+        if o.attempt > 0 {
+            local.attempts.record_retry(now);
+        }
+        if o.last {
+            local
+                .requests
+                .record(now, success, o.class.as_str(), o.latency);
+        }
+        local.episodes.on_outcome(now, success);
+    }
+
+    /// Health-check outages count as episodes too: a service with no routable
+    /// instance is down until one returns.
+    fn follow_health(&mut self, now: Instant) {
+        let snap = self.router.load();
+        for (service, instances) in &snap.catalog.services {
+            let healthy = instances
+                .iter()
+                .any(|i| matches!(i.health.as_str(), "passing" | "unknown"));
+            let local = self.local.entry(service.clone()).or_default();
+            if local.healthy != Some(healthy) {
+                if local.healthy.is_some() {
+                    local.episodes.on_health_change(now, healthy);
+                }
+                local.healthy = Some(healthy);
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        self.follow_health(now);
+        // Gossip this node's summaries.
+        for (service, local) in &self.local {
+            let window = local.attempts.snapshot(now);
+            let episodes = local.episodes.stats();
+            if window.requests == 0 && episodes.samples == 0 {
+                continue;
+            }
+            let key = Key::Stats(service.clone());
+            let value = Summary::new(&window, &episodes).encode();
+            if self.published.get(service) != Some(&value) {
+                self.writer.set(key, value.clone());
+                self.published.insert(service.clone(), value);
+            }
+        }
+        // Merge every live node's summaries, ours included.
+        let view = self.views.borrow().clone();
+        let mut by_service: BTreeMap<String, Vec<(String, Summary)>> = BTreeMap::new();
+        for node in view.nodes.iter().filter(|n| n.live) {
+            for (k, v) in &node.kv {
+                if let Some(Key::Stats(service)) = Key::decode(k) {
+                    if let Some(summary) = Summary::decode(v) {
+                        by_service
+                            .entry(service)
+                            .or_default()
+                            .push((node.name.clone(), summary));
+                    }
+                }
+            }
+        }
+        let mut services = BTreeMap::new();
+        for name in by_service.keys().chain(self.local.keys()) {
+            if services.contains_key(name) {
+                continue;
+            }
+            let cluster = by_service.get(name).map(|s| merge(s)).unwrap_or_default();
+            let (local, effective, episode_start) = self
+                .local
+                .get(name)
+                .map(|l| {
+                    (
+                        l.attempts.snapshot(now),
+                        l.requests.snapshot(now),
+                        l.episodes.current_episode_start(),
+                    )
+                })
+                .unwrap_or_default();
+            let stats = ServiceStats {
+                cluster,
+                local,
+                effective,
+                episode_start,
+                retries: local.retries,
+            };
+            if let Some(delay) = stats.retry_delay_ms() {
+                metrics::gauge!("weft_learned_retry_delay_seconds", "service" => name.clone())
+                    .set(delay / 1000.0);
+            }
+            services.insert(name.clone(), stats);
+        }
+        self.handle
+            .current
+            .store(Arc::new(StatsSnapshot { services }));
+    }
+}
+
+impl Actor for StatsAggregator {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        tracing::debug!(node = %self.node, "stats aggregator started");
+        if let Some(mut rx) = self.outcomes.take() {
+            let addr = ctx.address();
+            tokio::spawn(async move {
+                let mut batch = Vec::with_capacity(512);
+                while rx.recv_many(&mut batch, 512).await > 0 {
+                    let outcomes = std::mem::take(&mut batch);
+                    if addr.send(OutcomeBatch(outcomes)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        ctx.run_interval(Duration::from_secs(1), |this, _| this.tick());
+    }
+}
+
+/// Outcomes drained from the data plane.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct OutcomeBatch(Vec<Outcome>);
+
+impl Handler<OutcomeBatch> for StatsAggregator {
+    type Result = ();
+
+    fn handle(&mut self, msg: OutcomeBatch, _ctx: &mut Self::Context) {
+        let now = Instant::now();
+        let mut touched = Vec::new();
+        for o in msg.0 {
+            touched.push(o.service.clone());
+            self.record(o, now);
+        }
+        // Keep the hot-path view of episode starts current between ticks.
+        let snap = self.handle.load();
+        let mut next = (*snap).clone();
+        let mut changed = false;
+        for service in touched {
+            let start = self
+                .local
+                .get(&service)
+                .and_then(|l| l.episodes.current_episode_start());
+            let entry = next.services.entry(service).or_default();
+            if entry.episode_start != start {
+                entry.episode_start = start;
+                changed = true;
+            }
+        }
+        if changed {
+            self.handle.current.store(Arc::new(next));
+        }
+    }
+}
