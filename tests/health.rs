@@ -7,58 +7,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-/// A tiny HTTP server that answers 200 on every path until dropped.
-struct Upstream {
-    port: u16,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Upstream {
-    async fn start(port: u16, status: u16) -> Upstream {
-        Upstream::start_slow(port, status, Duration::ZERO).await
-    }
-
-    /// Answers after `delay`.
-    async fn start_slow(port: u16, status: u16, delay: Duration) -> Upstream {
-        let listener = wait_for(Duration::from_secs(5), "bind upstream", || async {
-            tokio::net::TcpListener::bind(("127.0.0.1", port))
-                .await
-                .ok()
-        })
-        .await;
-        let port = listener.local_addr().unwrap().port();
-        let task = tokio::spawn(async move {
-            // Connections live in this set: aborting the server drops them all,
-            // as a dying process would.
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                conns.spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req| async move {
-                        tokio::time::sleep(delay).await;
-                        let mut resp = hyper::Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from_static(b"ok"),
-                        ));
-                        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-                        Ok::<_, std::convert::Infallible>(resp)
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Upstream { port, task }
-    }
-
-    fn stop(self) -> u16 {
-        self.task.abort();
-        self.port
-    }
-}
-
 async fn health_of(socket: &std::path::Path, service: &str, id: &str) -> Option<String> {
     let (_, body) = get(socket, "/v1/services").await.ok()?;
     body["services"][service]
@@ -157,19 +105,6 @@ async fn ttl_checks_pass_while_refreshed_and_fail_when_not() {
     assert_eq!(status, 404);
 }
 
-async fn proxy_get(proxy: std::net::SocketAddr, service: &str) -> u16 {
-    let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = hyper::Request::get(format!("http://{service}/"))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    sender.send_request(req).await.unwrap().status().as_u16()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_502_instance_is_ejected_by_callers_and_needs_two_observers_cluster_wide() {
     let c = TestCluster::start(4).await;
@@ -215,4 +150,94 @@ async fn a_502_instance_is_ejected_by_callers_and_needs_two_observers_cluster_wi
         assert_eq!(proxy_get(c.nodes[3].proxy, "web").await, 200);
     }
     drop(good);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_sent_nothing_reports_what_others_saw() {
+    let c = TestCluster::start(3).await;
+    let up = Upstream::start_slow(0, 200, Duration::from_millis(5)).await;
+    register_everywhere(&c, 1, "api", up.port, "http").await;
+    for _ in 0..50 {
+        assert_eq!(proxy_get(c.nodes[0].proxy, "api").await, 200);
+    }
+    // n3 never called api: it learns rps, success and latency from gossip.
+    let n3 = c.nodes[2].socket.clone();
+    let health = wait_for(
+        Duration::from_secs(10),
+        "n3 reports api statistics",
+        || async {
+            let (_, h) = get(&n3, "/v1/health").await.ok()?;
+            let api = h["services"]["api"].clone();
+            (api["rps"].as_f64()? > 0.0 && api["p99_ms"].as_f64().is_some()).then_some(api)
+        },
+    )
+    .await;
+    assert_eq!(health["success_rate"], 1.0, "{health}");
+    let p99 = health["p99_ms"].as_f64().unwrap();
+    assert!(p99 >= 5.0, "p99 {p99} includes the upstream's 5 ms");
+    assert_eq!(
+        health["local"]["rps"], 0.0,
+        "n3 itself sent nothing: {health}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_metrics_pass_promtool() {
+    let c = TestCluster::start(2).await;
+    let up = Upstream::start(0, 200).await;
+    register_everywhere(&c, 1, "api", up.port, "http").await;
+    for _ in 0..5 {
+        proxy_get(c.nodes[0].proxy, "api").await;
+    }
+    let admin = c.nodes[0].admin;
+    let text = wait_for(Duration::from_secs(10), "metrics list requests", || async {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sf", &format!("http://{admin}/metrics")])
+            .output()
+            .await
+            .ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        text.contains("weft_requests_total").then_some(text)
+    })
+    .await;
+    for name in [
+        "weft_requests_total",
+        "weft_request_duration_seconds_bucket",
+        "weft_members",
+        "weft_instances",
+        "weft_tunnel_streams_total",
+    ] {
+        assert!(text.contains(name), "/metrics lacks {name}:\n{text}");
+    }
+    let promtool =
+        which("promtool").expect("promtool (Debian package prometheus) is installed by .ci/run");
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn which(cmd: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(cmd))
+            .find(|p| p.is_file())
+    })
 }

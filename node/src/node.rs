@@ -242,6 +242,7 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
         .ok()?;
     match builder.install_recorder() {
         Ok(handle) => {
+            describe_metrics();
             let upkeep = handle.clone();
             tokio::spawn(async move {
                 loop {
@@ -256,6 +257,62 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
             None
         }
     }
+}
+
+/// Help text for every metric weft exports (DESIGN section 8).
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "weft_requests_total",
+        "Attempts sent by this node, by service, direction and outcome class"
+    );
+    describe_histogram!(
+        "weft_request_duration_seconds",
+        Unit::Seconds,
+        "Time to the response head of each attempt"
+    );
+    describe_counter!(
+        "weft_retries_total",
+        "Retry decisions by outcome: success, failure, budget_exhausted, not_retryable, not_bufferable"
+    );
+    describe_counter!(
+        "weft_retry_budget_exhausted_total",
+        "Retries the retry budget refused"
+    );
+    describe_gauge!(
+        "weft_learned_retry_delay_seconds",
+        Unit::Seconds,
+        "Learned retry delay: the cluster-merged p90 outage length of the service"
+    );
+    describe_gauge!(
+        "weft_instances",
+        "Instances in the catalog by service and health"
+    );
+    describe_gauge!("weft_members", "Cluster members by state");
+    describe_counter!(
+        "weft_tunnel_streams_total",
+        "QUIC streams opened to peer nodes"
+    );
+    describe_counter!(
+        "weft_tunnel_connections_total",
+        "QUIC connections established to peer nodes"
+    );
+    describe_counter!(
+        "weft_tunnel_refused_total",
+        "Tunnel connections refused (no valid cluster certificate)"
+    );
+    describe_counter!(
+        "weft_gossip_rejected_total",
+        "Gossip datagrams dropped before reaching gossip, by reason"
+    );
+    describe_counter!(
+        "weft_outlier_ejections_total",
+        "Instances ejected by this node's passive outlier detection"
+    );
+    describe_counter!(
+        "weft_outcomes_dropped_total",
+        "Request outcomes dropped because the stats aggregator lagged"
+    );
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {

@@ -391,3 +391,134 @@ pub async fn register_everywhere(
     }
     id
 }
+
+/// How a test upstream answers.
+#[derive(Debug, Clone, Copy)]
+pub enum Behavior {
+    /// Always this status, after this delay.
+    Fixed(u16, Duration),
+    /// 503 during the first `down` of every `period` (counted from `epoch`), else 200.
+    Flap {
+        down: Duration,
+        period: Duration,
+        epoch: Instant,
+    },
+}
+
+/// A real HTTP/1.1 upstream on 127.0.0.1 that counts the requests it gets.
+pub struct Upstream {
+    pub port: u16,
+    pub hits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Answers `status` at once.
+    pub async fn start(port: u16, status: u16) -> Upstream {
+        Upstream::with(port, Behavior::Fixed(status, Duration::ZERO)).await
+    }
+
+    /// Answers `status` after `delay`.
+    pub async fn start_slow(port: u16, status: u16, delay: Duration) -> Upstream {
+        Upstream::with(port, Behavior::Fixed(status, delay)).await
+    }
+
+    /// Any behaviour; port 0 picks a free one.
+    pub async fn with(port: u16, behavior: Behavior) -> Upstream {
+        let listener = wait_for(Duration::from_secs(5), "bind upstream", || async {
+            tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .ok()
+        })
+        .await;
+        let port = listener.local_addr().unwrap().port();
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = hits.clone();
+        let task = tokio::spawn(async move {
+            // Connections live in this set: aborting the server drops them all,
+            // as a dying process would.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let counter = counter.clone();
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let counter = counter.clone();
+                        async move {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let status = match behavior {
+                                Behavior::Fixed(status, delay) => {
+                                    tokio::time::sleep(delay).await;
+                                    status
+                                }
+                                Behavior::Flap {
+                                    down,
+                                    period,
+                                    epoch,
+                                } => {
+                                    let phase = Duration::from_nanos(
+                                        (epoch.elapsed().as_nanos() % period.as_nanos().max(1))
+                                            as u64,
+                                    );
+                                    if phase < down {
+                                        503
+                                    } else {
+                                        200
+                                    }
+                                }
+                            };
+                            let mut resp = hyper::Response::new(http_body_util::Full::new(
+                                Bytes::from_static(b"ok"),
+                            ));
+                            *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { port, hits, task }
+    }
+
+    /// Requests received so far.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops serving, closing every connection; returns the port.
+    pub fn stop(self) -> u16 {
+        self.task.abort();
+        self.port
+    }
+}
+
+/// One request through a node's proxy on a fresh connection: (status, weft-error).
+pub async fn proxy_call(proxy: SocketAddr, method: Method, service: &str) -> (u16, Option<String>) {
+    let stream = tokio::net::TcpStream::connect(proxy).await.expect("proxy");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(format!("http://{service}/"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let err = resp
+        .headers()
+        .get("weft-error")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    (resp.status().as_u16(), err)
+}
+
+/// GET through a node's proxy; the status.
+pub async fn proxy_get(proxy: SocketAddr, service: &str) -> u16 {
+    proxy_call(proxy, Method::GET, service).await.0
+}

@@ -1,0 +1,100 @@
+//! End-to-end retries: idempotent requests go to another instance, the budget
+//! bounds retries under a total outage, and a refused retry says so.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hyper::Method;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_are_retried_on_another_instance() {
+    let c = TestCluster::start(3).await;
+    let bad = Upstream::start(0, 503).await;
+    let good = Upstream::start(0, 200).await;
+    register_everywhere(&c, 1, "api", bad.port, "http").await;
+    register_everywhere(&c, 2, "api", good.port, "http").await;
+    for _ in 0..30 {
+        assert_eq!(proxy_get(c.nodes[0].proxy, "api").await, 200);
+    }
+    assert!(bad.hits() >= 1, "the failing instance was tried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_idempotent_methods_are_retried_unless_the_service_opts_in() {
+    let c = TestCluster::start(2).await;
+    let down = Upstream::start(0, 503).await;
+    register_everywhere(&c, 1, "api", down.port, "http").await;
+    // POST: one attempt each, the app sees the instance's 503.
+    for _ in 0..5 {
+        let (status, err) = proxy_call(c.nodes[0].proxy, Method::POST, "api").await;
+        assert_eq!((status, err), (503, None));
+    }
+    assert_eq!(down.hits(), 5, "POST must not be retried");
+    // GET: retried (the budget's 10/s floor allows these few).
+    proxy_call(c.nodes[0].proxy, Method::GET, "api").await;
+    assert_eq!(down.hits(), 5 + 3, "GET gets two retries");
+
+    // A service that opts in has its POSTs retried too.
+    let opted = Upstream::start(0, 503).await;
+    let (status, body) = put_json(
+        &c.nodes[1].socket,
+        "/v1/services",
+        &serde_json::json!({"name": "jobs", "port": opted.port, "retry_non_idempotent": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    wait_for(Duration::from_secs(10), "jobs listed on n1", || async {
+        (!instance_ids(&c.nodes[0].socket, "jobs").await?.is_empty()).then_some(())
+    })
+    .await;
+    proxy_call(c.nodes[0].proxy, Method::POST, "jobs").await;
+    assert_eq!(opted.hits(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_total_outage_is_not_buried_in_retries() {
+    let c = TestCluster::start(2).await;
+    let down = Upstream::start(0, 503).await;
+    register_everywhere(&c, 1, "api", down.port, "http").await;
+    let proxy = c.nodes[0].proxy;
+    // 8 concurrent clients, `n` requests each; returns (requests, refused retries).
+    let burst = |n: usize| async move {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            tasks.push(tokio::spawn(async move {
+                let mut refused = 0;
+                for _ in 0..n {
+                    let (status, err) = proxy_call(proxy, Method::GET, "api").await;
+                    assert_eq!(status, 503);
+                    refused += usize::from(err.as_deref() == Some("retry-budget-exhausted"));
+                }
+                refused
+            }));
+        }
+        let mut refused = 0;
+        for t in tasks {
+            refused += t.await.unwrap();
+        }
+        (8 * n, refused)
+    };
+    // The first seconds spend the budget's reserve.
+    let (_, refused) = burst(40).await;
+    assert!(refused > 0, "the budget never refused a retry");
+    // Then: retries <= 20% of requests + 10/s.
+    let before = down.hits();
+    let start = std::time::Instant::now();
+    let (requests, refused) = burst(100).await;
+    let secs = start.elapsed().as_secs_f64();
+    let attempts = down.hits() - before;
+    let retries = attempts as f64 - requests as f64;
+    let bound = 0.2 * requests as f64 + 10.0 * secs.ceil() + 10.0;
+    eprintln!(
+        "total outage: {requests} requests in {secs:.1}s, {attempts} attempts ({:.2}/request), {refused} refused retries, bound {bound:.0} retries",
+        attempts as f64 / requests as f64
+    );
+    assert!(retries <= bound, "{retries} retries > {bound}");
+    assert!(refused > 0);
+}
