@@ -522,3 +522,6 @@ pub async fn proxy_call(proxy: SocketAddr, method: Method, service: &str) -> (u1
 pub async fn proxy_get(proxy: SocketAddr, service: &str) -> u16 {
     proxy_call(proxy, Method::GET, service).await.0
 }
+
+#[path = "flapping.rs"]
+pub mod flapping;
