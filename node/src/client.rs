@@ -187,21 +187,31 @@ pub fn health_table(body: &Value) -> String {
     let mut out = format!("node {}\n\n", s(&body["node"]));
     out.push_str(&members_table(body));
     out.push('\n');
+    let pct = |v: &Value| match v.as_f64() {
+        Some(f) => format!("{:.2}%", f * 100.0),
+        None => "-".into(),
+    };
     let rows: Vec<Vec<String>> = body
         .get("services")
         .and_then(Value::as_object)
         .into_iter()
         .flatten()
         .map(|(name, v)| {
+            let mut healthy = format!("{}/{}", s(&v["healthy"]), s(&v["total"]));
+            if v["panic"] == Value::Bool(true) {
+                healthy.push_str(" PANIC");
+            }
             vec![
                 name.clone(),
-                format!("{}/{}", s(&v["healthy"]), s(&v["total"])),
-                s(&v["success_rate"]),
+                healthy,
+                pct(&v["success_rate"]),
+                pct(&v["local"]["effective_success_rate"]),
                 s(&v["rps"]),
                 s(&v["p50_ms"]),
                 s(&v["p99_ms"]),
                 s(&v["retry_delay_ms"]),
                 s(&v["retries"]),
+                pct(&v["retry_budget_used"]),
             ]
         })
         .collect();
@@ -210,11 +220,13 @@ pub fn health_table(body: &Value) -> String {
             "SERVICE",
             "HEALTHY",
             "SUCCESS",
+            "EFFECTIVE",
             "RPS",
             "P50 (ms)",
             "P99 (ms)",
             "RETRY DELAY (ms)",
             "RETRIES",
+            "BUDGET USED",
         ],
         &rows,
     ));
