@@ -1,7 +1,6 @@
 //! `weft init`: the cluster's CA and gossip key, made once per cluster.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use base64::Engine;
@@ -70,21 +69,7 @@ pub fn init_cluster(dir: &Path, force: bool) -> Result<(), NodeError> {
 }
 
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), NodeError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| NodeError::Io(format!("cannot write {}: {e}", tmp.display())))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| NodeError::Io(format!("cannot write {}: {e}", tmp.display())))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| NodeError::Io(format!("cannot chmod {}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| NodeError::Io(format!("cannot write {}: {e}", path.display())))
+    weft_runtime::tls::write_atomic(path, bytes, mode).map_err(|e| NodeError::Io(e.to_string()))
 }
 
 /// Reads the 32-byte gossip key of a cluster dir, refusing files others can read.

@@ -7,6 +7,7 @@
 //! - `init`: `weft init` (cluster CA and gossip key).
 //! - `node`: `weft node`, wiring gossip, actors and the local API.
 //! - `registry`: local registrations, persisted and announced.
+//! - `store`: atomically written JSON state files.
 //! - `upstreams`: TCP upstreams, persisted and served by the Listener.
 //! - `api`: the JSON API on the local socket and the admin address.
 //! - `client`: the CLI clients and their tables.
@@ -18,6 +19,7 @@ mod config;
 mod init;
 mod node;
 mod registry;
+mod store;
 mod upstreams;
 
 use std::process::ExitCode;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use weft_gossip::{Cluster, Key, ServiceRecord};
 
-use crate::NodeError;
+use crate::{store, NodeError};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Stored {
@@ -30,20 +30,12 @@ impl Registry {
     /// Loads `services.json` from the data dir (missing means none).
     pub fn load(data_dir: &std::path::Path) -> Result<Self, NodeError> {
         let path = data_dir.join("services.json");
-        let services = match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let stored: Stored = serde_json::from_str(&text).map_err(|e| {
-                    NodeError::Config(format!("{} is corrupt: {e}", path.display()))
-                })?;
-                stored
-                    .services
-                    .into_iter()
-                    .map(|s| (s.id.clone(), s))
-                    .collect()
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(NodeError::Io(format!("{}: {e}", path.display()))),
-        };
+        let stored: Stored = store::load(&path)?;
+        let services = stored
+            .services
+            .into_iter()
+            .map(|s| (s.id.clone(), s))
+            .collect();
         Ok(Registry {
             path,
             services: Mutex::new(services),
@@ -124,11 +116,6 @@ impl Registry {
         let stored = Stored {
             services: services.values().cloned().collect(),
         };
-        let text =
-            serde_json::to_string_pretty(&stored).map_err(|e| NodeError::Io(e.to_string()))?;
-        let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::rename(&tmp, &self.path))
-            .map_err(|e| NodeError::Io(format!("cannot save {}: {e}", self.path.display())))
+        store::save(&self.path, &stored)
     }
 }

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use weft_runtime::listener::{AddUpstream, Listener, RemoveUpstream};
 
-use crate::NodeError;
+use crate::{store, NodeError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Entry {
@@ -37,20 +37,12 @@ impl Upstreams {
     /// Loads `upstreams.json` from the data dir (missing means none).
     pub fn load(data_dir: &Path) -> Result<Self, NodeError> {
         let path = data_dir.join("upstreams.json");
-        let entries = match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let stored: Stored = serde_json::from_str(&text).map_err(|e| {
-                    NodeError::Config(format!("{} is corrupt: {e}", path.display()))
-                })?;
-                stored
-                    .upstreams
-                    .into_iter()
-                    .map(|e| (e.listen, e.service))
-                    .collect()
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(NodeError::Io(format!("{}: {e}", path.display()))),
-        };
+        let stored: Stored = store::load(&path)?;
+        let entries = stored
+            .upstreams
+            .into_iter()
+            .map(|e| (e.listen, e.service))
+            .collect();
         Ok(Upstreams {
             path,
             entries: Mutex::new(entries),
@@ -140,11 +132,6 @@ impl Upstreams {
                 })
                 .collect(),
         };
-        let text =
-            serde_json::to_string_pretty(&stored).map_err(|e| NodeError::Io(e.to_string()))?;
-        let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::rename(&tmp, &self.path))
-            .map_err(|e| NodeError::Io(format!("cannot save {}: {e}", self.path.display())))
+        store::save(&self.path, &stored)
     }
 }

@@ -89,11 +89,13 @@ impl Actor for Listener {
     fn started(&mut self, _ctx: &mut Self::Context) {
         if let Some(socket) = self.socket.take() {
             let handler = self.handler.clone();
-            self.loops.push(tokio::spawn(accept_unix(socket, handler)));
+            self.loops
+                .push(tokio::spawn(accept_api(socket, handler, Origin::Socket)));
         }
         if let Some(admin) = self.admin.take() {
             let handler = self.handler.clone();
-            self.loops.push(tokio::spawn(accept_tcp(admin, handler)));
+            self.loops
+                .push(tokio::spawn(accept_api(admin, handler, Origin::Admin)));
         }
         if let Some(proxy) = self.proxy.take() {
             let dp = self.dataplane.clone();
@@ -176,45 +178,45 @@ impl Handler<StopListening> for Listener {
     }
 }
 
-async fn accept_unix(listener: UnixListener, handler: HttpHandler) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let handler = handler.clone();
-                tokio::spawn(async move {
-                    serve(TokioIo::new(stream), handler, Origin::Socket).await;
-                    drop(permit);
-                });
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "local socket accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
+/// A listening socket the local API is served on.
+trait Accept: Send + 'static {
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Accept for UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Io> {
+        self.accept().await.map(|(s, _)| s)
     }
 }
 
-async fn accept_tcp(listener: TcpListener, handler: HttpHandler) {
+impl Accept for TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Io> {
+        let (stream, _) = self.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+/// Accepts API connections, at most [`MAX_CONNECTIONS`] at once.
+async fn accept_api<L: Accept>(listener: L, handler: HttpHandler, origin: Origin) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else {
             return;
         };
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
+        match listener.accept_one().await {
+            Ok(stream) => {
                 let handler = handler.clone();
                 tokio::spawn(async move {
-                    serve(TokioIo::new(stream), handler, Origin::Admin).await;
+                    serve(TokioIo::new(stream), handler, origin).await;
                     drop(permit);
                 });
             }
             Err(err) => {
-                tracing::warn!(error = %err, "admin accept failed");
+                tracing::warn!(error = %err, ?origin, "API accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }

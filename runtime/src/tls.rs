@@ -205,7 +205,10 @@ pub fn issue_node_cert(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
+/// Writes `bytes` to `path` through a temporary file and a rename, with
+/// `mode` set explicitly (not filtered by the umask), so a reader never sees a
+/// half-written key or state file.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
