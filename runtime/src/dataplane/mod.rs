@@ -263,14 +263,18 @@ impl DataPlane {
 
     /// Feeds one attempt's result to passive outlier detection.
     pub fn observe_outcome(&self, service: &str, key: &(String, String), failed: bool) {
-        let siblings: Vec<(String, String)> = self
-            .router
-            .load()
-            .catalog
-            .instances(service)
-            .iter()
-            .map(|i| (i.node.clone(), i.id.clone()))
-            .collect();
+        // The sibling list only matters for failures (the ejection cap).
+        let siblings: Vec<(String, String)> = if failed {
+            self.router
+                .load()
+                .catalog
+                .instances(service)
+                .iter()
+                .map(|i| (i.node.clone(), i.id.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let change = {
             let mut rng = rand::thread_rng();
             self.outliers()

@@ -76,8 +76,9 @@ impl<K: Eq + Hash + Clone> OutlierDetector<K> {
             .is_some_and(|until| until > now)
     }
 
-    /// Records one outcome of a request to `key`, one of `service_size`
-    /// instances of its service of which `siblings` are the others' keys.
+    /// Records one outcome of a request to `key`; `siblings` are the keys of
+    /// every instance of its service (only read when a failure reaches the
+    /// threshold, so a success may pass an empty slice).
     pub fn observe<R: Rng>(
         &mut self,
         key: &K,
@@ -87,38 +88,43 @@ impl<K: Eq + Hash + Clone> OutlierDetector<K> {
         rng: &mut R,
     ) -> Change {
         let cfg = self.config;
+        {
+            let state = self.instances.entry(key.clone()).or_default();
+            if let Some(until) = state.ejected_until {
+                if until > now {
+                    return Change::None;
+                }
+                state.ejected_until = None;
+                state.last_return = Some(now);
+            }
+            if !failed {
+                state.consecutive = 0;
+                if state
+                    .last_return
+                    .is_some_and(|t| now.saturating_duration_since(t) >= cfg.forgive_after)
+                {
+                    state.ejections = 0;
+                    state.last_return = None;
+                }
+                return Change::None;
+            }
+            state.consecutive = state.consecutive.saturating_add(1);
+            if state.consecutive < cfg.consecutive_failures {
+                return Change::None;
+            }
+        }
+        // Only now, at the threshold, look at the siblings: the cap on ejections.
         let ejected_siblings = siblings
             .iter()
             .filter(|k| *k != key && self.is_ejected(k, now))
             .count();
-        let service_size = siblings.len().max(1);
-        let state = self.instances.entry(key.clone()).or_default();
-        if let Some(until) = state.ejected_until {
-            if until > now {
-                return Change::None;
-            }
-            state.ejected_until = None;
-            state.last_return = Some(now);
-        }
-        if !failed {
-            state.consecutive = 0;
-            if state
-                .last_return
-                .is_some_and(|t| now.saturating_duration_since(t) >= cfg.forgive_after)
-            {
-                state.ejections = 0;
-                state.last_return = None;
-            }
-            return Change::None;
-        }
-        state.consecutive = state.consecutive.saturating_add(1);
-        if state.consecutive < cfg.consecutive_failures {
-            return Change::None;
-        }
-        let allowed = (service_size as f64 * cfg.max_ejected_fraction).floor() as usize;
+        let allowed = (siblings.len().max(1) as f64 * cfg.max_ejected_fraction).floor() as usize;
         if ejected_siblings + 1 > allowed {
             return Change::None;
         }
+        let Some(state) = self.instances.get_mut(key) else {
+            return Change::None;
+        };
         state.consecutive = 0;
         let factor = 2u32.saturating_pow(state.ejections.min(16));
         let base = cfg
