@@ -86,6 +86,8 @@ pub struct Member {
     pub last_heard_ms: u64,
     /// weft version it runs.
     pub version: Option<String>,
+    /// Incarnation (start time in ms): a restarted node has a new one.
+    pub generation: u64,
 }
 
 /// One instance of a service, as the catalog lists it.
@@ -177,6 +179,7 @@ impl ClusterView {
                         node.last_heard.as_millis() as u64
                     },
                     version: info.map(|i| i.version),
+                    generation: node.generation,
                 }
             })
             .collect()

@@ -114,6 +114,20 @@ impl TunnelPool {
         Err(TunnelError::Stream("unreachable".into()))
     }
 
+    /// Closes and forgets the pooled connections to `node`: it died, left or
+    /// restarted, and a connection to its old process would hang until idle
+    /// timeout (a new process cannot reset a connection it never knew).
+    pub fn evict(&self, node: &str) {
+        let mut pool = self.lock();
+        pool.retain(|(n, _), conn| {
+            let keep = n != node;
+            if !keep {
+                conn.close(quinn::VarInt::from_u32(0), b"peer restarted or gone");
+            }
+            keep
+        });
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, SocketAddr), Connection>> {
         self.connections.lock().unwrap_or_else(|p| p.into_inner())
     }

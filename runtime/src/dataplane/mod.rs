@@ -13,6 +13,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod tcp;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ use hyper_util::rt::TokioExecutor;
 use weft_gossip::Instance;
 
 use weft_gossip::view::EJECTED_PREFIX;
-use weft_gossip::Key;
+use weft_gossip::{Key, MemberState};
 
 use crate::gossip_writer::GossipWriter;
 use crate::outcome::OutcomeSink;
@@ -205,11 +206,20 @@ impl DataPlane {
             policy,
         });
         // Ejections end on their own; withdraw our gossip vote when they do.
+        // Pooled tunnels to nodes that died, left or restarted are closed.
         let weak = Arc::downgrade(&dp);
         tokio::spawn(async move {
+            let mut generations: HashMap<String, u64> = HashMap::new();
             loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
                 let Some(dp) = weak.upgrade() else { return };
+                for m in &dp.router.load().members {
+                    let gone = matches!(m.state, MemberState::Dead | MemberState::Left);
+                    let previous = generations.insert(m.name.clone(), m.generation);
+                    if gone || previous.is_some_and(|g| g != m.generation) {
+                        dp.tunnels.evict(&m.name);
+                    }
+                }
                 let expired = dp.outliers().expired(Instant::now());
                 for (node, id) in expired {
                     tracing::info!(node, id, "outlier ejection ended");

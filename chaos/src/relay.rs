@@ -1,0 +1,396 @@
+//! The UDP fault relay: sits on every node's advertised gossip and tunnel
+//! addresses and forwards to the real bind addresses, applying the
+//! [`FaultTable`] per direction.
+//!
+//! It works like a per-peer NAT. For node X, a front socket listens on X's
+//! advertised address. Each distinct source S gets a dedicated socket that
+//! forwards S's datagrams to X's bind address; X answers that socket (weft
+//! replies to the source of what it receives) and the relay sends the answer
+//! back to S from the front socket, so S only ever sees X's advertised
+//! address. Sources are named by their bind address, so every datagram has a
+//! known direction (S -> X or X -> S) and a fault can hit one direction only.
+//!
+//! Nothing a datagram contains can panic the relay: it never parses payloads,
+//! ignores receive errors, and caps the number of peers per front.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+use crate::fault::{Channel, FaultTable, Verdict};
+
+/// Largest datagram relayed (gossip fills up to the UDP maximum).
+const MAX_DATAGRAM: usize = 65_536;
+/// Distinct sources one front accepts; others are dropped.
+const MAX_PEERS_PER_FRONT: usize = 256;
+
+/// One relayed address: datagrams to `front` reach `target`.
+#[derive(Debug)]
+pub struct Front {
+    /// Node that owns the real address.
+    pub node: String,
+    /// Gossip or tunnel.
+    pub channel: Channel,
+    /// The advertised address, already bound (so nobody else takes it).
+    pub socket: std::net::UdpSocket,
+    /// The node's bind address.
+    pub target: SocketAddr,
+}
+
+/// Counters of one directed link.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Datagrams forwarded (copies included).
+    pub forwarded: u64,
+    /// Datagrams dropped by a fault.
+    pub dropped: u64,
+    /// Datagrams sent twice.
+    pub duplicated: u64,
+    /// Datagrams held back to be overtaken.
+    pub reordered: u64,
+    /// Datagrams delayed by more than zero.
+    pub delayed: u64,
+}
+
+type StatsMap = BTreeMap<(Channel, String, String), LinkStats>;
+
+/// A running relay; dropping it stops every task and frees the ports.
+#[derive(Debug)]
+pub struct Relay {
+    table: Arc<Mutex<FaultTable>>,
+    stats: Arc<Mutex<StatsMap>>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+struct Shared {
+    table: Arc<Mutex<FaultTable>>,
+    stats: Arc<Mutex<StatsMap>>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    sources: HashMap<SocketAddr, String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Relay {
+    /// Starts relaying every front; `sources` names nodes by the address they
+    /// send from (their bind addresses). Must run inside a tokio runtime.
+    pub fn start(
+        fronts: Vec<Front>,
+        sources: HashMap<SocketAddr, String>,
+    ) -> std::io::Result<Relay> {
+        let table = Arc::new(Mutex::new(FaultTable::default()));
+        let stats = Arc::new(Mutex::new(StatsMap::new()));
+        let tasks = Arc::new(Mutex::new(Vec::new()));
+        let shared = Arc::new(Shared {
+            table: table.clone(),
+            stats: stats.clone(),
+            tasks: tasks.clone(),
+            sources,
+        });
+        for front in fronts {
+            front.socket.set_nonblocking(true)?;
+            let socket = Arc::new(UdpSocket::from_std(front.socket)?);
+            let task = tokio::spawn(run_front(
+                shared.clone(),
+                socket,
+                front.node,
+                front.channel,
+                front.target,
+            ));
+            lock(&tasks).push(task);
+        }
+        Ok(Relay {
+            table,
+            stats,
+            tasks,
+        })
+    }
+
+    /// The fault table, to add or remove rules (on command or by schedule).
+    pub fn faults(&self) -> MutexGuard<'_, FaultTable> {
+        lock(&self.table)
+    }
+
+    /// Per-link counters so far.
+    pub fn stats(&self) -> Vec<LinkStatsRow> {
+        lock(&self.stats)
+            .iter()
+            .map(|((channel, from, to), s)| LinkStatsRow {
+                channel: *channel,
+                from: from.clone(),
+                to: to.clone(),
+                stats: s.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        for task in lock(&self.tasks).drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// One row of [`Relay::stats`].
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkStatsRow {
+    /// Channel.
+    pub channel: Channel,
+    /// Sender node (`?` for an unknown source).
+    pub from: String,
+    /// Receiver node.
+    pub to: String,
+    /// Counters.
+    #[serde(flatten)]
+    pub stats: LinkStats,
+}
+
+impl Shared {
+    fn decide(&self, channel: Channel, from: &str, to: &str, rng: &mut StdRng) -> Verdict {
+        let verdict = lock(&self.table).decide(channel, from, to, rng);
+        let mut stats = lock(&self.stats);
+        let s = stats
+            .entry((channel, from.to_string(), to.to_string()))
+            .or_default();
+        if verdict.dropped() {
+            s.dropped += 1;
+        } else {
+            s.forwarded += verdict.sends.len() as u64;
+            s.duplicated += u64::from(verdict.duplicated);
+            s.reordered += u64::from(verdict.reordered);
+            s.delayed += u64::from(verdict.sends.iter().any(|d| !d.is_zero()));
+        }
+        verdict
+    }
+
+    fn spawn(&self, task: JoinHandle<()>) {
+        let mut tasks = lock(&self.tasks);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+    }
+}
+
+/// Sends `data` now or after `delay` (a spawned timer, so order may change).
+async fn deliver(
+    shared: &Shared,
+    socket: &Arc<UdpSocket>,
+    data: &[u8],
+    to: SocketAddr,
+    delay: Duration,
+) {
+    if delay.is_zero() {
+        let _ = socket.send_to(data, to).await;
+        return;
+    }
+    let socket = socket.clone();
+    let data = data.to_vec();
+    shared.spawn(tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let _ = socket.send_to(&data, to).await;
+    }));
+}
+
+async fn run_front(
+    shared: Arc<Shared>,
+    front: Arc<UdpSocket>,
+    node: String,
+    channel: Channel,
+    target: SocketAddr,
+) {
+    let mut rng = StdRng::from_entropy();
+    let mut peers: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (n, src) = match front.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(_) => {
+                // ICMP errors surface here; they say nothing about the next datagram.
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        let from = shared
+            .sources
+            .get(&src)
+            .cloned()
+            .unwrap_or_else(|| "?".to_string());
+        let verdict = shared.decide(channel, &from, &node, &mut rng);
+        if verdict.dropped() {
+            continue;
+        }
+        let peer = match peers.get(&src) {
+            Some(p) => p.clone(),
+            None => {
+                if peers.len() >= MAX_PEERS_PER_FRONT {
+                    continue;
+                }
+                let Ok(sock) = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await else {
+                    continue;
+                };
+                let sock = Arc::new(sock);
+                shared.spawn(tokio::spawn(run_back(
+                    shared.clone(),
+                    sock.clone(),
+                    front.clone(),
+                    node.clone(),
+                    from.clone(),
+                    channel,
+                    target,
+                    src,
+                )));
+                peers.insert(src, sock.clone());
+                sock
+            }
+        };
+        for delay in verdict.sends {
+            deliver(&shared, &peer, &buf[..n], target, delay).await;
+        }
+    }
+}
+
+/// Relays `node`'s answers to `src` (named `peer_name`) back through the front.
+#[allow(clippy::too_many_arguments)]
+async fn run_back(
+    shared: Arc<Shared>,
+    socket: Arc<UdpSocket>,
+    front: Arc<UdpSocket>,
+    node: String,
+    peer_name: String,
+    channel: Channel,
+    target: SocketAddr,
+    src: SocketAddr,
+) {
+    let mut rng = StdRng::from_entropy();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (n, from) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(_) => {
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        if from != target {
+            continue;
+        }
+        let verdict = shared.decide(channel, &node, &peer_name, &mut rng);
+        for delay in verdict.sends {
+            deliver(&shared, &front, &buf[..n], src, delay).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::{LinkFault, NodeSet};
+
+    async fn echo() -> (Arc<UdpSocket>, SocketAddr) {
+        let s = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = s.local_addr().unwrap();
+        let e = s.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((n, from)) = e.recv_from(&mut buf).await {
+                let _ = e.send_to(&buf[..n], from).await;
+            }
+        });
+        (s, addr)
+    }
+
+    async fn roundtrip(client: &UdpSocket, front: SocketAddr, msg: &[u8]) -> Option<SocketAddr> {
+        client.send_to(msg, front).await.unwrap();
+        let mut buf = [0u8; 2048];
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        // Skip echoes of earlier datagrams.
+        loop {
+            match tokio::time::timeout_at(deadline, client.recv_from(&mut buf)).await {
+                Ok(Ok((n, from))) if &buf[..n] == msg => return Some(from),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_and_partitions_on_command() {
+        let (_server, target) = echo().await;
+        let front = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sources = HashMap::from([(client.local_addr().unwrap(), "a".to_string())]);
+        let relay = Relay::start(
+            vec![Front {
+                node: "b".into(),
+                channel: Channel::Gossip,
+                socket: front,
+                target,
+            }],
+            sources,
+        )
+        .unwrap();
+        // Replies come from the advertised (front) address.
+        assert_eq!(
+            roundtrip(&client, front_addr, b"one").await,
+            Some(front_addr)
+        );
+        // Only the reply direction is cut: requests still arrive, answers do not.
+        let id = relay.faults().add(
+            vec![Channel::Gossip],
+            NodeSet::of(["b"]),
+            NodeSet::of(["a"]),
+            LinkFault::partition(),
+        );
+        assert_eq!(roundtrip(&client, front_addr, b"two").await, None);
+        assert!(relay.faults().remove(id));
+        assert_eq!(
+            roundtrip(&client, front_addr, b"three").await,
+            Some(front_addr)
+        );
+        let stats = relay.stats();
+        let back = stats.iter().find(|r| r.from == "b").unwrap();
+        assert_eq!(back.stats.dropped, 1);
+        assert_eq!(back.stats.forwarded, 2);
+        let fwd = stats.iter().find(|r| r.from == "a").unwrap();
+        assert_eq!(fwd.stats.forwarded, 3);
+    }
+
+    #[tokio::test]
+    async fn garbage_and_unknown_sources_do_not_stop_it() {
+        let (_server, target) = echo().await;
+        let front = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let relay = Relay::start(
+            vec![Front {
+                node: "b".into(),
+                channel: Channel::Tunnel,
+                socket: front,
+                target,
+            }],
+            HashMap::new(),
+        )
+        .unwrap();
+        let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        stranger.send_to(&[], front_addr).await.unwrap();
+        stranger
+            .send_to(&vec![0xff; 60_000], front_addr)
+            .await
+            .unwrap();
+        assert_eq!(
+            roundtrip(&stranger, front_addr, b"hi").await,
+            Some(front_addr)
+        );
+        assert!(relay.stats().iter().any(|r| r.from == "?"));
+    }
+}
