@@ -508,7 +508,7 @@ pub fn analyse(inp: &Inputs<'_>) -> Report {
             .loads
             .iter()
             .flat_map(|(_, r)| r)
-            .filter(|r| r.idempotent)
+            .filter(|r| r.idempotent && r.t >= inv.success_after_s.unwrap_or(0.0))
             .collect();
         let ok = all.iter().filter(|r| r.ok()).count();
         let rate = if all.is_empty() {
@@ -518,7 +518,10 @@ pub fn analyse(inp: &Inputs<'_>) -> Report {
         };
         push(
             "success_rate",
-            format!(">= {:.2}%", min * 100.0),
+            match inv.success_after_s {
+                Some(after) => format!(">= {:.2}% after {after} s", min * 100.0),
+                None => format!(">= {:.2}%", min * 100.0),
+            },
             format!(
                 "{:.3}% ({} failed of {})",
                 rate * 100.0,

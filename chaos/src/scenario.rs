@@ -122,6 +122,9 @@ fn default_timeout() -> u64 {
 pub struct Invariants {
     /// Minimum success rate of idempotent requests, over all load streams.
     pub min_success_rate: Option<f64>,
+    /// Count the success rate only over requests due this many seconds after
+    /// the load started (a learning phase the scenario describes).
+    pub success_after_s: Option<f64>,
     /// Bound on kill -9 / SIGSTOP to "dead" on every other running node (s).
     pub max_detection_s: Option<f64>,
     /// Bound from the last fault's end to identical, expected membership and
@@ -140,6 +143,7 @@ impl Default for Invariants {
     fn default() -> Self {
         Invariants {
             min_success_rate: None,
+            success_after_s: None,
             max_detection_s: None,
             max_reconverge_s: None,
             no_false_deaths: true,

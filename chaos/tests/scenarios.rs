@@ -142,6 +142,17 @@ fn slow_instance() {
 }
 
 #[test]
+fn flapping() {
+    run("flapping", false);
+}
+
+#[test]
+#[ignore = "long: about 3 minutes; cargo test -p weft-chaos -- --ignored"]
+fn flapping_long() {
+    run("flapping", true);
+}
+
+#[test]
 #[ignore = "long: about 5 minutes; cargo test -p weft-chaos -- --ignored"]
 fn kill_node_long() {
     run("kill-node", true);

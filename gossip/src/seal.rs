@@ -659,6 +659,10 @@ pub struct SealStats {
     pub fragmented_messages: AtomicU64,
     /// Messages verified, decoded and handed to chitchat.
     pub messages_received: AtomicU64,
+    /// Bytes of sealed datagrams sent (UDP payload).
+    pub bytes_sent: AtomicU64,
+    /// Bytes of datagrams received on the gossip socket, accepted or not.
+    pub bytes_received: AtomicU64,
 }
 
 impl SealStats {
@@ -949,6 +953,9 @@ impl Socket for SealedSocket {
                 return Ok(FAILED);
             }
             bump(&self.stats.datagrams_sent);
+            self.stats
+                .bytes_sent
+                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
         }
         Ok(SendOutcome {
             num_bytes_sent: len,
@@ -1060,6 +1067,10 @@ async fn run_reader(
         let (len, from) = match received {
             Ok(received) => {
                 consecutive_errors = 0;
+                shared
+                    .stats
+                    .bytes_received
+                    .fetch_add(received.0 as u64, Ordering::Relaxed);
                 received
             }
             Err(err) if is_transient_recv_error(&err) => {

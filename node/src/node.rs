@@ -111,6 +111,15 @@ async fn serve(
             for (reason, n) in seal_stats.rejected_by_reason() {
                 metrics::counter!("weft_gossip_rejected_total", "reason" => reason).absolute(n);
             }
+            let sent = seal_stats
+                .bytes_sent
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let received = seal_stats
+                .bytes_received
+                .load(std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!("weft_gossip_bytes_total", "direction" => "sent").absolute(sent);
+            metrics::counter!("weft_gossip_bytes_total", "direction" => "received")
+                .absolute(received);
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
@@ -304,6 +313,10 @@ fn describe_metrics() {
     describe_counter!(
         "weft_gossip_rejected_total",
         "Gossip datagrams dropped before reaching gossip, by reason"
+    );
+    describe_counter!(
+        "weft_gossip_bytes_total",
+        "Bytes of sealed gossip datagrams sent and received"
     );
     describe_counter!(
         "weft_outlier_ejections_total",
