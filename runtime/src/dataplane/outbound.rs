@@ -426,16 +426,22 @@ async fn forward(
         attempt,
         http2: parts.version == http::Version::HTTP_2,
     };
-    tunnel::write_frame(&mut send, &head).await?;
-    // The request body streams while we wait for the response head.
-    tokio::spawn(async move {
-        if let Err(e) = body::to_tunnel(body, &mut send).await {
-            tracing::debug!(error = %e, "request body to tunnel failed");
-            let _ = send.reset(quinn::VarInt::from_u32(1));
-            return;
-        }
+    if hyper::body::Body::is_end_stream(&body) {
+        // No body (most GETs): head, end marker and FIN in one write, no task.
+        tunnel::write_head_and_end(&mut send, &head).await?;
         let _ = send.finish();
-    });
+    } else {
+        tunnel::write_frame(&mut send, &head).await?;
+        // The request body streams while we wait for the response head.
+        tokio::spawn(async move {
+            if let Err(e) = body::to_tunnel(body, &mut send).await {
+                tracing::debug!(error = %e, "request body to tunnel failed");
+                let _ = send.reset(quinn::VarInt::from_u32(1));
+                return;
+            }
+            let _ = send.finish();
+        });
+    }
     let head: ResponseHead = tunnel::read_frame(&mut recv).await?;
     if let Some(code) = head.error {
         return Err(Failure::Remote(
