@@ -452,32 +452,20 @@ async fn init_cluster(weft: &Path, dir: &Path) -> Result<(), ChaosError> {
     Ok(())
 }
 
-/// Polls until every node lists all nodes alive.
+/// Polls until every node lists all `n` nodes as alive.
 async fn wait_converged(nodes: &[NodeRun], within: Duration) -> Result<(), ChaosError> {
-    let deadline = Instant::now() + within;
     let n = nodes.len();
-    loop {
-        let mut all = true;
-        for node in nodes {
-            let ok = match api::request(&node.socket, Method::GET, "/v1/members", None, CALL).await
-            {
-                Ok((200, body)) => api::members(&body)
-                    .map(|m| m.values().filter(|s| *s == "alive").count() == n)
-                    .unwrap_or(false),
-                _ => false,
-            };
-            all &= ok;
-        }
-        if all {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(ChaosError::Cluster(format!(
-                "the {n} nodes did not all see each other alive within {within:?}"
-            )));
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    wait_all_nodes(nodes, "/v1/members", within, |body| {
+        api::members(body)
+            .map(|m| m.values().filter(|s| *s == "alive").count() == n)
+            .unwrap_or(false)
+    })
+    .await
+    .map_err(|()| {
+        ChaosError::Cluster(format!(
+            "the {n} nodes did not all see each other alive within {within:?}"
+        ))
+    })
 }
 
 /// Polls until every node lists every registration.
@@ -486,29 +474,44 @@ async fn wait_catalog(
     regs: &[Registration],
     within: Duration,
 ) -> Result<(), ChaosError> {
+    wait_all_nodes(nodes, "/v1/services", within, |body| {
+        api::catalog(body)
+            .map(|c| {
+                regs.iter()
+                    .all(|r| c.get(&r.service).is_some_and(|s| s.contains(&r.id)))
+            })
+            .unwrap_or(false)
+    })
+    .await
+    .map_err(|()| {
+        ChaosError::Cluster(format!(
+            "registrations did not reach every node within {within:?}"
+        ))
+    })
+}
+
+/// Polls `GET path` on every node until `ok` holds for all of them at once,
+/// or `within` passes.
+async fn wait_all_nodes(
+    nodes: &[NodeRun],
+    path: &str,
+    within: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Result<(), ()> {
     let deadline = Instant::now() + within;
     loop {
         let mut all = true;
         for node in nodes {
-            let ok = match api::request(&node.socket, Method::GET, "/v1/services", None, CALL).await
-            {
-                Ok((200, body)) => api::catalog(&body)
-                    .map(|c| {
-                        regs.iter()
-                            .all(|r| c.get(&r.service).is_some_and(|s| s.contains(&r.id)))
-                    })
-                    .unwrap_or(false),
+            all &= match api::request(&node.socket, Method::GET, path, None, CALL).await {
+                Ok((200, body)) => ok(&body),
                 _ => false,
             };
-            all &= ok;
         }
         if all {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(ChaosError::Cluster(format!(
-                "registrations did not reach every node within {within:?}"
-            )));
+            return Err(());
         }
         tokio::time::sleep(POLL).await;
     }
