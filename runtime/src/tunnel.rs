@@ -1,24 +1,20 @@
-//! QUIC tunnels between nodes: one pooled connection per peer, and the framing
-//! of HTTP bodies on a stream.
+//! QUIC tunnels between nodes: one pooled connection per peer, and the reads
+//! and writes of a stream's frames.
 //!
 //! A stream starts with a [`wire`](crate::wire) header frame. HTTP bodies then
-//! travel as chunks, each `u32` big-endian length + bytes; a zero length ends
-//! the body, and `u32::MAX` introduces a trailers frame (gRPC needs trailers).
-//! TCP streams carry raw bytes after the heads.
+//! travel in the framing of [`wire::body`] (this file only does the IO); TCP
+//! streams and upgraded connections carry raw bytes after the heads.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 
+use crate::wire::body::{self, BodyDecoder, BodyEvent};
 use crate::wire::{self, WireError};
-
-/// Largest body chunk accepted from a peer.
-pub const MAX_CHUNK: usize = 1024 * 1024;
-const TRAILERS: u32 = u32::MAX;
 
 /// Errors on a tunnel stream.
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +146,7 @@ pub async fn write_head_and_end<T: serde::Serialize>(
     msg: &T,
 ) -> Result<(), TunnelError> {
     let mut bytes = wire::encode(msg)?;
-    bytes.extend_from_slice(&0u32.to_be_bytes());
+    bytes.extend_from_slice(&body::end_marker());
     send.write_all(&bytes)
         .await
         .map_err(|e| TunnelError::Stream(e.to_string()))
@@ -176,67 +172,50 @@ pub async fn read_frame<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// One piece of a framed HTTP body.
-#[derive(Debug)]
-pub enum BodyPart {
-    /// Body bytes.
-    Data(Bytes),
-    /// Trailers; the body is over.
-    Trailers(Vec<(String, Vec<u8>)>),
-    /// The body is over.
-    End,
-}
-
-/// Writes a body chunk.
-pub async fn write_chunk(send: &mut SendStream, data: Bytes) -> Result<(), TunnelError> {
-    if data.is_empty() {
-        return Ok(());
+/// Writes body data, as chunks of at most [`body::MAX_CHUNK`] bytes.
+pub async fn write_data(send: &mut SendStream, mut data: Bytes) -> Result<(), TunnelError> {
+    while !data.is_empty() {
+        let piece = data.split_to(data.len().min(body::MAX_CHUNK));
+        let prefix = body::data_prefix(piece.len())?;
+        let mut chunks = [Bytes::copy_from_slice(&prefix), piece];
+        send.write_all_chunks(&mut chunks)
+            .await
+            .map_err(|e| TunnelError::Stream(e.to_string()))?;
     }
-    let len =
-        u32::try_from(data.len()).map_err(|_| TunnelError::Stream("chunk too large".into()))?;
-    let mut chunks = [Bytes::copy_from_slice(&len.to_be_bytes()), data];
-    send.write_all_chunks(&mut chunks)
-        .await
-        .map_err(|e| TunnelError::Stream(e.to_string()))
+    Ok(())
 }
 
 /// Ends a body, with optional trailers.
 pub async fn write_end(
     send: &mut SendStream,
-    trailers: Option<Vec<(String, Vec<u8>)>>,
+    trailers: Option<body::Headers>,
 ) -> Result<(), TunnelError> {
-    match trailers {
-        Some(t) => {
-            send.write_all(&TRAILERS.to_be_bytes())
-                .await
-                .map_err(|e| TunnelError::Stream(e.to_string()))?;
-            write_frame(send, &t).await
-        }
-        None => send
-            .write_all(&0u32.to_be_bytes())
-            .await
-            .map_err(|e| TunnelError::Stream(e.to_string())),
-    }
+    let bytes = match trailers {
+        Some(t) => body::encode_trailers(t)?,
+        None => body::end_marker().to_vec(),
+    };
+    send.write_all(&bytes)
+        .await
+        .map_err(|e| TunnelError::Stream(e.to_string()))
 }
 
-/// Reads the next body part.
-pub async fn read_part(recv: &mut RecvStream) -> Result<BodyPart, TunnelError> {
-    let mut prefix = [0u8; 4];
-    recv.read_exact(&mut prefix)
-        .await
-        .map_err(|e| TunnelError::Stream(format!("body ended early: {e}")))?;
-    match u32::from_be_bytes(prefix) {
-        0 => Ok(BodyPart::End),
-        TRAILERS => Ok(BodyPart::Trailers(read_frame(recv).await?)),
-        len if len as usize > MAX_CHUNK => Err(TunnelError::Stream(format!(
-            "body chunk of {len} bytes exceeds {MAX_CHUNK}"
-        ))),
-        len => {
-            let mut buf = BytesMut::zeroed(len as usize);
-            recv.read_exact(&mut buf)
-                .await
-                .map_err(|e| TunnelError::Stream(format!("body ended early: {e}")))?;
-            Ok(BodyPart::Data(buf.freeze()))
+/// Reads the next body event, taking no byte that follows the body.
+pub async fn read_body(
+    recv: &mut RecvStream,
+    decoder: &mut BodyDecoder,
+) -> Result<BodyEvent, TunnelError> {
+    loop {
+        let wants = decoder.wants();
+        if wants == 0 {
+            return Ok(BodyEvent::End);
+        }
+        let chunk = recv
+            .read_chunk(wants, true)
+            .await
+            .map_err(|e| TunnelError::Stream(format!("body ended early: {e}")))?
+            .ok_or_else(|| TunnelError::Stream("body ended early: stream finished".into()))?;
+        if let Some(event) = decoder.feed(chunk.bytes)? {
+            return Ok(event);
         }
     }
 }

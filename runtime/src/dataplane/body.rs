@@ -6,16 +6,18 @@ use hyper::body::{Body, Frame};
 use quinn::{RecvStream, SendStream};
 
 use super::{header_map, BoxError, ProxyBody};
-use crate::tunnel::{self, BodyPart, TunnelError};
+use crate::tunnel::{self, TunnelError};
+use crate::wire::body::{BodyDecoder, BodyEvent};
 
 /// A hyper body that reads framed chunks from a tunnel stream as they arrive.
 pub fn from_tunnel(recv: RecvStream) -> ProxyBody {
-    let frames = futures::stream::unfold(Some(recv), |state| async move {
-        let mut recv = state?;
-        match tunnel::read_part(&mut recv).await {
-            Ok(BodyPart::Data(b)) => Some((Ok(Frame::data(b)), Some(recv))),
-            Ok(BodyPart::Trailers(t)) => Some((Ok(Frame::trailers(header_map(&t))), None)),
-            Ok(BodyPart::End) => None,
+    let start = Some((recv, BodyDecoder::new()));
+    let frames = futures::stream::unfold(start, |state| async move {
+        let (mut recv, mut decoder) = state?;
+        match tunnel::read_body(&mut recv, &mut decoder).await {
+            Ok(BodyEvent::Data(b)) => Some((Ok(Frame::data(b)), Some((recv, decoder)))),
+            Ok(BodyEvent::Trailers(t)) => Some((Ok(Frame::trailers(header_map(&t))), None)),
+            Ok(BodyEvent::End) => None,
             Err(e) => Some((Err(BoxError::from(e)), None)),
         }
     });
@@ -31,7 +33,7 @@ where
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| TunnelError::Stream(format!("body: {e}")))?;
         match frame.into_data() {
-            Ok(data) => tunnel::write_chunk(send, data).await?,
+            Ok(data) => tunnel::write_data(send, data).await?,
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
                     let pairs = trailers

@@ -2,7 +2,8 @@
 //!
 //! Every QUIC bidirectional stream between nodes opens with one frame holding a
 //! [`RequestHead`]; the answer opens with one frame holding a [`ResponseHead`];
-//! bodies then flow as raw bytes. A frame is a 4-byte big-endian payload length
+//! HTTP bodies then flow as framed parts ([`body`]), TCP streams and upgraded
+//! connections as raw bytes. A frame is a 4-byte big-endian payload length
 //! followed by a bincode 2 payload (standard config, decode limit
 //! [`MAX_FRAME`]). Keeping every bincode call here means the format can be
 //! swapped (for postcard, say) by editing one file.
@@ -14,10 +15,18 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// Largest payload of one frame, in bytes (DESIGN section 5: "tunnel frame
-/// header <= 16 KiB"). Bounds both what we send and what we accept, so a peer
-/// can never make us buffer more than this for a head.
-pub const MAX_FRAME: usize = 16 * 1024;
+pub mod body;
+
+/// Largest HTTP request or response head the mesh admits, counted as the
+/// bytes of the method, target and every header name and value. The proxy
+/// refuses larger heads (431 / 502) before anything crosses the tunnel.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Largest payload of one frame, in bytes: a head of [`MAX_HEAD_BYTES`] plus
+/// its encoding overhead (at most [`MAX_HEADERS`] pairs of length varints,
+/// service and instance names), so the frame limit never refuses what the
+/// HTTP side admits. Bounds what we send and what we accept alike.
+pub const MAX_FRAME: usize = MAX_HEAD_BYTES + 8 * 1024;
 
 /// Length of the big-endian length prefix, so async readers know how much to
 /// read before calling [`frame_len`].

@@ -96,7 +96,7 @@ fn oversized_prefix_is_refused_before_reading() {
         Err(WireError::TooLarge { len, max }) if len == MAX_FRAME + 1 && max == MAX_FRAME
     ));
     // Only the prefix is present: refused at once rather than asking for
-    // 16 KiB more (and so never buffering it).
+    // a whole frame more (and so never buffering it).
     assert!(matches!(
         decode::<RequestHead>(&prefix),
         Err(WireError::TooLarge { .. })
@@ -245,11 +245,33 @@ fn max_headers_round_trip() {
 
 #[test]
 fn errors_read_clearly() {
-    let err = frame_len([0, 0, 0x40, 0x01]).unwrap_err();
+    let err = frame_len([0, 1, 0x20, 0x01]).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "frame of 16385 bytes exceeds the limit of 16384 bytes"
+        "frame of 73729 bytes exceeds the limit of 73728 bytes"
     );
+}
+
+#[test]
+fn the_largest_head_http_admits_fits_a_frame() {
+    // MAX_HEADERS headers whose names and values add up to MAX_HEAD_BYTES,
+    // the worst case for the length varints.
+    let mut head = sample_request();
+    let per = MAX_HEAD_BYTES / MAX_HEADERS;
+    head.uri = String::new();
+    head.headers = (0..MAX_HEADERS)
+        .map(|i| {
+            let name = format!("x-h{i:04}");
+            let value = vec![b'v'; per - name.len()];
+            (name, value)
+        })
+        .collect();
+    let bytes = encode(&head).expect("a head at the HTTP limit encodes");
+    assert!(bytes.len() <= PREFIX_LEN + MAX_FRAME);
+    assert!(matches!(
+        decode::<RequestHead>(&bytes).unwrap(),
+        Decoded::Frame { msg, .. } if msg == head
+    ));
 }
 
 // === Properties ===
