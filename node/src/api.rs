@@ -48,6 +48,9 @@ pub struct ApiState {
     pub stats: StatsHandle,
     /// The data plane (retry budget use).
     pub dataplane: Arc<DataPlane>,
+    /// This node's own ports, which no instance may use (the proxy would
+    /// call itself): (port, what it is).
+    pub reserved_ports: Vec<(u16, &'static str)>,
 }
 
 /// The handler the Listener serves.
@@ -325,6 +328,12 @@ async fn put_service(state: &ApiState, body: &Value) -> Reply {
         Ok(r) => r,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
+    if let Some((port, what)) = state.reserved_ports.iter().find(|(p, _)| *p == record.port) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("field \"port\": {port} is this node's {what} port"),
+        );
+    }
     let id = record.id.clone();
     match state.registry.put(&state.cluster, record).await {
         Ok(()) => {

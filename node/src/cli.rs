@@ -133,6 +133,10 @@ pub struct NodeArgs {
     /// Gossip round period, e.g. 250ms [default: 250ms].
     #[arg(long, env = "WEFT_GOSSIP_INTERVAL", value_name = "DURATION")]
     pub gossip_interval: Option<String>,
+    /// Connections open at once per listener: the proxy, each TCP upstream,
+    /// tunnel connections from peers [default: 10000].
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
     /// TOML file with any of these settings (flags and WEFT_* win).
     #[arg(long, env = "WEFT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,

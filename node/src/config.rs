@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use weft_runtime::dataplane::RetryPolicy;
+use weft_runtime::dataplane::{Limits, RetryPolicy};
 
 use crate::cli::NodeArgs;
 use crate::NodeError;
@@ -44,6 +44,7 @@ pub struct FileConfig {
     socket: Option<PathBuf>,
     gossip_interval: Option<String>,
     retry_policy: Option<String>,
+    max_connections: Option<usize>,
 }
 
 /// A validated node configuration.
@@ -78,6 +79,8 @@ pub struct NodeConfig {
     pub gossip_interval: Duration,
     /// Default retry wait policy.
     pub retry_policy: RetryPolicy,
+    /// Connections open at once per listener.
+    pub max_connections: usize,
 }
 
 impl NodeConfig {
@@ -203,6 +206,15 @@ impl NodeConfig {
                 ))
             })?,
         };
+        let max_connections = args
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(Limits::default().max_connections);
+        if max_connections == 0 {
+            return Err(NodeError::Config(
+                "--max-connections must be at least 1".into(),
+            ));
+        }
         let data_dir = args
             .data_dir
             .clone()
@@ -227,6 +239,7 @@ impl NodeConfig {
             socket,
             gossip_interval,
             retry_policy,
+            max_connections,
         })
     }
 }

@@ -10,7 +10,7 @@ use actix::{Actor, Supervisor};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use weft_gossip::{Cluster, ClusterConfig, Key, NodeInfo, NodeStatus};
-use weft_runtime::dataplane::{DataPlane, DataPlaneParts, Timeouts};
+use weft_runtime::dataplane::{DataPlane, DataPlaneParts, Limits, Timeouts};
 use weft_runtime::gossip_writer::GossipWriter;
 use weft_runtime::health_checker::{HealthChecker, SetRegistrations};
 use weft_runtime::listener::{Listener, StopListening};
@@ -162,6 +162,9 @@ async fn serve(
         tunnels,
         outcomes,
         timeouts: Timeouts::default(),
+        limits: Limits {
+            max_connections: cfg.max_connections,
+        },
         writer: Some(writer.clone()),
         stats: stats.clone(),
         policy: cfg.retry_policy,
@@ -176,6 +179,11 @@ async fn serve(
         metrics,
         stats: stats.clone(),
         dataplane: dataplane.clone(),
+        reserved_ports: vec![
+            (cfg.proxy.port(), "proxy"),
+            (cfg.admin.port(), "admin"),
+            (cfg.tunnel.port(), "tunnel"),
+        ],
     });
     let listener = Listener::new(
         socket,

@@ -39,6 +39,27 @@ impl OutcomeClass {
     }
 }
 
+/// Which side of the tunnel saw the attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// The caller's node (the outbound proxy or a TCP upstream): these feed
+    /// the statistics and the learned behaviour.
+    Outbound,
+    /// The node that handed a peer's request to its own instance: counted
+    /// in metrics only, so the cluster-wide merge counts each attempt once.
+    Inbound,
+}
+
+impl Direction {
+    /// The label used in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
 /// One finished attempt.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -58,6 +79,8 @@ pub struct Outcome {
     pub attempt: u8,
     /// The last attempt of its request: its class is what the app saw.
     pub last: bool,
+    /// Caller's side or serving side.
+    pub direction: Direction,
 }
 
 /// Where the data plane sends outcomes; never blocks, drops when full.

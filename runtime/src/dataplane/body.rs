@@ -5,7 +5,8 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Body, Frame};
 use quinn::{RecvStream, SendStream};
 
-use super::{header_map, BoxError, ProxyBody};
+use super::request::header_map;
+use super::{BoxError, ProxyBody};
 use crate::tunnel::{self, TunnelError};
 use crate::wire::body::{BodyDecoder, BodyEvent};
 

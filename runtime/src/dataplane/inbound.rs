@@ -2,15 +2,19 @@
 //! node's own instances.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use hyper::Request;
 use quinn::{Endpoint, RecvStream, SendStream};
 use tokio::net::TcpStream;
 
-use super::outbound::{forward_local, Failure};
-use super::{body, codes, DataPlane};
+use super::error::MeshError;
+use super::local::LocalFailure;
+use super::request::{wire_pairs, Forward};
+use super::splice::{reset_tcp, splice, SpliceEnd};
+use super::{body, ConnectionLimit, DataPlane, ProxyBody};
+use crate::outcome::{Direction, Outcome, OutcomeClass};
 use crate::tunnel::{self, TunnelError};
+use crate::wire::body::{BodyDecoder, BodyEvent};
 use crate::wire::{RequestHead, ResponseHead, StreamKind};
 
 /// How long a peer may take to send a stream's header frame.
@@ -18,7 +22,12 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts tunnel connections until the endpoint closes.
 pub async fn serve(endpoint: Endpoint, dp: Arc<DataPlane>) {
+    let limit = ConnectionLimit::new("tunnel_connections", dp.limits.max_connections);
     while let Some(incoming) = endpoint.accept().await {
+        let Some(permit) = limit.admit() else {
+            incoming.refuse();
+            continue;
+        };
         let dp = dp.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
@@ -41,20 +50,25 @@ pub async fn serve(endpoint: Endpoint, dp: Arc<DataPlane>) {
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "tunnel connection closed");
-                        return;
+                        break;
                     }
                 }
             }
+            drop(permit);
         });
     }
 }
 
-fn refusal(code: &str, status: u16) -> ResponseHead {
-    ResponseHead {
-        status,
+/// Answers a stream with a mesh error instead of an instance's response.
+async fn refuse(send: &mut SendStream, error: MeshError) -> Result<(), TunnelError> {
+    let head = ResponseHead {
+        status: error.status().as_u16(),
         headers: Vec::new(),
-        error: Some(code.to_string()),
-    }
+        error: Some(error.code().to_string()),
+    };
+    tunnel::write_frame(send, &head).await?;
+    let _ = send.finish();
+    Ok(())
 }
 
 async fn handle_stream(
@@ -66,8 +80,7 @@ async fn handle_stream(
         .await
         .map_err(|_| TunnelError::Stream("no header frame in time".into()))??;
     if let Err(e) = head.validate() {
-        let _ = tunnel::write_frame(&mut send, &refusal("bad-request", 400)).await;
-        let _ = send.finish();
+        refuse(&mut send, MeshError::BadRequest).await?;
         return Err(e.into());
     }
     // Only instances this node hosts, as the catalog says, are reachable.
@@ -80,77 +93,131 @@ async fn handle_stream(
             .map(|i| i.port)
     };
     let Some(port) = port else {
-        tunnel::write_frame(&mut send, &refusal(codes::NO_HEALTHY_INSTANCE, 503)).await?;
-        let _ = send.finish();
-        return Ok(());
+        return refuse(&mut send, MeshError::NoHealthyInstance).await;
     };
     match head.kind {
-        StreamKind::Http => http(dp, head, port, send, recv).await,
+        StreamKind::Http => Inbound { dp, head, port }.http(send, recv).await,
         StreamKind::Tcp => tcp(dp, port, send, recv).await,
     }
 }
 
-async fn http(
-    dp: &DataPlane,
+/// A peer's HTTP request for one of this node's instances.
+struct Inbound<'a> {
+    dp: &'a DataPlane,
     head: RequestHead,
     port: u16,
-    mut send: SendStream,
-    recv: RecvStream,
-) -> Result<(), TunnelError> {
-    let mut req = Request::new(body::from_tunnel(recv));
-    *req.method_mut() = http::Method::from_bytes(head.method.as_bytes())
-        .map_err(|e| TunnelError::Stream(format!("bad method: {e}")))?;
-    *req.uri_mut() = head
-        .uri
-        .parse()
-        .map_err(|e| TunnelError::Stream(format!("bad uri: {e}")))?;
-    if head.http2 {
-        *req.version_mut() = http::Version::HTTP_2;
+}
+
+impl Inbound<'_> {
+    async fn http(self, mut send: SendStream, mut recv: RecvStream) -> Result<(), TunnelError> {
+        let upgrade = super::request::is_upgrade(&super::request::header_map(&self.head.headers));
+        // An upgrade's body is read here, so the stream is left at the raw
+        // bytes that follow a 101.
+        let (body, recv) = if upgrade {
+            (read_whole_body(&mut recv).await?, Some(recv))
+        } else {
+            (body::from_tunnel(recv), None)
+        };
+        let req = match Forward::from_wire(&self.head, body) {
+            Ok(req) => req,
+            Err(detail) => {
+                refuse(&mut send, MeshError::BadRequest).await?;
+                return Err(TunnelError::Stream(detail));
+            }
+        };
+        let start = Instant::now();
+        let deadline = Duration::from_millis(u64::from(self.head.deadline_ms.max(1)));
+        let result = tokio::time::timeout(deadline, self.dp.local.call(self.port, req)).await;
+        let mut resp = match result {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(LocalFailure::Unreachable(detail))) => {
+                tracing::debug!(detail, "local instance unreachable");
+                self.record(OutcomeClass::Unreachable, None, start);
+                return refuse(&mut send, MeshError::UpstreamUnreachable).await;
+            }
+            Ok(Err(LocalFailure::Mesh(error, detail))) => {
+                tracing::debug!(detail, %error, "refused by the mesh's limits");
+                return refuse(&mut send, error).await;
+            }
+            Err(_) => {
+                self.record(OutcomeClass::Timeout, None, start);
+                return refuse(&mut send, MeshError::UpstreamTimeout).await;
+            }
+        };
+        let status = resp.status();
+        self.record(
+            OutcomeClass::from_status(status.as_u16()),
+            Some(status.as_u16()),
+            start,
+        );
+        let head = ResponseHead {
+            status: status.as_u16(),
+            headers: wire_pairs(resp.headers()),
+            error: None,
+        };
+        if let (Some(recv), hyper::StatusCode::SWITCHING_PROTOCOLS) = (recv, status) {
+            let upgraded = hyper::upgrade::on(&mut resp);
+            tunnel::write_frame(&mut send, &head).await?;
+            let io = upgraded
+                .await
+                .map_err(|e| TunnelError::Stream(format!("upgrade: {e}")))?;
+            splice(hyper_util::rt::TokioIo::new(io), send, recv).await;
+            return Ok(());
+        }
+        tunnel::write_frame(&mut send, &head).await?;
+        body::to_tunnel(resp.into_body(), &mut send).await?;
+        let _ = send.finish();
+        Ok(())
     }
-    *req.headers_mut() = super::header_map(&head.headers);
-    let deadline = Duration::from_millis(u64::from(head.deadline_ms.max(1)));
-    let result = tokio::time::timeout(deadline, forward_local(dp, &head.service, port, req)).await;
-    let resp = match result {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(Failure::Unreachable(detail) | Failure::Remote(_, detail))) => {
-            tracing::debug!(detail, "local instance unreachable");
-            tunnel::write_frame(&mut send, &refusal(codes::UPSTREAM_UNREACHABLE, 502)).await?;
-            let _ = send.finish();
-            return Ok(());
+
+    fn record(&self, class: OutcomeClass, status: Option<u16>, start: Instant) {
+        self.dp.outcomes.record(Outcome {
+            service: self.head.service.clone(),
+            node: self.dp.node.clone(),
+            instance: self.head.instance.clone(),
+            class,
+            status,
+            latency: start.elapsed(),
+            attempt: self.head.attempt,
+            last: true,
+            direction: Direction::Inbound,
+        });
+    }
+}
+
+/// Reads a (small) framed body to its end, leaving the stream after it.
+async fn read_whole_body(recv: &mut RecvStream) -> Result<ProxyBody, TunnelError> {
+    use http_body_util::BodyExt;
+    let mut decoder = BodyDecoder::new();
+    let mut data = bytes::BytesMut::new();
+    loop {
+        match tunnel::read_body(recv, &mut decoder).await? {
+            BodyEvent::Data(b)
+                if data.len() + b.len() <= crate::policy::retry::MAX_BUFFERED_BODY =>
+            {
+                data.extend_from_slice(&b)
+            }
+            BodyEvent::Data(_) => {
+                return Err(TunnelError::Stream("upgrade request body too large".into()))
+            }
+            BodyEvent::Trailers(_) | BodyEvent::End => break,
         }
-        Err(_) => {
-            tunnel::write_frame(&mut send, &refusal(codes::UPSTREAM_TIMEOUT, 504)).await?;
-            let _ = send.finish();
-            return Ok(());
-        }
-    };
-    let (parts, body) = resp.into_parts();
-    let head = ResponseHead {
-        status: parts.status.as_u16(),
-        headers: super::end_to_end_headers(&parts.headers),
-        error: None,
-    };
-    tunnel::write_frame(&mut send, &head).await?;
-    body::to_tunnel(body, &mut send).await?;
-    let _ = send.finish();
-    Ok(())
+    }
+    Ok(http_body_util::Full::new(data.freeze())
+        .map_err(|never| match never {})
+        .boxed())
 }
 
 async fn tcp(
     dp: &DataPlane,
     port: u16,
     mut send: SendStream,
-    mut recv: RecvStream,
+    recv: RecvStream,
 ) -> Result<(), TunnelError> {
     let conn =
         tokio::time::timeout(dp.timeouts.connect, TcpStream::connect(("127.0.0.1", port))).await;
-    let stream = match conn {
-        Ok(Ok(s)) => s,
-        _ => {
-            tunnel::write_frame(&mut send, &refusal(codes::UPSTREAM_UNREACHABLE, 502)).await?;
-            let _ = send.finish();
-            return Ok(());
-        }
+    let Ok(Ok(stream)) = conn else {
+        return refuse(&mut send, MeshError::UpstreamUnreachable).await;
     };
     let _ = stream.set_nodelay(true);
     tunnel::write_frame(
@@ -162,6 +229,9 @@ async fn tcp(
         },
     )
     .await?;
-    super::tcp::splice(stream, send, &mut recv).await;
+    let (stream, end) = splice(stream, send, recv).await;
+    if end == SpliceEnd::PeerReset {
+        reset_tcp(stream);
+    }
     Ok(())
 }

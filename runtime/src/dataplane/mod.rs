@@ -6,23 +6,30 @@
 //! - [`outbound`]: the HTTP/1.1 + h2c proxy apps call (`127.0.0.1:4140`).
 //! - [`inbound`]: QUIC streams from peer nodes, handed to local instances.
 //! - [`tcp`]: `weft upstream` listeners, one QUIC stream per connection.
+//! - [`request`]: what is forwarded of a request (target, headers, hops).
+//! - [`local`]: calls to instances on this host.
+//! - [`error`]: the errors the mesh answers with (`weft-error`).
+//! - [`splice`]: raw bytes between a connection and a tunnel stream.
 //! - [`body`]: conversions between hyper bodies and tunnel streams.
 
 pub mod body;
+pub mod error;
 pub mod inbound;
+pub mod local;
 pub mod outbound;
+pub mod request;
+pub mod splice;
 pub mod tcp;
+
+pub use error::{MeshError, WEFT_ERROR};
+pub use local::LocalClients;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Response, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weft_gossip::Instance;
 
 use weft_gossip::view::EJECTED_PREFIX;
@@ -42,23 +49,6 @@ use crate::tunnel::TunnelPool;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type the proxy serves and sends.
 pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
-
-/// The header that marks errors made by the mesh itself.
-pub const WEFT_ERROR: &str = "weft-error";
-
-/// Mesh error codes (DESIGN section 5).
-pub mod codes {
-    /// No such service in the catalog.
-    pub const UNKNOWN_SERVICE: &str = "unknown-service";
-    /// The service exists but has no routable instance.
-    pub const NO_HEALTHY_INSTANCE: &str = "no-healthy-instance";
-    /// No response head within the deadline.
-    pub const UPSTREAM_TIMEOUT: &str = "upstream-timeout";
-    /// The instance or its node could not be reached.
-    pub const UPSTREAM_UNREACHABLE: &str = "upstream-unreachable";
-    /// A retry was needed and the retry budget refused it.
-    pub const RETRY_BUDGET_EXHAUSTED: &str = "retry-budget-exhausted";
-}
 
 /// How long a retry to the same instance waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -86,8 +76,10 @@ impl RetryPolicy {
 pub struct Timeouts {
     /// TCP or QUIC connect.
     pub connect: Duration,
-    /// Until the response head arrives.
+    /// Until the response head arrives, unless the service sets its own.
     pub request: Duration,
+    /// How long an app connection may take to send a request head.
+    pub header_read: Duration,
 }
 
 impl Default for Timeouts {
@@ -95,39 +87,53 @@ impl Default for Timeouts {
         Timeouts {
             connect: Duration::from_secs(1),
             request: Duration::from_secs(30),
+            header_read: Duration::from_secs(10),
         }
     }
 }
 
-/// Keep-alive clients to this node's own instances.
+/// Caps on what apps and peers may open.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once per listener (proxy, each TCP upstream,
+    /// tunnel connections from peers).
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// A per-listener connection cap: a connection over it is closed at once
+/// and counted in `weft_limit_refused_total{limit}`.
 #[derive(Debug, Clone)]
-pub struct LocalClients {
-    http1: Client<HttpConnector, ProxyBody>,
-    h2: Client<HttpConnector, ProxyBody>,
+pub struct ConnectionLimit {
+    name: &'static str,
+    permits: Arc<Semaphore>,
 }
 
-impl LocalClients {
-    fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(connector);
-        LocalClients { http1, h2 }
+impl ConnectionLimit {
+    /// A cap of `max` connections, counted under `name`.
+    pub fn new(name: &'static str, max: usize) -> Self {
+        ConnectionLimit {
+            name,
+            permits: Arc::new(Semaphore::new(max)),
+        }
     }
 
-    /// The client for a request of this HTTP version.
-    pub fn for_version(&self, version: http::Version) -> &Client<HttpConnector, ProxyBody> {
-        if version == http::Version::HTTP_2 {
-            &self.h2
-        } else {
-            &self.http1
+    /// A permit to hold while the connection lives, or `None` (counted) when
+    /// the listener is full.
+    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.permits.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            metrics::counter!("weft_limit_refused_total", "limit" => self.name).increment(1);
+            tracing::debug!(limit = self.name, "connection refused: listener at its cap");
         }
+        permit
     }
 }
 
@@ -146,6 +152,8 @@ pub struct DataPlane {
     pub outcomes: OutcomeSink,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// Connection caps.
+    pub limits: Limits,
     balancer: Mutex<Balancer<(String, String)>>,
     outliers: Mutex<OutlierDetector<(String, String)>>,
     writer: Option<GossipWriter>,
@@ -167,6 +175,8 @@ pub struct DataPlaneParts {
     pub outcomes: OutcomeSink,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// Connection caps.
+    pub limits: Limits,
     /// Gossip writes (outlier votes); `None` in tests without gossip.
     pub writer: Option<GossipWriter>,
     /// Merged statistics (the learned delay).
@@ -184,6 +194,7 @@ impl DataPlane {
             tunnels,
             outcomes,
             timeouts,
+            limits,
             writer,
             stats,
             policy,
@@ -195,6 +206,7 @@ impl DataPlane {
             local: LocalClients::new(timeouts.connect),
             outcomes,
             timeouts,
+            limits,
             balancer: Mutex::new(Balancer::new(
                 Duration::from_millis(30),
                 Duration::from_secs(10),
@@ -330,10 +342,10 @@ impl DataPlane {
         service: &str,
         protocol: &str,
         exclude: &[(String, String)],
-    ) -> Result<Instance, &'static str> {
+    ) -> Result<Instance, MeshError> {
         let all = snap.catalog.instances(service);
         if all.is_empty() {
-            return Err(codes::UNKNOWN_SERVICE);
+            return Err(MeshError::UnknownService);
         }
         let now = Instant::now();
         let usable: Vec<&Instance> = all
@@ -376,7 +388,7 @@ impl DataPlane {
                     .find(|i| i.node == node && i.id == id)
                     .map(|i| (*i).clone())
             })
-            .ok_or(codes::NO_HEALTHY_INSTANCE)
+            .ok_or(MeshError::NoHealthyInstance)
     }
 
     /// Marks the start of a request to an instance (raises its load).
@@ -389,115 +401,5 @@ impl DataPlane {
         let mut b = self.balancer();
         b.end(key);
         b.observe(key, latency, Instant::now());
-    }
-}
-
-/// A response made by the mesh itself, with the `weft-error` header.
-pub fn mesh_error(status: StatusCode, code: &str, detail: &str) -> Response<ProxyBody> {
-    let body = Full::new(Bytes::from(format!("weft: {code}: {detail}\n")))
-        .map_err(|never| match never {})
-        .boxed();
-    let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    if let Ok(v) = http::HeaderValue::from_str(code) {
-        resp.headers_mut().insert(WEFT_ERROR, v);
-    }
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-/// The status that goes with a mesh error code.
-pub fn status_for(code: &str) -> StatusCode {
-    match code {
-        codes::UPSTREAM_TIMEOUT => StatusCode::GATEWAY_TIMEOUT,
-        codes::UPSTREAM_UNREACHABLE => StatusCode::BAD_GATEWAY,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
-    }
-}
-
-/// Headers that belong to one hop and are never forwarded.
-pub fn is_hop_by_hop(name: &http::HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "upgrade"
-            | "trailer"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-    )
-}
-
-/// Copies end-to-end headers, dropping hop-by-hop ones and those named in `Connection`.
-pub fn end_to_end_headers(headers: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
-    let named: Vec<String> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .collect();
-    headers
-        .iter()
-        .filter(|(name, value)| {
-            let te_other_than_trailers = name.as_str() == "te" && value.as_bytes() != b"trailers";
-            !(is_hop_by_hop(name)
-                || te_other_than_trailers
-                || named.iter().any(|n| n == name.as_str()))
-        })
-        .map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec()))
-        .collect()
-}
-
-/// Rebuilds a header map from wire pairs, skipping anything invalid.
-pub fn header_map(pairs: &[(String, Vec<u8>)]) -> http::HeaderMap {
-    let mut map = http::HeaderMap::with_capacity(pairs.len());
-    for (name, value) in pairs {
-        if let (Ok(n), Ok(v)) = (
-            http::HeaderName::from_bytes(name.as_bytes()),
-            http::HeaderValue::from_bytes(value),
-        ) {
-            if !is_hop_by_hop(&n) {
-                map.append(n, v);
-            }
-        }
-    }
-    map
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_dropped() {
-        let mut h = http::HeaderMap::new();
-        h.insert("connection", "close, x-private".parse().unwrap());
-        h.insert("x-private", "1".parse().unwrap());
-        h.insert("keep-alive", "5".parse().unwrap());
-        h.insert("te", "gzip".parse().unwrap());
-        h.insert("x-request-id", "abc".parse().unwrap());
-        let kept = end_to_end_headers(&h);
-        assert_eq!(kept, vec![("x-request-id".to_string(), b"abc".to_vec())]);
-        let mut h = http::HeaderMap::new();
-        h.insert("te", "trailers".parse().unwrap());
-        assert_eq!(end_to_end_headers(&h).len(), 1);
-    }
-
-    #[test]
-    fn header_map_skips_invalid() {
-        let map = header_map(&[
-            ("x-ok".into(), b"1".to_vec()),
-            ("bad name".into(), b"1".to_vec()),
-            ("x-bad-value".into(), b"a\nb".to_vec()),
-            ("transfer-encoding".into(), b"chunked".to_vec()),
-        ]);
-        assert_eq!(map.len(), 1);
-        assert_eq!(map["x-ok"], "1");
     }
 }

@@ -1,33 +1,38 @@
-//! The outbound proxy: apps send HTTP/1.1 or h2c here; the service is the
+//! The outbound proxy: apps send HTTP/1.x or h2c here; the service is the
 //! request's authority (absolute-form URI or Host header).
+//!
+//! A request passes once through: [`Forward::parse`] (target, limits, hops),
+//! the attempt loop (pick, forward, classify, retry decision) and, for an
+//! upgrade, the splice of the two upgraded connections.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use weft_gossip::Instance;
 
-use super::{
-    body, codes, end_to_end_headers, header_map, mesh_error, status_for, BoxError, DataPlane,
-    ProxyBody,
-};
-use crate::outcome::{Outcome, OutcomeClass};
+use super::error::MeshError;
+use super::local::{LocalFailure, H2_MAX_HEADER_LIST};
+use super::request::{header_map, Forward};
+use super::splice::splice;
+use super::{body, BoxError, ConnectionLimit, DataPlane, ProxyBody};
+use crate::outcome::{Direction, Outcome, OutcomeClass};
 use crate::policy::retry::{self, AttemptResult};
 use crate::tunnel::{self, TunnelError};
-use crate::wire::{RequestHead, ResponseHead, StreamKind, WIRE_VERSION};
-use bytes::Bytes;
-use http_body_util::{Full, StreamBody};
-use hyper::body::Frame;
+use crate::wire::{ResponseHead, MAX_HEADERS};
 
 /// Accepts app connections until the task is aborted.
 pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>) {
+    let limit = ConnectionLimit::new("proxy_connections", dp.limits.max_connections);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -37,54 +42,49 @@ pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>) {
                 continue;
             }
         };
+        let Some(permit) = limit.admit() else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let dp = dp.clone();
         tokio::spawn(async move {
+            let header_read = dp.timeouts.header_read;
             let service = service_fn(move |req| {
                 let dp = dp.clone();
                 async move { Ok::<_, Infallible>(handle(dp, req).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read)
+                .max_headers(MAX_HEADERS);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(H2_MAX_HEADER_LIST);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "proxy connection ended with an error");
             }
+            drop(permit);
         });
     }
 }
 
-/// The service a request is for: the authority's host, without port.
-pub fn service_of<B>(req: &Request<B>) -> Option<String> {
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.host().to_string())
-        .or_else(|| {
-            let host = req.headers().get(http::header::HOST)?.to_str().ok()?;
-            let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
-            Some(host.to_string())
-        })?;
-    let name = authority.trim_end_matches('.').to_ascii_lowercase();
-    (!name.is_empty()).then_some(name)
-}
-
-async fn handle(dp: Arc<DataPlane>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let Some(service) = service_of(&req) else {
-        return mesh_error(
-            StatusCode::BAD_REQUEST,
-            "bad-request",
-            "no service: send an absolute URI or a Host header naming the service",
-        );
+async fn handle(dp: Arc<DataPlane>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let upgrade = hyper::upgrade::on(&mut req);
+    let (parts, body) = req.into_parts();
+    let fwd = match Forward::parse(&parts) {
+        Ok(f) => f,
+        Err((error, detail)) => return refuse(error, &detail),
     };
+    let upgrade = fwd.upgrade.then_some(upgrade);
     let mut instance = {
         let snap = dp.router.load();
-        match dp.pick(&snap, &service, "http", &[]) {
+        match dp.pick(&snap, &fwd.service, "http", &[]) {
             Ok(i) => i,
-            Err(code) => {
-                return mesh_error(status_for(code), code, &format!("service {service:?}"))
-            }
+            Err(error) => return error.response(&format!("service {:?}", fwd.service)),
         }
     };
     let timeout = instance
@@ -92,46 +92,49 @@ async fn handle(dp: Arc<DataPlane>, req: Request<Incoming>) -> Response<ProxyBod
         .map(Duration::from_millis)
         .unwrap_or(dp.timeouts.request);
     let deadline = Instant::now() + timeout;
-    let retry_method =
-        retry::method_is_idempotent(req.method().as_str()) || instance.retry_non_idempotent;
+    let retry_method = !fwd.upgrade
+        && (retry::method_is_idempotent(fwd.method.as_str()) || instance.retry_non_idempotent);
     dp.record_request();
-    let (parts, body) = req.into_parts();
-    let head = Head::from(&parts);
     // Bodies up to 64 KiB are kept so that an attempt can be sent again.
     let mut body = if retry_method {
         Replay::buffer(body).await
     } else {
         Replay::Once(Some(body.map_err(Into::into).boxed()))
     };
+    let mut upgrade = upgrade;
+    let service = fwd.service.clone();
     let mut tried: Vec<(String, String)> = Vec::new();
     let mut attempt: u8 = 0;
     loop {
         let key = (instance.node.clone(), instance.id.clone());
         let Some(attempt_body) = body.next() else {
             // Cannot happen: a streamed body is never retried.
-            return mesh_error(
-                StatusCode::BAD_GATEWAY,
-                codes::UPSTREAM_UNREACHABLE,
-                "body already sent",
-            );
+            return MeshError::UpstreamUnreachable.response("body already sent");
         };
         dp.started(&key);
         let start = Instant::now();
         let remaining = deadline.saturating_duration_since(start);
-        let result = tokio::time::timeout(
+        let sent = Attempt {
+            dp: &dp,
+            fwd: &fwd,
+            instance: &instance,
             remaining,
-            forward(
-                &dp,
-                &service,
-                &instance,
-                head.request(attempt_body),
-                attempt,
-            ),
-        )
-        .await;
+            attempt,
+        };
+        let result = tokio::time::timeout(remaining, sent.send(attempt_body, upgrade.take())).await;
         let latency = start.elapsed();
         dp.finished(&key, latency);
-        let (class, status, result_kind, resp) = classify(result, timeout);
+        let result = result.unwrap_or_else(|_| {
+            Err(Failure(
+                MeshError::UpstreamTimeout,
+                format!("no response within {timeout:?}"),
+            ))
+        });
+        let (class, status, result_kind, resp) = match classify(result) {
+            Classified::Instance(class, status, kind, resp) => (class, status, kind, resp),
+            // The mesh's own limit: not the instance's doing, never retried.
+            Classified::MeshLimit(resp) => return resp,
+        };
         let retryable = retry::is_retryable(result_kind);
         dp.observe_outcome(&service, &key, retryable);
         if attempt > 0 {
@@ -161,6 +164,7 @@ async fn handle(dp: Arc<DataPlane>, req: Request<Incoming>) -> Response<ProxyBod
             latency,
             attempt,
             last: verdict != Verdict::Retry,
+            direction: Direction::Outbound,
         });
         match verdict {
             Verdict::Done => return resp,
@@ -174,16 +178,10 @@ async fn handle(dp: Arc<DataPlane>, req: Request<Incoming>) -> Response<ProxyBod
                     .increment(1);
                 metrics::counter!("weft_retry_budget_exhausted_total", "service" => service.clone())
                     .increment(1);
-                return mesh_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    codes::RETRY_BUDGET_EXHAUSTED,
-                    &format!(
-                        "attempt failed ({}) and the retry budget is spent",
-                        status
-                            .map(|s| s.to_string())
-                            .unwrap_or_else(|| class.as_str().to_string())
-                    ),
-                );
+                let what = status.map_or_else(|| class.as_str().to_string(), |s| s.to_string());
+                return MeshError::RetryBudgetExhausted.response(&format!(
+                    "attempt failed ({what}) and the retry budget is spent"
+                ));
             }
             Verdict::Retry => {}
         }
@@ -207,6 +205,17 @@ async fn handle(dp: Arc<DataPlane>, req: Request<Incoming>) -> Response<ProxyBod
     }
 }
 
+/// A request the proxy refuses before any instance is picked.
+fn refuse(error: MeshError, detail: &str) -> Response<ProxyBody> {
+    let limit = match error {
+        MeshError::RequestHeadersTooLarge => "request_head",
+        MeshError::LoopDetected => "hops",
+        _ => "bad_request",
+    };
+    metrics::counter!("weft_limit_refused_total", "limit" => limit).increment(1);
+    error.response(detail)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
     Done,
@@ -215,90 +224,194 @@ enum Verdict {
     BudgetExhausted,
 }
 
-type AttemptOutput = Result<Result<Response<ProxyBody>, Failure>, tokio::time::error::Elapsed>;
+/// Why an attempt produced no response from the instance.
+#[derive(Debug)]
+pub struct Failure(pub MeshError, pub String);
 
-/// Turns an attempt into (class, status, retry input, response for the app).
-fn classify(
-    result: AttemptOutput,
-    timeout: Duration,
-) -> (
-    OutcomeClass,
-    Option<u16>,
-    AttemptResult,
-    Response<ProxyBody>,
-) {
+impl From<TunnelError> for Failure {
+    fn from(e: TunnelError) -> Self {
+        Failure(MeshError::UpstreamUnreachable, e.to_string())
+    }
+}
+
+impl From<LocalFailure> for Failure {
+    fn from(f: LocalFailure) -> Self {
+        match f {
+            LocalFailure::Unreachable(detail) => Failure(MeshError::UpstreamUnreachable, detail),
+            LocalFailure::Mesh(error, detail) => Failure(error, detail),
+        }
+    }
+}
+
+/// An attempt as the statistics and the retry rules see it.
+enum Classified {
+    /// The instance answered or failed: (class, status, retry input, response).
+    Instance(
+        OutcomeClass,
+        Option<u16>,
+        AttemptResult,
+        Response<ProxyBody>,
+    ),
+    /// The mesh's own limit or protocol error.
+    MeshLimit(Response<ProxyBody>),
+}
+
+fn classify(result: Result<Response<ProxyBody>, Failure>) -> Classified {
     match result {
-        Ok(Ok(resp)) => {
+        Ok(resp) => {
             let status = resp.status().as_u16();
-            (
+            Classified::Instance(
                 OutcomeClass::from_status(status),
                 Some(status),
                 AttemptResult::Response(status),
                 resp,
             )
         }
-        Ok(Err(Failure::Remote(code, detail))) => {
-            let (class, kind) = if code == codes::UPSTREAM_TIMEOUT {
+        Err(Failure(error, detail)) if error.is_mesh_limit() => {
+            metrics::counter!("weft_limit_refused_total", "limit" => "response_head").increment(1);
+            Classified::MeshLimit(error.response(&detail))
+        }
+        Err(Failure(error, detail)) => {
+            let (class, kind) = if error == MeshError::UpstreamTimeout {
                 (OutcomeClass::Timeout, AttemptResult::Timeout)
             } else {
                 (OutcomeClass::Unreachable, AttemptResult::ConnectFailed)
             };
-            (
-                class,
-                None,
-                kind,
-                mesh_error(status_for(&code), &code, &detail),
-            )
+            Classified::Instance(class, None, kind, error.response(&detail))
         }
-        Ok(Err(Failure::Unreachable(detail))) => (
-            OutcomeClass::Unreachable,
-            None,
-            AttemptResult::ConnectFailed,
-            mesh_error(
-                StatusCode::BAD_GATEWAY,
-                codes::UPSTREAM_UNREACHABLE,
-                &detail,
-            ),
-        ),
-        Err(_) => (
-            OutcomeClass::Timeout,
-            None,
-            AttemptResult::Timeout,
-            mesh_error(
-                StatusCode::GATEWAY_TIMEOUT,
-                codes::UPSTREAM_TIMEOUT,
-                &format!("no response within {timeout:?}"),
-            ),
-        ),
     }
 }
 
-/// The parts of a request needed to send it again.
-struct Head {
-    method: http::Method,
-    uri: http::Uri,
-    version: http::Version,
-    headers: http::HeaderMap,
+/// One attempt of a request at one instance.
+struct Attempt<'a> {
+    dp: &'a DataPlane,
+    fwd: &'a Forward,
+    instance: &'a Instance,
+    remaining: Duration,
+    attempt: u8,
 }
 
-impl Head {
-    fn from(parts: &http::request::Parts) -> Self {
-        Head {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
-            headers: parts.headers.clone(),
+impl Attempt<'_> {
+    async fn send(
+        &self,
+        body: ProxyBody,
+        upgrade: Option<OnUpgrade>,
+    ) -> Result<Response<ProxyBody>, Failure> {
+        if self.instance.node == self.dp.node {
+            self.local(body, upgrade).await
+        } else {
+            self.remote(body, upgrade).await
         }
     }
 
-    fn request(&self, body: ProxyBody) -> Request<ProxyBody> {
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        req
+    /// The instance is on this host: call it directly.
+    async fn local(
+        &self,
+        body: ProxyBody,
+        upgrade: Option<OnUpgrade>,
+    ) -> Result<Response<ProxyBody>, Failure> {
+        let mut resp = self
+            .dp
+            .local
+            .call(self.instance.port, self.fwd.request(body))
+            .await?;
+        if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, resp.status()) {
+            let instance = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                let (Ok(client), Ok(instance)) = (client.await, instance.await) else {
+                    return;
+                };
+                let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(instance));
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            });
+        }
+        Ok(resp)
     }
+
+    /// The instance is on another node: one stream on the pooled tunnel.
+    async fn remote(
+        &self,
+        body: ProxyBody,
+        upgrade: Option<OnUpgrade>,
+    ) -> Result<Response<ProxyBody>, Failure> {
+        let node = &self.instance.node;
+        let addr: SocketAddr = self
+            .instance
+            .tunnel_addr
+            .as_deref()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| {
+                Failure(
+                    MeshError::UpstreamUnreachable,
+                    format!("node {node} announced no tunnel address"),
+                )
+            })?;
+        let (mut send, mut recv) = self.dp.tunnels.open(node, addr).await?;
+        let deadline_ms = u32::try_from(self.remaining.as_millis())
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let head = self
+            .fwd
+            .wire_head(&self.instance.id, deadline_ms, self.attempt);
+        if hyper::body::Body::is_end_stream(&body) {
+            // No body (most GETs): head, end marker and FIN in one write, no task.
+            tunnel::write_head_and_end(&mut send, &head).await?;
+            if upgrade.is_none() {
+                let _ = send.finish();
+            }
+        } else if upgrade.is_some() {
+            // After a 101 the stream carries raw bytes: the body goes first.
+            tunnel::write_frame(&mut send, &head).await?;
+            body::to_tunnel(body, &mut send).await?;
+        } else {
+            tunnel::write_frame(&mut send, &head).await?;
+            // The request body streams while we wait for the response head.
+            tokio::spawn(async move {
+                if let Err(e) = body::to_tunnel(body, &mut send).await {
+                    tracing::debug!(error = %e, "request body to tunnel failed");
+                    let _ = send.reset(quinn::VarInt::from_u32(1));
+                    return;
+                }
+                let _ = send.finish();
+            });
+            return response(node, tunnel::read_frame(&mut recv).await?, Some(recv));
+        }
+        let head: ResponseHead = tunnel::read_frame(&mut recv).await?;
+        match upgrade {
+            Some(client) if head.status == 101 && head.error.is_none() => {
+                let resp = response(node, head, None)?;
+                tokio::spawn(async move {
+                    if let Ok(client) = client.await {
+                        splice(TokioIo::new(client), send, recv).await;
+                    }
+                });
+                Ok(resp)
+            }
+            _ => response(node, head, Some(recv)),
+        }
+    }
+}
+
+/// The app's response from a peer's response head and the stream's body.
+fn response(
+    node: &str,
+    head: ResponseHead,
+    body: Option<quinn::RecvStream>,
+) -> Result<Response<ProxyBody>, Failure> {
+    if let Some(code) = head.error {
+        let error = MeshError::from_code(&code).unwrap_or(MeshError::UpstreamUnreachable);
+        return Err(Failure(error, format!("reported by node {node}")));
+    }
+    let body = match body {
+        Some(recv) => body::from_tunnel(recv),
+        None => Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed(),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    *resp.headers_mut() = header_map(&head.headers);
+    Ok(resp)
 }
 
 /// A request body that can be sent again (buffered) or only once (streamed).
@@ -371,138 +484,4 @@ fn prepend(read: Vec<Bytes>, body: Incoming, extra: Option<Frame<Bytes>>) -> Pro
         .chain(extra.map(Ok));
     let rest = http_body_util::BodyStream::new(body).map(|f| f.map_err(BoxError::from));
     BodyExt::boxed(StreamBody::new(futures::stream::iter(head).chain(rest)))
-}
-
-/// Why an attempt produced no response from the instance.
-#[derive(Debug)]
-pub enum Failure {
-    /// The instance or its node could not be reached.
-    Unreachable(String),
-    /// The remote node answered with a mesh error code.
-    Remote(String, String),
-}
-
-impl From<TunnelError> for Failure {
-    fn from(e: TunnelError) -> Self {
-        Failure::Unreachable(e.to_string())
-    }
-}
-
-async fn forward(
-    dp: &DataPlane,
-    service: &str,
-    instance: &Instance,
-    req: Request<ProxyBody>,
-    attempt: u8,
-) -> Result<Response<ProxyBody>, Failure> {
-    if instance.node == dp.node {
-        return forward_local(dp, service, instance.port, req).await;
-    }
-    let addr: SocketAddr = instance
-        .tunnel_addr
-        .as_deref()
-        .and_then(|a| a.parse().ok())
-        .ok_or_else(|| {
-            Failure::Unreachable(format!(
-                "node {} announced no tunnel address",
-                instance.node
-            ))
-        })?;
-    let (mut send, mut recv) = dp.tunnels.open(&instance.node, addr).await?;
-    let (parts, body) = req.into_parts();
-    let head = RequestHead {
-        version: WIRE_VERSION,
-        kind: StreamKind::Http,
-        service: service.to_string(),
-        instance: instance.id.clone(),
-        method: parts.method.as_str().to_string(),
-        uri: parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".to_string()),
-        headers: with_host(end_to_end_headers(&parts.headers), service, &parts),
-        deadline_ms: u32::try_from(dp.timeouts.request.as_millis()).unwrap_or(u32::MAX),
-        attempt,
-        http2: parts.version == http::Version::HTTP_2,
-    };
-    if hyper::body::Body::is_end_stream(&body) {
-        // No body (most GETs): head, end marker and FIN in one write, no task.
-        tunnel::write_head_and_end(&mut send, &head).await?;
-        let _ = send.finish();
-    } else {
-        tunnel::write_frame(&mut send, &head).await?;
-        // The request body streams while we wait for the response head.
-        tokio::spawn(async move {
-            if let Err(e) = body::to_tunnel(body, &mut send).await {
-                tracing::debug!(error = %e, "request body to tunnel failed");
-                let _ = send.reset(quinn::VarInt::from_u32(1));
-                return;
-            }
-            let _ = send.finish();
-        });
-    }
-    let head: ResponseHead = tunnel::read_frame(&mut recv).await?;
-    if let Some(code) = head.error {
-        return Err(Failure::Remote(
-            code,
-            format!("reported by node {}", instance.node),
-        ));
-    }
-    let mut resp = Response::new(body::from_tunnel(recv));
-    *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    *resp.headers_mut() = header_map(&head.headers);
-    Ok(resp)
-}
-
-/// HTTP/1.1 needs a Host; keep the app's (the service name) when the request had none.
-fn with_host(
-    mut headers: Vec<(String, Vec<u8>)>,
-    service: &str,
-    parts: &http::request::Parts,
-) -> Vec<(String, Vec<u8>)> {
-    if parts.version != http::Version::HTTP_2 && !headers.iter().any(|(n, _)| n == "host") {
-        headers.push(("host".to_string(), service.as_bytes().to_vec()));
-    }
-    headers
-}
-
-/// Sends a request to an instance on this host.
-pub async fn forward_local(
-    dp: &DataPlane,
-    service: &str,
-    port: u16,
-    req: Request<ProxyBody>,
-) -> Result<Response<ProxyBody>, Failure> {
-    let (parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri: http::Uri = format!("http://127.0.0.1:{port}{path}")
-        .parse()
-        .map_err(|e| Failure::Unreachable(format!("bad path: {e}")))?;
-    let headers = header_map(&with_host(
-        end_to_end_headers(&parts.headers),
-        service,
-        &parts,
-    ));
-    let mut out = Request::new(body);
-    *out.method_mut() = parts.method;
-    *out.uri_mut() = uri;
-    *out.version_mut() = if parts.version == http::Version::HTTP_2 {
-        http::Version::HTTP_2
-    } else {
-        http::Version::HTTP_11
-    };
-    *out.headers_mut() = headers;
-    if out.version() == http::Version::HTTP_2 {
-        out.headers_mut().remove(http::header::HOST);
-    }
-    let client = dp.local.for_version(out.version());
-    match client.request(out).await {
-        Ok(resp) => Ok(resp.map(|b| b.map_err(Into::into).boxed())),
-        Err(e) => Err(Failure::Unreachable(format!("127.0.0.1:{port}: {e}"))),
-    }
 }

@@ -1,22 +1,23 @@
 //! TCP upstreams: a local port that reaches a service; each accepted
 //! connection is one QUIC stream (or a direct connection when the chosen
-//! instance is on this host). Half-close is preserved both ways.
+//! instance is on this host). A FIN travels as a FIN and a reset as a reset,
+//! both ways.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quinn::{RecvStream, SendStream};
-use tokio::io::{AsyncWriteExt, ReadHalf};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::DataPlane;
-use crate::outcome::{Outcome, OutcomeClass};
+use super::splice::{reset_tcp, splice, SpliceEnd};
+use super::{ConnectionLimit, DataPlane};
+use crate::outcome::{Direction, Outcome, OutcomeClass};
 use crate::tunnel;
 use crate::wire::{RequestHead, ResponseHead, StreamKind, WIRE_VERSION};
 
 /// Accepts connections for `service` until the task is aborted.
 pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
+    let limit = ConnectionLimit::new("upstream_connections", dp.limits.max_connections);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -26,6 +27,9 @@ pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
                 continue;
             }
         };
+        let Some(permit) = limit.admit() else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let dp = dp.clone();
         let service = service.clone();
@@ -33,6 +37,7 @@ pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
             if let Err(e) = connect(&dp, &service, stream).await {
                 tracing::info!(service, %peer, error = %e, "upstream connection refused");
             }
+            drop(permit);
         });
     }
 }
@@ -41,7 +46,7 @@ async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(),
     let instance = {
         let snap = dp.router.load();
         dp.pick(&snap, service, "tcp", &[])
-            .map_err(str::to_string)?
+            .map_err(|e| e.to_string())?
     };
     let start = Instant::now();
     let record = |class| {
@@ -54,6 +59,7 @@ async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(),
             latency: start.elapsed(),
             attempt: 0,
             last: true,
+            direction: Direction::Outbound,
         })
     };
     if instance.node == dp.node {
@@ -62,13 +68,12 @@ async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(),
             TcpStream::connect(("127.0.0.1", instance.port)),
         )
         .await;
-        let Ok(Ok(mut upstream)) = upstream else {
+        let Ok(Ok(upstream)) = upstream else {
             record(OutcomeClass::Unreachable);
             return Err(format!("127.0.0.1:{} unreachable", instance.port));
         };
         record(OutcomeClass::Success);
-        let mut client = client;
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        splice_local(client, upstream).await;
         return Ok(());
     }
     let addr: SocketAddr = instance
@@ -111,30 +116,21 @@ async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(),
         return Err(code);
     }
     record(OutcomeClass::Success);
-    splice(client, send, &mut recv).await;
+    let (client, end) = splice(client, send, recv).await;
+    if end == SpliceEnd::PeerReset {
+        reset_tcp(client);
+    }
     Ok(())
 }
 
-/// Copies bytes both ways between a TCP connection and a tunnel stream until
-/// both directions are done; each EOF is passed on as a half-close.
-pub async fn splice(stream: TcpStream, mut send: SendStream, recv: &mut RecvStream) {
-    let (mut read_half, mut write_half): (ReadHalf<TcpStream>, _) = tokio::io::split(stream);
-    let up = async {
-        let copied = tokio::io::copy(&mut read_half, &mut send).await;
-        match copied {
-            Ok(_) => {
-                let _ = send.finish();
-            }
-            Err(_) => {
-                let _ = send.reset(quinn::VarInt::from_u32(1));
-            }
-        }
-    };
-    let down = async {
-        let _ = tokio::io::copy(recv, &mut write_half).await;
-        let _ = write_half.shutdown().await;
-    };
-    tokio::join!(up, down);
-    // Wait until the peer has read everything we sent before dropping the stream.
-    let _ = send.stopped().await;
+/// Both ways between two local TCP connections, half-closes kept; when one
+/// side fails (a reset), the other is reset too.
+async fn splice_local(mut client: TcpStream, mut upstream: TcpStream) {
+    if tokio::io::copy_bidirectional(&mut client, &mut upstream)
+        .await
+        .is_err()
+    {
+        reset_tcp(client);
+        reset_tcp(upstream);
+    }
 }

@@ -1,0 +1,386 @@
+//! What the proxy forwards of a request: the service, a checked request
+//! target, the end-to-end headers and the hop count, worked out once and
+//! used the same way on the local and the remote path.
+
+use http::header::{CONNECTION, HOST, UPGRADE};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Version};
+
+use super::error::MeshError;
+use super::ProxyBody;
+use crate::wire::{RequestHead, StreamKind, MAX_HEAD_BYTES, WIRE_VERSION};
+
+/// The header that counts mesh hops.
+pub const HOPS: HeaderName = HeaderName::from_static("weft-hops");
+
+/// Most mesh hops a request may cross before it is refused as a loop.
+pub const MAX_HOPS: u32 = 8;
+
+/// A request as the mesh forwards it.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// The service named by the authority.
+    pub service: String,
+    /// The method.
+    pub method: Method,
+    /// Origin-form target (or `*` for `OPTIONS *`).
+    pub target: PathAndQuery,
+    /// The app spoke HTTP/2 (h2c, gRPC).
+    pub http2: bool,
+    /// HTTP/1.1 upgrade (WebSocket and others): after a 101 the stream
+    /// carries raw bytes.
+    pub upgrade: bool,
+    /// End-to-end headers, the hop count and, for upgrades, the upgrade
+    /// headers; `Host` for HTTP/1.
+    pub headers: HeaderMap,
+}
+
+/// Why a request cannot be forwarded: the error and a line for the app.
+pub type Refusal = (MeshError, String);
+
+impl Forward {
+    /// Checks and reads an app's request head.
+    pub fn parse(parts: &http::request::Parts) -> Result<Forward, Refusal> {
+        let size = head_size(&parts.method, &parts.uri, &parts.headers);
+        if size > MAX_HEAD_BYTES {
+            return Err((
+                MeshError::RequestHeadersTooLarge,
+                format!("request head of {size} bytes exceeds {MAX_HEAD_BYTES}"),
+            ));
+        }
+        let target = target(&parts.method, &parts.uri)?;
+        let service = service_of(&parts.uri, &parts.headers).ok_or((
+            MeshError::BadRequest,
+            "no service: send an absolute URI or a Host header naming the service".to_string(),
+        ))?;
+        let hops = hops(&parts.headers)?;
+        let http2 = parts.version == Version::HTTP_2;
+        let upgrade = !http2 && is_upgrade(&parts.headers);
+        let mut headers = forwarded_headers(&parts.headers, upgrade);
+        headers.insert(HOPS, HeaderValue::from(hops + 1));
+        if !http2 && !headers.contains_key(HOST) {
+            if let Ok(host) = HeaderValue::from_str(&service) {
+                headers.insert(HOST, host);
+            }
+        }
+        Ok(Forward {
+            service,
+            method: parts.method.clone(),
+            target,
+            http2,
+            upgrade,
+            headers,
+        })
+    }
+
+    /// The request for an instance on this host (the local client adds the
+    /// instance's address).
+    pub fn request(&self, body: ProxyBody) -> Request<ProxyBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.target.clone().into();
+        *req.version_mut() = if self.http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+
+    /// The head that carries this request across the tunnel.
+    pub fn wire_head(&self, instance: &str, deadline_ms: u32, attempt: u8) -> RequestHead {
+        RequestHead {
+            version: WIRE_VERSION,
+            kind: StreamKind::Http,
+            service: self.service.clone(),
+            instance: instance.to_string(),
+            method: self.method.as_str().to_string(),
+            uri: self.target.as_str().to_string(),
+            headers: wire_pairs(&self.headers),
+            deadline_ms,
+            attempt,
+            http2: self.http2,
+        }
+    }
+
+    /// The request a peer's head describes, for this node's instance.
+    pub fn from_wire(head: &RequestHead, body: ProxyBody) -> Result<Request<ProxyBody>, String> {
+        let method =
+            Method::from_bytes(head.method.as_bytes()).map_err(|e| format!("bad method: {e}"))?;
+        let target: PathAndQuery = head.uri.parse().map_err(|e| format!("bad target: {e}"))?;
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = target.into();
+        *req.version_mut() = if head.http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        *req.headers_mut() = header_map(&head.headers);
+        Ok(req)
+    }
+}
+
+/// The bytes of a head that count toward [`MAX_HEAD_BYTES`].
+pub fn head_size(method: &Method, uri: &http::Uri, headers: &HeaderMap) -> usize {
+    let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    method.as_str().len() + target + header_bytes(headers)
+}
+
+/// The bytes of a header list: every name and value.
+pub fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len())
+        .sum()
+}
+
+/// Origin-form and absolute-form targets, and `*` for OPTIONS only.
+fn target(method: &Method, uri: &http::Uri) -> Result<PathAndQuery, Refusal> {
+    let bad = |why: &str| (MeshError::BadRequest, why.to_string());
+    if *method == Method::CONNECT {
+        return Err(bad("CONNECT is not proxied; register the service as tcp"));
+    }
+    match uri.path_and_query() {
+        Some(pq) if pq.as_str() == "*" => {
+            if *method == Method::OPTIONS {
+                Ok(pq.clone())
+            } else {
+                Err(bad("the target * is for OPTIONS only"))
+            }
+        }
+        Some(pq) if pq.as_str().starts_with('/') => Ok(pq.clone()),
+        // `http://web` has no path: it means `/`.
+        None if uri.authority().is_some() => Ok(PathAndQuery::from_static("/")),
+        _ => Err(bad(
+            "the request target must be origin-form or absolute-form",
+        )),
+    }
+}
+
+/// The service a request is for: the authority's host, without port.
+pub fn service_of(uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
+    let host = match uri.authority() {
+        Some(a) => a.host().to_string(),
+        None => {
+            let host = headers.get(HOST)?.to_str().ok()?;
+            let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+            host.to_string()
+        }
+    };
+    let name = host.trim_end_matches('.').to_ascii_lowercase();
+    (!name.is_empty()).then_some(name)
+}
+
+/// Hops already crossed; a request at [`MAX_HOPS`] is a loop.
+fn hops(headers: &HeaderMap) -> Result<u32, Refusal> {
+    let Some(value) = headers.get(HOPS) else {
+        return Ok(0);
+    };
+    let hops: u32 = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or((MeshError::BadRequest, format!("{HOPS} must be a number")))?;
+    if hops >= MAX_HOPS {
+        return Err((
+            MeshError::LoopDetected,
+            format!("the request crossed {hops} mesh hops (at most {MAX_HOPS})"),
+        ));
+    }
+    Ok(hops)
+}
+
+/// Tokens of the `Connection` header, lowercased.
+fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// An HTTP/1.1 upgrade the instance should see (`h2c` is the proxy's own
+/// business and is never passed on).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    let upgrade_to = headers.get(UPGRADE).and_then(|v| v.to_str().ok());
+    connection_tokens(headers).iter().any(|t| t == "upgrade")
+        && upgrade_to.is_some_and(|u| !u.trim().eq_ignore_ascii_case("h2c"))
+}
+
+/// Headers that belong to one hop and are never forwarded.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "trailer"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
+
+/// The end-to-end headers of a request or response: hop-by-hop headers, those
+/// named in `Connection`, `TE` other than `trailers`, and `Expect` (the proxy
+/// has already answered `100-continue` to its client) are dropped. For an
+/// upgrade, `Connection: upgrade` and the `Upgrade` header are kept, since the
+/// instance (or the app, in a 101) must see them.
+pub fn forwarded_headers(headers: &HeaderMap, upgrade: bool) -> HeaderMap {
+    let named = connection_tokens(headers);
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let te_other_than_trailers = name == http::header::TE && value.as_bytes() != b"trailers";
+        let dropped = is_hop_by_hop(name)
+            || te_other_than_trailers
+            || name == http::header::EXPECT
+            || named.iter().any(|n| n == name.as_str());
+        if !dropped {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if upgrade {
+        if let Some(to) = headers.get(UPGRADE) {
+            out.insert(UPGRADE, to.clone());
+            out.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+    }
+    out
+}
+
+/// Header pairs for the wire.
+pub fn wire_pairs(headers: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+/// A header map from wire pairs, skipping anything invalid. The sender
+/// already removed hop-by-hop headers (and kept the upgrade ones on purpose).
+pub fn header_map(pairs: &[(String, Vec<u8>)]) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) {
+            map.append(n, v);
+        }
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = Request::builder().method(method).uri(uri);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn refused(p: &http::request::Parts) -> MeshError {
+        Forward::parse(p).unwrap_err().0
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("keep-alive", "5".parse().unwrap());
+        h.insert("te", "gzip".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("x-request-id", "abc".parse().unwrap());
+        let kept = forwarded_headers(&h, false);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept["x-request-id"], "abc");
+        let mut h = HeaderMap::new();
+        h.insert("te", "trailers".parse().unwrap());
+        assert_eq!(forwarded_headers(&h, false).len(), 1);
+    }
+
+    #[test]
+    fn upgrades_keep_their_headers() {
+        let p = parts(
+            "GET",
+            "/chat",
+            &[
+                ("host", "chat"),
+                ("connection", "keep-alive, Upgrade"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-key", "k"),
+            ],
+        );
+        let f = Forward::parse(&p).unwrap();
+        assert!(f.upgrade);
+        assert_eq!(f.headers["connection"], "upgrade");
+        assert_eq!(f.headers["upgrade"], "websocket");
+        assert_eq!(f.headers["sec-websocket-key"], "k");
+        let h2c = parts(
+            "GET",
+            "/",
+            &[
+                ("host", "web"),
+                ("connection", "upgrade"),
+                ("upgrade", "h2c"),
+            ],
+        );
+        let f = Forward::parse(&h2c).unwrap();
+        assert!(!f.upgrade);
+        assert!(!f.headers.contains_key("upgrade"));
+    }
+
+    #[test]
+    fn request_targets() {
+        let f = Forward::parse(&parts("GET", "http://web/a?b=1", &[])).unwrap();
+        assert_eq!((f.service.as_str(), f.target.as_str()), ("web", "/a?b=1"));
+        let f = Forward::parse(&parts("GET", "http://Web.:8080", &[])).unwrap();
+        assert_eq!((f.service.as_str(), f.target.as_str()), ("web", "/"));
+        let f = Forward::parse(&parts("GET", "/x", &[("host", "web:80")])).unwrap();
+        assert_eq!((f.service.as_str(), f.target.as_str()), ("web", "/x"));
+        let f = Forward::parse(&parts("OPTIONS", "*", &[("host", "web")])).unwrap();
+        assert_eq!(f.target.as_str(), "*");
+        assert_eq!(
+            refused(&parts("GET", "*", &[("host", "web")])),
+            MeshError::BadRequest
+        );
+        assert_eq!(
+            refused(&parts("CONNECT", "web:443", &[])),
+            MeshError::BadRequest
+        );
+        assert_eq!(refused(&parts("GET", "/x", &[])), MeshError::BadRequest);
+    }
+
+    #[test]
+    fn hops_are_counted_and_bounded() {
+        let f = Forward::parse(&parts("GET", "/", &[("host", "web")])).unwrap();
+        assert_eq!(f.headers[HOPS], "1");
+        let f = Forward::parse(&parts("GET", "/", &[("host", "web"), ("weft-hops", "7")])).unwrap();
+        assert_eq!(f.headers[HOPS], "8");
+        let p = parts("GET", "/", &[("host", "web"), ("weft-hops", "8")]);
+        assert_eq!(refused(&p), MeshError::LoopDetected);
+        let p = parts("GET", "/", &[("host", "web"), ("weft-hops", "x")]);
+        assert_eq!(refused(&p), MeshError::BadRequest);
+    }
+
+    #[test]
+    fn heads_over_the_limit_are_refused() {
+        let big = "a".repeat(MAX_HEAD_BYTES);
+        let p = parts("GET", "/", &[("host", "web"), ("cookie", &big)]);
+        assert_eq!(refused(&p), MeshError::RequestHeadersTooLarge);
+        let fits = "a".repeat(MAX_HEAD_BYTES - 100);
+        assert!(Forward::parse(&parts("GET", "/", &[("host", "web"), ("cookie", &fits)])).is_ok());
+    }
+}
