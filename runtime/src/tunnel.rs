@@ -140,18 +140,6 @@ pub async fn write_frame<T: serde::Serialize>(
         .map_err(|e| TunnelError::Stream(e.to_string()))
 }
 
-/// Writes a header frame followed by an empty body, in one write.
-pub async fn write_head_and_end<T: serde::Serialize>(
-    send: &mut SendStream,
-    msg: &T,
-) -> Result<(), TunnelError> {
-    let mut bytes = wire::encode(msg)?;
-    bytes.extend_from_slice(&body::end_marker());
-    send.write_all(&bytes)
-        .await
-        .map_err(|e| TunnelError::Stream(e.to_string()))
-}
-
 /// Reads one wire frame (bounded by the wire limit).
 pub async fn read_frame<T: serde::de::DeserializeOwned>(
     recv: &mut RecvStream,

@@ -134,6 +134,16 @@ impl TestCluster {
 
     /// Starts a node with the given cluster dir (another cluster's, to test isolation).
     pub fn add_node_in(&mut self, cluster_dir: &Path) -> usize {
+        self.add_node_full(cluster_dir, &[])
+    }
+
+    /// Starts one more node with extra `weft node` flags.
+    pub fn add_node_with(&mut self, extra: &[&str]) -> usize {
+        let cluster_dir = self.cluster_dir.clone();
+        self.add_node_full(&cluster_dir, extra)
+    }
+
+    fn add_node_full(&mut self, cluster_dir: &Path, extra: &[&str]) -> usize {
         let i = self.nodes.len();
         let name = format!("n{}", i + 1);
         let data_dir = self.dir.path().join(&name);
@@ -143,7 +153,7 @@ impl TestCluster {
         let tunnel: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let proxy: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let seed = self.nodes.first().map(|n| n.gossip).unwrap_or(gossip);
-        let args = vec![
+        let mut args = vec![
             "node".to_string(),
             "--name".into(),
             name.clone(),
@@ -164,6 +174,7 @@ impl TestCluster {
             "--gossip-interval".into(),
             format!("{}ms", self.interval_ms),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let log = self.dir.path().join(format!("{name}.log"));
         let mut node = Node {
             name,
@@ -516,6 +527,36 @@ pub async fn proxy_call(proxy: SocketAddr, method: Method, service: &str) -> (u1
         .and_then(|v| v.to_str().ok())
         .map(String::from);
     (resp.status().as_u16(), err)
+}
+
+/// The text of a node's `/metrics`.
+pub async fn metrics_text(admin: SocketAddr) -> String {
+    let stream = tokio::net::TcpStream::connect(admin).await.expect("admin");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get("/metrics")
+        .header("host", "weft")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("metrics");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// The sum of every sample of `metric` whose labels include all of `labels`
+/// (`name="value"` pairs), from Prometheus text.
+pub fn metric_sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// GET through a node's proxy; the status.

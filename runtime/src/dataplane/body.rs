@@ -10,6 +10,21 @@ use super::{BoxError, ProxyBody};
 use crate::tunnel::{self, TunnelError};
 use crate::wire::body::{BodyDecoder, BodyEvent};
 
+/// A body that is over before it starts (`is_end_stream` is true, so
+/// HTTP/2 ends the stream with the head).
+pub fn empty() -> ProxyBody {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A body of bytes already in hand.
+pub fn full(data: Bytes) -> ProxyBody {
+    http_body_util::Full::new(data)
+        .map_err(|never| match never {})
+        .boxed()
+}
+
 /// A hyper body that reads framed chunks from a tunnel stream as they arrive.
 pub fn from_tunnel(recv: RecvStream) -> ProxyBody {
     let start = Some((recv, BodyDecoder::new()));

@@ -2,7 +2,6 @@
 //! status (DESIGN section 5).
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hyper::{Response, StatusCode};
 
 use super::ProxyBody;
@@ -98,9 +97,7 @@ impl MeshError {
     /// The response the app gets: the status, `weft-error` and one line.
     pub fn response(self, detail: &str) -> Response<ProxyBody> {
         let code = self.code();
-        let body = Full::new(Bytes::from(format!("weft: {code}: {detail}\n")))
-            .map_err(|never| match never {})
-            .boxed();
+        let body = super::body::full(Bytes::from(format!("weft: {code}: {detail}\n")));
         let mut resp = Response::new(body);
         *resp.status_mut() = self.status();
         resp.headers_mut()

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 use super::error::MeshError;
 use super::local::LocalFailure;
-use super::request::{wire_pairs, Forward};
+use super::request::{header_map, is_upgrade, wire_pairs, Forward};
 use super::splice::{reset_tcp, splice, SpliceEnd};
 use super::{body, ConnectionLimit, DataPlane, ProxyBody};
 use crate::outcome::{Direction, Outcome, OutcomeClass};
@@ -65,6 +65,7 @@ async fn refuse(send: &mut SendStream, error: MeshError) -> Result<(), TunnelErr
         status: error.status().as_u16(),
         headers: Vec::new(),
         error: Some(error.code().to_string()),
+        end_stream: true,
     };
     tunnel::write_frame(send, &head).await?;
     let _ = send.finish();
@@ -110,13 +111,14 @@ struct Inbound<'a> {
 
 impl Inbound<'_> {
     async fn http(self, mut send: SendStream, mut recv: RecvStream) -> Result<(), TunnelError> {
-        let upgrade = super::request::is_upgrade(&super::request::header_map(&self.head.headers));
+        let upgrade = is_upgrade(&header_map(&self.head.headers));
         // An upgrade's body is read here, so the stream is left at the raw
         // bytes that follow a 101.
-        let (body, recv) = if upgrade {
-            (read_whole_body(&mut recv).await?, Some(recv))
-        } else {
-            (body::from_tunnel(recv), None)
+        let (body, recv) = match (upgrade, self.head.end_stream) {
+            (true, true) => (body::empty(), Some(recv)),
+            (true, false) => (read_whole_body(&mut recv).await?, Some(recv)),
+            (false, true) => (body::empty(), None),
+            (false, false) => (body::from_tunnel(recv), None),
         };
         let req = match Forward::from_wire(&self.head, body) {
             Ok(req) => req,
@@ -150,10 +152,12 @@ impl Inbound<'_> {
             Some(status.as_u16()),
             start,
         );
+        let end_stream = hyper::body::Body::is_end_stream(resp.body());
         let head = ResponseHead {
             status: status.as_u16(),
             headers: wire_pairs(resp.headers()),
             error: None,
+            end_stream,
         };
         if let (Some(recv), hyper::StatusCode::SWITCHING_PROTOCOLS) = (recv, status) {
             let upgraded = hyper::upgrade::on(&mut resp);
@@ -165,7 +169,9 @@ impl Inbound<'_> {
             return Ok(());
         }
         tunnel::write_frame(&mut send, &head).await?;
-        body::to_tunnel(resp.into_body(), &mut send).await?;
+        if !end_stream {
+            body::to_tunnel(resp.into_body(), &mut send).await?;
+        }
         let _ = send.finish();
         Ok(())
     }
@@ -187,7 +193,6 @@ impl Inbound<'_> {
 
 /// Reads a (small) framed body to its end, leaving the stream after it.
 async fn read_whole_body(recv: &mut RecvStream) -> Result<ProxyBody, TunnelError> {
-    use http_body_util::BodyExt;
     let mut decoder = BodyDecoder::new();
     let mut data = bytes::BytesMut::new();
     loop {
@@ -203,9 +208,7 @@ async fn read_whole_body(recv: &mut RecvStream) -> Result<ProxyBody, TunnelError
             BodyEvent::Trailers(_) | BodyEvent::End => break,
         }
     }
-    Ok(http_body_util::Full::new(data.freeze())
-        .map_err(|never| match never {})
-        .boxed())
+    Ok(body::full(data.freeze()))
 }
 
 async fn tcp(
@@ -226,6 +229,7 @@ async fn tcp(
             status: 200,
             headers: Vec::new(),
             error: None,
+            end_stream: false,
         },
     )
     .await?;

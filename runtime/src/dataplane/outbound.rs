@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
@@ -350,21 +350,21 @@ impl Attempt<'_> {
         let deadline_ms = u32::try_from(self.remaining.as_millis())
             .unwrap_or(u32::MAX)
             .max(1);
+        let end_stream = hyper::body::Body::is_end_stream(&body);
         let head = self
             .fwd
-            .wire_head(&self.instance.id, deadline_ms, self.attempt);
-        if hyper::body::Body::is_end_stream(&body) {
-            // No body (most GETs): head, end marker and FIN in one write, no task.
-            tunnel::write_head_and_end(&mut send, &head).await?;
-            if upgrade.is_none() {
-                let _ = send.finish();
+            .wire_head(&self.instance.id, deadline_ms, self.attempt, end_stream);
+        tunnel::write_frame(&mut send, &head).await?;
+        if upgrade.is_some() {
+            // After a 101 the stream carries raw bytes: any body goes first.
+            if !end_stream {
+                body::to_tunnel(body, &mut send).await?;
             }
-        } else if upgrade.is_some() {
-            // After a 101 the stream carries raw bytes: the body goes first.
-            tunnel::write_frame(&mut send, &head).await?;
-            body::to_tunnel(body, &mut send).await?;
+        } else if end_stream {
+            // No body (most GETs): the head and the FIN, no task.
+            let _ = send.finish();
+            return response(node, tunnel::read_frame(&mut recv).await?, recv);
         } else {
-            tunnel::write_frame(&mut send, &head).await?;
             // The request body streams while we wait for the response head.
             tokio::spawn(async move {
                 if let Err(e) = body::to_tunnel(body, &mut send).await {
@@ -374,12 +374,16 @@ impl Attempt<'_> {
                 }
                 let _ = send.finish();
             });
-            return response(node, tunnel::read_frame(&mut recv).await?, Some(recv));
+            return response(node, tunnel::read_frame(&mut recv).await?, recv);
         }
         let head: ResponseHead = tunnel::read_frame(&mut recv).await?;
         match upgrade {
             Some(client) if head.status == 101 && head.error.is_none() => {
-                let resp = response(node, head, None)?;
+                let head = ResponseHead {
+                    end_stream: true,
+                    ..head
+                };
+                let resp = response(node, head, None::<quinn::RecvStream>)?;
                 tokio::spawn(async move {
                     if let Ok(client) = client.await {
                         splice(TokioIo::new(client), send, recv).await;
@@ -387,26 +391,26 @@ impl Attempt<'_> {
                 });
                 Ok(resp)
             }
-            _ => response(node, head, Some(recv)),
+            _ => response(node, head, recv),
         }
     }
 }
 
 /// The app's response from a peer's response head and the stream's body.
+/// A head that ends the stream gives a body that is over before it starts,
+/// so the app gets one HEADERS frame with END_STREAM, as the instance sent.
 fn response(
     node: &str,
     head: ResponseHead,
-    body: Option<quinn::RecvStream>,
+    body: impl Into<Option<quinn::RecvStream>>,
 ) -> Result<Response<ProxyBody>, Failure> {
     if let Some(code) = head.error {
         let error = MeshError::from_code(&code).unwrap_or(MeshError::UpstreamUnreachable);
         return Err(Failure(error, format!("reported by node {node}")));
     }
-    let body = match body {
-        Some(recv) => body::from_tunnel(recv),
-        None => Full::new(Bytes::new())
-            .map_err(|never| match never {})
-            .boxed(),
+    let body = match body.into() {
+        Some(recv) if !head.end_stream => body::from_tunnel(recv),
+        _ => body::empty(),
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -467,9 +471,7 @@ impl Replay {
 
     fn next(&mut self) -> Option<ProxyBody> {
         match self {
-            Replay::Buffered(b) => {
-                Some(Full::new(b.clone()).map_err(|never| match never {}).boxed())
-            }
+            Replay::Buffered(b) => Some(body::full(b.clone())),
             Replay::Once(body) => body.take(),
         }
     }

@@ -89,7 +89,13 @@ impl Forward {
     }
 
     /// The head that carries this request across the tunnel.
-    pub fn wire_head(&self, instance: &str, deadline_ms: u32, attempt: u8) -> RequestHead {
+    pub fn wire_head(
+        &self,
+        instance: &str,
+        deadline_ms: u32,
+        attempt: u8,
+        end_stream: bool,
+    ) -> RequestHead {
         RequestHead {
             version: WIRE_VERSION,
             kind: StreamKind::Http,
@@ -101,6 +107,7 @@ impl Forward {
             deadline_ms,
             attempt,
             http2: self.http2,
+            end_stream,
         }
     }
 

@@ -100,6 +100,7 @@ async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(),
         deadline_ms: u32::try_from(dp.timeouts.request.as_millis()).unwrap_or(u32::MAX),
         attempt: 0,
         http2: false,
+        end_stream: false,
     };
     tunnel::write_frame(&mut send, &head)
         .await

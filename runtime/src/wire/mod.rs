@@ -34,7 +34,7 @@ pub const PREFIX_LEN: usize = 4;
 
 /// Version of the head format. A node refuses heads from another version
 /// instead of guessing at their meaning; bump it on any incompatible change.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 
 /// Most headers one head may carry. Checked while decoding (so a peer cannot
 /// make us build a long list) and by [`RequestHead::validate`] (so we never
@@ -114,6 +114,9 @@ pub struct RequestHead {
     pub attempt: u8,
     /// The caller spoke HTTP/2 (h2c, gRPC): the instance is called with h2 too.
     pub http2: bool,
+    /// The request has no body: no body framing follows the head, and the
+    /// instance sees the request end with its head (HTTP/2 END_STREAM).
+    pub end_stream: bool,
 }
 
 /// First frame of every response on a tunnel stream.
@@ -128,6 +131,11 @@ pub struct ResponseHead {
     /// node itself failed, so the caller can tell it from an instance's own
     /// 502 and decide whether to retry.
     pub error: Option<String>,
+    /// The response has no body: no body framing follows the head, and the
+    /// app sees the response end with its head. A gRPC Trailers-Only
+    /// response (every gRPC error) is one HEADERS frame that ends the
+    /// stream; clients read its status only in that form.
+    pub end_stream: bool,
 }
 
 /// Result of [`decode`] on a buffer that may not hold a whole frame yet, so a

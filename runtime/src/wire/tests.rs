@@ -19,6 +19,7 @@ fn sample_request() -> RequestHead {
         deadline_ms: 2_500,
         attempt: 1,
         http2: false,
+        end_stream: false,
     }
 }
 
@@ -27,6 +28,7 @@ fn sample_response() -> ResponseHead {
         status: 502,
         headers: vec![("weft-error".into(), b"upstream-unreachable".to_vec())],
         error: Some("upstream-unreachable".into()),
+        end_stream: true,
     }
 }
 
@@ -308,6 +310,7 @@ fn arb_request() -> impl Strategy<Value = RequestHead> {
                     deadline_ms,
                     attempt,
                     http2: attempt % 2 == 0,
+                    end_stream: attempt % 3 == 0,
                 }
             },
         )
@@ -321,6 +324,7 @@ fn arb_response() -> impl Strategy<Value = ResponseHead> {
     )
         .prop_map(|(status, headers, error)| ResponseHead {
             status,
+            end_stream: status % 2 == 0,
             headers,
             error,
         })
