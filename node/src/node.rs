@@ -281,7 +281,11 @@ fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
         "weft_requests_total",
-        "Attempts sent by this node, by service, direction and outcome class"
+        "Attempts by service, direction (outbound: sent by this node; inbound: handed by this node to its own instance) and outcome class"
+    );
+    describe_counter!(
+        "weft_limit_refused_total",
+        "Requests and connections the mesh refused at one of its own limits, by limit"
     );
     describe_histogram!(
         "weft_request_duration_seconds",

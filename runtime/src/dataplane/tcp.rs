@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::splice::{reset_tcp, splice, SpliceEnd};
@@ -125,13 +127,33 @@ async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(),
 }
 
 /// Both ways between two local TCP connections, half-closes kept; when one
-/// side fails (a reset), the other is reset too.
-async fn splice_local(mut client: TcpStream, mut upstream: TcpStream) {
-    if tokio::io::copy_bidirectional(&mut client, &mut upstream)
-        .await
-        .is_err()
-    {
-        reset_tcp(client);
-        reset_tcp(upstream);
+/// side resets (or fails), the other is reset too.
+async fn splice_local(client: TcpStream, upstream: TcpStream) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut upstream_read, mut upstream_write) = upstream.into_split();
+    let result = tokio::try_join!(
+        pump(&mut client_read, &mut upstream_write),
+        pump(&mut upstream_read, &mut client_write)
+    );
+    if result.is_err() {
+        if let (Ok(client), Ok(upstream)) = (
+            client_read.reunite(client_write),
+            upstream_read.reunite(upstream_write),
+        ) {
+            reset_tcp(client);
+            reset_tcp(upstream);
+        }
+    }
+}
+
+/// Copies until EOF, then half-closes the writer.
+async fn pump(reader: &mut OwnedReadHalf, writer: &mut OwnedWriteHalf) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            return writer.shutdown().await;
+        }
+        writer.write_all(&buf[..n]).await?;
     }
 }
