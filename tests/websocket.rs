@@ -37,15 +37,10 @@ async fn echo_server() -> u16 {
                 else {
                     return;
                 };
+                // tungstenite answers pings and closes itself.
                 while let Some(Ok(msg)) = ws.next().await {
-                    match msg {
-                        Message::Text(_) | Message::Binary(_) => {
-                            if ws.send(msg).await.is_err() {
-                                return;
-                            }
-                        }
-                        // tungstenite answers pings and closes itself.
-                        _ => {}
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
                     }
                 }
             });
