@@ -83,6 +83,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let read_only = origin == Origin::Admin;
     match (&method, segments.as_slice()) {
+        (&Method::GET, [""]) if read_only => dashboard(),
         (&Method::GET, ["v1", "services"]) => get_services(state),
         (&Method::GET, ["v1", "members"]) => get_members(state),
         (&Method::GET, ["v1", "health"]) => get_health(state),
@@ -128,6 +129,17 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             format!("no endpoint {method} {path}"),
         ),
     }
+}
+
+/// The dashboard: one self-contained page, built into the binary.
+fn dashboard() -> Reply {
+    const PAGE: &str = include_str!("dashboard.html");
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/html; charset=utf-8")
+        .header("cache-control", "no-cache")
+        .body(Full::new(Bytes::from_static(PAGE.as_bytes())))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "dashboard"))
 }
 
 async fn read_json(req: Request<Incoming>) -> Result<Value, Reply> {

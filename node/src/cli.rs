@@ -60,6 +60,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a whole mesh on this machine: 3 nodes, demo services, traffic,
+    /// the live health table and the dashboard; Ctrl-C stops it.
+    Demo {
+        /// Stop after this long, e.g. 30s [default: until Ctrl-C].
+        #[arg(long = "for", value_name = "DURATION")]
+        run_for: Option<String>,
+    },
     /// Show members and per-service health.
     Health {
         /// Print JSON.

@@ -11,11 +11,14 @@
 //! - `upstreams`: TCP upstreams, persisted and served by the Listener.
 //! - `api`: the JSON API on the local socket and the admin address.
 //! - `client`: the CLI clients and their tables.
+//! - `demo`: `weft demo`, a whole mesh on this machine.
+//! - `dashboard.html`: the admin page, built into the binary.
 
 mod api;
 mod cli;
 mod client;
 mod config;
+mod demo;
 mod init;
 mod node;
 mod registry;
@@ -138,6 +141,15 @@ fn run(cli: Cli) -> Result<(), NodeError> {
             );
             Ok(())
         }
+        Command::Demo { run_for } => {
+            let limit = run_for
+                .map(|raw| {
+                    config::parse_duration(&raw)
+                        .map_err(|e| NodeError::Config(format!("--for {raw:?}: {e}")))
+                })
+                .transpose()?;
+            demo::run(limit)
+        }
         Command::Node(args) => {
             let cfg = config::NodeConfig::resolve(&args, cli.socket.as_deref())?;
             node::run(cfg)
@@ -217,7 +229,7 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-            Command::Init { .. } | Command::Node(_) | Command::Cert(_) => {
+            Command::Init { .. } | Command::Node(_) | Command::Cert(_) | Command::Demo { .. } => {
                 unreachable!("handled before")
             }
         }
