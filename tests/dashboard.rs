@@ -59,7 +59,10 @@ async fn the_dashboard_renders_the_cluster_in_a_browser() {
     let html = String::from_utf8_lossy(&page.stdout);
     assert!(html.contains("<title>weft dashboard</title>"), "{html}");
     for outside in [" src=", "<link", "@import", "url("] {
-        assert!(!html.contains(outside), "the page loads something ({outside})");
+        assert!(
+            !html.contains(outside),
+            "the page loads something ({outside})"
+        );
     }
 
     let dom = wait_for(

@@ -53,6 +53,9 @@ pub enum MemberState {
     Suspect,
     /// Declared dead by the failure detector.
     Dead,
+    /// Shutting down: finishing its in-flight requests; its instances are
+    /// no longer picked.
+    Draining,
     /// Left on purpose (graceful shutdown).
     Left,
 }
@@ -64,6 +67,7 @@ impl MemberState {
             MemberState::Alive => "alive",
             MemberState::Suspect => "suspect",
             MemberState::Dead => "dead",
+            MemberState::Draining => "draining",
             MemberState::Left => "left",
         }
     }
@@ -209,7 +213,7 @@ impl ClusterView {
             if !node.live
                 || matches!(
                     member_state(node, info.as_ref(), self.suspect_after),
-                    MemberState::Left | MemberState::Dead
+                    MemberState::Left | MemberState::Dead | MemberState::Draining
                 )
             {
                 continue;
@@ -271,17 +275,12 @@ fn member_state(
     info: Option<&NodeInfo>,
     suspect_after: Duration,
 ) -> MemberState {
-    if matches!(
-        info.map(|i| i.status),
-        Some(NodeStatus::Left | NodeStatus::Draining)
-    ) {
-        MemberState::Left
-    } else if node.dead || !node.live {
-        MemberState::Dead
-    } else if node.last_heard > suspect_after {
-        MemberState::Suspect
-    } else {
-        MemberState::Alive
+    match info.map(|i| i.status) {
+        Some(NodeStatus::Left) => MemberState::Left,
+        _ if node.dead || !node.live => MemberState::Dead,
+        Some(NodeStatus::Draining) => MemberState::Draining,
+        _ if node.last_heard > suspect_after => MemberState::Suspect,
+        _ => MemberState::Alive,
     }
 }
 

@@ -144,6 +144,10 @@ pub struct NodeArgs {
     /// tunnel connections from peers [default: 10000].
     #[arg(long, env = "WEFT_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
+    /// On SIGTERM, how long in-flight requests may take to finish before the
+    /// node leaves anyway, e.g. 20s [default: 20s].
+    #[arg(long, env = "WEFT_DRAIN_TIMEOUT", value_name = "DURATION")]
+    pub drain_timeout: Option<String>,
     /// TOML file with any of these settings (flags and WEFT_* win).
     #[arg(long, env = "WEFT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -24,6 +24,9 @@ pub const DEFAULT_PROXY: &str = "127.0.0.1:4140";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9646";
 /// Default gossip interval.
 pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a draining node waits for in-flight requests by default (under
+/// the 30 s an orchestrator usually grants before it kills).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The settings a TOML file may hold (same names as the flags, with `_`).
 #[derive(Debug, Default, Deserialize)]
@@ -45,6 +48,7 @@ pub struct FileConfig {
     gossip_interval: Option<String>,
     retry_policy: Option<String>,
     max_connections: Option<usize>,
+    drain_timeout: Option<String>,
 }
 
 /// A validated node configuration.
@@ -81,6 +85,8 @@ pub struct NodeConfig {
     pub retry_policy: RetryPolicy,
     /// Connections open at once per listener.
     pub max_connections: usize,
+    /// How long a draining node waits for in-flight requests.
+    pub drain_timeout: Duration,
 }
 
 impl NodeConfig {
@@ -215,6 +221,15 @@ impl NodeConfig {
                 "--max-connections must be at least 1".into(),
             ));
         }
+        let drain_timeout = match args
+            .drain_timeout
+            .as_deref()
+            .or(file.drain_timeout.as_deref())
+        {
+            Some(raw) => parse_duration(raw)
+                .map_err(|e| NodeError::Config(format!("--drain-timeout {raw:?}: {e}")))?,
+            None => DEFAULT_DRAIN_TIMEOUT,
+        };
         let data_dir = args
             .data_dir
             .clone()
@@ -240,6 +255,7 @@ impl NodeConfig {
             gossip_interval,
             retry_policy,
             max_connections,
+            drain_timeout,
         })
     }
 }

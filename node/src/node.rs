@@ -10,10 +10,10 @@ use actix::{Actor, Supervisor};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use weft_gossip::{Cluster, ClusterConfig, Key, NodeInfo, NodeStatus};
-use weft_runtime::dataplane::{DataPlane, DataPlaneParts, Limits, Timeouts};
+use weft_runtime::dataplane::{DataPlane, DataPlaneParts, InFlight, Limits, Timeouts};
 use weft_runtime::gossip_writer::GossipWriter;
 use weft_runtime::health_checker::{HealthChecker, SetRegistrations};
-use weft_runtime::listener::{Listener, StopListening};
+use weft_runtime::listener::{Listener, StopAccepting, StopListening};
 use weft_runtime::outcome::OutcomeSink;
 use weft_runtime::router::{Router, RouterHandle};
 use weft_runtime::stats_aggregator::{StatsAggregator, StatsHandle};
@@ -185,6 +185,7 @@ async fn serve(
             (cfg.tunnel.port(), "tunnel"),
         ],
     });
+    let dataplane_in_flight = dataplane.in_flight.clone();
     let listener = Listener::new(
         socket,
         admin,
@@ -217,7 +218,25 @@ async fn serve(
     };
     match outcome {
         Ok(sig) => {
-            tracing::info!(signal = sig, "leaving the cluster");
+            eprintln!(
+                "weft node {}: {sig}: draining (up to {:?}), then leaving",
+                cfg.name, cfg.drain_timeout
+            );
+            let draining = NodeInfo {
+                status: NodeStatus::Draining,
+                ..info.clone()
+            };
+            let _ = cluster.set(&Key::Node, &to_json(&draining)).await;
+            listener.do_send(StopAccepting);
+            // Peers stop picking our instances once they hear we drain.
+            tokio::time::sleep(cluster.interval() * 2).await;
+            let left_in_flight = drain(&dataplane_in_flight, cfg.drain_timeout).await;
+            if left_in_flight > 0 {
+                tracing::warn!(
+                    in_flight = left_in_flight,
+                    "drain timeout: leaving with requests still in flight"
+                );
+            }
             let leaving = NodeInfo {
                 status: NodeStatus::Left,
                 ..info
@@ -244,6 +263,15 @@ async fn serve(
             Err(NodeError::Io(format!("gossip died: {why}")))
         }
     }
+}
+
+/// Waits until nothing is in flight or `timeout` passes; what is left.
+async fn drain(in_flight: &InFlight, timeout: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while in_flight.count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    in_flight.count()
 }
 
 /// Installs the Prometheus recorder (once per process) and keeps it tidy.

@@ -56,6 +56,7 @@ pub struct Listener {
     dataplane: Arc<DataPlane>,
     handler: HttpHandler,
     loops: Vec<JoinHandle<()>>,
+    proxy_loop: Option<JoinHandle<()>>,
     upstreams: HashMap<SocketAddr, (String, JoinHandle<()>)>,
 }
 
@@ -78,6 +79,7 @@ impl Listener {
             dataplane,
             handler,
             loops: Vec::new(),
+            proxy_loop: None,
             upstreams: HashMap::new(),
         }
     }
@@ -99,7 +101,7 @@ impl Actor for Listener {
         }
         if let Some(proxy) = self.proxy.take() {
             let dp = self.dataplane.clone();
-            self.loops.push(tokio::spawn(outbound::serve(proxy, dp)));
+            self.proxy_loop = Some(tokio::spawn(outbound::serve(proxy, dp)));
         }
         if let Some(endpoint) = self.tunnel.take() {
             let dp = self.dataplane.clone();
@@ -111,9 +113,34 @@ impl Actor for Listener {
         for task in self.loops.drain(..) {
             task.abort();
         }
+        self.stop_accepting();
+    }
+}
+
+impl Listener {
+    /// Closes the proxy and the TCP upstream ports; connections already
+    /// accepted go on in their own tasks.
+    fn stop_accepting(&mut self) {
+        if let Some(task) = self.proxy_loop.take() {
+            task.abort();
+        }
         for (_, (_, task)) in self.upstreams.drain() {
             task.abort();
         }
+    }
+}
+
+/// Stop accepting app connections (a draining node): the proxy and TCP
+/// upstream ports close, the local API and the tunnel keep serving.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopAccepting;
+
+impl Handler<StopAccepting> for Listener {
+    type Result = ();
+
+    fn handle(&mut self, _msg: StopAccepting, _ctx: &mut Self::Context) {
+        self.stop_accepting();
     }
 }
 

@@ -94,6 +94,7 @@ fn export_gauges(members: &[Member], catalog: &Catalog, previous: &Catalog) {
         MemberState::Alive,
         MemberState::Suspect,
         MemberState::Dead,
+        MemberState::Draining,
         MemberState::Left,
     ] {
         let n = members.iter().filter(|m| m.state == state).count();

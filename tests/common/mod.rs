@@ -206,14 +206,25 @@ impl TestCluster {
         }
     }
 
+    /// Sends a signal to node `i` (it keeps running, or not, as it decides).
+    pub fn signal(&self, i: usize, sig: i32) {
+        let pid = self.nodes[i].pid().expect("node running");
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) on the pid of our own child, not yet reaped.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+
     /// Sends a signal and waits (bounded) for the exit status.
     pub fn signal_and_wait(&mut self, i: usize, sig: i32, within: Duration) -> ExitStatus {
+        self.signal(i, sig);
+        self.wait_exit(i, within)
+    }
+
+    /// Waits (bounded) for node `i` to exit; its status.
+    pub fn wait_exit(&mut self, i: usize, within: Duration) -> ExitStatus {
         let mut child = self.nodes[i].child.take().expect("node running");
-        // SAFETY-free: libc::kill on our own child's pid.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::kill(child.id() as i32, sig);
-        }
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = child.try_wait().expect("wait") {

@@ -1,12 +1,15 @@
 //! Moving HTTP bodies between hyper and tunnel streams without buffering them.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Body, Frame};
+use hyper::body::{Body, Frame, SizeHint};
 use quinn::{RecvStream, SendStream};
 
 use super::request::header_map;
-use super::{BoxError, ProxyBody};
+use super::{BoxError, Busy, ProxyBody};
 use crate::tunnel::{self, TunnelError};
 use crate::wire::body::{BodyDecoder, BodyEvent};
 
@@ -16,6 +19,37 @@ pub fn empty() -> ProxyBody {
     http_body_util::Empty::new()
         .map_err(|never| match never {})
         .boxed()
+}
+
+/// `body`, holding `busy` until the body ends or is dropped, so a request
+/// counts as in flight until its last byte is sent.
+pub fn guarded(body: ProxyBody, busy: Busy) -> ProxyBody {
+    Guarded { body, _busy: busy }.boxed()
+}
+
+struct Guarded {
+    body: ProxyBody,
+    _busy: Busy,
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A body of bytes already in hand.

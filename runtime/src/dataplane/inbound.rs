@@ -77,6 +77,7 @@ async fn handle_stream(
     mut send: SendStream,
     mut recv: RecvStream,
 ) -> Result<(), TunnelError> {
+    let _busy = dp.in_flight.track();
     let head: RequestHead = tokio::time::timeout(HEAD_TIMEOUT, tunnel::read_frame(&mut recv))
         .await
         .map_err(|_| TunnelError::Stream("no header frame in time".into()))??;

@@ -25,6 +25,7 @@ pub use error::{MeshError, WEFT_ERROR};
 pub use local::LocalClients;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -137,6 +138,34 @@ impl ConnectionLimit {
     }
 }
 
+/// Requests and connections in flight, so a draining node knows when it may
+/// leave. A [`Busy`] guard counts one while it lives.
+#[derive(Debug, Default, Clone)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+/// One request or connection in flight; dropping it ends it.
+#[derive(Debug)]
+pub struct Busy(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts one more until the guard is dropped.
+    pub fn track(&self) -> Busy {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Busy(self.0.clone())
+    }
+
+    /// How many are in flight now.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Everything a connection task needs, shared.
 #[derive(Debug)]
 pub struct DataPlane {
@@ -154,6 +183,8 @@ pub struct DataPlane {
     pub timeouts: Timeouts,
     /// Connection caps.
     pub limits: Limits,
+    /// What is in flight (requests until their body ends, connections).
+    pub in_flight: InFlight,
     balancer: Mutex<Balancer<(String, String)>>,
     outliers: Mutex<OutlierDetector<(String, String)>>,
     writer: Option<GossipWriter>,
@@ -207,6 +238,7 @@ impl DataPlane {
             outcomes,
             timeouts,
             limits,
+            in_flight: InFlight::default(),
             balancer: Mutex::new(Balancer::new(
                 Duration::from_millis(30),
                 Duration::from_secs(10),

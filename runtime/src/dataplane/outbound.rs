@@ -72,7 +72,13 @@ pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>) {
     }
 }
 
-async fn handle(dp: Arc<DataPlane>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+/// One app request, in flight until its response body ends.
+async fn handle(dp: Arc<DataPlane>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let busy = dp.in_flight.track();
+    proxy(dp, req).await.map(|b| body::guarded(b, busy))
+}
+
+async fn proxy(dp: Arc<DataPlane>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let upgrade = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
     let fwd = match Forward::parse(&parts) {

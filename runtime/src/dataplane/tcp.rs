@@ -45,6 +45,7 @@ pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
 }
 
 async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(), String> {
+    let _busy = dp.in_flight.track();
     let instance = {
         let snap = dp.router.load();
         dp.pick(&snap, service, "tcp", &[])
