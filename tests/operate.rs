@@ -70,3 +70,155 @@ async fn sigterm_drains_in_flight_requests_before_leaving() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_client_command_works_against_live_nodes() {
+    let c = TestCluster::start(2).await;
+    let (n1, n2) = (c.nodes[0].socket.clone(), c.nodes[1].socket.clone());
+    let web = Upstream::start(0, 200).await;
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_port = tcp.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut s, _)) = tcp.accept().await {
+            let _ = s.write_all(b"db says hi\n").await;
+        }
+    });
+
+    // register, one per check kind; each prints the id it got.
+    let port = web.port.to_string();
+    let (code, out, err) = weft_cli(
+        &n1,
+        &["register", "web", "--port", &port, "--check-http", "/"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), format!("registered web-n1-{port}"));
+    let tcp_port = tcp_port.to_string();
+    let args = [
+        "register",
+        "db",
+        "--port",
+        &tcp_port,
+        "--protocol",
+        "tcp",
+        "--check-tcp",
+    ];
+    let (code, _, err) = weft_cli(&n1, &args);
+    assert_eq!(code, 0, "{err}");
+    let args = [
+        "register", "batch", "--port", "9", "--id", "batch-1", "--ttl", "30s",
+    ];
+    let (code, out, err) = weft_cli(&n1, &args);
+    assert_eq!((code, out.trim()), (0, "registered batch-1"), "{err}");
+
+    // services: the table and JSON, seen from the other node once gossip
+    // and the checks have run.
+    let web_id = format!("web-n1-{port}");
+    let table = wait_for(Duration::from_secs(15), "n2 lists web passing", || {
+        let n2 = n2.clone();
+        let web_id = web_id.clone();
+        async move {
+            let (code, out, _) = weft_cli(&n2, &["services"]);
+            let row = out.lines().find(|l| l.contains(&web_id))?.to_string();
+            (code == 0 && row.contains("passing")).then_some(out)
+        }
+    })
+    .await;
+    assert!(table.starts_with("SERVICE"), "{table}");
+    assert!(
+        table.contains("batch-1") && table.contains("db-n1-"),
+        "{table}"
+    );
+    let (code, out, _) = weft_cli(&n2, &["services", "--json"]);
+    assert_eq!(code, 0);
+    let json: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["services"]["db"][0]["protocol"], "tcp", "{json}");
+
+    // members: both nodes alive, in a table and in JSON.
+    let (code, out, _) = weft_cli(&n1, &["members"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines().filter(|l| l.contains("alive")).count() == 2,
+        "{out}"
+    );
+    let (_, out, _) = weft_cli(&n1, &["members", "--json"]);
+    let json: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["members"].as_array().unwrap().len(), 2);
+
+    // health after some traffic: the table names the service, JSON has rps.
+    for _ in 0..10 {
+        assert_eq!(proxy_get(c.nodes[1].proxy, "web").await, 200);
+    }
+    let out = wait_for(
+        Duration::from_secs(10),
+        "n2's health shows web's traffic",
+        || {
+            let n2 = n2.clone();
+            async move {
+                let (_, out, _) = weft_cli(&n2, &["health", "--json"]);
+                let json: Value = serde_json::from_str(&out).ok()?;
+                (json["services"]["web"]["rps"].as_f64()? > 0.0).then_some(())
+            }
+        },
+    )
+    .await;
+    let _: () = out;
+    let (code, out, _) = weft_cli(&n2, &["health"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("RETRY DELAY") && out.lines().any(|l| l.starts_with("web ")),
+        "{out}"
+    );
+
+    // health --watch redraws every second on a terminal.
+    let script = format!(
+        "{} --socket {} health --watch",
+        weft_bin().display(),
+        n2.display()
+    );
+    let watched = Command::new("timeout")
+        .args(["3.5", "script", "-qfec", &script, "/dev/null"])
+        .output()
+        .expect("script (bsdutils)");
+    let screen = String::from_utf8_lossy(&watched.stdout);
+    let redraws = screen.matches("\x1b[2J").count();
+    assert!(redraws >= 3, "{redraws} redraws in 3.5 s: {screen}");
+    assert!(screen.contains("web"), "{screen}");
+
+    // upstream: a local port on n2 that reaches db on n1.
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (code, out, err) = weft_cli(&n2, &["upstream", "db", "--listen", &listen.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), format!("{listen} now reaches db"));
+    let greeting = wait_for(
+        Duration::from_secs(10),
+        "db answers through the upstream",
+        || async move {
+            use tokio::io::AsyncReadExt;
+            let mut s = tokio::net::TcpStream::connect(listen).await.ok()?;
+            let mut buf = vec![0u8; 11];
+            s.read_exact(&mut buf).await.ok()?;
+            Some(buf)
+        },
+    )
+    .await;
+    assert_eq!(greeting, b"db says hi\n");
+
+    // deregister: gone everywhere; an unknown id is the node's refusal
+    // (exit 1, not 69: the node was reached).
+    let (code, out, _) = weft_cli(&n1, &["deregister", "batch-1"]);
+    assert_eq!((code, out.trim()), (0, "deregistered batch-1"));
+    wait_for(Duration::from_secs(10), "batch-1 gone from n2", || {
+        let n2 = n2.clone();
+        async move {
+            (!instance_ids(&n2, "batch")
+                .await?
+                .contains(&"batch-1".to_string()))
+            .then_some(())
+        }
+    })
+    .await;
+    let (code, _, err) = weft_cli(&n1, &["deregister", "batch-1"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("batch-1"), "{err}");
+}

@@ -5,13 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use hyper::Method;
 use serde_json::Value;
 
-/// One HTTP/1.1 request over a Unix socket; status and JSON (Null if not JSON).
+/// One request to a node's socket API, given up after `within`.
 pub async fn request(
     socket: &Path,
     method: Method,
@@ -19,40 +16,10 @@ pub async fn request(
     body: Option<&Value>,
     within: Duration,
 ) -> Result<(u16, Value), String> {
-    let call = async {
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .map_err(|e| format!("connect {}: {e}", socket.display()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let bytes = body
-            .map(|b| serde_json::to_vec(b).unwrap_or_default())
-            .unwrap_or_default();
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "weft")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(bytes)))
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        ))
-    };
-    tokio::time::timeout(within, call)
+    tokio::time::timeout(within, weft_client::request(socket, method, path, body))
         .await
         .map_err(|_| format!("no answer within {within:?}"))?
+        .map_err(|e| e.to_string())
 }
 
 /// Member name -> state, as one node sees it.

@@ -3,11 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use hyper::Method;
 use serde_json::Value;
+use weft_client::ClientError;
 
 use crate::NodeError;
 
@@ -45,44 +43,14 @@ pub async fn call(
     path: &str,
     body: Option<Value>,
 ) -> Result<(u16, Value), NodeError> {
-    let not_running = |e: &dyn std::fmt::Display| {
-        NodeError::Client(format!(
-            "cannot reach the weft node at {} ({e}); is `weft node` running?",
-            socket.display()
-        ))
-    };
-    let stream = tokio::net::UnixStream::connect(socket)
+    weft_client::request(socket, method, path, body.as_ref())
         .await
-        .map_err(|e| not_running(&e))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| not_running(&e))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let payload = body
-        .map(|b| Bytes::from(serde_json::to_vec(&b).unwrap_or_default()))
-        .unwrap_or_default();
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "weft")
-        .header("content-type", "application/json")
-        .body(Full::new(payload))
-        .map_err(|e| NodeError::Client(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| not_running(&e))?;
-    let status = resp.status().as_u16();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| not_running(&e))?
-        .to_bytes();
-    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    Ok((status, value))
+        .map_err(|e| match e {
+            ClientError::Unreachable { .. } => {
+                NodeError::Client(format!("{e}; is `weft node` running?"))
+            }
+            ClientError::Exchange { .. } => NodeError::Client(e.to_string()),
+        })
 }
 
 /// Turns an error reply into a one-line error.
@@ -94,7 +62,7 @@ pub fn check(status: u16, body: &Value) -> Result<(), NodeError> {
         .get("error")
         .and_then(Value::as_str)
         .unwrap_or("no error message");
-    Err(NodeError::Client(format!(
+    Err(NodeError::Refused(format!(
         "the node refused: {msg} (HTTP {status})"
     )))
 }

@@ -49,16 +49,19 @@ pub enum NodeError {
     /// The request conflicts with the node's state (an address in use).
     #[error("{0}")]
     Conflict(String),
-    /// A client command failed (node unreachable, request refused).
+    /// A client command could not reach the node (exit 69).
     #[error("{0}")]
     Client(String),
+    /// The node answered a client command with an error (exit 1).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl NodeError {
     fn exit_code(&self) -> u8 {
         match self {
             NodeError::Config(_) | NodeError::Invalid(_) => 64,
-            NodeError::Io(_) | NodeError::Conflict(_) => 1,
+            NodeError::Io(_) | NodeError::Conflict(_) | NodeError::Refused(_) => 1,
             NodeError::Client(_) => 69,
         }
     }

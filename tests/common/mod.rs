@@ -307,39 +307,16 @@ where
     }
 }
 
-/// One HTTP/1.1 request over a Unix socket; returns status and JSON (Null if not JSON).
+/// One request over a node's Unix socket (raw body); status and JSON (Null if not JSON).
 pub async fn request(
     socket: &Path,
     method: Method,
     path: &str,
     body: Vec<u8>,
 ) -> std::io::Result<(u16, Value)> {
-    let stream = tokio::net::UnixStream::connect(socket).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    weft_client::request_raw(socket, method, path, Bytes::from(body))
         .await
-        .map_err(std::io::Error::other)?;
-    tokio::spawn(conn);
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "weft")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(std::io::Error::other)?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(std::io::Error::other)?;
-    let status = resp.status().as_u16();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(std::io::Error::other)?
-        .to_bytes();
-    Ok((
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    ))
+        .map_err(std::io::Error::other)
 }
 
 pub async fn get(socket: &Path, path: &str) -> std::io::Result<(u16, Value)> {
