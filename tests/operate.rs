@@ -222,3 +222,137 @@ async fn every_client_command_works_against_live_nodes() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("batch-1"), "{err}");
 }
+
+/// The lines of a node's log that parse as JSON objects.
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(Value::is_object)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logs_access_log_and_sighup() {
+    let mut c = TestCluster::new();
+    c.add_node();
+    let config = c.dir.path().join("n2.toml");
+    std::fs::write(&config, "log_level = \"warn\"\n").unwrap();
+    let access = c.dir.path().join("access.log");
+    let (config_arg, access_arg) = (config.display().to_string(), access.display().to_string());
+    c.add_node_with(&[
+        "--config",
+        &config_arg,
+        "--access-log",
+        &access_arg,
+        "--log-format",
+        "json",
+    ]);
+    c.wait_converged(2, Duration::from_secs(15)).await;
+    let up = Upstream::start(0, 200).await;
+    register_everywhere(&c, 0, "web", up.port, "http").await;
+
+    // Readable startup lines: where the node listens, and that it joined.
+    let n1_log = std::fs::read_to_string(&c.nodes[0].log).unwrap();
+    assert!(
+        n1_log.contains("weft node n1 ready: gossip 127.0.0.1:"),
+        "{n1_log}"
+    );
+    let n2_log = wait_for(Duration::from_secs(10), "n2 says it joined", || {
+        let path = c.nodes[1].log.clone();
+        async move {
+            let text = std::fs::read_to_string(path).ok()?;
+            text.contains("joined the cluster: 2 members alive")
+                .then_some(text)
+        }
+    })
+    .await;
+    // --log-format json: every line n2 wrote is a JSON object.
+    for line in n2_log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        !json_lines(&n2_log).iter().any(|v| v["level"] == "DEBUG"),
+        "debug lines at warn"
+    );
+
+    // The access log: one JSON line per request, with what an operator needs.
+    for _ in 0..3 {
+        assert_eq!(proxy_get(c.nodes[1].proxy, "web").await, 200);
+    }
+    assert_eq!(proxy_get(c.nodes[1].proxy, "nosuch").await, 503);
+    let entries = wait_for(Duration::from_secs(5), "4 access log lines", || {
+        let access = access.clone();
+        async move {
+            let lines = json_lines(&std::fs::read_to_string(access).ok()?);
+            (lines.len() >= 4).then_some(lines)
+        }
+    })
+    .await;
+    let web = &entries[0];
+    assert_eq!(web["service"], "web", "{web}");
+    assert_eq!(web["status"], 200);
+    assert_eq!(web["node"], "n1");
+    assert_eq!(web["method"], "GET");
+    assert_eq!(web["attempts"], 1);
+    assert!(web["duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(web["time"].as_str().unwrap().ends_with('Z'));
+    assert!(web["instance"].as_str().unwrap().starts_with("web-n1-"));
+    assert_eq!(
+        entries[3]["weft_error"], "unknown-service",
+        "{}",
+        entries[3]
+    );
+
+    // SIGHUP: the config file's new level applies, the access log is
+    // reopened (rotated away, then written anew), and the node keeps serving.
+    std::fs::write(&config, "log_level = \"debug\"\n").unwrap();
+    let rotated = c.dir.path().join("access.log.1");
+    std::fs::rename(&access, &rotated).unwrap();
+    c.signal(1, libc::SIGHUP);
+    wait_for(Duration::from_secs(10), "debug lines after SIGHUP", || {
+        let path = c.nodes[1].log.clone();
+        async move {
+            let text = std::fs::read_to_string(path).ok()?;
+            json_lines(&text)
+                .iter()
+                .any(|v| v["level"] == "DEBUG")
+                .then_some(())
+        }
+    })
+    .await;
+    assert_eq!(proxy_get(c.nodes[1].proxy, "web").await, 200);
+    let n1 = c.nodes[0].socket.clone();
+    assert_eq!(member_state(&n1, "n2").await.as_deref(), Some("alive"));
+    wait_for(Duration::from_secs(5), "a new access log after SIGHUP", || {
+        let access = access.clone();
+        async move { (json_lines(&std::fs::read_to_string(access).ok()?).len() == 1).then_some(()) }
+    })
+    .await;
+    // A broken config file is reported and changes nothing.
+    std::fs::write(&config, "log_level = 7\n").unwrap();
+    c.signal(1, libc::SIGHUP);
+    wait_for(Duration::from_secs(10), "n2 reports the bad file", || {
+        let path = c.nodes[1].log.clone();
+        async move {
+            let text = std::fs::read_to_string(path).ok()?;
+            text.contains("config file not reloaded").then_some(())
+        }
+    })
+    .await;
+    assert_eq!(proxy_get(c.nodes[1].proxy, "web").await, 200);
+    assert!(
+        c.nodes[1]
+            .child
+            .as_mut()
+            .unwrap()
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "SIGHUP stopped the node"
+    );
+}

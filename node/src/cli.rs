@@ -148,6 +148,16 @@ pub struct NodeArgs {
     /// node leaves anyway, e.g. 20s [default: 20s].
     #[arg(long, env = "WEFT_DRAIN_TIMEOUT", value_name = "DURATION")]
     pub drain_timeout: Option<String>,
+    /// Threads that carry traffic [default: one per core].
+    #[arg(long, env = "WEFT_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
+    /// Log lines as text or json [default: text].
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// One JSON line per proxied request, to this file or `-` (stdout)
+    /// [default: off]. SIGHUP reopens it.
+    #[arg(long, env = "WEFT_ACCESS_LOG", value_name = "PATH|-")]
+    pub access_log: Option<String>,
     /// TOML file with any of these settings (flags and WEFT_* win).
     #[arg(long, env = "WEFT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,

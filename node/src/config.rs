@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use weft_runtime::access_log::AccessTarget;
 use weft_runtime::dataplane::{Limits, RetryPolicy};
+
+use crate::logging::LogFormat;
 
 use crate::cli::NodeArgs;
 use crate::NodeError;
@@ -49,6 +52,10 @@ pub struct FileConfig {
     retry_policy: Option<String>,
     max_connections: Option<usize>,
     drain_timeout: Option<String>,
+    worker_threads: Option<usize>,
+    log_format: Option<String>,
+    access_log: Option<String>,
+    log_level: Option<String>,
 }
 
 /// A validated node configuration.
@@ -87,6 +94,26 @@ pub struct NodeConfig {
     pub max_connections: usize,
     /// How long a draining node waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// Runtime worker threads (`None`: one per core).
+    pub worker_threads: Option<usize>,
+    /// Text or JSON log lines.
+    pub log_format: LogFormat,
+    /// Where the access log goes, if anywhere.
+    pub access_log: Option<AccessTarget>,
+    /// `log_level` from the config file (SIGHUP re-reads it).
+    pub log_level: Option<String>,
+    /// The config file, re-read on SIGHUP.
+    pub config_file: Option<PathBuf>,
+}
+
+/// What SIGHUP may change in a running node, read again from the config
+/// file; flags and `WEFT_*` still win over it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reloadable {
+    /// The log level (`None`: `RUST_LOG` or the default).
+    pub log_level: Option<String>,
+    /// The access log target.
+    pub access_log: Option<AccessTarget>,
 }
 
 impl NodeConfig {
@@ -230,6 +257,27 @@ impl NodeConfig {
                 .map_err(|e| NodeError::Config(format!("--drain-timeout {raw:?}: {e}")))?,
             None => DEFAULT_DRAIN_TIMEOUT,
         };
+        let worker_threads = args.worker_threads.or(file.worker_threads);
+        if worker_threads == Some(0) {
+            return Err(NodeError::Config(
+                "--worker-threads must be at least 1".into(),
+            ));
+        }
+        let log_format = match args.log_format.as_deref().or(file.log_format.as_deref()) {
+            None => LogFormat::Text,
+            Some(f) => LogFormat::parse(f).ok_or_else(|| {
+                NodeError::Config(format!("--log-format {f:?} must be \"text\" or \"json\""))
+            })?,
+        };
+        let access_log = args
+            .access_log
+            .as_deref()
+            .or(file.access_log.as_deref())
+            .map(AccessTarget::parse);
+        if let Some(level) = &file.log_level {
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| NodeError::Config(format!("--config: log_level {level:?}: {e}")))?;
+        }
         let data_dir = args
             .data_dir
             .clone()
@@ -256,6 +304,31 @@ impl NodeConfig {
             retry_policy,
             max_connections,
             drain_timeout,
+            worker_threads,
+            log_format,
+            access_log,
+            log_level: file.log_level,
+            config_file: args.config.clone(),
+        })
+    }
+
+    /// The parts a SIGHUP reloads, from the config file as it is now.
+    pub fn reload(&self, args: &NodeArgs) -> Result<Reloadable, NodeError> {
+        let file = match &self.config_file {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        if let Some(level) = &file.log_level {
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| NodeError::Config(format!("--config: log_level {level:?}: {e}")))?;
+        }
+        Ok(Reloadable {
+            log_level: file.log_level,
+            access_log: args
+                .access_log
+                .as_deref()
+                .or(file.access_log.as_deref())
+                .map(AccessTarget::parse),
         })
     }
 }

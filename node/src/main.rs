@@ -5,7 +5,8 @@
 //! - `cli`: clap definitions of every command and flag.
 //! - `config`: flags over `WEFT_*` over TOML over defaults, validated.
 //! - `init`: `weft init` (cluster CA and gossip key).
-//! - `node`: `weft node`, wiring gossip, actors and the local API.
+//! - `node`: `weft node`, wiring gossip, actors and the local API; signals.
+//! - `logging`: text or JSON logs with a level SIGHUP can change.
 //! - `registry`: local registrations, persisted and announced.
 //! - `store`: atomically written JSON state files.
 //! - `upstreams`: TCP upstreams, persisted and served by the Listener.
@@ -20,6 +21,7 @@ mod client;
 mod config;
 mod demo;
 mod init;
+mod logging;
 mod node;
 mod registry;
 mod store;
@@ -33,6 +35,7 @@ use hyper::Method;
 use serde_json::json;
 
 use cli::{Cli, Command};
+use logging::{LogFormat, Logging};
 
 /// Errors of the `weft` binary; each maps to an exit code and one line.
 #[derive(Debug, thiserror::Error)]
@@ -88,13 +91,6 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,weft=info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -107,6 +103,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), NodeError> {
     match cli.command {
         Command::Init { dir, force } => {
+            Logging::init(LogFormat::Text, None);
             init::init_cluster(&dir, force)?;
             println!(
                 "created cluster in {}: ca.pem, ca.key (keep private), gossip.key (keep private)",
@@ -145,6 +142,7 @@ fn run(cli: Cli) -> Result<(), NodeError> {
             Ok(())
         }
         Command::Demo { run_for } => {
+            Logging::init(LogFormat::Text, None);
             let limit = run_for
                 .map(|raw| {
                     config::parse_duration(&raw)
@@ -155,9 +153,13 @@ fn run(cli: Cli) -> Result<(), NodeError> {
         }
         Command::Node(args) => {
             let cfg = config::NodeConfig::resolve(&args, cli.socket.as_deref())?;
-            node::run(cfg)
+            let logging = Logging::init(cfg.log_format, cfg.log_level.as_deref());
+            node::run(cfg, *args, logging)
         }
-        other => client_command(other, cli.socket.as_deref()),
+        other => {
+            Logging::init(LogFormat::Text, None);
+            client_command(other, cli.socket.as_deref())
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use actix::{Actor, Supervisor};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use weft_gossip::{Cluster, ClusterConfig, Key, NodeInfo, NodeStatus};
+use weft_runtime::access_log::AccessLog;
 use weft_runtime::dataplane::{DataPlane, DataPlaneParts, InFlight, Limits, Timeouts};
 use weft_runtime::gossip_writer::GossipWriter;
 use weft_runtime::health_checker::{HealthChecker, SetRegistrations};
@@ -21,28 +22,35 @@ use weft_runtime::tls;
 use weft_runtime::tunnel::TunnelPool;
 
 use crate::api::{self, ApiState};
+use crate::cli::NodeArgs;
 use crate::config::NodeConfig;
 use crate::init;
+use crate::logging::{announce, Logging};
 use crate::registry::Registry;
 use crate::upstreams::Upstreams;
 use crate::NodeError;
 
 /// Runs a node until SIGTERM/SIGINT (exit 0 after a graceful leave) or until
 /// gossip dies (an error: the node never serves a stale view silently).
-pub fn run(cfg: NodeConfig) -> Result<(), NodeError> {
+pub fn run(cfg: NodeConfig, args: NodeArgs, logging: Logging) -> Result<(), NodeError> {
     create_private_dir(&cfg.data_dir)?;
     let cluster_dir = cluster_dir(&cfg)?;
     let key = init::read_gossip_key(&cluster_dir)?;
     let registry = Arc::new(Registry::load(&cfg.data_dir)?);
 
-    let system = actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
+    let workers = cfg.worker_threads;
+    let system = actix::System::with_tokio_rt(move || {
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = workers {
+            rt.worker_threads(n);
+        }
+        rt.enable_all()
             .thread_name("weft-worker")
             .build()
             .expect("the tokio runtime must start")
     });
-    let result = system.block_on(serve(cfg, cluster_dir, key, registry));
+    let reload = Reload { args, logging };
+    let result = system.block_on(serve(cfg, cluster_dir, key, registry, reload));
     actix::System::current().stop();
     result
 }
@@ -52,6 +60,7 @@ async fn serve(
     cluster_dir: PathBuf,
     key: [u8; 32],
     registry: Arc<Registry>,
+    reload: Reload,
 ) -> Result<(), NodeError> {
     let advertise = match cfg.advertise_gossip {
         Some(a) => a,
@@ -68,16 +77,9 @@ async fn serve(
     let proxy = TcpListener::bind(cfg.proxy)
         .await
         .map_err(|e| NodeError::Config(format!("--proxy {}: {e}", cfg.proxy)))?;
-    let identity = match &cfg.cert_key {
-        Some((cert, key)) => tls::Identity::load(&cluster_dir.join(init::CA_CERT), cert, key),
-        None => tls::Identity::from_cluster_dir(&cluster_dir, &cfg.name, &cfg.data_dir),
-    }
-    .map_err(|e| NodeError::Config(e.to_string()))?;
-    let server_tls = tls::server_config(&identity).map_err(|e| NodeError::Config(e.to_string()))?;
-    let client_tls = tls::client_config(&identity).map_err(|e| NodeError::Config(e.to_string()))?;
-    let mut endpoint = quinn::Endpoint::server(server_tls, cfg.tunnel)
+    let (server_tls, client_tls) = tunnel_tls(&cfg, &cluster_dir)?;
+    let endpoint = quinn::Endpoint::server(server_tls, cfg.tunnel)
         .map_err(|e| NodeError::Config(format!("--tunnel {}: {e}", cfg.tunnel)))?;
-    endpoint.set_default_client_config(client_tls);
 
     let generation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -152,19 +154,22 @@ async fn serve(
         outcome_rx,
     )
     .start();
+    let access = AccessLog::start(cfg.access_log.clone());
     let tunnels = Arc::new(TunnelPool::new(
         endpoint.clone(),
+        client_tls,
         Timeouts::default().connect,
     ));
     let dataplane = DataPlane::new(DataPlaneParts {
         node: cfg.name.clone(),
         router: router_handle.clone(),
-        tunnels,
+        tunnels: tunnels.clone(),
         outcomes,
         timeouts: Timeouts::default(),
         limits: Limits {
             max_connections: cfg.max_connections,
         },
+        access: access.clone(),
         writer: Some(writer.clone()),
         stats: stats.clone(),
         policy: cfg.retry_policy,
@@ -186,6 +191,7 @@ async fn serve(
         ],
     });
     let dataplane_in_flight = dataplane.in_flight.clone();
+    let tunnel_endpoint = endpoint.clone();
     let listener = Listener::new(
         socket,
         admin,
@@ -197,7 +203,7 @@ async fn serve(
     .start();
     upstreams.attach(listener.clone()).await;
 
-    eprintln!(
+    announce(&format!(
         "weft node {} ready: gossip {} (advertised {}), tunnel {} (advertised {}), proxy {}, socket {}, admin {}",
         cfg.name,
         cfg.gossip,
@@ -207,61 +213,209 @@ async fn serve(
         cfg.proxy,
         cfg.socket.display(),
         info.admin
-    );
+    ));
 
-    let mut term = signal(SignalKind::terminate()).map_err(|e| NodeError::Io(e.to_string()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| NodeError::Io(e.to_string()))?;
-    let outcome = tokio::select! {
-        _ = term.recv() => Ok("SIGTERM"),
-        _ = int.recv() => Ok("SIGINT"),
-        res = cluster.terminated() => Err(res),
+    let running = Running {
+        cfg,
+        cluster_dir,
+        cluster,
+        registry,
+        listener,
+        info,
+        in_flight: dataplane_in_flight,
+        endpoint: tunnel_endpoint,
+        tunnels,
+        access,
+        reload,
     };
-    match outcome {
-        Ok(sig) => {
-            eprintln!(
-                "weft node {}: {sig}: draining (up to {:?}), then leaving",
-                cfg.name, cfg.drain_timeout
+    running.announce_joined();
+    running.serve_until_stopped().await
+}
+
+/// The tunnel's TLS: this node's identity (issued from the cluster CA, or
+/// the operator's files), as server and client configs.
+fn tunnel_tls(
+    cfg: &NodeConfig,
+    cluster_dir: &Path,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), NodeError> {
+    let identity = match &cfg.cert_key {
+        Some((cert, key)) => tls::Identity::load(&cluster_dir.join(init::CA_CERT), cert, key),
+        None => tls::Identity::from_cluster_dir(cluster_dir, &cfg.name, &cfg.data_dir),
+    }
+    .map_err(|e| NodeError::Config(e.to_string()))?;
+    let server = tls::server_config(&identity).map_err(|e| NodeError::Config(e.to_string()))?;
+    let client = tls::client_config(&identity).map_err(|e| NodeError::Config(e.to_string()))?;
+    Ok((server, client))
+}
+
+/// What a SIGHUP needs: the flags (which win over the file) and the logger.
+struct Reload {
+    args: NodeArgs,
+    logging: Logging,
+}
+
+/// A node that has started: what its signals act on.
+struct Running {
+    cfg: NodeConfig,
+    cluster_dir: PathBuf,
+    cluster: Arc<Cluster>,
+    registry: Arc<Registry>,
+    listener: actix::Addr<Listener>,
+    info: NodeInfo,
+    in_flight: InFlight,
+    endpoint: quinn::Endpoint,
+    tunnels: Arc<TunnelPool>,
+    access: AccessLog,
+    reload: Reload,
+}
+
+impl Running {
+    /// SIGHUP reloads; SIGTERM and SIGINT drain and leave; a dead gossip
+    /// task stops the node rather than let it serve a stale view.
+    async fn serve_until_stopped(self) -> Result<(), NodeError> {
+        let sig = |kind| signal(kind).map_err(|e| NodeError::Io(e.to_string()));
+        let (mut term, mut int, mut hup) = (
+            sig(SignalKind::terminate())?,
+            sig(SignalKind::interrupt())?,
+            sig(SignalKind::hangup())?,
+        );
+        let terminated = self.cluster.terminated();
+        tokio::pin!(terminated);
+        loop {
+            tokio::select! {
+                _ = hup.recv() => self.reload(),
+                _ = term.recv() => return self.drain_and_leave("SIGTERM").await,
+                _ = int.recv() => return self.drain_and_leave("SIGINT").await,
+                res = &mut terminated => return self.gossip_died(res),
+            }
+        }
+    }
+
+    /// Prints, once, how many members the node found: the line that tells
+    /// an operator the node joined (or that it is alone).
+    fn announce_joined(&self) {
+        let cluster = self.cluster.clone();
+        let name = self.cfg.name.clone();
+        let seeded = self
+            .cfg
+            .seeds
+            .iter()
+            .any(|s| *s != self.cfg.gossip.to_string());
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let mut views = cluster.views();
+            loop {
+                let alive: Vec<String> = {
+                    let view = views.borrow_and_update();
+                    view.members()
+                        .into_iter()
+                        .filter(|m| m.state == weft_gossip::MemberState::Alive)
+                        .map(|m| m.name)
+                        .collect()
+                };
+                let done = alive.len() > 1 || !seeded || tokio::time::Instant::now() >= deadline;
+                if done {
+                    if alive.len() > 1 {
+                        announce(&format!(
+                            "weft node {name} joined the cluster: {} members alive ({})",
+                            alive.len(),
+                            alive.join(", ")
+                        ));
+                    } else if seeded {
+                        announce(&format!(
+                            "weft node {name}: no other member answered within 10 s; still trying the seeds"
+                        ));
+                    } else {
+                        announce(&format!(
+                            "weft node {name} started a new cluster (no seeds); other nodes join with --seeds pointing here"
+                        ));
+                    }
+                    return;
+                }
+                let _ = tokio::time::timeout_at(deadline, views.changed()).await;
+            }
+        });
+    }
+
+    /// Reloads what can change live: the log level and the access log from
+    /// the config file, and the tunnel certificates from their files. A bad
+    /// file is logged and changes nothing; the node never stops here.
+    fn reload(&self) {
+        match self.cfg.reload(&self.reload.args) {
+            Ok(live) => {
+                if let Err(e) = self.reload.logging.set_level(live.log_level.as_deref()) {
+                    tracing::error!(error = %e, "SIGHUP: log level not changed");
+                }
+                self.access.reopen(live.access_log);
+            }
+            Err(e) => tracing::error!(error = %e, "SIGHUP: config file not reloaded"),
+        }
+        match tunnel_tls(&self.cfg, &self.cluster_dir) {
+            Ok((server, client)) => {
+                self.endpoint.set_server_config(Some(server));
+                self.tunnels.set_client_config(client);
+            }
+            Err(e) => tracing::error!(error = %e, "SIGHUP: certificates not reloaded"),
+        }
+        tracing::info!("SIGHUP: reloaded the log level, the access log and the certificates");
+    }
+
+    /// Marks the node draining, closes its app ports, lets what is in
+    /// flight finish (up to the drain timeout), then leaves.
+    async fn drain_and_leave(self, sig: &str) -> Result<(), NodeError> {
+        let Running {
+            cfg,
+            cluster,
+            registry,
+            listener,
+            info,
+            in_flight,
+            ..
+        } = self;
+        announce(&format!(
+            "weft node {}: {sig}: draining (up to {:?}), then leaving",
+            cfg.name, cfg.drain_timeout
+        ));
+        let draining = NodeInfo {
+            status: NodeStatus::Draining,
+            ..info.clone()
+        };
+        let _ = cluster.set(&Key::Node, &to_json(&draining)).await;
+        listener.do_send(StopAccepting);
+        // Peers stop picking our instances once they hear we drain.
+        tokio::time::sleep(cluster.interval() * 2).await;
+        let left_in_flight = drain(&in_flight, cfg.drain_timeout).await;
+        if left_in_flight > 0 {
+            tracing::warn!(
+                in_flight = left_in_flight,
+                "drain timeout: leaving with requests still in flight"
             );
-            let draining = NodeInfo {
-                status: NodeStatus::Draining,
-                ..info.clone()
-            };
-            let _ = cluster.set(&Key::Node, &to_json(&draining)).await;
-            listener.do_send(StopAccepting);
-            // Peers stop picking our instances once they hear we drain.
-            tokio::time::sleep(cluster.interval() * 2).await;
-            let left_in_flight = drain(&dataplane_in_flight, cfg.drain_timeout).await;
-            if left_in_flight > 0 {
-                tracing::warn!(
-                    in_flight = left_in_flight,
-                    "drain timeout: leaving with requests still in flight"
-                );
-            }
-            let leaving = NodeInfo {
-                status: NodeStatus::Left,
-                ..info
-            };
-            let _ = cluster.set(&Key::Node, &to_json(&leaving)).await;
-            registry.withdraw_all(&cluster).await;
-            // Two gossip rounds carry the leave to peers before we go quiet.
-            tokio::time::sleep(cluster.interval() * 2 + Duration::from_millis(100)).await;
-            listener.do_send(StopListening);
-            let _ = std::fs::remove_file(&cfg.socket);
-            if let Ok(cluster) = Arc::try_unwrap(cluster) {
-                cluster.shutdown().await;
-            }
-            eprintln!("weft node {} left the cluster", cfg.name);
-            Ok(())
         }
-        Err(res) => {
-            let why = match res {
-                Ok(()) => "gossip task stopped".to_string(),
-                Err(e) => e.to_string(),
-            };
-            tracing::error!(error = %why, "gossip died; stopping the node rather than serving a stale view");
-            let _ = std::fs::remove_file(&cfg.socket);
-            Err(NodeError::Io(format!("gossip died: {why}")))
+        let leaving = NodeInfo {
+            status: NodeStatus::Left,
+            ..info
+        };
+        let _ = cluster.set(&Key::Node, &to_json(&leaving)).await;
+        registry.withdraw_all(&cluster).await;
+        // Two gossip rounds carry the leave to peers before we go quiet.
+        tokio::time::sleep(cluster.interval() * 2 + Duration::from_millis(100)).await;
+        listener.do_send(StopListening);
+        let _ = std::fs::remove_file(&cfg.socket);
+        if let Ok(cluster) = Arc::try_unwrap(cluster) {
+            cluster.shutdown().await;
         }
+        announce(&format!("weft node {} left the cluster", cfg.name));
+        Ok(())
+    }
+
+    fn gossip_died(&self, res: Result<(), weft_gossip::GossipError>) -> Result<(), NodeError> {
+        let why = match res {
+            Ok(()) => "gossip task stopped".to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(error = %why, "gossip died; stopping the node rather than serving a stale view");
+        let _ = std::fs::remove_file(&self.cfg.socket);
+        Err(NodeError::Io(format!("gossip died: {why}")))
     }
 }
 
@@ -401,10 +555,10 @@ fn cluster_dir(cfg: &NodeConfig) -> Result<PathBuf, NodeError> {
     let dir = cfg.data_dir.join("cluster");
     if !dir.join(init::GOSSIP_KEY).exists() {
         init::init_cluster(&dir, false)?;
-        eprintln!(
+        announce(&format!(
             "weft: no --cluster given; created a single-host cluster in {} (copy it to other hosts, or pass --cluster, to let them join)",
             dir.display()
-        );
+        ));
     }
     Ok(dir)
 }

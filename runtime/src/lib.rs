@@ -15,16 +15,20 @@
 //!   summary, merges everyone's, and learns each service's retry delay.
 //! - [`dataplane`]: the outbound HTTP proxy, TCP upstreams and the inbound
 //!   side of the tunnel; connection tasks read the Router's snapshot.
-//! - [`tunnel`]: pooled QUIC connections to peer nodes and body framing.
+//! - [`tunnel`]: pooled QUIC connections to peer nodes, and stream IO.
+//! - [`access_log`]: one JSON line per proxied request, written off the
+//!   request path.
 //! - [`outcome`]: request outcomes, sent in one bounded channel to statistics.
 //! - [`policy`]: pure decision logic (load balancing, later retries and
 //!   health), tested without sockets or sleeps.
-//! - [`wire`]: the tunnel codec, the one module that touches bincode.
+//! - [`wire`]: the tunnel codec (heads and body framing), the one module
+//!   that touches bincode.
 //! - [`tls`]: node certificates and the mTLS configuration of the tunnel.
 //!
 //! Actors run on the `actix::System` thread of a multi-thread tokio runtime;
 //! connection tasks run on the worker threads.
 
+pub mod access_log;
 pub mod dataplane;
 pub mod gossip_writer;
 pub mod health_checker;

@@ -7,9 +7,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 
@@ -41,18 +42,27 @@ pub enum TunnelError {
 #[derive(Debug)]
 pub struct TunnelPool {
     endpoint: Endpoint,
+    /// This node's client TLS; swapped when certificates are reloaded.
+    client: ArcSwap<quinn::ClientConfig>,
     connections: Mutex<HashMap<(String, SocketAddr), Connection>>,
     connect_timeout: Duration,
 }
 
 impl TunnelPool {
-    /// A pool dialing from `endpoint` (which carries the client config).
-    pub fn new(endpoint: Endpoint, connect_timeout: Duration) -> Self {
+    /// A pool dialing from `endpoint` with `client` TLS.
+    pub fn new(endpoint: Endpoint, client: quinn::ClientConfig, connect_timeout: Duration) -> Self {
         TunnelPool {
             endpoint,
+            client: ArcSwap::from_pointee(client),
             connections: Mutex::new(HashMap::new()),
             connect_timeout,
         }
+    }
+
+    /// New connections use `client` (reloaded certificates); connections
+    /// already up keep theirs.
+    pub fn set_client_config(&self, client: quinn::ClientConfig) {
+        self.client.store(Arc::new(client));
     }
 
     /// The endpoint, for the accept loop.
@@ -74,7 +84,11 @@ impl TunnelPool {
         };
         let connecting = self
             .endpoint
-            .connect(addr, &crate::tls::node_server_name(node))
+            .connect_with(
+                (**self.client.load()).clone(),
+                addr,
+                &crate::tls::node_server_name(node),
+            )
             .map_err(|e| err(e.to_string()))?;
         let conn = tokio::time::timeout(self.connect_timeout, connecting)
             .await

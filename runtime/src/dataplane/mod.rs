@@ -36,6 +36,7 @@ use weft_gossip::Instance;
 use weft_gossip::view::EJECTED_PREFIX;
 use weft_gossip::{Key, MemberState};
 
+use crate::access_log::AccessLog;
 use crate::gossip_writer::GossipWriter;
 use crate::outcome::OutcomeSink;
 use crate::policy::balancer::Balancer;
@@ -185,6 +186,8 @@ pub struct DataPlane {
     pub limits: Limits,
     /// What is in flight (requests until their body ends, connections).
     pub in_flight: InFlight,
+    /// One line per proxied request, when enabled.
+    pub access: AccessLog,
     balancer: Mutex<Balancer<(String, String)>>,
     outliers: Mutex<OutlierDetector<(String, String)>>,
     writer: Option<GossipWriter>,
@@ -208,6 +211,8 @@ pub struct DataPlaneParts {
     pub timeouts: Timeouts,
     /// Connection caps.
     pub limits: Limits,
+    /// The access log (`AccessLog::off()` when not wanted).
+    pub access: AccessLog,
     /// Gossip writes (outlier votes); `None` in tests without gossip.
     pub writer: Option<GossipWriter>,
     /// Merged statistics (the learned delay).
@@ -226,6 +231,7 @@ impl DataPlane {
             outcomes,
             timeouts,
             limits,
+            access,
             writer,
             stats,
             policy,
@@ -239,6 +245,7 @@ impl DataPlane {
             timeouts,
             limits,
             in_flight: InFlight::default(),
+            access,
             balancer: Mutex::new(Balancer::new(
                 Duration::from_millis(30),
                 Duration::from_secs(10),

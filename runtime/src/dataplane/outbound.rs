@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
@@ -20,11 +20,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use weft_gossip::Instance;
 
-use super::error::MeshError;
+use super::error::{MeshError, WEFT_ERROR};
 use super::local::{LocalFailure, H2_MAX_HEADER_LIST};
 use super::request::{header_map, Forward};
 use super::splice::splice;
 use super::{body, BoxError, ConnectionLimit, DataPlane, ProxyBody};
+use crate::access_log::{rfc3339, AccessEntry};
 use crate::outcome::{Direction, Outcome, OutcomeClass};
 use crate::policy::retry::{self, AttemptResult};
 use crate::tunnel::{self, TunnelError};
@@ -75,10 +76,57 @@ pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>) {
 /// One app request, in flight until its response body ends.
 async fn handle(dp: Arc<DataPlane>, req: Request<Incoming>) -> Response<ProxyBody> {
     let busy = dp.in_flight.track();
-    proxy(dp, req).await.map(|b| body::guarded(b, busy))
+    let started = (SystemTime::now(), Instant::now());
+    let method = req.method().clone();
+    let mut trace = Trace::default();
+    let resp = proxy(&dp, req, &mut trace).await;
+    if dp.access.enabled() {
+        dp.access.record(trace.entry(started, &method, &resp));
+    }
+    resp.map(|b| body::guarded(b, busy))
 }
 
-async fn proxy(dp: Arc<DataPlane>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+/// What the access log says of a request, filled in as it goes.
+#[derive(Debug, Default)]
+struct Trace {
+    service: Option<String>,
+    instance: Option<(String, String)>,
+    attempts: u8,
+    waited: Duration,
+}
+
+impl Trace {
+    fn entry(
+        self,
+        (wall, start): (SystemTime, Instant),
+        method: &http::Method,
+        resp: &Response<ProxyBody>,
+    ) -> AccessEntry {
+        let (node, instance) = self.instance.unzip();
+        AccessEntry {
+            time: rfc3339(wall),
+            service: self.service,
+            instance,
+            node,
+            method: method.to_string(),
+            status: resp.status().as_u16(),
+            duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+            attempts: self.attempts,
+            retry_wait_ms: self.waited.as_secs_f64() * 1000.0,
+            weft_error: resp
+                .headers()
+                .get(WEFT_ERROR)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from),
+        }
+    }
+}
+
+async fn proxy(
+    dp: &DataPlane,
+    mut req: Request<Incoming>,
+    trace: &mut Trace,
+) -> Response<ProxyBody> {
     let upgrade = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
     let fwd = match Forward::parse(&parts) {
@@ -86,6 +134,7 @@ async fn proxy(dp: Arc<DataPlane>, mut req: Request<Incoming>) -> Response<Proxy
         Err((error, detail)) => return refuse(error, &detail),
     };
     let upgrade = fwd.upgrade.then_some(upgrade);
+    trace.service = Some(fwd.service.clone());
     let mut instance = {
         let snap = dp.router.load();
         match dp.pick(&snap, &fwd.service, "http", &[]) {
@@ -118,10 +167,12 @@ async fn proxy(dp: Arc<DataPlane>, mut req: Request<Incoming>) -> Response<Proxy
             return MeshError::UpstreamUnreachable.response("body already sent");
         };
         dp.started(&key);
+        trace.instance = Some(key.clone());
+        trace.attempts = attempt + 1;
         let start = Instant::now();
         let remaining = deadline.saturating_duration_since(start);
         let sent = Attempt {
-            dp: &dp,
+            dp,
             fwd: &fwd,
             instance: &instance,
             remaining,
@@ -205,6 +256,7 @@ async fn proxy(dp: Arc<DataPlane>, mut req: Request<Incoming>) -> Response<Proxy
         if same {
             let wait = dp.retry_wait(&service, next.retry.as_deref(), attempt);
             let wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+            trace.waited += wait;
             tokio::time::sleep(wait).await;
         }
         instance = next;
