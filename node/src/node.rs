@@ -466,6 +466,10 @@ fn describe_metrics() {
         "Attempts by service, direction (outbound: sent by this node; inbound: handed by this node to its own instance) and outcome class"
     );
     describe_counter!(
+        "weft_access_log_dropped_total",
+        "Access log lines dropped because the writer fell behind"
+    );
+    describe_counter!(
         "weft_limit_refused_total",
         "Requests and connections the mesh refused at one of its own limits, by limit"
     );
