@@ -243,6 +243,12 @@ fn tunnel_tls(
         None => tls::Identity::from_cluster_dir(cluster_dir, &cfg.name, &cfg.data_dir),
     }
     .map_err(|e| NodeError::Config(e.to_string()))?;
+    if identity.node != cfg.name {
+        return Err(NodeError::Config(format!(
+            "the certificate names node {:?}, but this node is --name {:?}: peers would refuse it; issue one with `weft cert issue {}`",
+            identity.node, cfg.name, cfg.name
+        )));
+    }
     let server = tls::server_config(&identity).map_err(|e| NodeError::Config(e.to_string()))?;
     let client = tls::client_config(&identity).map_err(|e| NodeError::Config(e.to_string()))?;
     Ok((server, client))
@@ -506,7 +512,7 @@ fn describe_metrics() {
     );
     describe_counter!(
         "weft_tunnel_refused_total",
-        "Tunnel connections refused (no valid cluster certificate)"
+        "Tunnel connections refused, by reason: handshake (no valid cluster certificate), no_node_name, not_a_member, too_many_connections"
     );
     describe_counter!(
         "weft_gossip_rejected_total",

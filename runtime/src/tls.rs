@@ -36,6 +36,11 @@ const CLOCK_SKEW: Duration = Duration::from_secs(3600);
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_BIDI_STREAMS: u32 = 4096;
+/// Bytes a peer may have in flight on one stream before it must wait for us
+/// to read: bounds what one slow instance makes the node buffer.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+/// Bytes a peer may have in flight on one connection, all streams together.
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Upper bound on the PEM files we read; a certificate or key is a few KiB.
 const MAX_PEM_BYTES: u64 = 1 << 20;
 
@@ -279,14 +284,15 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// The node name a certificate was issued for: its `*.node.weft` DNS SAN, else its CN.
+/// The node name a certificate was issued for: its `<name>.node.weft` DNS
+/// SAN. A certificate without one names no node (its CN does not count: any
+/// CA-signed certificate has a CN).
 fn node_of_cert(der: &[u8]) -> Option<String> {
     let suffix = format!(".{NODE_DOMAIN}");
     der::dns_names(der)
         .into_iter()
         .find_map(|n| n.strip_suffix(&suffix).map(str::to_owned))
         .filter(|n| !n.is_empty())
-        .or_else(|| der::common_name(der))
 }
 
 /// This node's certificate chain, key and the cluster CA roots: everything the
@@ -426,6 +432,13 @@ fn transport() -> Result<quinn::TransportConfig, TlsError> {
             .map_err(|e| TlsError::Config(format!("idle timeout: {e}")))?,
     ));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_BIDI_STREAMS));
+    // weft opens bidirectional streams only: a peer may open no other kind,
+    // and may not send datagrams.
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t.datagram_receive_buffer_size(None);
+    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
+    t.receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW));
+    t.send_window(u64::from(CONNECTION_WINDOW));
     Ok(t)
 }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use quinn::{Endpoint, RecvStream, SendStream};
 use tokio::net::TcpStream;
+use weft_gossip::MemberState;
 
 use super::error::MeshError;
 use super::local::LocalFailure;
@@ -20,42 +21,149 @@ use crate::wire::{RequestHead, ResponseHead, StreamKind};
 /// How long a peer may take to send a stream's header frame.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections one peer node may hold to this node at once (its pool keeps
+/// one; reconnects and races briefly make more).
+const MAX_CONNECTIONS_PER_PEER: usize = 8;
+
+/// How long an unknown caller may take to appear in this node's view of the
+/// cluster (a node that just joined is heard of within a few gossip rounds).
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(3);
+
 /// Accepts tunnel connections until the endpoint closes.
 pub async fn serve(endpoint: Endpoint, dp: Arc<DataPlane>) {
     let limit = ConnectionLimit::new("tunnel_connections", dp.limits.max_connections);
+    let peers = Arc::new(PeerCounts::default());
     while let Some(incoming) = endpoint.accept().await {
         let Some(permit) = limit.admit() else {
             incoming.refuse();
             continue;
         };
-        let dp = dp.clone();
+        let (dp, peers) = (dp.clone(), peers.clone());
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
-                    metrics::counter!("weft_tunnel_refused_total").increment(1);
+                    refused("handshake");
                     tracing::warn!(error = %e, "refused a tunnel connection");
                     return;
                 }
+            };
+            let Some(peer) = admit(&dp, &conn, &peers).await else {
+                return;
             };
             loop {
                 match conn.accept_bi().await {
                     Ok((send, recv)) => {
                         let dp = dp.clone();
+                        let caller = peer.name.clone();
                         tokio::spawn(async move {
                             if let Err(e) = handle_stream(&dp, send, recv).await {
-                                tracing::debug!(error = %e, "inbound stream failed");
+                                tracing::debug!(error = %e, caller, "inbound stream failed");
                             }
                         });
                     }
                     Err(e) => {
-                        tracing::debug!(error = %e, "tunnel connection closed");
+                        tracing::debug!(error = %e, caller = peer.name, "tunnel connection closed");
                         break;
                     }
                 }
             }
             drop(permit);
         });
+    }
+}
+
+fn refused(reason: &'static str) {
+    metrics::counter!("weft_tunnel_refused_total", "reason" => reason).increment(1);
+}
+
+/// Checks who is calling, on top of the TLS handshake (which proved a
+/// certificate of the cluster CA): the certificate must name a node, that
+/// node must be a live member, and it may hold only a few connections.
+/// A refusal closes the connection with a reason and is counted.
+async fn admit(
+    dp: &DataPlane,
+    conn: &quinn::Connection,
+    peers: &Arc<PeerCounts>,
+) -> Option<PeerGuard> {
+    let refuse = |reason: &'static str, detail: String| {
+        refused(reason);
+        tracing::warn!(remote = %conn.remote_address(), reason, "refused a tunnel connection: {detail}");
+        conn.close(quinn::VarInt::from_u32(2), reason.as_bytes());
+        None
+    };
+    let Some(name) = crate::tls::peer_node(conn) else {
+        return refuse("no_node_name", "its certificate names no node".into());
+    };
+    if !wait_for_member(dp, &name).await {
+        return refuse(
+            "not_a_member",
+            format!("{name} is not a live member of the cluster"),
+        );
+    }
+    match peers.enter(&name) {
+        Some(guard) => Some(guard),
+        None => refuse(
+            "too_many_connections",
+            format!("{name} already holds {MAX_CONNECTIONS_PER_PEER} connections"),
+        ),
+    }
+}
+
+/// True once `name` is a live member (alive, suspect or draining) in the
+/// router's view, waiting up to [`MEMBERSHIP_WAIT`] for a node that just
+/// joined.
+async fn wait_for_member(dp: &DataPlane, name: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + MEMBERSHIP_WAIT;
+    loop {
+        let live = dp.router.load().members.iter().any(|m| {
+            m.name == name
+                && matches!(
+                    m.state,
+                    MemberState::Alive | MemberState::Suspect | MemberState::Draining
+                )
+        });
+        if live || tokio::time::Instant::now() >= deadline {
+            return live;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Connections held per peer node.
+#[derive(Debug, Default)]
+struct PeerCounts(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+/// One connection of a peer; gives its place back when dropped.
+struct PeerGuard {
+    name: String,
+    counts: Arc<PeerCounts>,
+}
+
+impl PeerCounts {
+    fn enter(self: &Arc<Self>, name: &str) -> Option<PeerGuard> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let held = counts.entry(name.to_string()).or_default();
+        if *held >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *held += 1;
+        Some(PeerGuard {
+            name: name.to_string(),
+            counts: self.clone(),
+        })
+    }
+}
+
+impl Drop for PeerGuard {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = counts.get_mut(&self.name) {
+            *held -= 1;
+            if *held == 0 {
+                counts.remove(&self.name);
+            }
+        }
     }
 }
 

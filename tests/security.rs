@@ -1,0 +1,173 @@
+//! Who may talk to a node: the tunnel's acceptor checks the caller's
+//! identity on top of the TLS handshake, and a node refuses to start with a
+//! certificate that is not its own.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+/// A certificate for `names` signed by the cluster's CA (as anyone holding
+/// `ca.key` could make), PEM cert and key.
+fn ca_signed(cluster: &std::path::Path, names: &[&str], cn: &str) -> (String, String) {
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(cluster.join("ca.key")).unwrap()).unwrap();
+    let mut issuer = CertificateParams::default();
+    issuer
+        .distinguished_name
+        .push(DnType::CommonName, "weft cluster CA");
+    issuer.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    issuer.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let issuer = issuer.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, &issuer, &ca_key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// Dials node `target` with a client certificate and sends a request head
+/// for `service`; Ok(bytes) if the node answered anything.
+async fn try_tunnel(
+    c: &TestCluster,
+    target: usize,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca_pem = std::fs::read(c.cluster_dir.join("ca.pem"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca_pem) {
+        roots.add(cert?)?;
+    }
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)?;
+    tls.alpn_protocols = vec![b"weft/1".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let name = format!("{}.node.weft", c.nodes[target].name);
+    let conn = endpoint.connect(c.nodes[target].tunnel, &name)?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    // A well-formed head: a member would get an answer (the node's refusal
+    // of an unknown instance, at least).
+    let head = weft_runtime::wire::RequestHead {
+        version: weft_runtime::wire::WIRE_VERSION,
+        kind: weft_runtime::wire::StreamKind::Http,
+        service: "web".into(),
+        instance: "web-n1-1".into(),
+        method: "GET".into(),
+        uri: "/".into(),
+        headers: Vec::new(),
+        deadline_ms: 1000,
+        attempt: 0,
+        http2: false,
+        end_stream: true,
+    };
+    send.write_all(&weft_runtime::wire::encode(&head)?).await?;
+    send.finish()?;
+    Ok(recv.read_to_end(64 * 1024).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_acceptor_refuses_callers_that_are_not_live_member_nodes() {
+    let c = TestCluster::start(2).await;
+    let admin = c.nodes[0].admin;
+    let cases = [
+        // Signed by the cluster CA, but names no node (a CN is not a name).
+        (
+            ca_signed(&c.cluster_dir, &["db.example.com"], "n2"),
+            "no_node_name",
+        ),
+        // A real node certificate, of a node that is not in the cluster
+        // (retired, or stolen and replayed from elsewhere).
+        (
+            ca_signed(&c.cluster_dir, &["n9.node.weft"], "n9"),
+            "not_a_member",
+        ),
+    ];
+    // The same exchange with a member's certificate gets an answer.
+    let (cert, key) = ca_signed(&c.cluster_dir, &["n2.node.weft"], "n2");
+    let answer = try_tunnel(&c, 0, &cert, &key)
+        .await
+        .expect("a member is answered");
+    assert!(!answer.is_empty());
+    for ((cert, key), reason) in cases {
+        let outcome = tokio::time::timeout(Duration::from_secs(15), try_tunnel(&c, 0, &cert, &key))
+            .await
+            .expect("bounded");
+        assert!(outcome.is_err(), "{reason}: the node answered: {outcome:?}");
+        let counted = wait_for(
+            Duration::from_secs(5),
+            "the refusal is counted",
+            || async move {
+                let text = metrics_text(admin).await;
+                let label = format!("reason=\"{reason}\"");
+                (metric_sum(&text, "weft_tunnel_refused_total", &[&label]) >= 1.0).then_some(())
+            },
+        )
+        .await;
+        let _: () = counted;
+    }
+    // A member's own certificate still works: n2 reaches n1's instances.
+    let up = Upstream::start(0, 200).await;
+    register_everywhere(&c, 0, "web", up.port, "http").await;
+    assert_eq!(proxy_get(c.nodes[1].proxy, "web").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_refuses_to_start_with_another_node_s_certificate() {
+    let c = TestCluster::new();
+    let certs = c.dir.path().join("certs");
+    let out = std::process::Command::new(weft_bin())
+        .args(["cert", "issue", "n7", "--cluster"])
+        .arg(&c.cluster_dir)
+        .arg("--out")
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = std::process::Command::new(weft_bin())
+        .args([
+            "node",
+            "--name",
+            "n8",
+            "--gossip",
+            "127.0.0.1:0",
+            "--cluster",
+        ])
+        .arg(&c.cluster_dir)
+        .arg("--cert")
+        .arg(certs.join("n7.pem"))
+        .arg("--key")
+        .arg(certs.join("n7.key"))
+        .arg("--data-dir")
+        .arg(c.dir.path().join("n8"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("\"n7\"") && err.contains("\"n8\""), "{err}");
+}
