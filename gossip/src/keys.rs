@@ -22,6 +22,15 @@ pub enum Key {
     Health(String),
     /// This node's compact statistics summary for a service.
     Stats(String),
+    /// `eject/<node>/<id>`: this node's outlier detector voted to eject
+    /// `node`'s instance `id`. A key of the voter's own, so a vote never
+    /// touches the owner's `health/<id>`, and withdrawing it is a delete.
+    Eject {
+        /// The node that hosts the instance.
+        node: String,
+        /// The instance.
+        id: String,
+    },
 }
 
 impl Key {
@@ -38,6 +47,7 @@ impl Key {
             Key::Svc(id) => format!("svc/{id}"),
             Key::Health(id) => format!("health/{id}"),
             Key::Stats(svc) => format!("stats/{svc}"),
+            Key::Eject { node, id } => format!("eject/{node}/{id}"),
         }
     }
 
@@ -47,6 +57,15 @@ impl Key {
             return Some(Key::Node);
         }
         let (prefix, rest) = raw.split_once('/')?;
+        if prefix == "eject" {
+            let (node, id) = rest.split_once('/')?;
+            validate_name(node).ok()?;
+            validate_id(id).ok()?;
+            return Some(Key::Eject {
+                node: node.to_string(),
+                id: id.to_string(),
+            });
+        }
         if validate_id(rest).is_err() {
             return None;
         }
@@ -109,6 +128,10 @@ mod tests {
             Key::Svc("web-n1-8080".into()),
             Key::Health("db.1".into()),
             Key::Stats("web".into()),
+            Key::Eject {
+                node: "n2".into(),
+                id: "web-n2-80".into(),
+            },
         ] {
             assert_eq!(Key::decode(&key.encode()), Some(key));
         }
@@ -116,7 +139,19 @@ mod tests {
 
     #[test]
     fn foreign_keys_are_ignored() {
-        for raw in ["", "svc/", "svc/é", "nodes", "other/x", "svc/a/b", "svc/-x"] {
+        for raw in [
+            "",
+            "svc/",
+            "svc/é",
+            "nodes",
+            "other/x",
+            "svc/a/b",
+            "svc/-x",
+            "eject/n1",
+            "eject/N1/x",
+            "eject/n1/a b",
+            "eject/n1/x/y",
+        ] {
             assert_eq!(Key::decode(raw), None, "{raw:?}");
         }
     }

@@ -192,17 +192,15 @@ impl ClusterView {
     /// The catalog: instances registered on live, non-leaving nodes.
     ///
     /// An instance is `ejected` cluster-wide only when two or more other live
-    /// nodes' outlier detectors say so (`health/<id>` = `ejected:<owner>`), so
+    /// nodes' outlier detectors say so (each writes `eject/<owner>/<id>`), so
     /// one sick or partitioned caller cannot take it out of the whole mesh.
     pub fn catalog(&self) -> Catalog {
         let mut observers: BTreeMap<(String, String), usize> = BTreeMap::new();
         for node in self.current_incarnations().filter(|n| n.live) {
-            for (raw_key, value) in &node.kv {
-                if let (Some(Key::Health(id)), Some(owner)) =
-                    (Key::decode(raw_key), value.strip_prefix(EJECTED_PREFIX))
-                {
+            for raw_key in node.kv.keys() {
+                if let Some(Key::Eject { node: owner, id }) = Key::decode(raw_key) {
                     if owner != node.name {
-                        *observers.entry((owner.to_string(), id)).or_default() += 1;
+                        *observers.entry((owner, id)).or_default() += 1;
                     }
                 }
             }
@@ -260,10 +258,6 @@ impl ClusterView {
     }
 }
 
-/// Value prefix an observer writes under `health/<id>` when its outlier
-/// detector ejected another node's instance: `ejected:<owner node>`.
-pub const EJECTED_PREFIX: &str = "ejected:";
-
 fn node_info(node: &NodeSnapshot) -> Option<NodeInfo> {
     node.kv
         .get("node")
@@ -287,7 +281,7 @@ fn member_state(
 /// Health of an instance from its owner's own conclusion (`health/<id>`).
 fn instance_health(node: &NodeSnapshot, record: &ServiceRecord) -> String {
     match node.kv.get(&Key::Health(record.id.clone()).encode()) {
-        Some(v) if matches!(v.as_str(), "passing" | "failing" | "ejected") => v.clone(),
+        Some(v) if matches!(v.as_str(), "passing" | "failing") => v.clone(),
         _ if record.check.is_none() => "passing".to_string(),
         _ => "unknown".to_string(),
     }
@@ -461,14 +455,14 @@ mod tests {
     #[test]
     fn ejection_needs_two_observers() {
         let mut n2 = node("n2", 1, true, &[]);
-        n2.kv.insert("health/w1".into(), "ejected:n1".into());
+        n2.kv.insert("eject/n1/w1".into(), "1".into());
         let v = view(vec![
             node("n1", 1, true, &[("web", "w1", 8080)]),
             n2.clone(),
         ]);
         assert_eq!(v.catalog().instances("web")[0].health, "passing");
         let mut n3 = node("n3", 1, true, &[]);
-        n3.kv.insert("health/w1".into(), "ejected:n1".into());
+        n3.kv.insert("eject/n1/w1".into(), "1".into());
         let v = view(vec![
             node("n1", 1, true, &[("web", "w1", 8080)]),
             n2.clone(),
@@ -479,6 +473,26 @@ mod tests {
         n3.live = false;
         let v = view(vec![node("n1", 1, true, &[("web", "w1", 8080)]), n2, n3]);
         assert_eq!(v.catalog().instances("web")[0].health, "passing");
+    }
+
+    #[test]
+    fn a_vote_never_touches_the_voter_s_own_instance_of_the_same_id() {
+        // n2 hosts its own w1 and votes against n1's w1: its vote is its own
+        // `eject/n1/w1` key, so its instance keeps the health its checker wrote.
+        let mut n2 = node("n2", 1, true, &[("web", "w1", 9090)]);
+        n2.kv.insert("health/w1".into(), "passing".into());
+        n2.kv.insert("eject/n1/w1".into(), "1".into());
+        let mut n3 = node("n3", 1, true, &[]);
+        n3.kv.insert("eject/n1/w1".into(), "1".into());
+        let v = view(vec![node("n1", 1, true, &[("web", "w1", 8080)]), n2, n3]);
+        let catalog = v.catalog();
+        let health: Vec<(&str, &str)> = catalog
+            .instances("web")
+            .iter()
+            .map(|i| (i.node.as_str(), i.health.as_str()))
+            .collect();
+        assert!(health.contains(&("n1", "ejected")), "{health:?}");
+        assert!(health.contains(&("n2", "passing")), "{health:?}");
     }
 
     #[test]

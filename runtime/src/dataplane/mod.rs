@@ -33,7 +33,6 @@ use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weft_gossip::Instance;
 
-use weft_gossip::view::EJECTED_PREFIX;
 use weft_gossip::{Key, MemberState};
 
 use crate::access_log::AccessLog;
@@ -275,7 +274,7 @@ impl DataPlane {
                 for (node, id) in expired {
                     tracing::info!(node, id, "outlier ejection ended");
                     if let (Some(w), true) = (&dp.writer, node != dp.node) {
-                        w.delete(Key::Health(id));
+                        w.delete(Key::Eject { node, id });
                     }
                 }
             }
@@ -348,7 +347,11 @@ impl DataPlane {
                 .increment(1);
             // Vote in gossip; the owner's own instances are judged by its checks.
             if let (Some(w), true) = (&self.writer, *node != self.node) {
-                w.set(Key::Health(id.clone()), format!("{EJECTED_PREFIX}{node}"));
+                let vote = Key::Eject {
+                    node: node.clone(),
+                    id: id.clone(),
+                };
+                w.set(vote, "1".to_string());
             }
         }
     }
