@@ -246,3 +246,43 @@ fn which(cmd: &str) -> Option<std::path::PathBuf> {
             .find(|p| p.is_file())
     })
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deregistering_stops_probes_and_ttl_refreshes() {
+    let c = TestCluster::start(1).await;
+    let s = c.nodes[0].socket.clone();
+    let up = Upstream::start(0, 200).await;
+    let body = json!({"name": "web", "port": up.port, "id": "w1",
+        "check": {"http": "/", "interval_ms": 100, "timeout_ms": 100}});
+    let (status, _) = put_json(&s, "/v1/services", &body).await.unwrap();
+    assert_eq!(status, 200);
+    let ttl = json!({"name": "batch", "port": 9, "id": "b1", "check": {"ttl_ms": 5000}});
+    assert_eq!(put_json(&s, "/v1/services", &ttl).await.unwrap().0, 200);
+    wait_for(Duration::from_secs(5), "the checker probes w1", || async {
+        (up.hits() >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        request(&s, hyper::Method::PUT, "/v1/services/b1/ttl", vec![])
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+
+    assert_eq!(delete(&s, "/v1/services/w1").await.unwrap().0, 200);
+    assert_eq!(delete(&s, "/v1/services/b1").await.unwrap().0, 200);
+    // A TTL refresh for a deregistered id is 404 at once.
+    let (status, body) = request(&s, hyper::Method::PUT, "/v1/services/b1/ttl", vec![])
+        .await
+        .unwrap();
+    assert_eq!(status, 404, "{body}");
+    // Probes stop: at most one already in flight, then none for 10 intervals.
+    let settled = up.hits() + 1;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        up.hits() <= settled,
+        "probes went on after deregistration: {}",
+        up.hits()
+    );
+}

@@ -21,7 +21,7 @@ use crate::upstreams::Upstreams;
 use crate::NodeError;
 use metrics_exporter_prometheus::PrometheusHandle;
 use weft_runtime::dataplane::DataPlane;
-use weft_runtime::health_checker::{HealthChecker, SetRegistrations, TtlPass};
+use weft_runtime::health_checker::{HealthChecker, TtlPass};
 use weft_runtime::stats_aggregator::StatsHandle;
 
 /// Largest request body accepted.
@@ -348,12 +348,7 @@ async fn put_service(state: &ApiState, body: &Value) -> Reply {
     }
     let id = record.id.clone();
     match state.registry.put(&state.cluster, record).await {
-        Ok(()) => {
-            state
-                .checker
-                .do_send(SetRegistrations(state.registry.all().await));
-            reply(StatusCode::OK, &json!({ "id": id }))
-        }
+        Ok(()) => reply(StatusCode::OK, &json!({ "id": id })),
         Err(NodeError::Invalid(msg)) => error(StatusCode::BAD_REQUEST, msg),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
@@ -438,15 +433,19 @@ async fn get_upstreams(state: &ApiState) -> Reply {
 }
 
 async fn ttl_pass(state: &ApiState, id: &str) -> Reply {
-    match state.checker.send(TtlPass(id.to_string())).await {
-        Ok(true) => reply(StatusCode::OK, &json!({ "id": id })),
-        Ok(false) if state.registry.get(id).await.is_some() => error(
-            StatusCode::BAD_REQUEST,
-            format!("service {id:?} has no ttl check"),
-        ),
-        Ok(false) => error(
+    // The registry decides what exists: a deregistered id is 404 at once,
+    // even before the checker has heard of the change.
+    if state.registry.get(id).await.is_none() {
+        return error(
             StatusCode::NOT_FOUND,
             format!("no local service with id {id:?}"),
+        );
+    }
+    match state.checker.send(TtlPass(id.to_string())).await {
+        Ok(true) => reply(StatusCode::OK, &json!({ "id": id })),
+        Ok(false) => error(
+            StatusCode::BAD_REQUEST,
+            format!("service {id:?} has no ttl check"),
         ),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }

@@ -136,7 +136,7 @@ async fn serve(
         let writer = writer.clone();
         Supervisor::start(move |_| HealthChecker::new(writer.clone()))
     };
-    checker.do_send(SetRegistrations(registry.all().await));
+    follow_registrations(&registry, checker.clone());
     let upstreams = Arc::new(Upstreams::load(&cfg.data_dir)?);
     let router_handle = RouterHandle::default();
     let stats = StatsHandle::default();
@@ -423,6 +423,21 @@ impl Running {
         let _ = std::fs::remove_file(&self.cfg.socket);
         Err(NodeError::Io(format!("gossip died: {why}")))
     }
+}
+
+/// Tells the health checker every change of the registrations, in order:
+/// new ones are probed, removed ones stop being probed.
+fn follow_registrations(registry: &Registry, checker: actix::Addr<HealthChecker>) {
+    let mut changes = registry.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let current = changes.borrow_and_update().clone();
+            checker.do_send(SetRegistrations(current));
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// Waits until nothing is in flight or `timeout` passes; what is left.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 use weft_gossip::{Cluster, Key, ServiceRecord};
 
 use crate::{store, NodeError};
@@ -24,6 +24,9 @@ struct Stored {
 pub struct Registry {
     path: PathBuf,
     services: Mutex<BTreeMap<String, ServiceRecord>>,
+    /// Every change, published while the lock is held, so a watcher (the
+    /// health checker) sees the registrations in the order they happened.
+    changes: watch::Sender<Vec<ServiceRecord>>,
 }
 
 impl Registry {
@@ -31,15 +34,27 @@ impl Registry {
     pub fn load(data_dir: &std::path::Path) -> Result<Self, NodeError> {
         let path = data_dir.join("services.json");
         let stored: Stored = store::load(&path)?;
-        let services = stored
+        let services: BTreeMap<String, ServiceRecord> = stored
             .services
             .into_iter()
             .map(|s| (s.id.clone(), s))
             .collect();
+        let (changes, _) = watch::channel(services.values().cloned().collect());
         Ok(Registry {
             path,
             services: Mutex::new(services),
+            changes,
         })
+    }
+
+    /// The registrations now and after every change.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<ServiceRecord>> {
+        self.changes.subscribe()
+    }
+
+    fn publish(&self, services: &BTreeMap<String, ServiceRecord>) {
+        self.changes
+            .send_replace(services.values().cloned().collect());
     }
 
     /// The gossip keys to announce at start.
@@ -50,11 +65,6 @@ impl Registry {
             .values()
             .filter_map(|s| Some((Key::svc(&s.id).ok()?, serde_json::to_string(s).ok()?)))
             .collect()
-    }
-
-    /// Every local registration.
-    pub async fn all(&self) -> Vec<ServiceRecord> {
-        self.services.lock().await.values().cloned().collect()
     }
 
     /// The registration with this id.
@@ -80,6 +90,7 @@ impl Registry {
             };
             return Err(e);
         }
+        self.publish(&services);
         cluster
             .set(&key, &value)
             .await
@@ -96,6 +107,7 @@ impl Registry {
             services.insert(previous.id.clone(), previous);
             return Err(e);
         }
+        self.publish(&services);
         if let Ok(key) = Key::svc(id) {
             cluster.delete(&key).await;
         }
