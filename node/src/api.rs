@@ -370,7 +370,7 @@ pub fn parse_upstream(body: &Value) -> Result<(String, std::net::SocketAddr), St
     let obj = body.as_object().ok_or("body must be a JSON object")?;
     if let Some(unknown) = obj
         .keys()
-        .find(|k| !["service", "listen"].contains(&k.as_str()))
+        .find(|k| !["service", "listen", "public"].contains(&k.as_str()))
     {
         return Err(format!("unknown field {unknown:?}"));
     }
@@ -388,6 +388,21 @@ pub fn parse_upstream(body: &Value) -> Result<(String, std::net::SocketAddr), St
         .map_err(|_| "field \"listen\" must be an IP:port address".to_string())?;
     if listen.port() == 0 {
         return Err("field \"listen\" needs a port".into());
+    }
+    let public = match obj.get("public") {
+        None => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or("field \"public\" must be true or false")?,
+    };
+    if !listen.ip().is_loopback() {
+        if !public {
+            return Err(format!(
+                "field \"listen\": {} is not a loopback address, and a TCP upstream reaches {service} without mTLS; set \"public\": true to open it anyway",
+                listen.ip()
+            ));
+        }
+        tracing::warn!(service, %listen, "TCP upstream open beyond loopback: anyone who reaches {listen} reaches {service}, without mTLS");
     }
     Ok((service.to_string(), listen))
 }
@@ -555,6 +570,21 @@ mod tests {
 
     fn parse(v: Value) -> Result<ServiceRecord, String> {
         parse_registration(&v, "n1")
+    }
+
+    #[test]
+    fn upstreams_beyond_loopback_must_be_asked_for() {
+        let ok = parse_upstream(&json!({"service": "db", "listen": "127.0.0.1:15432"}));
+        assert_eq!(ok.unwrap().1.port(), 15432);
+        let err = parse_upstream(&json!({"service": "db", "listen": "0.0.0.0:15432"})).unwrap_err();
+        assert!(
+            err.contains("\"listen\"") && err.contains("\"public\": true"),
+            "{err}"
+        );
+        let public = json!({"service": "db", "listen": "0.0.0.0:15432", "public": true});
+        assert!(parse_upstream(&public).is_ok());
+        let bad = json!({"service": "db", "listen": "127.0.0.1:1", "public": "yes"});
+        assert!(parse_upstream(&bad).unwrap_err().contains("\"public\""));
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub enum Command {
         /// Local address to listen on, e.g. 127.0.0.1:15432.
         #[arg(long, value_name = "ADDR")]
         listen: String,
+        /// Allow an address beyond loopback: anyone who reaches it reaches
+        /// the service, without mTLS.
+        #[arg(long)]
+        public: bool,
     },
     /// Register a local service instance with the node.
     Register(RegisterArgs),

@@ -194,8 +194,12 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
                 println!("registered {}", reply["id"].as_str().unwrap_or("?"));
                 Ok(())
             }
-            Command::Upstream { service, listen } => {
-                let body = json!({"service": service, "listen": listen});
+            Command::Upstream {
+                service,
+                listen,
+                public,
+            } => {
+                let body = json!({"service": service, "listen": listen, "public": public});
                 let (status, reply) =
                     client::call(&socket, Method::PUT, "/v1/upstreams", Some(body)).await?;
                 client::check(status, &reply)?;

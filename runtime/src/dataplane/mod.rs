@@ -270,6 +270,7 @@ impl DataPlane {
                         dp.tunnels.evict(&m.name);
                     }
                 }
+                dp.forget_departed();
                 let expired = dp.outliers().expired(Instant::now());
                 for (node, id) in expired {
                     tracing::info!(node, id, "outlier ejection ended");
@@ -280,6 +281,22 @@ impl DataPlane {
             }
         });
         dp
+    }
+
+    /// Forgets the load and outlier state of instances that left the
+    /// catalog, so the maps do not grow with instance churn.
+    fn forget_departed(&self) {
+        let snap = self.router.load();
+        let live: std::collections::HashSet<(&str, &str)> = snap
+            .catalog
+            .services
+            .values()
+            .flatten()
+            .map(|i| (i.node.as_str(), i.id.as_str()))
+            .collect();
+        let known = |k: &(String, String)| live.contains(&(k.0.as_str(), k.1.as_str()));
+        self.balancer().retain(known);
+        self.outliers().retain(known);
     }
 
     fn budget(&self) -> std::sync::MutexGuard<'_, RetryBudget> {

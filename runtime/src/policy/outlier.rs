@@ -152,9 +152,15 @@ impl<K: Eq + Hash + Clone> OutlierDetector<K> {
         out
     }
 
-    /// Forgets instances that left the catalog.
+    /// Forgets instances that left the catalog, except those still
+    /// ejected: their ejection runs out as usual and [`expired`] reports it,
+    /// so the caller withdraws its vote (a vote left behind would count
+    /// against an instance that comes back with the same id).
+    ///
+    /// [`expired`]: OutlierDetector::expired
     pub fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
-        self.instances.retain(|k, _| keep(k));
+        self.instances
+            .retain(|k, state| keep(k) || state.ejected_until.is_some());
     }
 }
 
@@ -214,6 +220,30 @@ mod tests {
             second >= Duration::from_secs(10) && second < Duration::from_secs(12),
             "{second:?}"
         );
+    }
+
+    #[test]
+    fn departed_instances_are_forgotten_once_their_ejection_ends() {
+        let mut d = det();
+        let mut rng = StdRng::seed_from_u64(3);
+        let t0 = Instant::now();
+        let sib = ["a", "b", "c", "d"];
+        d.observe(&"b", false, &sib, t0, &mut rng);
+        let mut change = Change::None;
+        for _ in 0..5 {
+            change = d.observe(&"a", true, &sib, t0, &mut rng);
+        }
+        let Change::Ejected(until) = change else {
+            panic!("not ejected")
+        };
+        // Both leave the catalog: b is forgotten now; a stays while ejected,
+        // so its end is still reported and its vote withdrawn.
+        d.retain(|_| false);
+        assert!(d.is_ejected(&"a", t0));
+        assert_eq!(d.instances.len(), 1);
+        assert_eq!(d.expired(until), vec!["a"]);
+        d.retain(|_| false);
+        assert!(d.instances.is_empty());
     }
 
     #[test]
