@@ -123,6 +123,7 @@ impl NodeConfig {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
+        let live = Reloadable::from_settings(args, &file)?;
         let name = args.name.clone().or(file.name).unwrap_or_else(host_name);
         weft_gossip::keys::validate_name(&name).map_err(|_| {
             NodeError::Config(format!(
@@ -212,15 +213,13 @@ impl NodeConfig {
         for seed in &seeds {
             validate_seed(seed)?;
         }
-        let gossip_interval = match args
-            .gossip_interval
-            .as_deref()
-            .or(file.gossip_interval.as_deref())
-        {
-            Some(raw) => parse_duration(raw)
-                .map_err(|e| NodeError::Config(format!("--gossip-interval {raw:?}: {e}")))?,
-            None => DEFAULT_GOSSIP_INTERVAL,
-        };
+        let gossip_interval = duration(
+            "--gossip-interval",
+            args.gossip_interval
+                .as_deref()
+                .or(file.gossip_interval.as_deref()),
+            DEFAULT_GOSSIP_INTERVAL,
+        )?;
         if gossip_interval < Duration::from_millis(10) || gossip_interval > Duration::from_secs(10)
         {
             return Err(NodeError::Config(format!(
@@ -248,15 +247,13 @@ impl NodeConfig {
                 "--max-connections must be at least 1".into(),
             ));
         }
-        let drain_timeout = match args
-            .drain_timeout
-            .as_deref()
-            .or(file.drain_timeout.as_deref())
-        {
-            Some(raw) => parse_duration(raw)
-                .map_err(|e| NodeError::Config(format!("--drain-timeout {raw:?}: {e}")))?,
-            None => DEFAULT_DRAIN_TIMEOUT,
-        };
+        let drain_timeout = duration(
+            "--drain-timeout",
+            args.drain_timeout
+                .as_deref()
+                .or(file.drain_timeout.as_deref()),
+            DEFAULT_DRAIN_TIMEOUT,
+        )?;
         let worker_threads = args.worker_threads.or(file.worker_threads);
         if worker_threads == Some(0) {
             return Err(NodeError::Config(
@@ -269,15 +266,6 @@ impl NodeConfig {
                 NodeError::Config(format!("--log-format {f:?} must be \"text\" or \"json\""))
             })?,
         };
-        let access_log = args
-            .access_log
-            .as_deref()
-            .or(file.access_log.as_deref())
-            .map(AccessTarget::parse);
-        if let Some(level) = &file.log_level {
-            tracing_subscriber::EnvFilter::try_new(level)
-                .map_err(|e| NodeError::Config(format!("--config: log_level {level:?}: {e}")))?;
-        }
         let data_dir = args
             .data_dir
             .clone()
@@ -306,8 +294,8 @@ impl NodeConfig {
             drain_timeout,
             worker_threads,
             log_format,
-            access_log,
-            log_level: file.log_level,
+            access_log: live.access_log,
+            log_level: live.log_level,
             config_file: args.config.clone(),
         })
     }
@@ -318,18 +306,35 @@ impl NodeConfig {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
+        Reloadable::from_settings(args, &file)
+    }
+}
+
+impl Reloadable {
+    /// The live settings from the flags and the file (flags win).
+    fn from_settings(args: &NodeArgs, file: &FileConfig) -> Result<Self, NodeError> {
         if let Some(level) = &file.log_level {
             tracing_subscriber::EnvFilter::try_new(level)
                 .map_err(|e| NodeError::Config(format!("--config: log_level {level:?}: {e}")))?;
         }
         Ok(Reloadable {
-            log_level: file.log_level,
+            log_level: file.log_level.clone(),
             access_log: args
                 .access_log
                 .as_deref()
                 .or(file.access_log.as_deref())
                 .map(AccessTarget::parse),
         })
+    }
+}
+
+/// A duration setting (`given` by flag, environment or file), else `default`.
+fn duration(flag: &str, given: Option<&str>, default: Duration) -> Result<Duration, NodeError> {
+    match given {
+        Some(raw) => {
+            parse_duration(raw).map_err(|e| NodeError::Config(format!("{flag} {raw:?}: {e}")))
+        }
+        None => Ok(default),
     }
 }
 
