@@ -42,14 +42,14 @@ fn ca_signed(cluster: &std::path::Path, names: &[&str], cn: &str) -> (String, St
     (cert.pem(), key.serialize_pem())
 }
 
-/// Dials node `target` with a client certificate and sends a request head
-/// for `service`; Ok(bytes) if the node answered anything.
-async fn try_tunnel(
+/// A QUIC connection to node `target` presenting `cert_pem`/`key_pem`
+/// (with its endpoint, which must outlive it).
+async fn connect_as(
     c: &TestCluster,
     target: usize,
     cert_pem: &str,
     key_pem: &str,
-) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+) -> Result<(quinn::Endpoint, quinn::Connection), Box<dyn std::error::Error>> {
     use rustls::pki_types::pem::PemObject;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ca_pem = std::fs::read(c.cluster_dir.join("ca.pem"))?;
@@ -69,9 +69,21 @@ async fn try_tunnel(
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let name = format!("{}.node.weft", c.nodes[target].name);
     let conn = endpoint.connect(c.nodes[target].tunnel, &name)?.await?;
+    Ok((endpoint, conn))
+}
+
+/// Dials node `target` with a client certificate and sends a well-formed
+/// request head; Ok(bytes) if the node answered anything.
+async fn try_tunnel(
+    c: &TestCluster,
+    target: usize,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    let (_endpoint, conn) = connect_as(c, target, cert_pem, key_pem).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
-    // A well-formed head: a member would get an answer (the node's refusal
-    // of an unknown instance, at least).
+    // A member would get an answer (the node's refusal of an unknown
+    // instance, at least).
     let head = weft_runtime::wire::RequestHead {
         version: weft_runtime::wire::WIRE_VERSION,
         kind: weft_runtime::wire::StreamKind::Http,
@@ -170,4 +182,43 @@ async fn a_node_refuses_to_start_with_another_node_s_certificate() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("\"n7\"") && err.contains("\"n8\""), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_authenticated_peer_is_held_to_the_tunnel_limits() {
+    let c = TestCluster::start(3).await;
+    let admin = c.nodes[0].admin;
+    // The test speaks as member n3, with a certificate of its own name.
+    let (cert, key) = ca_signed(&c.cluster_dir, &["n3.node.weft"], "n3");
+
+    // No unidirectional streams: opening one never completes.
+    let (_endpoint, conn) = connect_as(&c, 0, &cert, &key).await.expect("n3 connects");
+    let uni = tokio::time::timeout(Duration::from_secs(1), conn.open_uni()).await;
+    assert!(uni.is_err(), "a unidirectional stream was allowed");
+
+    // At most 8 connections per peer: of 12 more, some are closed at once.
+    let mut held = vec![(_endpoint, conn)];
+    for _ in 0..12 {
+        held.push(connect_as(&c, 0, &cert, &key).await.expect("handshake"));
+    }
+    let waits = held
+        .iter()
+        .map(|(_, conn)| tokio::time::timeout(Duration::from_secs(4), conn.closed()));
+    let closed = futures::future::join_all(waits)
+        .await
+        .into_iter()
+        .filter(Result::is_ok)
+        .count();
+    assert_eq!(closed, 13 - 8, "connections beyond the per-peer cap");
+    let text = metrics_text(admin).await;
+    let refused = metric_sum(
+        &text,
+        "weft_tunnel_refused_total",
+        &["reason=\"too_many_connections\""],
+    );
+    assert_eq!(refused, 5.0);
+    // Other peers are served meanwhile: n2 reaches an instance on n1.
+    let up = Upstream::start(0, 200).await;
+    register_everywhere(&c, 0, "web", up.port, "http").await;
+    assert_eq!(proxy_get(c.nodes[1].proxy, "web").await, 200);
 }
