@@ -16,7 +16,7 @@
 //! recv:  peer -> outer socket -> open/verify -> replay window -> reassemble
 //!        plaintext -> replayer --loopback--> codec_rx (chitchat UdpSocket)
 //!        fence (chitchat UdpSocket) --loopback--> codec_rx
-//!        codec_rx decodes -> RecvOutcome { from_addr: real peer, .. } -> channel
+//!        codec_rx decodes -> RecvOutcome { from_addr: sealed sender, .. } -> channel
 //! ```
 //!
 //! The receive pipeline runs in one spawned task feeding a bounded channel, so
@@ -39,7 +39,7 @@
 //! ```text
 //! +---------+----------------------------------+---------------------------+
 //! | version | nonce (12 bytes)                 | ciphertext | tag (16)     |
-//! | 1 byte  | ts_ms (u64 BE) | random (4)      |                           |
+//! | 1 byte  | ts_ms (48-bit BE) | random (6)   |                           |
 //! +---------+----------------------------------+---------------------------+
 //! ```
 //!
@@ -51,18 +51,26 @@
 //!   datagrams whose timestamp is more than [`MAX_CLOCK_SKEW_MS`] (30 s) away
 //!   from their own clock, and remember every nonce accepted in the last
 //!   [`REPLAY_WINDOW_MS`] (60 s, at most [`REPLAY_WINDOW_CAPACITY`] entries,
-//!   oldest evicted first) to reject exact replays. This stops a captured SYN
-//!   from being replayed with a forged source address as a reflection
-//!   amplifier.
+//!   oldest evicted first) to reject exact replays at this node. The sealed
+//!   route (below) covers replays to the other nodes.
 //!
-//! The sealed plaintext always starts with a 10-byte fragment header:
+//! The sealed plaintext always starts with the route (who sealed it, for
+//! whom: 2 x 18 bytes, IPv6 or IPv4-mapped address and port) and a 10-byte
+//! fragment header:
 //!
 //! ```text
-//! | message id (u64 BE) | index (u8) | count (u8) | chitchat bytes ... |
+//! | from (18) | to (18) | message id (u64 BE) | index (u8) | count (u8) | chitchat bytes ... |
 //! ```
 //!
+//! `from` is the sender's advertised gossip address and `to` the address it
+//! sent to. A receiver drops a datagram sealed for an address that is not
+//! its own (advertised or bound), and hands chitchat the sealed `from` as
+//! the sender, so chitchat answers the authenticated sender: a captured
+//! datagram replayed from a forged source, to this node or any other, makes
+//! no node send anything to the forged address.
+//!
 //! chitchat fills datagrams up to 65,507 bytes, the maximum UDP payload, and
-//! sealing adds [`SEAL_OVERHEAD`] + [`FRAGMENT_HEADER_LEN`] bytes. A message
+//! sealing adds [`SEAL_OVERHEAD`] + [`ROUTE_LEN`] + [`FRAGMENT_HEADER_LEN`] bytes. A message
 //! whose sealed form would exceed the transport's maximum datagram length
 //! ([`DEFAULT_MAX_DATAGRAM_LEN`], 65,000 bytes, by default) is split into
 //! `count` fragments, each sealed separately (own nonce, own replay check).
@@ -94,7 +102,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -126,6 +134,10 @@ pub const TAG_LEN: usize = 16;
 pub const SEAL_OVERHEAD: usize = HEADER_LEN + TAG_LEN;
 /// Fragment header inside the sealed plaintext: message id (8), index (1), count (1).
 pub const FRAGMENT_HEADER_LEN: usize = 10;
+/// Bytes of the sealed route (sender and recipient addresses) in front of
+/// the fragment header.
+pub const ROUTE_LEN: usize = 2 * ADDR_LEN;
+const ADDR_LEN: usize = 18;
 /// Largest UDP payload (IPv4), and the largest datagram chitchat produces.
 pub const MAX_UDP_PAYLOAD_LEN: usize = 65_507;
 /// Default cap on a sealed datagram; larger messages are fragmented.
@@ -411,6 +423,55 @@ impl ReplayWindow {
 }
 
 // ---------------------------------------------------------------------------
+// Route
+// ---------------------------------------------------------------------------
+
+/// Who sealed a datagram and for whom, sealed inside it. The receiver
+/// answers the sealed sender, not the datagram's source, and drops what was
+/// sealed for another node: a captured datagram replayed from a forged
+/// address to any node gets no reply at the forged address (no reflection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The sender's advertised gossip address.
+    pub from: SocketAddr,
+    /// The address the sender sent to.
+    pub to: SocketAddr,
+}
+
+impl Route {
+    fn encode(&self, out: &mut Vec<u8>) {
+        for addr in [self.from, self.to] {
+            let ip = match addr.ip() {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            out.extend_from_slice(&ip.octets());
+            out.extend_from_slice(&addr.port().to_be_bytes());
+        }
+    }
+
+    fn decode(bytes: &[u8; ROUTE_LEN]) -> Route {
+        let addr = |b: &[u8]| {
+            let mut ip = [0u8; 16];
+            ip.copy_from_slice(&b[..16]);
+            let ip = Ipv6Addr::from(ip);
+            let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
+            SocketAddr::new(ip, u16::from_be_bytes([b[16], b[17]]))
+        };
+        Route {
+            from: addr(&bytes[..ADDR_LEN]),
+            to: addr(&bytes[ADDR_LEN..]),
+        }
+    }
+}
+
+/// Splits a sealed plaintext into its route and fragment.
+pub fn parse_routed(plaintext: &[u8]) -> Option<(Route, Fragment<'_>)> {
+    let (route, rest) = plaintext.split_first_chunk::<ROUTE_LEN>()?;
+    Some((Route::decode(route), parse_fragment(rest)?))
+}
+
+// ---------------------------------------------------------------------------
 // Fragments
 // ---------------------------------------------------------------------------
 
@@ -461,12 +522,13 @@ pub fn parse_fragment(plaintext: &[u8]) -> Option<Fragment<'_>> {
 pub fn seal_message<R: RngCore + ?Sized>(
     key: &SealKey,
     message: &[u8],
+    route: Route,
     max_datagram_len: usize,
     now_ms: u64,
     rng: &mut R,
 ) -> Option<Vec<Vec<u8>>> {
     let max_payload = max_datagram_len
-        .saturating_sub(SEAL_OVERHEAD + FRAGMENT_HEADER_LEN)
+        .saturating_sub(SEAL_OVERHEAD + ROUTE_LEN + FRAGMENT_HEADER_LEN)
         .max(1);
     let count = u8::try_from(message.len().div_ceil(max_payload).max(1)).ok()?;
     let message_id = rng.next_u64();
@@ -478,13 +540,16 @@ pub fn seal_message<R: RngCore + ?Sized>(
         .into_iter()
         .zip(0u8..)
         .map(|(payload, index)| {
-            let plaintext = Fragment {
+            let fragment = Fragment {
                 message_id,
                 index,
                 count,
                 payload,
             }
             .encode();
+            let mut plaintext = Vec::with_capacity(ROUTE_LEN + fragment.len());
+            route.encode(&mut plaintext);
+            plaintext.extend_from_slice(&fragment);
             seal(key, &plaintext, now_ms, rng)
         })
         .collect();
@@ -647,6 +712,8 @@ pub struct SealStats {
     pub rejected_replay: AtomicU64,
     /// Too short, bad version, bad fragment header or inconsistent fragments.
     pub rejected_malformed: AtomicU64,
+    /// Authentic datagrams sealed for another node's address.
+    pub rejected_recipient: AtomicU64,
     /// Authentic messages chitchat could not decode.
     pub decode_failures: AtomicU64,
     /// Messages that could not be sent (encoding failure, oversized, socket error).
@@ -667,13 +734,18 @@ pub struct SealStats {
 
 impl SealStats {
     /// Rejections by reason, as `(reason, count)` with reasons `bad_seal`,
-    /// `stale`, `replay`, `malformed` (the `weft_gossip_rejected_total{reason}` label).
+    /// `stale`, `replay`, `malformed`, `wrong_recipient` (the
+    /// `weft_gossip_rejected_total{reason}` label).
     pub fn rejected_by_reason(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("bad_seal", self.rejected_bad_seal.load(Ordering::Relaxed)),
             ("stale", self.rejected_stale.load(Ordering::Relaxed)),
             ("replay", self.rejected_replay.load(Ordering::Relaxed)),
             ("malformed", self.rejected_malformed.load(Ordering::Relaxed)),
+            (
+                "wrong_recipient",
+                self.rejected_recipient.load(Ordering::Relaxed),
+            ),
         ]
     }
 
@@ -725,6 +797,7 @@ pub struct SealedTransport {
     key: Arc<SealKey>,
     stats: Arc<SealStats>,
     max_datagram_len: usize,
+    advertised: Option<SocketAddr>,
 }
 
 impl fmt::Debug for SealedTransport {
@@ -742,7 +815,16 @@ impl SealedTransport {
             key: Arc::new(SealKey::new(&key)),
             stats: Arc::new(SealStats::default()),
             max_datagram_len: DEFAULT_MAX_DATAGRAM_LEN,
+            advertised: None,
         }
+    }
+
+    /// The address peers reach this node at (its advertised gossip
+    /// address): sealed as the sender of every datagram, and accepted as a
+    /// datagram's recipient besides the socket's own address.
+    pub fn with_advertised(mut self, addr: SocketAddr) -> Self {
+        self.advertised = Some(addr);
+        self
     }
 
     /// Caps sealed datagrams at `len` bytes (clamped to
@@ -771,17 +853,20 @@ impl Transport for SealedTransport {
         let encoder = Encoder::open()
             .await
             .context("failed to open the gossip send codec")?;
+        let me = self.advertised.unwrap_or(local_addr);
         let shared = Arc::new(ReaderShared {
             outer: Arc::new(outer),
             key: self.key.clone(),
             stats: self.stats.clone(),
             replay: Mutex::new(ReplayWindow::default()),
+            addresses: [me, local_addr],
         });
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
         let supervisor = tokio::spawn(supervise_reader(shared.clone(), inbox_tx));
         Ok(Box::new(SealedSocket {
             outer: shared.outer.clone(),
             local_addr,
+            me,
             key: self.key.clone(),
             stats: self.stats.clone(),
             max_datagram_len: self.max_datagram_len,
@@ -863,11 +948,16 @@ struct ReaderShared {
     key: Arc<SealKey>,
     stats: Arc<SealStats>,
     replay: Mutex<ReplayWindow>,
+    /// This node's addresses a datagram may be sealed for: the advertised
+    /// one and the socket's own.
+    addresses: [SocketAddr; 2],
 }
 
 struct SealedSocket {
     outer: Arc<TokioUdpSocket>,
     local_addr: SocketAddr,
+    /// The sender address sealed into every datagram.
+    me: SocketAddr,
     key: Arc<SealKey>,
     stats: Arc<SealStats>,
     max_datagram_len: usize,
@@ -931,9 +1021,11 @@ impl Socket for SealedSocket {
             self.send_failed(to, "encode", &"encoded length out of range");
             return Ok(FAILED);
         };
+        let route = Route { from: self.me, to };
         let datagrams = seal_message(
             &self.key,
             plaintext,
+            route,
             self.max_datagram_len,
             unix_now_ms(),
             &mut self.rng,
@@ -1092,7 +1184,7 @@ async fn run_reader(
         let Some(datagram) = buf.get(..len) else {
             continue;
         };
-        let Some(message) =
+        let Some((sender, message)) =
             accept_datagram(&shared, &mut reassembler, &mut warn_limiter, from, datagram)
         else {
             continue;
@@ -1113,8 +1205,9 @@ async fn run_reader(
             continue;
         };
         bump(&shared.stats.messages_received);
+        // Answers go to the sealed sender, never to an unauthenticated source.
         let outcome = RecvOutcome {
-            from_addr: from,
+            from_addr: sender,
             envelope: outcome.envelope,
             num_bytes_received: outcome.num_bytes_received,
         };
@@ -1124,15 +1217,15 @@ async fn run_reader(
     }
 }
 
-/// Opens, replay-checks and reassembles one datagram. Returns a whole
-/// chitchat message when one is complete.
+/// Opens, replay-checks, routes and reassembles one datagram. Returns the
+/// sealed sender and a whole chitchat message when one is complete.
 fn accept_datagram(
     shared: &ReaderShared,
     reassembler: &mut Reassembler,
     warn_limiter: &mut WarnLimiter,
     from: SocketAddr,
     datagram: &[u8],
-) -> Option<Vec<u8>> {
+) -> Option<(SocketAddr, Vec<u8>)> {
     let now_ms = unix_now_ms();
     let opened = match open(&shared.key, datagram, now_ms) {
         Ok(opened) => opened,
@@ -1159,17 +1252,25 @@ fn accept_datagram(
         }
         return None;
     }
-    let Some(fragment) = parse_fragment(&opened.plaintext) else {
+    let Some((route, fragment)) = parse_routed(&opened.plaintext) else {
         bump(&shared.stats.rejected_malformed);
         debug!(%from, "rejected gossip datagram with a bad fragment header");
         return None;
     };
+    if !shared.addresses.contains(&route.to) {
+        bump(&shared.stats.rejected_recipient);
+        if warn_limiter.allow("wrong_recipient") {
+            warn!(%from, sealed_for = %route.to, this_node = %shared.addresses[0],
+                "rejected gossip datagram sealed for another node (a replay, or --seeds naming an address this node does not advertise)");
+        }
+        return None;
+    }
     #[cfg(test)]
     if fragment.payload == TEST_PANIC_PAYLOAD {
         panic!("test-induced sealed reader panic");
     }
-    match reassembler.push(from, fragment, Instant::now()) {
-        Ok(message) => message,
+    match reassembler.push(route.from, fragment, Instant::now()) {
+        Ok(message) => message.map(|m| (route.from, m)),
         Err(err) => {
             bump(&shared.stats.rejected_malformed);
             debug!(%from, error = %err, "rejected gossip fragment");
@@ -1274,6 +1375,11 @@ mod tests {
     fn key() -> SealKey {
         SealKey::new(&KEY)
     }
+
+    const ROUTE: Route = Route {
+        from: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1),
+        to: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 2),
+    };
 
     fn rng() -> StdRng {
         StdRng::seed_from_u64(42)
@@ -1435,7 +1541,7 @@ mod tests {
         let mut out = None;
         for datagram in datagrams {
             let opened = open(&key(), datagram, NOW).unwrap();
-            let fragment = parse_fragment(&opened.plaintext).unwrap();
+            let (_, fragment) = parse_routed(&opened.plaintext).unwrap();
             if let Some(message) = reassembler.push(from, fragment, Instant::now()).unwrap() {
                 assert!(out.is_none());
                 out = Some(message);
@@ -1449,14 +1555,28 @@ mod tests {
     fn seal_message_fragments_only_when_needed() {
         let mut rng = rng();
         let small = vec![1u8; 1_000];
-        let datagrams =
-            seal_message(&key(), &small, DEFAULT_MAX_DATAGRAM_LEN, NOW, &mut rng).unwrap();
+        let datagrams = seal_message(
+            &key(),
+            &small,
+            ROUTE,
+            DEFAULT_MAX_DATAGRAM_LEN,
+            NOW,
+            &mut rng,
+        )
+        .unwrap();
         assert_eq!(datagrams.len(), 1);
         assert_eq!(open_all(&datagrams, addr(1)).unwrap(), small);
 
         let largest: Vec<u8> = (0..MAX_UDP_PAYLOAD_LEN).map(|i| (i % 251) as u8).collect();
-        let datagrams =
-            seal_message(&key(), &largest, DEFAULT_MAX_DATAGRAM_LEN, NOW, &mut rng).unwrap();
+        let datagrams = seal_message(
+            &key(),
+            &largest,
+            ROUTE,
+            DEFAULT_MAX_DATAGRAM_LEN,
+            NOW,
+            &mut rng,
+        )
+        .unwrap();
         assert_eq!(datagrams.len(), 2);
         assert!(datagrams
             .iter()
@@ -1464,24 +1584,33 @@ mod tests {
         assert_eq!(open_all(&datagrams, addr(1)).unwrap(), largest);
 
         // Exactly at the limit: one datagram.
-        let exact = vec![0u8; DEFAULT_MAX_DATAGRAM_LEN - SEAL_OVERHEAD - FRAGMENT_HEADER_LEN];
-        let datagrams =
-            seal_message(&key(), &exact, DEFAULT_MAX_DATAGRAM_LEN, NOW, &mut rng).unwrap();
+        let exact =
+            vec![0u8; DEFAULT_MAX_DATAGRAM_LEN - SEAL_OVERHEAD - ROUTE_LEN - FRAGMENT_HEADER_LEN];
+        let datagrams = seal_message(
+            &key(),
+            &exact,
+            ROUTE,
+            DEFAULT_MAX_DATAGRAM_LEN,
+            NOW,
+            &mut rng,
+        )
+        .unwrap();
         assert_eq!(datagrams.len(), 1);
         assert_eq!(datagrams[0].len(), DEFAULT_MAX_DATAGRAM_LEN);
 
         let datagrams =
-            seal_message(&key(), &largest, MIN_MAX_DATAGRAM_LEN, NOW, &mut rng).unwrap();
+            seal_message(&key(), &largest, ROUTE, MIN_MAX_DATAGRAM_LEN, NOW, &mut rng).unwrap();
         assert!(datagrams.len() <= 255);
         assert!(datagrams.iter().all(|d| d.len() <= MIN_MAX_DATAGRAM_LEN));
         assert_eq!(open_all(&datagrams, addr(1)).unwrap(), largest);
 
-        let empty = seal_message(&key(), &[], DEFAULT_MAX_DATAGRAM_LEN, NOW, &mut rng).unwrap();
+        let empty =
+            seal_message(&key(), &[], ROUTE, DEFAULT_MAX_DATAGRAM_LEN, NOW, &mut rng).unwrap();
         assert_eq!(empty.len(), 1);
         assert_eq!(open_all(&empty, addr(1)).unwrap(), Vec::<u8>::new());
 
         // More than 255 fragments: refused.
-        assert!(seal_message(&key(), &vec![0u8; 300 * 100], 100, NOW, &mut rng).is_none());
+        assert!(seal_message(&key(), &vec![0u8; 300 * 100], ROUTE, 100, NOW, &mut rng).is_none());
     }
 
     fn fragments_of(message: &[u8], max_payload: usize) -> Vec<(u8, u8, Vec<u8>)> {
@@ -1609,7 +1738,8 @@ mod tests {
                 ("bad_seal", 2),
                 ("stale", 1),
                 ("replay", 1),
-                ("malformed", 1)
+                ("malformed", 1),
+                ("wrong_recipient", 0)
             ]
         );
         assert_eq!(stats.rejected_total(), 5);
@@ -1791,12 +1921,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_replay_from_a_forged_address_gets_no_reply_there() {
+        // a sealed a SYN for b; an attacker captured it and sends it, from
+        // its own address, to b and to another node c.
+        let transport = SealedTransport::new(KEY);
+        let stats = transport.stats();
+        let mut b = transport.open(loopback_any()).await.unwrap();
+        let mut c = transport.open(loopback_any()).await.unwrap();
+        let (b_addr, c_addr) = (b.local_addr().unwrap(), c.local_addr().unwrap());
+        let a_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
+        let attacker = TokioUdpSocket::bind(loopback_any()).await.unwrap();
+        let encoded = {
+            let mut encoder = Encoder::open().await.unwrap();
+            let len = encoder.encode(syn("weft".into())).await.unwrap();
+            encoder.buf[..len].to_vec()
+        };
+        let route = Route {
+            from: a_addr,
+            to: b_addr,
+        };
+        let captured = seal_message(
+            &key(),
+            &encoded,
+            route,
+            DEFAULT_MAX_DATAGRAM_LEN,
+            unix_now_ms(),
+            &mut rng(),
+        )
+        .unwrap();
+        // c drops what was sealed for b: it never reaches c's chitchat.
+        attacker.send_to(&captured[0], c_addr).await.unwrap();
+        assert!(recv_within(&mut c, Duration::from_millis(300))
+            .await
+            .is_none());
+        assert_eq!(stats.rejected_recipient.load(Ordering::Relaxed), 1);
+        // b takes it once, as from a (the sealed sender): chitchat answers
+        // a, never the address the datagram came from.
+        attacker.send_to(&captured[0], b_addr).await.unwrap();
+        let received = recv_within(&mut b, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(received.from_addr, a_addr);
+        assert_ne!(received.from_addr, attacker.local_addr().unwrap());
+    }
+
+    #[tokio::test]
     async fn replayed_and_foreign_datagrams_never_reach_chitchat() {
         let transport = SealedTransport::new(KEY);
         let stats = transport.stats();
         let mut b = transport.open(loopback_any()).await.unwrap();
         let b_addr = b.local_addr().unwrap();
         let attacker = TokioUdpSocket::bind(loopback_any()).await.unwrap();
+        let attacker_addr = attacker.local_addr().unwrap();
         // One rng: reusing a seed within the same millisecond would reuse
         // the nonce, which the replay window (rightly) rejects.
         let mut rng = rng();
@@ -1810,6 +1984,10 @@ mod tests {
         let datagrams = seal_message(
             &key(),
             &encoded,
+            Route {
+                from: attacker_addr,
+                to: b_addr,
+            },
             DEFAULT_MAX_DATAGRAM_LEN,
             unix_now_ms(),
             &mut rng,
@@ -1824,6 +2002,10 @@ mod tests {
         let stale = seal_message(
             &key(),
             &encoded,
+            Route {
+                from: attacker_addr,
+                to: b_addr,
+            },
             DEFAULT_MAX_DATAGRAM_LEN,
             unix_now_ms() - 60_000,
             &mut rng,
@@ -1833,6 +2015,10 @@ mod tests {
         let foreign = seal_message(
             &SealKey::new(&[1u8; 32]),
             &encoded,
+            Route {
+                from: attacker_addr,
+                to: b_addr,
+            },
             DEFAULT_MAX_DATAGRAM_LEN,
             unix_now_ms(),
             &mut rng,
@@ -1843,6 +2029,10 @@ mod tests {
         let junk = seal_message(
             &key(),
             b"not chitchat",
+            Route {
+                from: attacker_addr,
+                to: b_addr,
+            },
             DEFAULT_MAX_DATAGRAM_LEN,
             unix_now_ms(),
             &mut rng,
@@ -1862,7 +2052,8 @@ mod tests {
                 ("bad_seal", 1),
                 ("stale", 1),
                 ("replay", 1),
-                ("malformed", 1)
+                ("malformed", 1),
+                ("wrong_recipient", 0)
             ]
         );
         assert_eq!(stats.decode_failures.load(Ordering::Relaxed), 1);
@@ -1887,6 +2078,10 @@ mod tests {
         let poison = seal_message(
             &key(),
             TEST_PANIC_PAYLOAD,
+            Route {
+                from: attacker.local_addr().unwrap(),
+                to: b_addr,
+            },
             DEFAULT_MAX_DATAGRAM_LEN,
             unix_now_ms(),
             &mut rng(),

@@ -106,7 +106,7 @@ async fn serve(
         cluster_id: cluster_id(&key),
     };
     let _ = &key;
-    let transport = weft_gossip::seal::SealedTransport::new(key);
+    let transport = weft_gossip::seal::SealedTransport::new(key).with_advertised(advertise);
     let seal_stats = transport.stats();
     tokio::spawn(async move {
         loop {

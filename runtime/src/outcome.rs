@@ -28,6 +28,14 @@ impl OutcomeClass {
         }
     }
 
+    /// Every class, in a fixed order (metrics handles are indexed by it).
+    pub const ALL: [OutcomeClass; 4] = [
+        OutcomeClass::Success,
+        OutcomeClass::ServerError,
+        OutcomeClass::Unreachable,
+        OutcomeClass::Timeout,
+    ];
+
     /// The label used in metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -35,27 +43,6 @@ impl OutcomeClass {
             OutcomeClass::ServerError => "server_error",
             OutcomeClass::Unreachable => "unreachable",
             OutcomeClass::Timeout => "timeout",
-        }
-    }
-}
-
-/// Which side of the tunnel saw the attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Direction {
-    /// The caller's node (the outbound proxy or a TCP upstream): these feed
-    /// the statistics and the learned behaviour.
-    Outbound,
-    /// The node that handed a peer's request to its own instance: counted
-    /// in metrics only, so the cluster-wide merge counts each attempt once.
-    Inbound,
-}
-
-impl Direction {
-    /// The label used in metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Outbound => "outbound",
-            Direction::Inbound => "inbound",
         }
     }
 }
@@ -79,8 +66,6 @@ pub struct Outcome {
     pub attempt: u8,
     /// The last attempt of its request: its class is what the app saw.
     pub last: bool,
-    /// Caller's side or serving side.
-    pub direction: Direction,
 }
 
 /// Where the data plane sends outcomes; never blocks, drops when full.

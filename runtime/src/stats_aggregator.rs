@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use weft_gossip::{ClusterView, Key};
 
 use crate::gossip_writer::GossipWriter;
-use crate::outcome::{Direction, Outcome, OutcomeClass};
+use crate::outcome::{Outcome, OutcomeClass};
 use crate::policy::episodes::{EpisodeStats, EpisodeTracker};
 use crate::policy::stats::{merge, ClusterStats, ServiceWindow, Summary, WindowStats};
 use crate::router::RouterHandle;
@@ -116,19 +116,16 @@ impl StatsAggregator {
         metrics::counter!(
             "weft_requests_total",
             "service" => o.service.clone(),
-            "direction" => o.direction.as_str(),
+            "direction" => "outbound",
             "class" => o.class.as_str()
         )
         .increment(1);
         metrics::histogram!(
             "weft_request_duration_seconds",
             "service" => o.service.clone(),
-            "direction" => o.direction.as_str()
+            "direction" => "outbound"
         )
         .record(o.latency.as_secs_f64());
-        if o.direction == Direction::Inbound {
-            return;
-        }
         let local = self.local.entry(o.service).or_default();
         local
             .attempts

@@ -1,6 +1,7 @@
 //! The inbound side of the tunnel: streams from peer nodes, handed to this
 //! node's own instances.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,10 +11,10 @@ use weft_gossip::MemberState;
 
 use super::error::MeshError;
 use super::local::LocalFailure;
-use super::request::{header_map, is_upgrade, wire_pairs, Forward};
+use super::request::{is_upgrade, wire_pairs, Forward};
 use super::splice::{reset_tcp, splice, SpliceEnd};
 use super::{body, ConnectionLimit, DataPlane, ProxyBody};
-use crate::outcome::{Direction, Outcome, OutcomeClass};
+use crate::outcome::OutcomeClass;
 use crate::tunnel::{self, TunnelError};
 use crate::wire::body::{BodyDecoder, BodyEvent};
 use crate::wire::{RequestHead, ResponseHead, StreamKind};
@@ -220,20 +221,26 @@ struct Inbound<'a> {
 
 impl Inbound<'_> {
     async fn http(self, mut send: SendStream, mut recv: RecvStream) -> Result<(), TunnelError> {
-        let upgrade = is_upgrade(&header_map(&self.head.headers));
-        // An upgrade's body is read here, so the stream is left at the raw
-        // bytes that follow a 101.
-        let (body, recv) = match (upgrade, self.head.end_stream) {
-            (true, true) => (body::empty(), Some(recv)),
-            (true, false) => (read_whole_body(&mut recv).await?, Some(recv)),
-            (false, true) => (body::empty(), None),
-            (false, false) => (body::from_tunnel(recv), None),
-        };
-        let req = match Forward::from_wire(&self.head, body) {
+        let mut req = match Forward::from_wire(&self.head, body::empty()) {
             Ok(req) => req,
             Err(detail) => {
                 refuse(&mut send, MeshError::BadRequest).await?;
                 return Err(TunnelError::Stream(detail));
+            }
+        };
+        // An upgrade's body is read here, so the stream is left at the raw
+        // bytes that follow a 101.
+        let upgrade = is_upgrade(req.headers());
+        let recv = match (upgrade, self.head.end_stream) {
+            (true, true) => Some(recv),
+            (true, false) => {
+                *req.body_mut() = read_whole_body(&mut recv).await?;
+                Some(recv)
+            }
+            (false, true) => None,
+            (false, false) => {
+                *req.body_mut() = body::from_tunnel(recv);
+                None
             }
         };
         let start = Instant::now();
@@ -243,7 +250,7 @@ impl Inbound<'_> {
             Ok(Ok(resp)) => resp,
             Ok(Err(LocalFailure::Unreachable(detail))) => {
                 tracing::debug!(detail, "local instance unreachable");
-                self.record(OutcomeClass::Unreachable, None, start);
+                self.record(OutcomeClass::Unreachable, start);
                 return refuse(&mut send, MeshError::UpstreamUnreachable).await;
             }
             Ok(Err(LocalFailure::Mesh(error, detail))) => {
@@ -251,16 +258,12 @@ impl Inbound<'_> {
                 return refuse(&mut send, error).await;
             }
             Err(_) => {
-                self.record(OutcomeClass::Timeout, None, start);
+                self.record(OutcomeClass::Timeout, start);
                 return refuse(&mut send, MeshError::UpstreamTimeout).await;
             }
         };
         let status = resp.status();
-        self.record(
-            OutcomeClass::from_status(status.as_u16()),
-            Some(status.as_u16()),
-            start,
-        );
+        self.record(OutcomeClass::from_status(status.as_u16()), start);
         let end_stream = hyper::body::Body::is_end_stream(resp.body());
         let head = ResponseHead {
             status: status.as_u16(),
@@ -285,18 +288,10 @@ impl Inbound<'_> {
         Ok(())
     }
 
-    fn record(&self, class: OutcomeClass, status: Option<u16>, start: Instant) {
-        self.dp.outcomes.record(Outcome {
-            service: self.head.service.clone(),
-            node: self.dp.node.clone(),
-            instance: self.head.instance.clone(),
-            class,
-            status,
-            latency: start.elapsed(),
-            attempt: self.head.attempt,
-            last: true,
-            direction: Direction::Inbound,
-        });
+    fn record(&self, class: OutcomeClass, start: Instant) {
+        self.dp
+            .inbound_metrics
+            .record(&self.head.service, class, start.elapsed());
     }
 }
 
@@ -347,4 +342,59 @@ async fn tcp(
         reset_tcp(stream);
     }
     Ok(())
+}
+
+/// The serving side's metrics (`weft_requests_total{direction="inbound"}`
+/// and its duration histogram), with the handles of each service resolved
+/// once: counting a request costs a read lock and two atomic updates, no
+/// label lookup and no copy. The caller's statistics already count each
+/// attempt once, so inbound requests feed the metrics only.
+#[derive(Debug, Default)]
+pub struct InboundMetrics(std::sync::RwLock<HashMap<String, Arc<ServiceMetrics>>>);
+
+/// One service's inbound handles.
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    by_class: [metrics::Counter; 4],
+    duration: metrics::Histogram,
+}
+
+impl InboundMetrics {
+    /// Counts one request handed to an instance of `service`.
+    pub fn record(&self, service: &str, class: OutcomeClass, latency: Duration) {
+        let known = self
+            .0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            .cloned();
+        let handles = known.unwrap_or_else(|| self.register(service));
+        if let Some(i) = OutcomeClass::ALL.iter().position(|c| *c == class) {
+            handles.by_class[i].increment(1);
+        }
+        handles.duration.record(latency.as_secs_f64());
+    }
+
+    fn register(&self, service: &str) -> Arc<ServiceMetrics> {
+        let handles = Arc::new(ServiceMetrics {
+            by_class: OutcomeClass::ALL.map(|class| {
+                metrics::counter!(
+                    "weft_requests_total",
+                    "service" => service.to_string(),
+                    "direction" => "inbound",
+                    "class" => class.as_str()
+                )
+            }),
+            duration: metrics::histogram!(
+                "weft_request_duration_seconds",
+                "service" => service.to_string(),
+                "direction" => "inbound"
+            ),
+        });
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(service.to_string(), handles.clone());
+        handles
+    }
 }

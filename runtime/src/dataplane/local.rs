@@ -10,7 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::error::MeshError;
-use super::request::{forwarded_headers, header_bytes};
+use super::request::{header_bytes, strip_hop_by_hop};
 use super::ProxyBody;
 use crate::wire::{MAX_HEADERS, MAX_HEAD_BYTES};
 
@@ -43,7 +43,6 @@ impl LocalClients {
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
-            .http1_max_headers(MAX_HEADERS)
             .build(connector.clone());
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
@@ -91,7 +90,7 @@ impl LocalClients {
         }
         let upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         let (mut parts, body) = resp.into_parts();
-        parts.headers = forwarded_headers(&parts.headers, upgrade);
+        strip_hop_by_hop(&mut parts.headers, upgrade);
         Ok(Response::from_parts(
             parts,
             body.map_err(Into::into).boxed(),

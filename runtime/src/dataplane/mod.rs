@@ -187,6 +187,8 @@ pub struct DataPlane {
     pub in_flight: InFlight,
     /// One line per proxied request, when enabled.
     pub access: AccessLog,
+    /// The serving side's metrics, handles resolved per service.
+    pub inbound_metrics: inbound::InboundMetrics,
     balancer: Mutex<Balancer<(String, String)>>,
     outliers: Mutex<OutlierDetector<(String, String)>>,
     writer: Option<GossipWriter>,
@@ -245,6 +247,7 @@ impl DataPlane {
             limits,
             in_flight: InFlight::default(),
             access,
+            inbound_metrics: inbound::InboundMetrics::default(),
             balancer: Mutex::new(Balancer::new(
                 Duration::from_millis(30),
                 Duration::from_secs(10),

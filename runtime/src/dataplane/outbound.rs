@@ -26,10 +26,10 @@ use super::request::{header_map, Forward};
 use super::splice::splice;
 use super::{body, BoxError, ConnectionLimit, DataPlane, ProxyBody};
 use crate::access_log::{rfc3339, AccessEntry};
-use crate::outcome::{Direction, Outcome, OutcomeClass};
+use crate::outcome::{Outcome, OutcomeClass};
 use crate::policy::retry::{self, AttemptResult};
 use crate::tunnel::{self, TunnelError};
-use crate::wire::{ResponseHead, MAX_HEADERS};
+use crate::wire::ResponseHead;
 
 /// Accepts app connections until the task is aborted.
 pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>) {
@@ -58,8 +58,7 @@ pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>) {
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_read)
-                .max_headers(MAX_HEADERS);
+                .header_read_timeout(header_read);
             builder
                 .http2()
                 .timer(TokioTimer::new())
@@ -78,17 +77,22 @@ async fn handle(dp: Arc<DataPlane>, req: Request<Incoming>) -> Response<ProxyBod
     let busy = dp.in_flight.track();
     let started = (SystemTime::now(), Instant::now());
     let method = req.method().clone();
-    let mut trace = Trace::default();
+    let mut trace = Trace {
+        on: dp.access.enabled(),
+        ..Trace::default()
+    };
     let resp = proxy(&dp, req, &mut trace).await;
-    if dp.access.enabled() {
+    if trace.on {
         dp.access.record(trace.entry(started, &method, &resp));
     }
     resp.map(|b| body::guarded(b, busy))
 }
 
-/// What the access log says of a request, filled in as it goes.
+/// What the access log says of a request, filled in as it goes (only when
+/// the access log is on: nothing is copied for it otherwise).
 #[derive(Debug, Default)]
 struct Trace {
+    on: bool,
     service: Option<String>,
     instance: Option<(String, String)>,
     attempts: u8,
@@ -128,13 +132,15 @@ async fn proxy(
     trace: &mut Trace,
 ) -> Response<ProxyBody> {
     let upgrade = hyper::upgrade::on(&mut req);
-    let (parts, body) = req.into_parts();
-    let fwd = match Forward::parse(&parts) {
+    let (mut parts, body) = req.into_parts();
+    let fwd = match Forward::parse(&mut parts) {
         Ok(f) => f,
         Err((error, detail)) => return refuse(error, &detail),
     };
     let upgrade = fwd.upgrade.then_some(upgrade);
-    trace.service = Some(fwd.service.clone());
+    if trace.on {
+        trace.service = Some(fwd.service.clone());
+    }
     let mut instance = {
         let snap = dp.router.load();
         match dp.pick(&snap, &fwd.service, "http", &[]) {
@@ -167,7 +173,9 @@ async fn proxy(
             return MeshError::UpstreamUnreachable.response("body already sent");
         };
         dp.started(&key);
-        trace.instance = Some(key.clone());
+        if trace.on {
+            trace.instance = Some(key.clone());
+        }
         trace.attempts = attempt + 1;
         let start = Instant::now();
         let remaining = deadline.saturating_duration_since(start);
@@ -221,7 +229,6 @@ async fn proxy(
             latency,
             attempt,
             last: verdict != Verdict::Retry,
-            direction: Direction::Outbound,
         });
         match verdict {
             Verdict::Done => return resp,

@@ -39,8 +39,8 @@ pub struct Forward {
 pub type Refusal = (MeshError, String);
 
 impl Forward {
-    /// Checks and reads an app's request head.
-    pub fn parse(parts: &http::request::Parts) -> Result<Forward, Refusal> {
+    /// Checks and reads an app's request head; takes its headers.
+    pub fn parse(parts: &mut http::request::Parts) -> Result<Forward, Refusal> {
         let size = head_size(&parts.method, &parts.uri, &parts.headers);
         if size > MAX_HEAD_BYTES {
             return Err((
@@ -56,7 +56,8 @@ impl Forward {
         let hops = hops(&parts.headers)?;
         let http2 = parts.version == Version::HTTP_2;
         let upgrade = !http2 && is_upgrade(&parts.headers);
-        let mut headers = forwarded_headers(&parts.headers, upgrade);
+        let mut headers = std::mem::take(&mut parts.headers);
+        strip_hop_by_hop(&mut headers, upgrade);
         headers.insert(HOPS, HeaderValue::from(hops + 1));
         if !http2 && !headers.contains_key(HOST) {
             if let Ok(host) = HeaderValue::from_str(&service) {
@@ -220,47 +221,55 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
         && upgrade_to.is_some_and(|u| !u.trim().eq_ignore_ascii_case("h2c"))
 }
 
-/// Headers that belong to one hop and are never forwarded.
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "upgrade"
-            | "trailer"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-    )
+/// Leaves the end-to-end headers of a request or response, in place:
+/// hop-by-hop headers, those named in `Connection`, `TE` other than
+/// `trailers`, and `Expect` (the proxy has already answered `100-continue`
+/// to its client) are removed. For an upgrade, `Connection: upgrade` and the
+/// `Upgrade` header are kept, since the instance (or the app, in a 101)
+/// must see them.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let upgrade_to = if upgrade {
+        headers.get(UPGRADE).cloned()
+    } else {
+        None
+    };
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    for name in named {
+        headers.remove(name);
+    }
+    if headers
+        .get(http::header::TE)
+        .is_some_and(|v| v.as_bytes() != b"trailers")
+    {
+        headers.remove(http::header::TE);
+    }
+    headers.remove(http::header::EXPECT);
+    if let Some(to) = upgrade_to {
+        headers.insert(UPGRADE, to);
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
 }
 
-/// The end-to-end headers of a request or response: hop-by-hop headers, those
-/// named in `Connection`, `TE` other than `trailers`, and `Expect` (the proxy
-/// has already answered `100-continue` to its client) are dropped. For an
-/// upgrade, `Connection: upgrade` and the `Upgrade` header are kept, since the
-/// instance (or the app, in a 101) must see them.
-pub fn forwarded_headers(headers: &HeaderMap, upgrade: bool) -> HeaderMap {
-    let named = connection_tokens(headers);
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let te_other_than_trailers = name == http::header::TE && value.as_bytes() != b"trailers";
-        let dropped = is_hop_by_hop(name)
-            || te_other_than_trailers
-            || name == http::header::EXPECT
-            || named.iter().any(|n| n == name.as_str());
-        if !dropped {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    if upgrade {
-        if let Some(to) = headers.get(UPGRADE) {
-            out.insert(UPGRADE, to.clone());
-            out.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-    }
-    out
-}
+/// Headers that belong to one hop and are never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TRANSFER_ENCODING,
+    UPGRADE,
+    http::header::TRAILER,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::PROXY_AUTHENTICATE,
+];
 
 /// Header pairs for the wire.
 pub fn wire_pairs(headers: &HeaderMap) -> Vec<(String, Vec<u8>)> {
@@ -297,8 +306,8 @@ mod tests {
         b.body(()).unwrap().into_parts().0
     }
 
-    fn refused(p: &http::request::Parts) -> MeshError {
-        Forward::parse(p).unwrap_err().0
+    fn refused(mut p: http::request::Parts) -> MeshError {
+        Forward::parse(&mut p).unwrap_err().0
     }
 
     #[test]
@@ -310,17 +319,18 @@ mod tests {
         h.insert("te", "gzip".parse().unwrap());
         h.insert("upgrade", "websocket".parse().unwrap());
         h.insert("x-request-id", "abc".parse().unwrap());
-        let kept = forwarded_headers(&h, false);
-        assert_eq!(kept.len(), 1);
-        assert_eq!(kept["x-request-id"], "abc");
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-request-id"], "abc");
         let mut h = HeaderMap::new();
         h.insert("te", "trailers".parse().unwrap());
-        assert_eq!(forwarded_headers(&h, false).len(), 1);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
     }
 
     #[test]
     fn upgrades_keep_their_headers() {
-        let p = parts(
+        let mut p = parts(
             "GET",
             "/chat",
             &[
@@ -330,12 +340,12 @@ mod tests {
                 ("sec-websocket-key", "k"),
             ],
         );
-        let f = Forward::parse(&p).unwrap();
+        let f = Forward::parse(&mut p).unwrap();
         assert!(f.upgrade);
         assert_eq!(f.headers["connection"], "upgrade");
         assert_eq!(f.headers["upgrade"], "websocket");
         assert_eq!(f.headers["sec-websocket-key"], "k");
-        let h2c = parts(
+        let mut h2c = parts(
             "GET",
             "/",
             &[
@@ -344,50 +354,60 @@ mod tests {
                 ("upgrade", "h2c"),
             ],
         );
-        let f = Forward::parse(&h2c).unwrap();
+        let f = Forward::parse(&mut h2c).unwrap();
         assert!(!f.upgrade);
         assert!(!f.headers.contains_key("upgrade"));
     }
 
     #[test]
     fn request_targets() {
-        let f = Forward::parse(&parts("GET", "http://web/a?b=1", &[])).unwrap();
+        let f = Forward::parse(&mut parts("GET", "http://web/a?b=1", &[])).unwrap();
         assert_eq!((f.service.as_str(), f.target.as_str()), ("web", "/a?b=1"));
-        let f = Forward::parse(&parts("GET", "http://Web.:8080", &[])).unwrap();
+        let f = Forward::parse(&mut parts("GET", "http://Web.:8080", &[])).unwrap();
         assert_eq!((f.service.as_str(), f.target.as_str()), ("web", "/"));
-        let f = Forward::parse(&parts("GET", "/x", &[("host", "web:80")])).unwrap();
+        let f = Forward::parse(&mut parts("GET", "/x", &[("host", "web:80")])).unwrap();
         assert_eq!((f.service.as_str(), f.target.as_str()), ("web", "/x"));
-        let f = Forward::parse(&parts("OPTIONS", "*", &[("host", "web")])).unwrap();
+        let f = Forward::parse(&mut parts("OPTIONS", "*", &[("host", "web")])).unwrap();
         assert_eq!(f.target.as_str(), "*");
         assert_eq!(
-            refused(&parts("GET", "*", &[("host", "web")])),
+            refused(parts("GET", "*", &[("host", "web")])),
             MeshError::BadRequest
         );
         assert_eq!(
-            refused(&parts("CONNECT", "web:443", &[])),
+            refused(parts("CONNECT", "web:443", &[])),
             MeshError::BadRequest
         );
-        assert_eq!(refused(&parts("GET", "/x", &[])), MeshError::BadRequest);
+        assert_eq!(refused(parts("GET", "/x", &[])), MeshError::BadRequest);
     }
 
     #[test]
     fn hops_are_counted_and_bounded() {
-        let f = Forward::parse(&parts("GET", "/", &[("host", "web")])).unwrap();
+        let f = Forward::parse(&mut parts("GET", "/", &[("host", "web")])).unwrap();
         assert_eq!(f.headers[HOPS], "1");
-        let f = Forward::parse(&parts("GET", "/", &[("host", "web"), ("weft-hops", "7")])).unwrap();
+        let f = Forward::parse(&mut parts(
+            "GET",
+            "/",
+            &[("host", "web"), ("weft-hops", "7")],
+        ))
+        .unwrap();
         assert_eq!(f.headers[HOPS], "8");
         let p = parts("GET", "/", &[("host", "web"), ("weft-hops", "8")]);
-        assert_eq!(refused(&p), MeshError::LoopDetected);
+        assert_eq!(refused(p), MeshError::LoopDetected);
         let p = parts("GET", "/", &[("host", "web"), ("weft-hops", "x")]);
-        assert_eq!(refused(&p), MeshError::BadRequest);
+        assert_eq!(refused(p), MeshError::BadRequest);
     }
 
     #[test]
     fn heads_over_the_limit_are_refused() {
         let big = "a".repeat(MAX_HEAD_BYTES);
         let p = parts("GET", "/", &[("host", "web"), ("cookie", &big)]);
-        assert_eq!(refused(&p), MeshError::RequestHeadersTooLarge);
+        assert_eq!(refused(p), MeshError::RequestHeadersTooLarge);
         let fits = "a".repeat(MAX_HEAD_BYTES - 100);
-        assert!(Forward::parse(&parts("GET", "/", &[("host", "web"), ("cookie", &fits)])).is_ok());
+        assert!(Forward::parse(&mut parts(
+            "GET",
+            "/",
+            &[("host", "web"), ("cookie", &fits)]
+        ))
+        .is_ok());
     }
 }

@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::splice::{reset_tcp, splice, SpliceEnd};
 use super::{ConnectionLimit, DataPlane};
-use crate::outcome::{Direction, Outcome, OutcomeClass};
+use crate::outcome::{Outcome, OutcomeClass};
 use crate::tunnel;
 use crate::wire::{RequestHead, ResponseHead, StreamKind, WIRE_VERSION};
 
@@ -62,7 +62,6 @@ async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(),
             latency: start.elapsed(),
             attempt: 0,
             last: true,
-            direction: Direction::Outbound,
         })
     };
     if instance.node == dp.node {

@@ -89,6 +89,10 @@ enum State {
 #[derive(Debug)]
 pub struct BodyDecoder {
     state: State,
+    /// A part prefix read so far (no allocation per part).
+    prefix: [u8; PREFIX_LEN],
+    prefix_len: usize,
+    /// The trailers frame read so far.
     buf: BytesMut,
 }
 
@@ -103,6 +107,8 @@ impl BodyDecoder {
     pub fn new() -> Self {
         BodyDecoder {
             state: State::Prefix,
+            prefix: [0; PREFIX_LEN],
+            prefix_len: 0,
             buf: BytesMut::new(),
         }
     }
@@ -111,7 +117,7 @@ impl BodyDecoder {
     /// current prefix, chunk or trailers frame; 0 once the body is over.
     pub fn wants(&self) -> usize {
         match self.state {
-            State::Prefix => PREFIX_LEN - self.buf.len(),
+            State::Prefix => PREFIX_LEN - self.prefix_len,
             State::Data(remaining) => remaining,
             State::Trailers => match self.buf.first_chunk::<PREFIX_LEN>() {
                 None => PREFIX_LEN - self.buf.len(),
@@ -161,12 +167,13 @@ impl BodyDecoder {
                 Ok(Some(BodyEvent::Data(bytes.split_to(bytes.len()))))
             }
             State::Prefix => {
-                self.buf.extend_from_slice(&bytes);
-                let Some(prefix) = self.buf.first_chunk::<PREFIX_LEN>() else {
+                self.prefix[self.prefix_len..self.prefix_len + bytes.len()].copy_from_slice(&bytes);
+                self.prefix_len += bytes.len();
+                if self.prefix_len < PREFIX_LEN {
                     return Ok(None);
-                };
-                let value = u32::from_be_bytes(*prefix);
-                self.buf.clear();
+                }
+                self.prefix_len = 0;
+                let value = u32::from_be_bytes(self.prefix);
                 match value {
                     END => {
                         self.finish();
