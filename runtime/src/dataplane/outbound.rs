@@ -126,18 +126,18 @@ impl Trace {
     }
 }
 
-async fn proxy(
-    dp: &DataPlane,
-    mut req: Request<Incoming>,
-    trace: &mut Trace,
-) -> Response<ProxyBody> {
-    let upgrade = hyper::upgrade::on(&mut req);
+async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Response<ProxyBody> {
     let (mut parts, body) = req.into_parts();
     let fwd = match Forward::parse(&mut parts) {
         Ok(f) => f,
         Err((error, detail)) => return refuse(error, &detail),
     };
-    let upgrade = fwd.upgrade.then_some(upgrade);
+    // Only an upgrade takes hyper's pending-upgrade handle out of the request.
+    let upgrade = if fwd.upgrade {
+        parts.extensions.remove::<OnUpgrade>()
+    } else {
+        None
+    };
     if trace.on {
         trace.service = Some(fwd.service.clone());
     }
