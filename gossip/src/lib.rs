@@ -9,7 +9,7 @@
 //!   liveness) and the pure derivation of members and the service catalog from it.
 //! - [`cluster`]: starts chitchat with weft's configuration, keeps the node's own
 //!   keys, and publishes a fresh [`view::ClusterView`] on every change.
-//! - [`seal`]: the authenticated gossip transport (AEAD-sealed datagrams).
+//! - [`seal`]: the authenticated gossip transport (AEAD-sealed datagrams) and its keyring.
 
 pub mod cluster;
 pub mod keys;
