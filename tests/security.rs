@@ -222,3 +222,168 @@ async fn an_authenticated_peer_is_held_to_the_tunnel_limits() {
     register_everywhere(&c, 0, "web", up.port, "http").await;
     assert_eq!(proxy_get(c.nodes[1].proxy, "web").await, 200);
 }
+
+/// `weft keys ...` against one node's socket; stdout on success.
+fn keys_cli(socket: &std::path::Path, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(weft_bin())
+        .arg("--socket")
+        .arg(socket)
+        .arg("keys")
+        .args(args)
+        .output()
+        .expect("run weft keys");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    if out.status.success() {
+        Ok(text(&out.stdout))
+    } else {
+        Err(text(&out.stderr))
+    }
+}
+
+/// Waits until every running node's `GET /v1/keys` satisfies `ok`.
+async fn keys_everywhere(c: &TestCluster, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+    for node in &c.nodes {
+        let socket = node.socket.clone();
+        wait_for(
+            Duration::from_secs(20),
+            &format!("{}: {what}", node.name),
+            || {
+                let socket = socket.clone();
+                let ok = &ok;
+                async move {
+                    let (_, body) = get(&socket, "/v1/keys").await.ok()?;
+                    ok(&body).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+}
+
+fn key_entry<'a>(list: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
+    list["keys"].as_array()?.iter().find(|k| k["id"] == id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gossip_key_rotates_on_a_running_cluster_and_nothing_is_lost() {
+    let mut c = TestCluster::start(3).await;
+    let upstream = Upstream::start(free_port(), 200).await;
+    register_everywhere(&c, 2, "api", upstream.port, "http").await;
+    let old_id = get(&c.nodes[0].socket, "/v1/keys").await.unwrap().1["primary"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Gossip traffic throughout: a registration every 100 ms on n1, and
+    // every node's view of the members sampled for anything not alive.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (socket, stop) = (c.nodes[0].socket.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = serde_json::json!({"name": "churn", "port": 40000 + ids.len()});
+                let (status, reply) = put_json(&socket, "/v1/services", &body).await.unwrap();
+                assert_eq!(status, 200, "{reply}");
+                ids.push(reply["id"].as_str().unwrap().to_string());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            ids
+        })
+    };
+    let watcher = {
+        let sockets: Vec<_> = c.nodes.iter().map(|n| n.socket.clone()).collect();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut worst = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for socket in &sockets {
+                    let (_, body) = get(socket, "/v1/members").await.unwrap();
+                    for m in body["members"].as_array().unwrap() {
+                        if m["state"] == "dead" || m["state"] == "left" {
+                            worst.push(format!("{} {}", m["name"], m["state"]));
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            worst
+        })
+    };
+
+    // Install on n1, use on n2, remove on n3: each change reaches all.
+    let new_key = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=";
+    let out = keys_cli(&c.nodes[0].socket, &["install", new_key]).unwrap();
+    let new_id = out.split_whitespace().nth(1).unwrap().to_string();
+    keys_everywhere(&c, "the new key is installed on all 3", |l| {
+        key_entry(l, &new_id).is_some_and(|k| k["installed_on"] == 3)
+    })
+    .await;
+    // Removing the primary is refused, with the reason.
+    let refused = keys_cli(&c.nodes[2].socket, &["remove", &old_id]).unwrap_err();
+    assert!(refused.contains("primary"), "{refused}");
+
+    keys_cli(&c.nodes[1].socket, &["use", &new_id]).unwrap();
+    keys_everywhere(&c, "every node seals under the new key", |l| {
+        l["primary"] == new_id.as_str()
+            && key_entry(l, &new_id).is_some_and(|k| k["primary_on"] == 3)
+    })
+    .await;
+    keys_cli(&c.nodes[2].socket, &["remove", &old_id]).unwrap();
+    keys_everywhere(&c, "the old key is gone everywhere", |l| {
+        l["keys"].as_array().is_some_and(|k| k.len() == 1)
+            && key_entry(l, &new_id).is_some_and(|k| k["installed_on"] == 3)
+    })
+    .await;
+    let table = keys_cli(&c.nodes[0].socket, &["list"]).unwrap();
+    assert!(table.contains(&new_id) && table.contains("3/3"), "{table}");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ids = churn.await.unwrap();
+    let departures = watcher.await.unwrap();
+    assert!(
+        departures.is_empty(),
+        "members lost during rotation: {departures:?}"
+    );
+    assert!(ids.len() >= 5, "too little gossip traffic: {ids:?}");
+    for node in &c.nodes {
+        let last = ids.last().unwrap().clone();
+        wait_for(
+            Duration::from_secs(10),
+            "every registration is everywhere",
+            || {
+                let (socket, last) = (node.socket.clone(), last.clone());
+                async move {
+                    instance_ids(&socket, "churn")
+                        .await?
+                        .contains(&last)
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+        let seen = instance_ids(&node.socket, "churn").await.unwrap();
+        assert_eq!(seen.len(), ids.len(), "{}", node.name);
+        // No datagram failed to open: every node held each key before it was used.
+        let metrics = metrics_text(node.admin).await;
+        assert_eq!(
+            metric_sum(
+                &metrics,
+                "weft_gossip_rejected_total",
+                &["reason=\"bad_seal\""]
+            ),
+            0.0,
+            "{}",
+            node.name
+        );
+        assert_eq!(proxy_get(node.proxy, "api").await, 200);
+    }
+
+    // The rotated keyring is kept in the data dir: a restarted node rejoins
+    // although the cluster dir still holds the old gossip.key.
+    c.restart(1);
+    c.wait_converged(3, Duration::from_secs(20)).await;
+    let (_, list) = get(&c.nodes[1].socket, "/v1/keys").await.unwrap();
+    assert_eq!(list["primary"], new_id.as_str());
+    assert_eq!(proxy_get(c.nodes[1].proxy, "api").await, 200);
+}

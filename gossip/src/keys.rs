@@ -16,6 +16,8 @@ pub const MAX_VALUE_LEN: usize = 4 * 1024;
 pub enum Key {
     /// The node's own record: addresses, version, status.
     Node,
+    /// The gossip keyring this node holds (sealed like all gossip).
+    Keyring,
     /// An instance this node hosts.
     Svc(String),
     /// What this node's checker or outlier detector concluded about an instance.
@@ -44,6 +46,7 @@ impl Key {
     pub fn encode(&self) -> String {
         match self {
             Key::Node => "node".to_string(),
+            Key::Keyring => "keyring".to_string(),
             Key::Svc(id) => format!("svc/{id}"),
             Key::Health(id) => format!("health/{id}"),
             Key::Stats(svc) => format!("stats/{svc}"),
@@ -53,8 +56,10 @@ impl Key {
 
     /// Parses a chitchat key; unknown or malformed keys are `None` and ignored.
     pub fn decode(raw: &str) -> Option<Self> {
-        if raw == "node" {
-            return Some(Key::Node);
+        match raw {
+            "node" => return Some(Key::Node),
+            "keyring" => return Some(Key::Keyring),
+            _ => {}
         }
         let (prefix, rest) = raw.split_once('/')?;
         if prefix == "eject" {

@@ -16,6 +16,7 @@ use weft_gossip::{Check, Cluster, Protocol, ServiceRecord};
 use weft_runtime::listener::{HttpHandler, Origin};
 use weft_runtime::router::RouterHandle;
 
+use crate::keyring::{ClusterKeys, KeysError};
 use crate::registry::Registry;
 use crate::upstreams::Upstreams;
 use crate::NodeError;
@@ -34,6 +35,8 @@ pub struct ApiState {
     pub node: String,
     /// Gossip, for writing own keys.
     pub cluster: Arc<Cluster>,
+    /// The gossip keyring (`/v1/keys`, socket only).
+    pub keys: Arc<ClusterKeys>,
     /// Local registrations.
     pub registry: Arc<Registry>,
     /// The routing table.
@@ -111,6 +114,29 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             Err(reply) => reply,
         },
         (&Method::DELETE, ["v1", "upstreams", listen]) => delete_upstream(state, listen).await,
+        (_, ["v1", "keys", ..]) if read_only => error(
+            StatusCode::FORBIDDEN,
+            "the keyring is served on the node's socket only",
+        ),
+        (&Method::GET, ["v1", "keys"]) => reply(
+            StatusCode::OK,
+            &state.keys.list(&state.cluster.views().borrow()),
+        ),
+        (&Method::PUT, ["v1", "keys"]) => match read_key_field(req).await {
+            Ok(key) => keys_reply(state.keys.install(&key), "installed"),
+            Err(reply) => reply,
+        },
+        (&Method::PUT, ["v1", "keys", "primary"]) => match read_key_field(req).await {
+            Ok(key) => {
+                let view = state.cluster.views().borrow().clone();
+                keys_reply(state.keys.use_primary(&key, &view), "primary")
+            }
+            Err(reply) => reply,
+        },
+        (&Method::DELETE, ["v1", "keys", id]) => {
+            let view = state.cluster.views().borrow().clone();
+            keys_reply(state.keys.remove(id, &view), "removed")
+        }
         (
             _,
             ["v1", "services"]
@@ -119,7 +145,9 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             | ["v1", "services", _]
             | ["v1", "services", _, "ttl"]
             | ["v1", "upstreams"]
-            | ["v1", "upstreams", _],
+            | ["v1", "upstreams", _]
+            | ["v1", "keys"]
+            | ["v1", "keys", _],
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}"),
@@ -176,6 +204,38 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Reply> {
             format!("body is not valid JSON: {e}"),
         )
     })
+}
+
+/// The `"key"` field of a keyring request.
+async fn read_key_field(req: Request<Incoming>) -> Result<String, Reply> {
+    let body = read_json(req).await?;
+    body.get("key")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "field \"key\" (a base64 key or a key id) is required",
+            )
+        })
+}
+
+fn keys_reply(result: Result<weft_gossip::seal::KeyId, KeysError>, done: &str) -> Reply {
+    match result {
+        Ok(id) => reply(
+            StatusCode::OK,
+            &json!({ "id": id.to_string(), "result": done }),
+        ),
+        Err(e) => {
+            let status = match e {
+                KeysError::Bad(_) => StatusCode::BAD_REQUEST,
+                KeysError::Unknown(_) => StatusCode::NOT_FOUND,
+                KeysError::Conflict(_) => StatusCode::CONFLICT,
+                KeysError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            error(status, e)
+        }
+    }
 }
 
 /// Validates a registration request, naming the first bad field.

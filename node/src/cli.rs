@@ -45,6 +45,9 @@ pub enum Command {
         #[arg(long)]
         public: bool,
     },
+    /// The gossip keyring, cluster-wide: rotate with install, use, remove.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Register a local service instance with the node.
     Register(RegisterArgs),
     /// Remove a registration by id.
@@ -79,6 +82,34 @@ pub enum Command {
         /// Redraw every second.
         #[arg(long)]
         watch: bool,
+    },
+}
+
+/// `weft keys ...`: each change made on one node reaches every node.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Every key, by id, with how many live members hold it and seal with it.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install a new key (base64, 32 bytes; e.g. `openssl rand -base64 32`)
+    /// on every node: gossip opens under it from now on.
+    Install {
+        /// The key, base64.
+        key: String,
+    },
+    /// Seal gossip under an installed key (refused until every live member
+    /// holds it).
+    Use {
+        /// The key, base64, or its id from `weft keys list`.
+        key: String,
+    },
+    /// Remove a key (refused while it is the primary anywhere).
+    Remove {
+        /// The key, base64, or its id from `weft keys list`.
+        key: String,
     },
 }
 

@@ -150,6 +150,32 @@ pub fn members_table(body: &Value) -> String {
     )
 }
 
+/// `weft keys list`: a key per row, with how many live members hold it
+/// (`INSTALLED 3/3`) and seal with it.
+pub fn keys_table(body: &Value) -> String {
+    let members = body["members"].as_u64().unwrap_or(0);
+    let rows: Vec<Vec<String>> = body
+        .get("keys")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|k| {
+            let here = match (k["primary_here"].as_bool(), k["installed_here"].as_bool()) {
+                (Some(true), _) => "primary",
+                (_, Some(true)) => "installed",
+                _ => "-",
+            };
+            vec![
+                s(&k["id"]),
+                here.to_string(),
+                format!("{}/{members}", s(&k["installed_on"])),
+                format!("{}/{members}", s(&k["primary_on"])),
+            ]
+        })
+        .collect();
+    table(&["KEY", "THIS NODE", "INSTALLED", "PRIMARY"], &rows)
+}
+
 /// `weft health` as two tables: members, then services.
 pub fn health_table(body: &Value) -> String {
     let mut out = format!("node {}\n\n", s(&body["node"]));

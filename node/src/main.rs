@@ -21,6 +21,7 @@ mod client;
 mod config;
 mod demo;
 mod init;
+mod keyring;
 mod logging;
 mod node;
 mod registry;
@@ -213,6 +214,7 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
                 println!("deregistered {id}");
                 Ok(())
             }
+            Command::Keys(keys) => keys_command(&socket, keys).await,
             Command::Services { json } => {
                 show(&socket, "/v1/services", json, client::services_table).await
             }
@@ -243,6 +245,34 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
             }
         }
     })
+}
+
+async fn keys_command(socket: &std::path::Path, cmd: cli::KeysCommand) -> Result<(), NodeError> {
+    let (method, path, key, done) = match cmd {
+        cli::KeysCommand::List { json } => {
+            return show(socket, "/v1/keys", json, client::keys_table).await
+        }
+        cli::KeysCommand::Install { key } => {
+            (Method::PUT, "/v1/keys".to_string(), Some(key), "installed")
+        }
+        cli::KeysCommand::Use { key } => (
+            Method::PUT,
+            "/v1/keys/primary".to_string(),
+            Some(key),
+            "is now the primary",
+        ),
+        cli::KeysCommand::Remove { key } => {
+            (Method::DELETE, format!("/v1/keys/{key}"), None, "removed")
+        }
+    };
+    let body = key.map(|key| json!({ "key": key }));
+    let (status, reply) = client::call(socket, method, &path, body).await?;
+    client::check(status, &reply)?;
+    println!(
+        "key {} {done}; the change reaches every node by gossip (see `weft keys list`)",
+        reply["id"].as_str().unwrap_or("?")
+    );
+    Ok(())
 }
 
 async fn show(

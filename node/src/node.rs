@@ -25,6 +25,7 @@ use crate::api::{self, ApiState};
 use crate::cli::NodeArgs;
 use crate::config::NodeConfig;
 use crate::init;
+use crate::keyring::ClusterKeys;
 use crate::logging::{announce, Logging};
 use crate::registry::Registry;
 use crate::upstreams::Upstreams;
@@ -36,6 +37,7 @@ pub fn run(cfg: NodeConfig, args: NodeArgs, logging: Logging) -> Result<(), Node
     create_private_dir(&cfg.data_dir)?;
     let cluster_dir = cluster_dir(&cfg)?;
     let key = init::read_gossip_key(&cluster_dir)?;
+    let keys = Arc::new(ClusterKeys::load(&cfg.data_dir, &key)?);
     let registry = Arc::new(Registry::load(&cfg.data_dir)?);
 
     let workers = cfg.worker_threads;
@@ -50,7 +52,7 @@ pub fn run(cfg: NodeConfig, args: NodeArgs, logging: Logging) -> Result<(), Node
             .expect("the tokio runtime must start")
     });
     let reload = Reload { args, logging };
-    let result = system.block_on(serve(cfg, cluster_dir, key, registry, reload));
+    let result = system.block_on(serve(cfg, cluster_dir, keys, registry, reload));
     actix::System::current().stop();
     result
 }
@@ -58,7 +60,7 @@ pub fn run(cfg: NodeConfig, args: NodeArgs, logging: Logging) -> Result<(), Node
 async fn serve(
     cfg: NodeConfig,
     cluster_dir: PathBuf,
-    key: [u8; 32],
+    keys: Arc<ClusterKeys>,
     registry: Arc<Registry>,
     reload: Reload,
 ) -> Result<(), NodeError> {
@@ -94,7 +96,7 @@ async fn serve(
         version: env!("CARGO_PKG_VERSION").to_string(),
         status: NodeStatus::Alive,
     };
-    let mut initial = vec![(Key::Node, to_json(&info))];
+    let mut initial = vec![(Key::Node, to_json(&info)), (Key::Keyring, keys.record())];
     initial.extend(registry.initial_keys().await);
     let cluster_cfg = ClusterConfig {
         node_name: cfg.name.clone(),
@@ -103,10 +105,10 @@ async fn serve(
         advertise_addr: advertise,
         seeds: cfg.seeds.clone(),
         interval: cfg.gossip_interval,
-        cluster_id: cluster_id(&key),
+        cluster_id: cluster_id(&cluster_dir)?,
     };
-    let _ = &key;
-    let transport = weft_gossip::seal::SealedTransport::new(key).with_advertised(advertise);
+    let transport =
+        weft_gossip::seal::SealedTransport::with_keyring(keys.ring()).with_advertised(advertise);
     let seal_stats = transport.stats();
     tokio::spawn(async move {
         loop {
@@ -132,6 +134,7 @@ async fn serve(
 
     let metrics = install_metrics();
     let writer = GossipWriter::spawn(cluster.clone());
+    keys.clone().follow(cluster.views(), writer.clone());
     let checker = {
         let writer = writer.clone();
         Supervisor::start(move |_| HealthChecker::new(writer.clone()))
@@ -177,6 +180,7 @@ async fn serve(
     let state = Arc::new(ApiState {
         node: cfg.name.clone(),
         cluster: cluster.clone(),
+        keys,
         registry: registry.clone(),
         router: router_handle.clone(),
         upstreams: upstreams.clone(),
@@ -551,14 +555,23 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
-/// Distinct clusters never mix: the id is derived from the gossip key.
-fn cluster_id(key: &[u8; 32]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, key);
+/// Distinct clusters never mix: the id is derived from the cluster CA
+/// certificate, which every node holds and which a gossip key rotation
+/// leaves alone.
+fn cluster_id(cluster_dir: &Path) -> Result<String, NodeError> {
+    let ca = cluster_dir.join(init::CA_CERT);
+    let pem =
+        std::fs::read(&ca).map_err(|e| NodeError::Config(format!("{}: {e}", ca.display())))?;
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| NodeError::Config(format!("{} holds no PEM certificate", ca.display())))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &der);
     let hex: String = digest.as_ref()[..8]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    format!("weft-{hex}")
+    Ok(format!("weft-{hex}"))
 }
 
 /// The address of the interface that routes outward (no packet is sent), for
