@@ -387,3 +387,133 @@ async fn the_gossip_key_rotates_on_a_running_cluster_and_nothing_is_lost() {
     assert_eq!(list["primary"], new_id.as_str());
     assert_eq!(proxy_get(c.nodes[1].proxy, "api").await, 200);
 }
+
+/// `weft cert ...` in the cluster dir; panics unless it succeeds.
+fn weft_cert(c: &TestCluster, args: &[&std::ffi::OsStr]) {
+    let out = std::process::Command::new(weft_bin())
+        .arg("cert")
+        .args(args)
+        .arg("--cluster")
+        .arg(&c.cluster_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_node_exchanges_no_request_with_the_cluster() {
+    let mut c = TestCluster::new();
+    let certs = c.dir.path().join("certs");
+    for name in ["n3", "retired"] {
+        weft_cert(
+            &c,
+            &[
+                "issue".as_ref(),
+                name.as_ref(),
+                "--out".as_ref(),
+                certs.as_os_str(),
+            ],
+        );
+    }
+    // The list starts with a retired certificate; n1 and n2 check it, n3
+    // (the node about to be revoked) does not cooperate.
+    weft_cert(
+        &c,
+        &["revoke".as_ref(), certs.join("retired.pem").as_os_str()],
+    );
+    let crl = c.cluster_dir.join("crl.pem").display().to_string();
+    c.add_node_with(&["--crl", &crl]);
+    c.add_node_with(&["--crl", &crl]);
+    let (n3_cert, n3_key) = (certs.join("n3.pem"), certs.join("n3.key"));
+    c.add_node_with(&[
+        "--cert",
+        n3_cert.to_str().unwrap(),
+        "--key",
+        n3_key.to_str().unwrap(),
+    ]);
+    c.wait_converged(3, Duration::from_secs(20)).await;
+    let on_n1 = Upstream::start(free_port(), 200).await;
+    let on_n2 = Upstream::start(free_port(), 200).await;
+    let on_n3 = Upstream::start(free_port(), 200).await;
+    register_everywhere(&c, 0, "alpha", on_n1.port, "http").await;
+    register_everywhere(&c, 1, "beta", on_n2.port, "http").await;
+    register_everywhere(&c, 2, "gamma", on_n3.port, "http").await;
+    let (n1, n3) = (&c.nodes[0], &c.nodes[2]);
+    assert_eq!(proxy_get(n1.proxy, "gamma").await, 200);
+    assert_eq!(proxy_get(n3.proxy, "alpha").await, 200);
+    assert_eq!(proxy_get(n1.proxy, "beta").await, 200);
+    let connections = |text: &str| metric_sum(text, "weft_tunnel_connections_total", &[]);
+    let revoked =
+        |text: &str| metric_sum(text, "weft_tunnel_refused_total", &["reason=\"revoked\""]);
+    let before = metrics_text(n1.admin).await;
+
+    weft_cert(&c, &["revoke".as_ref(), n3_cert.as_os_str()]);
+    c.signal(0, libc::SIGHUP);
+    c.signal(1, libc::SIGHUP);
+    // n1 closes its tunnels to and from n3 (both were up), and counts them.
+    wait_for(
+        Duration::from_secs(10),
+        "n1 closes n3's tunnels",
+        || async { (revoked(&metrics_text(n1.admin).await) >= 2.0).then_some(()) },
+    )
+    .await;
+
+    let (hits_n1, hits_n3) = (on_n1.hits(), on_n3.hits());
+    for _ in 0..3 {
+        assert_ne!(
+            proxy_get(n1.proxy, "gamma").await,
+            200,
+            "n1 reached revoked n3"
+        );
+        assert_ne!(
+            proxy_get(n3.proxy, "alpha").await,
+            200,
+            "revoked n3 reached n1"
+        );
+    }
+    assert_eq!(
+        on_n3.hits(),
+        hits_n3,
+        "a request reached the revoked node's instance"
+    );
+    assert_eq!(
+        on_n1.hits(),
+        hits_n1,
+        "the revoked node's request reached an instance"
+    );
+    let after = metrics_text(n1.admin).await;
+    assert!(
+        revoked(&after) > 2.0,
+        "n3's new handshakes are refused as revoked: {}",
+        revoked(&after)
+    );
+    // The healthy tunnel n1 -> n2 stayed up through the reload.
+    assert_eq!(proxy_get(n1.proxy, "beta").await, 200);
+    let kept = metrics_text(n1.admin).await;
+    assert_eq!(connections(&kept), connections(&before), "n1 redialed n2");
+
+    // A node whose own certificate the list revokes does not start.
+    let out = std::process::Command::new(weft_bin())
+        .args([
+            "node",
+            "--name",
+            "n3",
+            "--gossip",
+            "127.0.0.1:0",
+            "--crl",
+            &crl,
+            "--cluster",
+        ])
+        .arg(&c.cluster_dir)
+        .arg("--cert")
+        .arg(&n3_cert)
+        .arg("--key")
+        .arg(&n3_key)
+        .arg("--data-dir")
+        .arg(c.dir.path().join("n3-again"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("revokes this node's own certificate"), "{err}");
+}

@@ -128,6 +128,16 @@ pub enum CertCommand {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Revoke a node certificate: adds it to the cluster's revoked.json and
+    /// rewrites crl.pem in the cluster dir, for every node's --crl (then
+    /// SIGHUP the nodes).
+    Revoke {
+        /// The certificate to revoke (PEM).
+        cert: PathBuf,
+        /// Cluster directory holding ca.pem and ca.key.
+        #[arg(long, value_name = "DIR")]
+        cluster: PathBuf,
+    },
 }
 
 /// Flags of `weft node`; each can also come from `WEFT_*` or `--config FILE`.
@@ -157,6 +167,11 @@ pub struct NodeArgs {
     /// This node's private key (mode 0600).
     #[arg(long, env = "WEFT_KEY", value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
+    /// Revocation list of the cluster CA (PEM, from `weft cert revoke`):
+    /// peers whose certificate it lists are refused on both ends; reloaded
+    /// on SIGHUP.
+    #[arg(long, env = "WEFT_CRL", value_name = "FILE")]
+    pub crl: Option<PathBuf>,
     /// Comma-separated seed gossip addresses (host:port).
     #[arg(long, env = "WEFT_SEEDS", value_name = "A,B", value_delimiter = ',')]
     pub seeds: Option<Vec<String>>,

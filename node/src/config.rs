@@ -43,6 +43,7 @@ pub struct FileConfig {
     advertise_tunnel: Option<String>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    crl: Option<PathBuf>,
     seeds: Option<Vec<String>>,
     proxy: Option<String>,
     admin: Option<String>,
@@ -76,6 +77,9 @@ pub struct NodeConfig {
     pub advertise_tunnel: Option<SocketAddr>,
     /// Node certificate and key given by the operator.
     pub cert_key: Option<(PathBuf, PathBuf)>,
+    /// Revocation lists of the cluster CA (PEM), checked on both ends of
+    /// every tunnel and reloaded on SIGHUP.
+    pub crl: Option<PathBuf>,
     /// Seeds.
     pub seeds: Vec<String>,
     /// Proxy address.
@@ -283,6 +287,7 @@ impl NodeConfig {
             tunnel,
             advertise_tunnel,
             cert_key,
+            crl: args.crl.clone().or(file.crl),
             seeds,
             proxy,
             admin,

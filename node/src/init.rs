@@ -7,7 +7,9 @@ use base64::Engine;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::NodeError;
+use weft_runtime::tls::{self, Revoked};
+
+use crate::{store, NodeError};
 
 /// The CA certificate, shared with every node.
 pub const CA_CERT: &str = "ca.pem";
@@ -70,6 +72,38 @@ pub fn init_cluster(dir: &Path, force: bool) -> Result<(), NodeError> {
 
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), NodeError> {
     weft_runtime::tls::write_atomic(path, bytes, mode).map_err(|e| NodeError::Io(e.to_string()))
+}
+
+/// The cluster's revoked certificates, kept where the CA key is.
+pub const REVOKED: &str = "revoked.json";
+/// The revocation list `weft cert revoke` writes, for every node's `--crl`.
+pub const CRL: &str = "crl.pem";
+
+/// Revokes the node certificate `cert`: records it in `revoked.json` and
+/// rewrites `crl.pem`, both in the cluster dir (which must hold `ca.key`).
+/// Returns the record and how many certificates the list now revokes.
+pub fn revoke(cluster: &Path, cert: &Path) -> Result<(Revoked, usize), NodeError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| NodeError::Config(format!("cannot read {}: {e}", path.display())))
+    };
+    let record = Revoked::of(&read(cert)?)
+        .map_err(|e| NodeError::Config(format!("{}: {e}", cert.display())))?;
+    let revoked_path = cluster.join(REVOKED);
+    let mut revoked: Vec<Revoked> = store::load(&revoked_path)?;
+    if !revoked.iter().any(|r| r.serial == record.serial) {
+        revoked.push(record.clone());
+    }
+    let crl = tls::revocation_list(
+        &read(&cluster.join(CA_CERT))?,
+        &read(&cluster.join(CA_KEY))?,
+        &revoked,
+    )
+    .map_err(|e| NodeError::Config(e.to_string()))?;
+    store::save(&revoked_path, &revoked)?;
+    tls::write_atomic(&cluster.join(CRL), crl.as_bytes(), 0o644)
+        .map_err(|e| NodeError::Io(e.to_string()))?;
+    Ok((record, revoked.len()))
 }
 
 /// Reads the 32-byte gossip key of a cluster dir, refusing files others can read.

@@ -142,6 +142,16 @@ fn run(cli: Cli) -> Result<(), NodeError> {
             );
             Ok(())
         }
+        Command::Cert(cli::CertCommand::Revoke { cert, cluster }) => {
+            let (revoked, count) = init::revoke(&cluster, &cert)?;
+            println!(
+                "revoked the certificate of node {} (serial {}); {} now lists {count}: copy it to every node's --crl file and send them SIGHUP",
+                revoked.node,
+                revoked.serial,
+                cluster.join(init::CRL).display()
+            );
+            Ok(())
+        }
         Command::Demo { run_for } => {
             Logging::init(LogFormat::Text, None);
             let limit = run_for

@@ -79,8 +79,8 @@ async fn serve(
     let proxy = TcpListener::bind(cfg.proxy)
         .await
         .map_err(|e| NodeError::Config(format!("--proxy {}: {e}", cfg.proxy)))?;
-    let (server_tls, client_tls) = tunnel_tls(&cfg, &cluster_dir)?;
-    let endpoint = quinn::Endpoint::server(server_tls, cfg.tunnel)
+    let tunnel_tls = tunnel_tls(&cfg, &cluster_dir)?;
+    let endpoint = quinn::Endpoint::server(tunnel_tls.server, cfg.tunnel)
         .map_err(|e| NodeError::Config(format!("--tunnel {}: {e}", cfg.tunnel)))?;
 
     let generation = SystemTime::now()
@@ -160,7 +160,8 @@ async fn serve(
     let access = AccessLog::start(cfg.access_log.clone());
     let tunnels = Arc::new(TunnelPool::new(
         endpoint.clone(),
-        client_tls,
+        tunnel_tls.client,
+        tunnel_tls.trust,
         Timeouts::default().connect,
     ));
     let dataplane = DataPlane::new(DataPlaneParts {
@@ -238,14 +239,22 @@ async fn serve(
 
 /// The tunnel's TLS: this node's identity (issued from the cluster CA, or
 /// the operator's files), as server and client configs.
-fn tunnel_tls(
-    cfg: &NodeConfig,
-    cluster_dir: &Path,
-) -> Result<(quinn::ServerConfig, quinn::ClientConfig), NodeError> {
+/// The tunnel's TLS, both ends, and whom it trusts.
+struct TunnelTls {
+    server: quinn::ServerConfig,
+    client: quinn::ClientConfig,
+    trust: tls::PeerTrust,
+}
+
+fn tunnel_tls(cfg: &NodeConfig, cluster_dir: &Path) -> Result<TunnelTls, NodeError> {
     let identity = match &cfg.cert_key {
         Some((cert, key)) => tls::Identity::load(&cluster_dir.join(init::CA_CERT), cert, key),
         None => tls::Identity::from_cluster_dir(cluster_dir, &cfg.name, &cfg.data_dir),
     }
+    .and_then(|identity| match &cfg.crl {
+        Some(crl) => identity.with_crl(crl),
+        None => Ok(identity),
+    })
     .map_err(|e| NodeError::Config(e.to_string()))?;
     if identity.node != cfg.name {
         return Err(NodeError::Config(format!(
@@ -253,9 +262,12 @@ fn tunnel_tls(
             identity.node, cfg.name, cfg.name
         )));
     }
-    let server = tls::server_config(&identity).map_err(|e| NodeError::Config(e.to_string()))?;
-    let client = tls::client_config(&identity).map_err(|e| NodeError::Config(e.to_string()))?;
-    Ok((server, client))
+    let config = |e: tls::TlsError| NodeError::Config(e.to_string());
+    Ok(TunnelTls {
+        server: tls::server_config(&identity).map_err(config)?,
+        client: tls::client_config(&identity).map_err(config)?,
+        trust: tls::PeerTrust::new(&identity).map_err(config)?,
+    })
 }
 
 /// What a SIGHUP needs: the flags (which win over the file) and the logger.
@@ -361,13 +373,18 @@ impl Running {
             Err(e) => tracing::error!(error = %e, "SIGHUP: config file not reloaded"),
         }
         match tunnel_tls(&self.cfg, &self.cluster_dir) {
-            Ok((server, client)) => {
-                self.endpoint.set_server_config(Some(server));
-                self.tunnels.set_client_config(client);
+            Ok(tunnel) => {
+                self.endpoint.set_server_config(Some(tunnel.server));
+                let closed = self.tunnels.reload(tunnel.client, tunnel.trust);
+                if closed > 0 {
+                    tracing::warn!(closed, "SIGHUP: closed tunnels to peers no longer trusted");
+                }
             }
             Err(e) => tracing::error!(error = %e, "SIGHUP: certificates not reloaded"),
         }
-        tracing::info!("SIGHUP: reloaded the log level, the access log and the certificates");
+        tracing::info!(
+            "SIGHUP: reloaded the log level, the access log, the certificates and the CRL"
+        );
     }
 
     /// Marks the node draining, closes its app ports, lets what is in

@@ -15,7 +15,10 @@ use rcgen::{
 };
 use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{client::WebPkiServerVerifier, RootCertStore};
@@ -145,15 +148,11 @@ fn ca_distinguished_name(subject: &[u8]) -> Result<DistinguishedName, TlsError> 
     Ok(dn)
 }
 
-/// Issues a certificate for `node`, signed by the cluster CA: SAN
-/// `<node>.node.weft`, CN `node`, usable as TLS server and client, valid one
-/// year (backdated an hour for clock skew). Returns `(cert_pem, key_pem)`.
-pub fn issue_node_cert(
+/// The CA as rcgen's signing issuer, its key, and its subject name (DER).
+fn ca_issuer(
     ca_cert_pem: &str,
     ca_key_pem: &str,
-    node: &str,
-) -> Result<(String, String), TlsError> {
-    check_node_name(node)?;
+) -> Result<(rcgen::Certificate, KeyPair, Vec<u8>), TlsError> {
     let ca_key = KeyPair::from_pem(ca_key_pem)
         .map_err(|e| TlsError::Pem(format!("CA key is not a PEM private key: {e}")))?;
     let ca_der = first_cert_der(ca_cert_pem, "CA certificate")?;
@@ -178,6 +177,111 @@ pub fn issue_node_cert(
     let issuer = issuer_params
         .self_signed(&ca_key)
         .map_err(|e| TlsError::Cert(format!("CA: {e}")))?;
+    Ok((issuer, ca_key, ca.subject.raw.to_vec()))
+}
+
+/// A revoked certificate, as `weft cert revoke` records it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Revoked {
+    /// The node the certificate was issued for.
+    pub node: String,
+    /// Its serial number, hex.
+    pub serial: String,
+    /// When it was revoked (unix seconds).
+    pub revoked_at: u64,
+}
+
+impl Revoked {
+    /// The record revoking the certificate in `cert_pem`, now.
+    pub fn of(cert_pem: &str) -> Result<Revoked, TlsError> {
+        let der = first_cert_der(cert_pem, "the certificate")?;
+        let fields = der::cert_fields(&der)
+            .ok_or_else(|| TlsError::Cert("the certificate is not valid X.509".into()))?;
+        let node = node_of_cert(&der).ok_or_else(|| {
+            TlsError::Cert(format!(
+                "the certificate names no node (no *.{NODE_DOMAIN} name)"
+            ))
+        })?;
+        let magnitude = match fields.serial {
+            [0, rest @ ..] if !rest.is_empty() => rest,
+            all => all,
+        };
+        let revoked_at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Ok(Revoked {
+            node,
+            serial: magnitude.iter().map(|b| format!("{b:02x}")).collect(),
+            revoked_at,
+        })
+    }
+
+    fn serial_bytes(&self) -> Result<Vec<u8>, TlsError> {
+        let bad = || TlsError::Cert(format!("revoked serial {:?} is not hex", self.serial));
+        self.serial
+            .as_bytes()
+            .chunks(2)
+            .map(|pair| {
+                let hex = std::str::from_utf8(pair).ok().filter(|h| h.len() == 2);
+                hex.and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(bad)
+            })
+            .collect()
+    }
+}
+
+/// How long a revocation list is declared valid; peers do not enforce it,
+/// so a node keeps refusing what it lists until it loads a new one.
+const CRL_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A revocation list (PEM) of the cluster CA listing every `revoked`
+/// certificate, for `--crl`.
+pub fn revocation_list(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    revoked: &[Revoked],
+) -> Result<String, TlsError> {
+    let (issuer, ca_key, _) = ca_issuer(ca_cert_pem, ca_key_pem)?;
+    let now = SystemTime::now();
+    let revoked_certs = revoked
+        .iter()
+        .map(|r| {
+            Ok(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(&r.serial_bytes()?),
+                revocation_time: (SystemTime::UNIX_EPOCH + Duration::from_secs(r.revoked_at))
+                    .into(),
+                reason_code: None,
+                invalidity_date: None,
+            })
+        })
+        .collect::<Result<Vec<_>, TlsError>>()?;
+    let number = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: now.checked_sub(CLOCK_SKEW).unwrap_or(now).into(),
+        next_update: (now + CRL_VALIDITY).into(),
+        crl_number: rcgen::SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer, &ca_key)
+    .map_err(|e| TlsError::Cert(format!("revocation list: {e}")))?;
+    crl.pem()
+        .map_err(|e| TlsError::Cert(format!("revocation list: {e}")))
+}
+
+/// Issues a certificate for `node`, signed by the cluster CA: SAN
+/// `<node>.node.weft`, CN `node`, usable as TLS server and client, valid one
+/// year (backdated an hour for clock skew). Returns `(cert_pem, key_pem)`.
+pub fn issue_node_cert(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    node: &str,
+) -> Result<(String, String), TlsError> {
+    check_node_name(node)?;
+    let (issuer, ca_key, ca_subject) = ca_issuer(ca_cert_pem, ca_key_pem)?;
 
     let mut params = CertificateParams::new(vec![node_server_name(node)])
         .map_err(|e| TlsError::Cert(format!("node certificate for {node:?}: {e}")))?;
@@ -201,7 +305,7 @@ pub fn issue_node_cert(
         .signed_by(&key, &issuer, &ca_key)
         .map_err(|e| TlsError::Cert(format!("node certificate for {node:?}: {e}")))?;
 
-    let same_name = der::cert_fields(cert.der()).map(|f| f.issuer.raw) == Some(ca.subject.raw);
+    let same_name = der::cert_fields(cert.der()).map(|f| f.issuer.raw) == Some(&ca_subject[..]);
     if !same_name {
         return Err(TlsError::Cert(
             "cannot reproduce the CA's subject name in the issued certificate".into(),
@@ -303,6 +407,7 @@ pub struct Identity {
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
 impl fmt::Debug for Identity {
@@ -387,7 +492,61 @@ impl Identity {
             certs,
             key: key_der,
             roots,
+            crls: Vec::new(),
         })
+    }
+
+    /// Checks peers against the revocation lists in `crl` (PEM) as well,
+    /// on both ends of every tunnel. Refuses a file that holds no list, a
+    /// list the cluster CA did not sign, and a list that revokes this
+    /// node's own certificate.
+    pub fn with_crl(mut self, crl: &Path) -> Result<Identity, TlsError> {
+        let bytes = read_pem(crl)?;
+        let crls = rustls_pemfile::crls(&mut bytes.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Pem(format!("{}: {e}", crl.display())))?;
+        if crls.is_empty() {
+            return Err(TlsError::Pem(format!(
+                "{} holds no PEM revocation list (X509 CRL)",
+                crl.display()
+            )));
+        }
+        self.crls = crls;
+        let (end_entity, intermediates) = self
+            .certs
+            .split_first()
+            .ok_or_else(|| TlsError::Cert("the node certificate chain is empty".into()))?;
+        self.client_verifier()?
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .map_err(|e| match e {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked) => {
+                    TlsError::Cert(format!(
+                        "{} revokes this node's own certificate ({}); issue a new one with `weft cert issue {}`",
+                        crl.display(),
+                        self.node,
+                        self.node
+                    ))
+                }
+                other => TlsError::Cert(format!(
+                    "{} cannot be used with the cluster CA: {other}",
+                    crl.display()
+                )),
+            })?;
+        Ok(self)
+    }
+
+    fn client_verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+        WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .with_crls(self.crls.clone())
+            .build()
+            .map_err(|e| TlsError::Config(format!("client verifier: {e}")))
+    }
+
+    fn server_verifier(&self) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
+        WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
+            .with_crls(self.crls.clone())
+            .build()
+            .map_err(|e| TlsError::Config(format!("server verifier: {e}")))
     }
 
     /// Where the cluster dir holds `ca.key`, the node issues itself a fresh
@@ -445,11 +604,8 @@ fn transport() -> Result<quinn::TransportConfig, TlsError> {
 /// The tunnel's server side: TLS 1.3, ALPN weft/1, and a client certificate
 /// from the cluster CA required, so only cluster nodes can open streams.
 pub fn server_config(id: &Identity) -> Result<quinn::ServerConfig, TlsError> {
-    let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let verifier = id.client_verifier()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(format!("TLS server: {e}")))?
         .with_client_cert_verifier(verifier)
@@ -467,11 +623,8 @@ pub fn server_config(id: &Identity) -> Result<quinn::ServerConfig, TlsError> {
 /// SAN matches the name passed to `connect` (use [`node_server_name`] of the
 /// node gossip says owns the instance), and we present our own node cert.
 pub fn client_config(id: &Identity) -> Result<quinn::ClientConfig, TlsError> {
-    let provider = provider();
-    let verifier = WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Config(format!("server verifier: {e}")))?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let verifier = id.server_verifier()?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(format!("TLS client: {e}")))?
         .with_webpki_verifier(verifier)
@@ -485,15 +638,101 @@ pub fn client_config(id: &Identity) -> Result<quinn::ClientConfig, TlsError> {
     Ok(config)
 }
 
+/// Whom this node trusts as peers: the cluster CA and its revocation
+/// lists. Swapped on reload; connections already up are checked against the
+/// new trust, so a revoked peer loses them too.
+pub struct PeerTrust {
+    client: Arc<dyn ClientCertVerifier>,
+    server: Arc<WebPkiServerVerifier>,
+}
+
+impl fmt::Debug for PeerTrust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerTrust").finish_non_exhaustive()
+    }
+}
+
+/// Why a connection's peer is no longer trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Distrust {
+    /// Its certificate is on a revocation list.
+    Revoked,
+    /// Its certificate no longer verifies (another CA, expired, ...).
+    Untrusted,
+}
+
+impl Distrust {
+    /// The `weft_tunnel_refused_total` reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Distrust::Revoked => "revoked",
+            Distrust::Untrusted => "untrusted",
+        }
+    }
+}
+
+impl PeerTrust {
+    /// The trust of `id`'s CA roots and revocation lists.
+    pub fn new(id: &Identity) -> Result<PeerTrust, TlsError> {
+        Ok(PeerTrust {
+            client: id.client_verifier()?,
+            server: id.server_verifier()?,
+        })
+    }
+
+    /// Checks again the certificate a peer presented when it dialed us.
+    pub fn check_caller(&self, conn: &quinn::Connection) -> Result<(), Distrust> {
+        let certs = peer_certs(conn).ok_or(Distrust::Untrusted)?;
+        let (end_entity, intermediates) = certs.split_first().ok_or(Distrust::Untrusted)?;
+        self.client
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .map(|_| ())
+            .map_err(distrust)
+    }
+
+    /// Checks again the certificate `node` presented when we dialed it.
+    pub fn check_dialed(&self, conn: &quinn::Connection, node: &str) -> Result<(), Distrust> {
+        let certs = peer_certs(conn).ok_or(Distrust::Untrusted)?;
+        let (end_entity, intermediates) = certs.split_first().ok_or(Distrust::Untrusted)?;
+        let name = ServerName::try_from(node_server_name(node)).map_err(|_| Distrust::Untrusted)?;
+        self.server
+            .verify_server_cert(end_entity, intermediates, &name, &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(distrust)
+    }
+}
+
+fn distrust(e: rustls::Error) -> Distrust {
+    match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked) => Distrust::Revoked,
+        _ => Distrust::Untrusted,
+    }
+}
+
+fn peer_certs(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
+    conn.peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()
+        .map(|certs| *certs)
+}
+
+/// True if a tunnel handshake failed because the peer's certificate is
+/// revoked (our verifier refused it, or the peer's refused ours).
+pub fn is_revoked(e: &quinn::ConnectionError) -> bool {
+    let revoked =
+        quinn::TransportErrorCode::crypto(u8::from(rustls::AlertDescription::CertificateRevoked));
+    match e {
+        quinn::ConnectionError::TransportError(t) => t.code == revoked,
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code == revoked,
+        _ => false,
+    }
+}
+
 /// The node name in the peer's (already CA-verified) certificate, for logs,
 /// metrics and authorisation of what a peer may ask; `None` before the
 /// handshake or if the certificate names no node.
 pub fn peer_node(conn: &quinn::Connection) -> Option<String> {
-    let certs = conn
-        .peer_identity()?
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .ok()?;
-    node_of_cert(certs.first()?)
+    node_of_cert(peer_certs(conn)?.first()?)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! travel in the framing of [`wire::body`] (this file only does the IO); TCP
 //! streams and upgraded connections carry raw bytes after the heads.
 
+use crate::tls::PeerTrust;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -44,25 +45,59 @@ pub struct TunnelPool {
     endpoint: Endpoint,
     /// This node's client TLS; swapped when certificates are reloaded.
     client: ArcSwap<quinn::ClientConfig>,
+    /// Whom peers must be; connections of both directions are checked
+    /// against it again when it changes.
+    trust: tokio::sync::watch::Sender<Arc<PeerTrust>>,
     connections: Mutex<HashMap<(String, SocketAddr), Connection>>,
     connect_timeout: Duration,
 }
 
 impl TunnelPool {
     /// A pool dialing from `endpoint` with `client` TLS.
-    pub fn new(endpoint: Endpoint, client: quinn::ClientConfig, connect_timeout: Duration) -> Self {
+    pub fn new(
+        endpoint: Endpoint,
+        client: quinn::ClientConfig,
+        trust: PeerTrust,
+        connect_timeout: Duration,
+    ) -> Self {
         TunnelPool {
             endpoint,
             client: ArcSwap::from_pointee(client),
+            trust: tokio::sync::watch::Sender::new(Arc::new(trust)),
             connections: Mutex::new(HashMap::new()),
             connect_timeout,
         }
     }
 
     /// New connections use `client` (reloaded certificates); connections
-    /// already up keep theirs.
-    pub fn set_client_config(&self, client: quinn::ClientConfig) {
+    /// already up stay unless their peer fails `trust` (a revoked
+    /// certificate): those are closed and counted. Returns how many
+    /// pooled connections were closed.
+    pub fn reload(&self, client: quinn::ClientConfig, trust: PeerTrust) -> usize {
         self.client.store(Arc::new(client));
+        let mut closed = 0;
+        self.lock()
+            .retain(|(node, _), conn| match trust.check_dialed(conn, node) {
+                Ok(()) => true,
+                Err(distrust) => {
+                    crate::dataplane::count_refused(distrust.reason());
+                    tracing::warn!(
+                        node,
+                        reason = distrust.reason(),
+                        "closed the tunnel to a peer no longer trusted"
+                    );
+                    conn.close(quinn::VarInt::from_u32(3), distrust.reason().as_bytes());
+                    closed += 1;
+                    false
+                }
+            });
+        self.trust.send_replace(Arc::new(trust));
+        closed
+    }
+
+    /// The current peer trust, and its changes (for accepted connections).
+    pub fn trust(&self) -> tokio::sync::watch::Receiver<Arc<PeerTrust>> {
+        self.trust.subscribe()
     }
 
     /// The endpoint, for the accept loop.

@@ -44,16 +44,36 @@ pub async fn serve(endpoint: Endpoint, dp: Arc<DataPlane>) {
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
-                    refused("handshake");
-                    tracing::warn!(error = %e, "refused a tunnel connection");
+                    let reason = if crate::tls::is_revoked(&e) {
+                        "revoked"
+                    } else {
+                        "handshake"
+                    };
+                    count_refused(reason);
+                    tracing::warn!(error = %e, reason, "refused a tunnel connection");
                     return;
                 }
             };
             let Some(peer) = admit(&dp, &conn, &peers).await else {
                 return;
             };
+            let mut trust = dp.tunnels.trust();
             loop {
-                match conn.accept_bi().await {
+                let accepted = tokio::select! {
+                    accepted = conn.accept_bi() => accepted,
+                    Ok(()) = trust.changed() => {
+                        let checked = trust.borrow_and_update().check_caller(&conn);
+                        if let Err(distrust) = checked {
+                            count_refused(distrust.reason());
+                            tracing::warn!(caller = peer.name, reason = distrust.reason(),
+                                "closed a tunnel from a peer no longer trusted");
+                            conn.close(quinn::VarInt::from_u32(3), distrust.reason().as_bytes());
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                match accepted {
                     Ok((send, recv)) => {
                         let dp = dp.clone();
                         let caller = peer.name.clone();
@@ -74,7 +94,8 @@ pub async fn serve(endpoint: Endpoint, dp: Arc<DataPlane>) {
     }
 }
 
-fn refused(reason: &'static str) {
+/// Counts a refused or closed tunnel connection by reason.
+pub fn count_refused(reason: &'static str) {
     metrics::counter!("weft_tunnel_refused_total", "reason" => reason).increment(1);
 }
 
@@ -88,7 +109,7 @@ async fn admit(
     peers: &Arc<PeerCounts>,
 ) -> Option<PeerGuard> {
     let refuse = |reason: &'static str, detail: String| {
-        refused(reason);
+        count_refused(reason);
         tracing::warn!(remote = %conn.remote_address(), reason, "refused a tunnel connection: {detail}");
         conn.close(quinn::VarInt::from_u32(2), reason.as_bytes());
         None

@@ -22,6 +22,7 @@ pub mod splice;
 pub mod tcp;
 
 pub use error::{MeshError, WEFT_ERROR};
+pub use inbound::count_refused;
 pub use local::LocalClients;
 
 use std::collections::HashMap;

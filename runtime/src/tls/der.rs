@@ -76,6 +76,8 @@ const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
 /// The parts of a certificate we use.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CertFields<'a> {
+    /// The serial number's INTEGER content.
+    pub serial: &'a [u8],
     /// The issuer Name, whole encoding.
     pub issuer: Tlv<'a>,
     /// The subject Name, whole encoding.
@@ -94,7 +96,7 @@ pub(crate) fn cert_fields(der: &[u8]) -> Option<CertFields<'_>> {
     if t.peek_tag() == Some(0xa0) {
         t.next_tlv()?; // [0] version
     }
-    t.expect(0x02)?; // serialNumber
+    let serial = t.expect(0x02)?.content;
     t.expect(SEQUENCE)?; // signature algorithm
     let issuer = t.expect(SEQUENCE)?;
     t.expect(SEQUENCE)?; // validity
@@ -107,6 +109,7 @@ pub(crate) fn cert_fields(der: &[u8]) -> Option<CertFields<'_>> {
         }
     }
     Some(CertFields {
+        serial,
         issuer,
         subject,
         spki,

@@ -227,6 +227,7 @@ async fn self_signed_or_missing_client_cert_is_refused() {
         certs,
         key,
         roots: roots_of(&ca.0),
+        crls: Vec::new(),
     };
     let err = ping(
         client_config(&evil).unwrap(),
@@ -273,6 +274,7 @@ async fn cert_from_another_ca_is_refused_both_ways() {
         certs,
         key,
         roots: roots_of(&ca.0),
+        crls: Vec::new(),
     };
     let err = ping(
         client_config(&stranger).unwrap(),
@@ -406,4 +408,67 @@ fn from_cluster_dir_issues_when_it_holds_the_ca_key() {
         msg.contains("weft cert issue n7") && msg.contains("--cert"),
         "{msg}"
     );
+}
+
+#[test]
+fn revocation_lists_are_checked_before_they_are_used() {
+    let dir = TempDir::new("crl");
+    let ca = make_ca();
+    let n1 = identity(&dir.0, &ca, "n1");
+    let (n2_cert, _) = issue_node_cert(&ca.0, &ca.1, "n2").unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+
+    // Revoking n2 leaves n1 usable, and n1 now distrusts n2's certificate.
+    let revoked_n2 = Revoked::of(&n2_cert).unwrap();
+    assert_eq!(revoked_n2.node, "n2");
+    let list = write(
+        "n2.crl",
+        &revocation_list(&ca.0, &ca.1, &[revoked_n2]).unwrap(),
+    );
+    let n1 = n1.with_crl(&list).unwrap();
+    let n2_der = first_cert_der(&n2_cert, "n2").unwrap();
+    let verdict = n1
+        .client_verifier()
+        .unwrap()
+        .verify_client_cert(&n2_der, &[], UnixTime::now());
+    assert!(
+        matches!(
+            verdict,
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked
+            ))
+        ),
+        "{verdict:?}"
+    );
+
+    // A list revoking this node's own certificate, a list of another CA,
+    // and a file holding no list are refused with a reason.
+    let n1_again = identity(&dir.0, &ca, "n1");
+    let n1_pem = std::fs::read_to_string(dir.0.join("n1.pem")).unwrap();
+    let own = write(
+        "own.crl",
+        &revocation_list(&ca.0, &ca.1, &[Revoked::of(&n1_pem).unwrap()]).unwrap(),
+    );
+    let err = n1_again.with_crl(&own).unwrap_err().to_string();
+    assert!(err.contains("revokes this node's own certificate"), "{err}");
+    let other = make_ca();
+    let foreign = write(
+        "foreign.crl",
+        &revocation_list(&other.0, &other.1, &[]).unwrap(),
+    );
+    let err = identity(&dir.0, &ca, "n1")
+        .with_crl(&foreign)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot be used with the cluster CA"), "{err}");
+    let not_a_list = write("cert.pem", &n2_cert);
+    let err = identity(&dir.0, &ca, "n1")
+        .with_crl(&not_a_list)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("holds no PEM revocation list"), "{err}");
 }
