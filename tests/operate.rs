@@ -356,3 +356,118 @@ async fn logs_access_log_and_sighup() {
         "SIGHUP stopped the node"
     );
 }
+
+/// The health of instance `id` as node `socket` sees it in the catalog.
+async fn health_of(socket: &std::path::Path, service: &str, id: &str) -> Option<String> {
+    let (_, body) = get(socket, "/v1/services").await.ok()?;
+    body["services"][service]
+        .as_array()?
+        .iter()
+        .find(|i| i["id"] == id)
+        .and_then(|i| i["health"].as_str().map(String::from))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_panicking_actor_is_restarted_and_the_node_keeps_serving() {
+    let c = TestCluster::start(2).await;
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    let upstream = Upstream::start(free_port(), 200).await;
+    let (status, body) = put_json(
+        &n2.socket,
+        "/v1/services",
+        &serde_json::json!({"name": "api", "port": upstream.port, "check": {"http": "/", "interval_ms": 100}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let passing = |socket: std::path::PathBuf| {
+        let id = id.clone();
+        async move { (health_of(&socket, "api", &id).await? == "passing").then_some(()) }
+    };
+    wait_for(Duration::from_secs(10), "api passing on n1", || {
+        passing(n1.socket.clone())
+    })
+    .await;
+
+    for (round, actor) in ["listener", "router", "health_checker", "stats_aggregator"]
+        .into_iter()
+        .enumerate()
+    {
+        for node in [n1, n2] {
+            let path = format!("/v1/debug/crash/{actor}");
+            let (status, body) = put_json(&node.socket, &path, &serde_json::json!({}))
+                .await
+                .unwrap();
+            assert_eq!(status, 200, "{body}");
+        }
+        for node in [n1, n2] {
+            wait_for(
+                Duration::from_secs(10),
+                &format!("{actor} restart counted"),
+                || async {
+                    let text = metrics_text(node.admin).await;
+                    let label = format!("actor=\"{actor}\"");
+                    (metric_sum(&text, "weft_actor_restarts_total", &[&label]) == 1.0).then_some(())
+                },
+            )
+            .await;
+        }
+        // Traffic, gossip and health go on, and each actor still does its job.
+        let requests_before = metric_sum(&metrics_text(n1.admin).await, "weft_requests_total", &[]);
+        assert_eq!(
+            proxy_get(n1.proxy, "api").await,
+            200,
+            "after crashing {actor}"
+        );
+        c.wait_converged(2, Duration::from_secs(10)).await;
+        wait_for(Duration::from_secs(10), "api still passing", || {
+            passing(n1.socket.clone())
+        })
+        .await;
+        // A new registration is probed and routed (health checker, router).
+        let other = Upstream::start(free_port(), 200).await;
+        let name = format!("after-{round}");
+        let (status, body) = put_json(
+            &n2.socket,
+            "/v1/services",
+            &serde_json::json!({"name": name, "port": other.port, "check": {"tcp": true, "interval_ms": 100}}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let new_id = body["id"].as_str().unwrap().to_string();
+        wait_for(
+            Duration::from_secs(10),
+            "the new instance passes",
+            || async { (health_of(&n1.socket, &name, &new_id).await? == "passing").then_some(()) },
+        )
+        .await;
+        assert_eq!(proxy_get(n1.proxy, &name).await, 200);
+        // Outcomes are still counted (stats aggregator), and an upstream
+        // port still opens (listener).
+        wait_for(
+            Duration::from_secs(10),
+            "outcomes still recorded",
+            || async {
+                let now = metric_sum(&metrics_text(n1.admin).await, "weft_requests_total", &[]);
+                (now > requests_before).then_some(())
+            },
+        )
+        .await;
+        let listen = format!("127.0.0.1:{}", free_port());
+        let (status, body) = put_json(
+            &n1.socket,
+            "/v1/upstreams",
+            &serde_json::json!({"service": "api", "listen": listen}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    // The endpoint is the test's: off unless WEFT_TEST_FAULTS=1, never on admin.
+    let (status, _) = put_json(&n1.socket, "/v1/debug/crash/nobody", &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+}

@@ -24,6 +24,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use weft_runtime::dataplane::DataPlane;
 use weft_runtime::health_checker::{HealthChecker, TtlPass};
 use weft_runtime::stats_aggregator::StatsHandle;
+use weft_runtime::supervision::Crash;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -51,9 +52,52 @@ pub struct ApiState {
     pub stats: StatsHandle,
     /// The data plane (retry budget use).
     pub dataplane: Arc<DataPlane>,
+    /// The fault-injection endpoint, armed only under `WEFT_TEST_FAULTS=1`.
+    pub faults: Option<Arc<Faults>>,
     /// This node's own ports, which no instance may use (the proxy would
     /// call itself): (port, what it is).
     pub reserved_ports: Vec<(u16, &'static str)>,
+}
+
+/// `PUT /v1/debug/crash/{actor}` makes that actor's handler panic, to
+/// show that supervision restarts it while the node keeps serving. Served
+/// on the socket only, and only by a node started with `WEFT_TEST_FAULTS=1`.
+#[derive(Debug, Default)]
+pub struct Faults {
+    targets: std::sync::OnceLock<Vec<(&'static str, actix::Recipient<Crash>)>>,
+}
+
+impl Faults {
+    /// Armed when the environment asks for it.
+    pub fn from_env() -> Option<Arc<Faults>> {
+        (std::env::var("WEFT_TEST_FAULTS").as_deref() == Ok("1")).then(Arc::default)
+    }
+
+    /// The actors it can crash, once they run.
+    pub fn arm(&self, targets: Vec<(&'static str, actix::Recipient<Crash>)>) {
+        let _ = self.targets.set(targets);
+    }
+
+    fn crash(&self, actor: &str) -> Reply {
+        let target = self
+            .targets
+            .get()
+            .into_iter()
+            .flatten()
+            .find(|(name, _)| *name == actor);
+        match target {
+            Some((name, recipient)) => {
+                recipient.do_send(Crash);
+                reply(StatusCode::OK, &json!({ "crashed": name }))
+            }
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no actor {actor:?}; one of listener, router, health_checker, stats_aggregator"
+                ),
+            ),
+        }
+    }
 }
 
 /// The handler the Listener serves.
@@ -106,6 +150,13 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
         (&Method::PUT, ["v1", "services"]) => match read_json(req).await {
             Ok(body) => put_service(state, &body).await,
             Err(reply) => reply,
+        },
+        (&Method::PUT, ["v1", "debug", "crash", actor]) => match &state.faults {
+            Some(faults) => faults.crash(actor),
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!("no endpoint {method} {path}"),
+            ),
         },
         (&Method::DELETE, ["v1", "services", id]) => delete_service(state, id).await,
         (&Method::PUT, ["v1", "services", id, "ttl"]) => ttl_pass(state, id).await,

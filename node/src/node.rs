@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use actix::{Actor, Supervisor};
+use actix::Supervisor;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use weft_gossip::{Cluster, ClusterConfig, Key, NodeInfo, NodeStatus};
 use weft_runtime::access_log::AccessLog;
 use weft_runtime::dataplane::{DataPlane, DataPlaneParts, InFlight, Limits, Timeouts};
 use weft_runtime::gossip_writer::GossipWriter;
-use weft_runtime::health_checker::{HealthChecker, SetRegistrations};
+use weft_runtime::health_checker::HealthChecker;
 use weft_runtime::listener::{Listener, StopAccepting, StopListening};
 use weft_runtime::outcome::OutcomeSink;
 use weft_runtime::router::{Router, RouterHandle};
@@ -21,7 +21,7 @@ use weft_runtime::stats_aggregator::{StatsAggregator, StatsHandle};
 use weft_runtime::tls;
 use weft_runtime::tunnel::TunnelPool;
 
-use crate::api::{self, ApiState};
+use crate::api::{self, ApiState, Faults};
 use crate::cli::NodeArgs;
 use crate::config::NodeConfig;
 use crate::init;
@@ -137,26 +137,28 @@ async fn serve(
     keys.clone().follow(cluster.views(), writer.clone());
     let checker = {
         let writer = writer.clone();
-        Supervisor::start(move |_| HealthChecker::new(writer.clone()))
+        let registrations = registry.subscribe();
+        Supervisor::start(move |_| HealthChecker::new(writer, registrations))
     };
-    follow_registrations(&registry, checker.clone());
     let upstreams = Arc::new(Upstreams::load(&cfg.data_dir)?);
     let router_handle = RouterHandle::default();
     let stats = StatsHandle::default();
-    let _router = {
+    let router = {
         let (views, handle) = (cluster.views(), router_handle.clone());
-        Supervisor::start(move |_| Router::with_handle(views.clone(), handle.clone()))
+        Supervisor::start(move |_| Router::with_handle(views, handle))
     };
     let (outcomes, outcome_rx) = OutcomeSink::channel(16 * 1024);
-    let _stats = StatsAggregator::new(
-        cfg.name.clone(),
-        stats.clone(),
-        writer.clone(),
-        cluster.views(),
-        router_handle.clone(),
-        outcome_rx,
-    )
-    .start();
+    let stats_aggregator = {
+        let aggregator = StatsAggregator::new(
+            cfg.name.clone(),
+            stats.clone(),
+            writer.clone(),
+            cluster.views(),
+            router_handle.clone(),
+            outcome_rx,
+        );
+        Supervisor::start(move |_| aggregator)
+    };
     let access = AccessLog::start(cfg.access_log.clone());
     let tunnels = Arc::new(TunnelPool::new(
         endpoint.clone(),
@@ -189,6 +191,7 @@ async fn serve(
         metrics,
         stats: stats.clone(),
         dataplane: dataplane.clone(),
+        faults: Faults::from_env(),
         reserved_ports: vec![
             (cfg.proxy.port(), "proxy"),
             (cfg.admin.port(), "admin"),
@@ -203,9 +206,17 @@ async fn serve(
         proxy,
         endpoint,
         dataplane,
-        api::handler(state),
-    )
-    .start();
+        api::handler(state.clone()),
+    );
+    let listener = Supervisor::start(move |_| listener);
+    if let Some(faults) = &state.faults {
+        faults.arm(vec![
+            ("listener", listener.clone().recipient()),
+            ("router", router.recipient()),
+            ("health_checker", checker.clone().recipient()),
+            ("stats_aggregator", stats_aggregator.recipient()),
+        ]);
+    }
     upstreams.attach(listener.clone()).await;
 
     announce(&format!(
@@ -448,19 +459,6 @@ impl Running {
 
 /// Tells the health checker every change of the registrations, in order:
 /// new ones are probed, removed ones stop being probed.
-fn follow_registrations(registry: &Registry, checker: actix::Addr<HealthChecker>) {
-    let mut changes = registry.subscribe();
-    tokio::spawn(async move {
-        loop {
-            let current = changes.borrow_and_update().clone();
-            checker.do_send(SetRegistrations(current));
-            if changes.changed().await.is_err() {
-                return;
-            }
-        }
-    });
-}
-
 /// Waits until nothing is in flight or `timeout` passes; what is left.
 async fn drain(in_flight: &InFlight, timeout: Duration) -> usize {
     let deadline = tokio::time::Instant::now() + timeout;

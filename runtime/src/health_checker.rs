@@ -14,11 +14,13 @@ use http_body_util::Empty;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use weft_gossip::{Check, Key, ServiceRecord};
 
 use crate::gossip_writer::GossipWriter;
 use crate::policy::health::{Health, HealthState, Thresholds, Ttl};
+use crate::supervision::{guard, Named};
 
 /// Default probe period.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
@@ -36,6 +38,10 @@ struct Entry {
 /// Owns the health of this node's instances.
 pub struct HealthChecker {
     entries: HashMap<String, Entry>,
+    /// The source of truth: every registration, in order.
+    registrations: watch::Receiver<Vec<ServiceRecord>>,
+    /// The task forwarding registration changes; it outlives restarts.
+    following: bool,
     writer: GossipWriter,
     client: Client<HttpConnector, Empty<Bytes>>,
     thresholds: Thresholds,
@@ -43,12 +49,15 @@ pub struct HealthChecker {
 }
 
 impl HealthChecker {
-    /// A checker that publishes through `writer`.
-    pub fn new(writer: GossipWriter) -> Self {
+    /// A checker of the instances in `registrations`, publishing through
+    /// `writer`.
+    pub fn new(writer: GossipWriter, registrations: watch::Receiver<Vec<ServiceRecord>>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(DEFAULT_TIMEOUT));
         HealthChecker {
             entries: HashMap::new(),
+            registrations,
+            following: false,
             writer,
             client: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(1)
@@ -138,6 +147,24 @@ async fn probe(
 impl Actor for HealthChecker {
     type Context = Context<Self>;
 
+    /// Also after a restart: the checks are rebuilt from the registrations.
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let current = self.registrations.borrow().clone();
+        guard(self, ctx, |this, ctx| this.set_registrations(current, ctx));
+        if std::mem::replace(&mut self.following, true) {
+            return;
+        }
+        let mut changes = self.registrations.clone();
+        changes.mark_unchanged();
+        let addr = ctx.address();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let current = changes.borrow_and_update().clone();
+                addr.do_send(SetRegistrations(current));
+            }
+        });
+    }
+
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         for entry in self.entries.values_mut() {
             if let Some(p) = entry.probe.take() {
@@ -147,7 +174,17 @@ impl Actor for HealthChecker {
     }
 }
 
-impl Supervised for HealthChecker {}
+impl Named for HealthChecker {
+    const NAME: &'static str = "health_checker";
+}
+
+/// The probes were aborted when the actor stopped; `started` rebuilds them
+/// from the registrations, each instance `unknown` until its first result.
+impl Supervised for HealthChecker {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.entries.clear();
+    }
+}
 
 /// The full list of local registrations; the checker starts, restarts and
 /// stops probes to match it.
@@ -159,8 +196,14 @@ impl Handler<SetRegistrations> for HealthChecker {
     type Result = ();
 
     fn handle(&mut self, msg: SetRegistrations, ctx: &mut Self::Context) {
+        guard(self, ctx, |this, ctx| this.set_registrations(msg.0, ctx));
+    }
+}
+
+impl HealthChecker {
+    fn set_registrations(&mut self, records: Vec<ServiceRecord>, ctx: &mut Context<Self>) {
         let wanted: HashMap<String, ServiceRecord> =
-            msg.0.into_iter().map(|r| (r.id.clone(), r)).collect();
+            records.into_iter().map(|r| (r.id.clone(), r)).collect();
         let gone: Vec<String> = self
             .entries
             .keys()
@@ -223,7 +266,13 @@ struct ProbeResult {
 impl Handler<ProbeResult> for HealthChecker {
     type Result = ();
 
-    fn handle(&mut self, msg: ProbeResult, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: ProbeResult, ctx: &mut Self::Context) {
+        guard(self, ctx, |this, _| this.probe_result(msg));
+    }
+}
+
+impl HealthChecker {
+    fn probe_result(&mut self, msg: ProbeResult) {
         let Some(entry) = self.entries.get_mut(&msg.id) else {
             return;
         };
@@ -253,8 +302,14 @@ pub struct TtlPass(pub String);
 impl Handler<TtlPass> for HealthChecker {
     type Result = bool;
 
-    fn handle(&mut self, msg: TtlPass, _ctx: &mut Self::Context) -> bool {
-        let Some(entry) = self.entries.get_mut(&msg.0) else {
+    fn handle(&mut self, msg: TtlPass, ctx: &mut Self::Context) -> bool {
+        guard(self, ctx, |this, _| this.ttl_pass(&msg.0)).unwrap_or(false)
+    }
+}
+
+impl HealthChecker {
+    fn ttl_pass(&mut self, id: &str) -> bool {
+        let Some(entry) = self.entries.get_mut(id) else {
             return false;
         };
         let Some(ttl) = entry.ttl.as_mut() else {
@@ -263,10 +318,7 @@ impl Handler<TtlPass> for HealthChecker {
         ttl.refresh(Instant::now());
         // A refresh is a pass right away; expiry is noticed by the ticker.
         if let Some(changed) = entry.state.observe(true) {
-            let id = msg.0.clone();
-            let health = changed;
-            self.writer
-                .set(Key::Health(id), health.as_str().to_string());
+            self.publish(id, changed);
         }
         true
     }

@@ -37,6 +37,7 @@ pub mod outcome;
 pub mod policy;
 pub mod router;
 pub mod stats_aggregator;
+pub mod supervision;
 pub mod tls;
 pub mod tunnel;
 pub mod wire;

@@ -26,6 +26,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::dataplane::{inbound, outbound, tcp, DataPlane};
+use crate::supervision::{guard, Named};
 
 /// Where a request came from: the local socket may change state, the admin
 /// address only reads.
@@ -108,16 +109,31 @@ impl Actor for Listener {
             self.loops.push(tokio::spawn(inbound::serve(endpoint, dp)));
         }
     }
-
-    fn stopped(&mut self, _ctx: &mut Self::Context) {
-        for task in self.loops.drain(..) {
-            task.abort();
-        }
-        self.stop_accepting();
-    }
 }
 
+impl Named for Listener {
+    const NAME: &'static str = "listener";
+}
+
+/// The accept loops are tasks of their own: a restarted Listener finds
+/// them still serving and keeps its table of upstreams.
+impl Supervised for Listener {}
+
 impl Listener {
+    fn add_upstream(&mut self, msg: AddUpstream) {
+        let Ok(addr) = msg.listener.local_addr() else {
+            return;
+        };
+        let task = tokio::spawn(tcp::serve(
+            msg.listener,
+            msg.service.clone(),
+            self.dataplane.clone(),
+        ));
+        if let Some((_, old)) = self.upstreams.insert(addr, (msg.service, task)) {
+            old.abort();
+        }
+    }
+
     /// Closes the proxy and the TCP upstream ports; connections already
     /// accepted go on in their own tasks.
     fn stop_accepting(&mut self) {
@@ -139,8 +155,8 @@ pub struct StopAccepting;
 impl Handler<StopAccepting> for Listener {
     type Result = ();
 
-    fn handle(&mut self, _msg: StopAccepting, _ctx: &mut Self::Context) {
-        self.stop_accepting();
+    fn handle(&mut self, _msg: StopAccepting, ctx: &mut Self::Context) {
+        guard(self, ctx, |this, _| this.stop_accepting());
     }
 }
 
@@ -158,18 +174,8 @@ pub struct AddUpstream {
 impl Handler<AddUpstream> for Listener {
     type Result = ();
 
-    fn handle(&mut self, msg: AddUpstream, _ctx: &mut Self::Context) {
-        let Ok(addr) = msg.listener.local_addr() else {
-            return;
-        };
-        let task = tokio::spawn(tcp::serve(
-            msg.listener,
-            msg.service.clone(),
-            self.dataplane.clone(),
-        ));
-        if let Some((_, old)) = self.upstreams.insert(addr, (msg.service, task)) {
-            old.abort();
-        }
+    fn handle(&mut self, msg: AddUpstream, ctx: &mut Self::Context) {
+        guard(self, ctx, |this, _| this.add_upstream(msg));
     }
 }
 
@@ -181,14 +187,15 @@ pub struct RemoveUpstream(pub SocketAddr);
 impl Handler<RemoveUpstream> for Listener {
     type Result = bool;
 
-    fn handle(&mut self, msg: RemoveUpstream, _ctx: &mut Self::Context) -> bool {
-        match self.upstreams.remove(&msg.0) {
+    fn handle(&mut self, msg: RemoveUpstream, ctx: &mut Self::Context) -> bool {
+        guard(self, ctx, |this, _| match this.upstreams.remove(&msg.0) {
             Some((_, task)) => {
                 task.abort();
                 true
             }
             None => false,
-        }
+        })
+        .unwrap_or(false)
     }
 }
 
@@ -200,8 +207,11 @@ pub struct StopListening;
 impl Handler<StopListening> for Listener {
     type Result = ();
 
-    fn handle(&mut self, _msg: StopListening, ctx: &mut Self::Context) {
-        ctx.stop();
+    fn handle(&mut self, _msg: StopListening, _ctx: &mut Self::Context) {
+        for task in self.loops.drain(..) {
+            task.abort();
+        }
+        self.stop_accepting();
     }
 }
 

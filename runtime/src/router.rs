@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::supervision::{guard, Named};
 use actix::prelude::*;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -49,6 +50,8 @@ impl RouterHandle {
 pub struct Router {
     handle: RouterHandle,
     views: watch::Receiver<Arc<ClusterView>>,
+    /// The task forwarding views; it outlives restarts (same address).
+    forwarding: bool,
 }
 
 impl Router {
@@ -61,7 +64,11 @@ impl Router {
     /// A router publishing into an existing handle (a restarted router keeps
     /// serving the readers of the old one).
     pub fn with_handle(views: watch::Receiver<Arc<ClusterView>>, handle: RouterHandle) -> Self {
-        Router { handle, views }
+        Router {
+            handle,
+            views,
+            forwarding: false,
+        }
     }
 
     fn apply(&mut self, view: &ClusterView) {
@@ -121,9 +128,13 @@ fn export_gauges(members: &[Member], catalog: &Catalog, previous: &Catalog) {
 impl Actor for Router {
     type Context = Context<Self>;
 
+    /// Also after a restart: the table is rebuilt from the current view.
     fn started(&mut self, ctx: &mut Self::Context) {
         let initial = self.views.borrow().clone();
-        self.apply(&initial);
+        guard(self, ctx, |this, _| this.apply(&initial));
+        if std::mem::replace(&mut self.forwarding, true) {
+            return;
+        }
         // Forward every new view to the actor; the task ends when gossip stops
         // or the actor goes away.
         let mut views = self.views.clone();
@@ -141,6 +152,10 @@ impl Actor for Router {
 
 impl Supervised for Router {}
 
+impl Named for Router {
+    const NAME: &'static str = "router";
+}
+
 /// A fresh gossip view arrived.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -149,7 +164,7 @@ pub struct ViewChanged(pub Arc<ClusterView>);
 impl Handler<ViewChanged> for Router {
     type Result = ();
 
-    fn handle(&mut self, msg: ViewChanged, _ctx: &mut Self::Context) {
-        self.apply(&msg.0);
+    fn handle(&mut self, msg: ViewChanged, ctx: &mut Self::Context) {
+        guard(self, ctx, |this, _| this.apply(&msg.0));
     }
 }

@@ -17,6 +17,7 @@ use crate::outcome::{Outcome, OutcomeClass};
 use crate::policy::episodes::{EpisodeStats, EpisodeTracker};
 use crate::policy::stats::{merge, ClusterStats, ServiceWindow, Summary, WindowStats};
 use crate::router::RouterHandle;
+use crate::supervision::{guard, Named};
 
 /// What readers see for one service.
 #[derive(Debug, Clone, Default)]
@@ -244,7 +245,21 @@ impl Actor for StatsAggregator {
                 }
             });
         }
-        ctx.run_interval(Duration::from_secs(1), |this, _| this.tick());
+        ctx.run_interval(Duration::from_secs(1), |this, ctx| {
+            guard(this, ctx, |this, _| this.tick());
+        });
+    }
+}
+
+impl Named for StatsAggregator {
+    const NAME: &'static str = "stats_aggregator";
+}
+
+/// The outcome forwarder outlives a restart (same address); the summaries
+/// are published again in full, and merged ones come back from gossip.
+impl Supervised for StatsAggregator {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.published.clear();
     }
 }
 
@@ -256,10 +271,16 @@ struct OutcomeBatch(Vec<Outcome>);
 impl Handler<OutcomeBatch> for StatsAggregator {
     type Result = ();
 
-    fn handle(&mut self, msg: OutcomeBatch, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: OutcomeBatch, ctx: &mut Self::Context) {
+        guard(self, ctx, |this, _| this.record_batch(msg.0));
+    }
+}
+
+impl StatsAggregator {
+    fn record_batch(&mut self, outcomes: Vec<Outcome>) {
         let now = Instant::now();
         let mut touched = Vec::new();
-        for o in msg.0 {
+        for o in outcomes {
             touched.push(o.service.clone());
             self.record(o, now);
         }

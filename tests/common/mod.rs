@@ -79,6 +79,7 @@ impl Node {
         let child = Command::new(weft_bin())
             .args(&self.args)
             .env("RUST_LOG", "info")
+            .env("WEFT_TEST_FAULTS", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
