@@ -4,7 +4,8 @@
 //!
 //! - [`keys`]: the key schema (`node`, `svc/<id>`, `health/<id>`, `stats/<service>`),
 //!   validated before anything is written, so only short ASCII keys reach chitchat.
-//! - [`records`]: the JSON values stored under those keys.
+//! - [`records`]: the JSON values stored under those keys; [`registration`]:
+//!   the registration request a service sends, validated into a record.
 //! - [`view`]: a plain, owned picture of the cluster (members, their keys,
 //!   liveness) and the pure derivation of members and the service catalog from it.
 //! - [`cluster`]: starts chitchat with weft's configuration, keeps the node's own
@@ -14,6 +15,7 @@
 pub mod cluster;
 pub mod keys;
 pub mod records;
+pub mod registration;
 pub mod seal;
 pub mod view;
 

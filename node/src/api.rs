@@ -11,12 +11,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
-use weft_gossip::keys::{validate_id, validate_name};
-use weft_gossip::{Check, Cluster, Protocol, ServiceRecord};
+use weft_gossip::keys::validate_name;
+use weft_gossip::Cluster;
 use weft_runtime::listener::{HttpHandler, Origin};
 use weft_runtime::router::RouterHandle;
 
 use crate::keyring::{ClusterKeys, KeysError};
+use weft_gossip::registration::parse_registration;
 use crate::registry::Registry;
 use crate::upstreams::Upstreams;
 use crate::NodeError;
@@ -289,162 +290,6 @@ fn keys_reply(result: Result<weft_gossip::seal::KeyId, KeysError>, done: &str) -
     }
 }
 
-/// Validates a registration request, naming the first bad field.
-pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, String> {
-    let obj = body.as_object().ok_or("body must be a JSON object")?;
-    const KNOWN: [&str; 9] = [
-        "name",
-        "port",
-        "id",
-        "protocol",
-        "check",
-        "tags",
-        "timeout_ms",
-        "retry",
-        "retry_non_idempotent",
-    ];
-    if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(format!("unknown field {unknown:?}"));
-    }
-    let name = obj
-        .get("name")
-        .ok_or("field \"name\" is required")?
-        .as_str()
-        .ok_or("field \"name\" must be a string")?;
-    validate_name(name)
-        .map_err(|_| "field \"name\" must match [a-z0-9][a-z0-9-]{0,62}".to_string())?;
-    let port = obj
-        .get("port")
-        .ok_or("field \"port\" is required")?
-        .as_u64()
-        .ok_or("field \"port\" must be an integer between 1 and 65535")?;
-    let port = u16::try_from(port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or("field \"port\" must be an integer between 1 and 65535")?;
-    let id = match obj.get("id") {
-        None | Some(Value::Null) => format!("{name}-{node}-{port}"),
-        Some(Value::String(id)) => {
-            validate_id(id).map_err(|_| {
-                "field \"id\" must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}".to_string()
-            })?;
-            id.clone()
-        }
-        Some(_) => return Err("field \"id\" must be a string".into()),
-    };
-    let protocol = match obj.get("protocol") {
-        None | Some(Value::Null) => Protocol::Http,
-        Some(Value::String(p)) if p == "http" => Protocol::Http,
-        Some(Value::String(p)) if p == "tcp" => Protocol::Tcp,
-        Some(_) => return Err("field \"protocol\" must be \"http\" or \"tcp\"".into()),
-    };
-    let check = match obj.get("check") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(parse_check(v)?),
-    };
-    let tags = match obj.get("tags") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) => {
-            let mut tags = Vec::with_capacity(items.len());
-            for item in items {
-                let tag = item
-                    .as_str()
-                    .filter(|t| !t.is_empty() && t.len() <= 64 && t.is_ascii())
-                    .ok_or("field \"tags\" must be ASCII strings of 1 to 64 characters")?;
-                tags.push(tag.to_string());
-            }
-            if tags.len() > 32 {
-                return Err("field \"tags\" holds at most 32 tags".into());
-            }
-            tags
-        }
-        Some(_) => return Err("field \"tags\" must be an array of strings".into()),
-    };
-    let timeout_ms = match obj.get("timeout_ms") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(
-            v.as_u64()
-                .filter(|ms| (1..=3_600_000).contains(ms))
-                .ok_or("field \"timeout_ms\" must be an integer between 1 and 3600000")?,
-        ),
-    };
-    let retry = match obj.get("retry") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(p)) if p == "learned" || p == "exponential" => Some(p.clone()),
-        Some(_) => return Err("field \"retry\" must be \"learned\" or \"exponential\"".into()),
-    };
-    let retry_non_idempotent = match obj.get("retry_non_idempotent") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err("field \"retry_non_idempotent\" must be true or false".into()),
-    };
-    Ok(ServiceRecord {
-        name: name.to_string(),
-        id,
-        port,
-        protocol,
-        check,
-        tags,
-        timeout_ms,
-        retry,
-        retry_non_idempotent,
-    })
-}
-
-fn parse_check(v: &Value) -> Result<Check, String> {
-    let obj = v.as_object().ok_or("field \"check\" must be an object")?;
-    let kinds: Vec<(&String, &Value)> = obj
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "interval_ms" | "timeout_ms"))
-        .collect();
-    if kinds.len() != 1 {
-        return Err(
-            "field \"check\" must hold exactly one of \"http\", \"tcp\", \"ttl_ms\"".into(),
-        );
-    }
-    let period = |field: &str| -> Result<Option<u64>, String> {
-        match obj.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .filter(|ms| (100..=3_600_000).contains(ms))
-                .map(Some)
-                .ok_or(format!(
-                    "field \"check.{field}\" must be an integer between 100 and 3600000"
-                )),
-        }
-    };
-    let mut check = Check {
-        http: None,
-        tcp: None,
-        ttl_ms: None,
-        interval_ms: period("interval_ms")?,
-        timeout_ms: period("timeout_ms")?,
-    };
-    match kinds.into_iter().next() {
-        Some((k, Value::String(path))) if k == "http" => {
-            if !path.starts_with('/') || !path.is_ascii() || path.len() > 1024 {
-                return Err("field \"check.http\" must be an ASCII path starting with /".into());
-            }
-            check.http = Some(path.clone());
-        }
-        Some((k, Value::Bool(true))) if k == "tcp" => check.tcp = Some(true),
-        Some((k, n)) if k == "ttl_ms" => {
-            let ms = n
-                .as_u64()
-                .filter(|ms| (100..=86_400_000).contains(ms))
-                .ok_or("field \"check.ttl_ms\" must be an integer between 100 and 86400000")?;
-            check.ttl_ms = Some(ms);
-        }
-        Some((k, _)) => {
-            return Err(format!(
-                "field \"check.{k}\" is not valid; use {{\"http\":\"/path\"}}, {{\"tcp\":true}} or {{\"ttl_ms\":N}}"
-            ))
-        }
-        None => unreachable!("length checked above"),
-    }
-    Ok(check)
-}
 
 async fn put_service(state: &ApiState, body: &Value) -> Reply {
     let record = match parse_registration(body, &state.node) {
@@ -679,10 +524,6 @@ fn get_health(state: &ApiState) -> Reply {
 mod tests {
     use super::*;
 
-    fn parse(v: Value) -> Result<ServiceRecord, String> {
-        parse_registration(&v, "n1")
-    }
-
     #[test]
     fn upstreams_beyond_loopback_must_be_asked_for() {
         let ok = parse_upstream(&json!({"service": "db", "listen": "127.0.0.1:15432"}));
@@ -696,64 +537,5 @@ mod tests {
         assert!(parse_upstream(&public).is_ok());
         let bad = json!({"service": "db", "listen": "127.0.0.1:1", "public": "yes"});
         assert!(parse_upstream(&bad).unwrap_err().contains("\"public\""));
-    }
-
-    #[test]
-    fn minimal_registration_gets_defaults() {
-        let r = parse(json!({"name": "web", "port": 8080})).unwrap();
-        assert_eq!(r.id, "web-n1-8080");
-        assert_eq!(r.protocol, Protocol::Http);
-        assert!(r.check.is_none());
-    }
-
-    #[test]
-    fn full_registration() {
-        let r = parse(
-            json!({"name": "db", "port": 5432, "id": "db.1", "protocol": "tcp",
-            "check": {"tcp": true}, "tags": ["primary"]}),
-        )
-        .unwrap();
-        assert_eq!(r.id, "db.1");
-        assert_eq!(r.protocol, Protocol::Tcp);
-        assert_eq!(r.check.unwrap().tcp, Some(true));
-        assert_eq!(r.tags, vec!["primary".to_string()]);
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        let cases = [
-            (json!([]), "object"),
-            (json!({"port": 1}), "\"name\""),
-            (json!({"name": 3, "port": 1}), "\"name\""),
-            (json!({"name": "Web", "port": 1}), "\"name\""),
-            (json!({"name": "web"}), "\"port\""),
-            (json!({"name": "web", "port": 0}), "\"port\""),
-            (json!({"name": "web", "port": 65536}), "\"port\""),
-            (json!({"name": "web", "port": -1}), "\"port\""),
-            (json!({"name": "web", "port": "80"}), "\"port\""),
-            (json!({"name": "web", "port": 80, "id": "a b"}), "\"id\""),
-            (
-                json!({"name": "web", "port": 80, "protocol": "udp"}),
-                "\"protocol\"",
-            ),
-            (
-                json!({"name": "web", "port": 80, "check": {"http": "x"}}),
-                "check.http",
-            ),
-            (
-                json!({"name": "web", "port": 80, "check": {"ttl_ms": 1}}),
-                "check.ttl_ms",
-            ),
-            (
-                json!({"name": "web", "port": 80, "check": {"grpc": 1}}),
-                "check.grpc",
-            ),
-            (json!({"name": "web", "port": 80, "tags": "x"}), "\"tags\""),
-            (json!({"name": "web", "port": 80, "extra": 1}), "\"extra\""),
-        ];
-        for (body, needle) in cases {
-            let err = parse(body.clone()).unwrap_err();
-            assert!(err.contains(needle), "{body} -> {err}");
-        }
     }
 }
