@@ -546,7 +546,11 @@ fn describe_metrics() {
     );
     describe_counter!(
         "weft_tunnel_refused_total",
-        "Tunnel connections refused, by reason: handshake (no valid cluster certificate), no_node_name, not_a_member, too_many_connections"
+        "Tunnel connections refused, by reason: handshake (no valid cluster certificate), revoked, untrusted, no_node_name, not_a_member, too_many_connections"
+    );
+    describe_counter!(
+        "weft_actor_restarts_total",
+        "Actors restarted by their supervisor after a panic in a handler"
     );
     describe_counter!(
         "weft_gossip_rejected_total",
