@@ -17,11 +17,11 @@ use weft_runtime::listener::{HttpHandler, Origin};
 use weft_runtime::router::RouterHandle;
 
 use crate::keyring::{ClusterKeys, KeysError};
-use weft_gossip::registration::parse_registration;
 use crate::registry::Registry;
 use crate::upstreams::Upstreams;
 use crate::NodeError;
 use metrics_exporter_prometheus::PrometheusHandle;
+use weft_gossip::registration::parse_registration;
 use weft_runtime::dataplane::DataPlane;
 use weft_runtime::health_checker::{HealthChecker, TtlPass};
 use weft_runtime::stats_aggregator::StatsHandle;
@@ -289,7 +289,6 @@ fn keys_reply(result: Result<weft_gossip::seal::KeyId, KeysError>, done: &str) -
         }
     }
 }
-
 
 async fn put_service(state: &ApiState, body: &Value) -> Reply {
     let record = match parse_registration(body, &state.node) {

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use sketches_ddsketch::DDSketch;
 
+use super::recovery::{Censored, RecoveryEstimate, EXPLORE_FRACTION, EXPLORE_PROBABILITY};
 use super::stats::{duration_ms, new_sketch, quantile};
 
 /// Samples needed before the learned delay is trusted: below this the
@@ -80,8 +81,12 @@ enum State {
     Unknown,
     /// Last signal was a success.
     Up,
-    /// In an episode since the first failure after a success.
-    Down { since: Instant },
+    /// In an episode since the first failure after a success; the last
+    /// failure so far bounds the outage from below.
+    Down {
+        since: Instant,
+        last_failure: Instant,
+    },
 }
 
 /// Outage episodes of one service as seen from this node: the input of the
@@ -89,6 +94,10 @@ enum State {
 #[derive(Clone)]
 pub struct EpisodeTracker {
     state: State,
+    /// The p90 of the outage length, from censored episodes: the learned
+    /// wait before a first retry.
+    recovery: RecoveryEstimate,
+    /// Midpoints of the episodes' bounds, for the median and the tail.
     current: DDSketch,
     previous: DDSketch,
     rotated_at: Option<Instant>,
@@ -121,6 +130,7 @@ impl EpisodeTracker {
     pub fn with_rotation(rotation: Duration) -> Self {
         EpisodeTracker {
             state: State::Unknown,
+            recovery: RecoveryEstimate::new(0.9),
             current: new_sketch(),
             previous: new_sketch(),
             rotated_at: None,
@@ -128,26 +138,47 @@ impl EpisodeTracker {
         }
     }
 
-    /// Feeds one attempt outcome; returns the duration of the episode it
-    /// ended, if any, so the caller can log or export it.
+    /// Feeds one attempt outcome; returns how long the episode it ended
+    /// lasted as seen here (first failure to first success), if any, so the
+    /// caller can log or export it.
     pub fn on_outcome(&mut self, now: Instant, success: bool) -> Option<Duration> {
         self.rotate(now);
-        if success {
-            let ended = match self.state {
-                State::Down { since } => {
-                    let duration = now.saturating_duration_since(since);
-                    self.current.add(duration_ms(duration));
-                    Some(duration)
-                }
-                State::Unknown | State::Up => None,
-            };
-            self.state = State::Up;
-            ended
-        } else {
-            if self.state == State::Up {
-                self.state = State::Down { since: now };
+        match (self.state, success) {
+            (
+                State::Down {
+                    since,
+                    last_failure,
+                },
+                true,
+            ) => {
+                let episode = Censored {
+                    lower: last_failure.saturating_duration_since(since),
+                    upper: now.saturating_duration_since(since),
+                };
+                self.current.add(duration_ms(episode.midpoint()));
+                self.recovery.observe(episode);
+                self.state = State::Up;
+                Some(episode.upper)
             }
-            None
+            (_, true) => {
+                self.state = State::Up;
+                None
+            }
+            (State::Down { since, .. }, false) => {
+                self.state = State::Down {
+                    since,
+                    last_failure: now,
+                };
+                None
+            }
+            (State::Up, false) => {
+                self.state = State::Down {
+                    since: now,
+                    last_failure: now,
+                };
+                None
+            }
+            (State::Unknown, false) => None,
         }
     }
 
@@ -162,24 +193,34 @@ impl EpisodeTracker {
     /// `None` when the service is up (or its state is unknown).
     pub fn current_episode_start(&self) -> Option<Instant> {
         match self.state {
-            State::Down { since } => Some(since),
+            State::Down { since, .. } => Some(since),
             State::Unknown | State::Up => None,
         }
     }
 
-    /// Quantiles of the episodes of the last one to two rotation periods,
-    /// what this node gossips.
+    /// What this node gossips: the learned p90 (see [`RecoveryEstimate`]),
+    /// and the median and p99 of the episodes' midpoints, over the last one
+    /// to two rotation periods (kept ordered around the p90).
     pub fn stats(&self) -> EpisodeStats {
         let mut all = self.current.clone();
         // Both sketches come from `new_sketch`, so the configs match and the
         // merge cannot fail; ignoring the result keeps this panic-free.
         let _ = all.merge(&self.previous);
         let samples = all.count() as u64;
+        let p90 = if samples == 0 {
+            None
+        } else {
+            self.recovery.ms().or_else(|| quantile(&all, 0.9))
+        };
+        let bounded = |q: Option<f64>, pick: fn(f64, f64) -> f64| match (q, p90) {
+            (Some(q), Some(p90)) => Some(pick(q, p90)),
+            (q, _) => q,
+        };
         EpisodeStats {
             samples,
-            p50_ms: quantile(&all, 0.5),
-            p90_ms: quantile(&all, 0.9),
-            p99_ms: quantile(&all, 0.99),
+            p50_ms: bounded(quantile(&all, 0.5), f64::min),
+            p90_ms: p90,
+            p99_ms: bounded(quantile(&all, 0.99), f64::max),
         }
     }
 
@@ -214,6 +255,9 @@ pub enum DelaySource {
     /// Envoy's default backoff, because fewer than [`MIN_SAMPLES`] episodes
     /// are known.
     Fallback,
+    /// An early first retry (a share of the learned wait), so the learned
+    /// delay can move down when outages got shorter.
+    Explore,
 }
 
 /// A wait before a retry and where it came from.
@@ -232,7 +276,10 @@ pub struct Delay {
 ///
 /// The learned wait is `episode_start + quantile - now`, clamped to
 /// [[`MIN_WAIT`], [`MAX_WAIT`]] and then stretched by a uniform factor in
-/// [1, [`MAX_STRETCH`]], so it never exceeds 2.4 s. With `episode_start`
+/// [1, [`MAX_STRETCH`]], so it never exceeds 2.4 s. One first retry in
+/// five explores instead: it waits until [`EXPLORE_FRACTION`] of the p90
+/// (unstretched), which is how the estimate learns that outages got
+/// shorter (see [`super::recovery`]). With `episode_start`
 /// unknown the episode is taken to start now. Retry numbers above 2 use the
 /// p99; 0 is treated as 1.
 pub fn learned_delay<R: Rng + ?Sized>(
@@ -261,6 +308,13 @@ pub fn learned_delay<R: Rng + ?Sized>(
     };
     let elapsed =
         episode_start.map_or(Duration::ZERO, |start| now.saturating_duration_since(start));
+    if retry_number <= 1 && rng.gen_bool(EXPLORE_PROBABILITY) {
+        let early = target.mul_f64(EXPLORE_FRACTION);
+        return Delay {
+            wait: early.saturating_sub(elapsed).clamp(MIN_WAIT, MAX_WAIT),
+            source: DelaySource::Explore,
+        };
+    }
     let wait = target.saturating_sub(elapsed).clamp(MIN_WAIT, MAX_WAIT);
     let stretch = rng.gen_range(1.0..=MAX_STRETCH);
     Delay {

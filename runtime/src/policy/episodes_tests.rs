@@ -6,13 +6,16 @@ use super::*;
 
 const MS: Duration = Duration::from_millis(1);
 
-/// Feeds `n` episodes of `len` each, spaced by one second of success.
+/// Feeds `n` episodes of `len` each, spaced by one second of success,
+/// seen closely (a failure right before the recovery), so each is an exact
+/// sample.
 fn episodes(t: &mut EpisodeTracker, now: &mut Instant, n: usize, len: Duration) {
     for _ in 0..n {
         t.on_outcome(*now, true);
         *now += Duration::from_secs(1);
         t.on_outcome(*now, false);
         *now += len;
+        t.on_outcome(*now, false);
         t.on_outcome(*now, true);
     }
 }
@@ -48,9 +51,11 @@ fn episode_runs_from_first_failure_after_success_to_next_success() {
     now += 60 * MS;
     assert_eq!(t.on_outcome(now, true), Some(100 * MS));
     assert_eq!(t.current_episode_start(), None);
+    // The outage lasted between 40 ms (the last failure) and 100 ms.
     let s = t.stats();
     assert_eq!(s.samples, 1);
-    assert!(close(s.p50_ms.unwrap(), 100.0), "{s:?}");
+    assert!(close(s.p50_ms.unwrap(), 70.0), "{s:?}");
+    assert!(close(s.p90_ms.unwrap(), 70.0), "{s:?}");
     // A success while up ends nothing.
     assert_eq!(t.on_outcome(now + MS, true), None);
     assert_eq!(t.stats().samples, 1);
@@ -88,11 +93,15 @@ fn quantiles_follow_the_durations() {
     for i in 1..=100u32 {
         episodes(&mut t, &mut now, 1, MS * i);
     }
+    // The median and the tail come from the sketch; the p90 is the
+    // learned estimate (here chasing outages that grow every time), and
+    // the tail is never below it.
     let s = t.stats();
     assert_eq!(s.samples, 100);
     assert!(close(s.p50_ms.unwrap(), 50.0), "{s:?}");
-    assert!(close(s.p90_ms.unwrap(), 90.0), "{s:?}");
-    assert!(close(s.p99_ms.unwrap(), 99.0), "{s:?}");
+    let p90 = s.p90_ms.unwrap();
+    assert!((80.0..=120.0).contains(&p90), "{s:?}");
+    assert!(s.p99_ms.unwrap() >= p90.max(99.0) * 0.99, "{s:?}");
 }
 
 #[test]
@@ -106,7 +115,7 @@ fn time_going_backwards_records_zero_not_a_panic() {
         Some(Duration::ZERO)
     );
     assert_eq!(t.stats().samples, 1);
-    assert_eq!(t.stats().p99_ms, Some(0.0));
+    assert!(t.stats().p99_ms.unwrap() <= 0.1 + 1e-9, "{:?}", t.stats());
 }
 
 #[test]
@@ -124,7 +133,7 @@ fn old_episodes_age_out_after_two_rotations() {
     episodes(&mut t, &mut now, 1, 50 * MS);
     let s = t.stats();
     assert_eq!(s.samples, 6);
-    assert!(close(s.p99_ms.unwrap(), 50.0), "{s:?}");
+    assert!(close(s.p50_ms.unwrap(), 50.0), "{s:?}");
     // A long silence forgets everything at the next event.
     now += Duration::from_secs(1000);
     t.on_outcome(now, true);
@@ -189,13 +198,30 @@ fn first_retry_waits_for_p90_second_for_p99() {
     let start = Instant::now();
     let now = start + 100 * MS;
     let merged = stats(20, 400.0, 900.0);
+    let mut explored = 0;
     for _ in 0..1000 {
         let d1 = learned_delay(Some(start), now, &merged, 1, &mut rng);
-        assert_eq!(d1.source, DelaySource::Learned);
-        assert!(d1.wait >= 300 * MS && d1.wait <= 360 * MS, "{d1:?}");
+        match d1.source {
+            DelaySource::Learned => {
+                assert!(d1.wait >= 300 * MS && d1.wait <= 360 * MS, "{d1:?}")
+            }
+            // 60% of the p90, from the episode start.
+            DelaySource::Explore => {
+                explored += 1;
+                assert_eq!(d1.wait, 140 * MS, "{d1:?}");
+            }
+            DelaySource::Fallback => panic!("{d1:?}"),
+        }
         let d2 = learned_delay(Some(start), now, &merged, 2, &mut rng);
+        assert_eq!(
+            d2.source,
+            DelaySource::Learned,
+            "second retries never explore"
+        );
         assert!(d2.wait >= 800 * MS && d2.wait <= 960 * MS, "{d2:?}");
     }
+    // One first retry in five explores.
+    assert!((150..250).contains(&explored), "{explored}");
 }
 
 #[test]
@@ -330,7 +356,7 @@ proptest! {
         let merged = EpisodeStats { samples, p50_ms: p50, p90_ms: p90, p99_ms: p99 };
         let d = learned_delay(started.then_some(start), now, &merged, retry, &mut rng);
         match d.source {
-            DelaySource::Learned => {
+            DelaySource::Learned | DelaySource::Explore => {
                 prop_assert!(d.wait >= MIN_WAIT);
                 prop_assert!(d.wait <= MAX_WAIT.mul_f64(MAX_STRETCH));
             }

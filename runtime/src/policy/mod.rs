@@ -5,5 +5,6 @@ pub mod balancer;
 pub mod episodes;
 pub mod health;
 pub mod outlier;
+pub mod recovery;
 pub mod retry;
 pub mod stats;
