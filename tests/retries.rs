@@ -98,3 +98,63 @@ async fn a_total_outage_is_not_buried_in_retries() {
     assert!(retries <= bound, "{retries} retries > {bound}");
     assert!(refused > 0);
 }
+
+/// Sends `rps` requests per second (open loop, one task each) through
+/// `proxy` to `service` until `stop`; returns how many were sent.
+async fn paced(
+    proxy: std::net::SocketAddr,
+    service: &'static str,
+    rps: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rps);
+    let mut sent = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        tick.tick().await;
+        tokio::spawn(async move { proxy_call(proxy, Method::GET, service).await });
+        sent += 1;
+    }
+    sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_callers_in_a_total_outage_add_a_fifth_not_five_floors() {
+    const RPS: u32 = 30;
+    let mut c = TestCluster::new();
+    for _ in 0..6 {
+        c.add_node();
+    }
+    c.wait_converged(6, Duration::from_secs(30)).await;
+    let down = Upstream::start(0, 503).await;
+    register_everywhere(&c, 5, "api", down.port, "http").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = c.nodes[..5]
+        .iter()
+        .map(|n| tokio::spawn(paced(n.proxy, "api", RPS, stop.clone())))
+        .collect();
+    // Past the first budget window (10 s), whose retries were spent before
+    // every node heard the four other callers' summaries.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (hits, start) = (down.hits(), std::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let attempts = down.hits() - hits;
+    let secs = start.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = 0;
+    for caller in callers {
+        sent += caller.await.unwrap();
+    }
+    assert!(sent > 0);
+    // What the service normally gets: the callers' requests.
+    let normal = f64::from(5 * RPS) * secs;
+    let ratio = attempts as f64 / normal;
+    eprintln!("total outage, 5 callers at {RPS}/s each: {attempts} attempts in {secs:.1} s, {ratio:.2}x the request rate");
+    // Bounded by the per-service budgets (20% of requests plus a floor of
+    // 10/s shared by the callers: at most 1.27x here) and by outlier
+    // ejection, after which a failing instance gets only first attempts.
+    assert!(
+        ratio <= 1.3,
+        "the failing service saw {ratio:.2}x its request rate"
+    );
+    assert!(ratio >= 1.1, "retries stopped altogether: {ratio:.2}x");
+}

@@ -469,7 +469,6 @@ fn round(v: Option<f64>, places: i32) -> Value {
 fn get_health(state: &ApiState) -> Reply {
     let snap = state.router.load();
     let stats = state.stats.load();
-    let budget_used = state.dataplane.budget_used();
     let mut names: Vec<&String> = snap.catalog.services.keys().collect();
     names.extend(stats.services.keys());
     names.sort();
@@ -496,7 +495,7 @@ fn get_health(state: &ApiState) -> Reply {
                     "retry_delay_ms": round(s.retry_delay_ms(), 1),
                     "outage_samples": s.cluster.episodes.samples,
                     "retries": s.cluster.retries,
-                    "retry_budget_used": round(Some(budget_used), 3),
+                    "retry_budget_used": round(Some(state.dataplane.budget_used(name)), 3),
                     "local": {
                         "rps": round(Some(s.local.rps), 2),
                         "success_rate": round(s.local.success_rate, 4),

@@ -42,7 +42,7 @@ use crate::outcome::OutcomeSink;
 use crate::policy::balancer::Balancer;
 use crate::policy::episodes::{exponential_delay, learned_delay};
 use crate::policy::outlier::{Change, OutlierConfig, OutlierDetector};
-use crate::policy::retry::RetryBudget;
+use crate::policy::retry::ServiceBudgets;
 use crate::router::{RouterHandle, RouterSnapshot};
 use crate::stats_aggregator::StatsHandle;
 use crate::tunnel::TunnelPool;
@@ -193,7 +193,7 @@ pub struct DataPlane {
     balancer: Mutex<Balancer<(String, String)>>,
     outliers: Mutex<OutlierDetector<(String, String)>>,
     writer: Option<GossipWriter>,
-    budget: Mutex<RetryBudget>,
+    budgets: Mutex<ServiceBudgets>,
     stats: StatsHandle,
     policy: RetryPolicy,
 }
@@ -255,7 +255,7 @@ impl DataPlane {
             )),
             outliers: Mutex::new(OutlierDetector::new(OutlierConfig::default())),
             writer,
-            budget: Mutex::new(RetryBudget::default()),
+            budgets: Mutex::new(ServiceBudgets::default()),
             stats,
             policy,
         });
@@ -301,25 +301,35 @@ impl DataPlane {
         let known = |k: &(String, String)| live.contains(&(k.0.as_str(), k.1.as_str()));
         self.balancer().retain(known);
         self.outliers().retain(known);
+        self.budgets()
+            .retain(|service| snap.catalog.services.contains_key(service));
     }
 
-    fn budget(&self) -> std::sync::MutexGuard<'_, RetryBudget> {
-        self.budget.lock().unwrap_or_else(|p| p.into_inner())
+    fn budgets(&self) -> std::sync::MutexGuard<'_, ServiceBudgets> {
+        self.budgets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts a client request toward the retry budget.
-    pub fn record_request(&self) {
-        self.budget().record_request(Instant::now());
+    /// Counts a client request toward `service`'s retry budget.
+    pub fn record_request(&self, service: &str) {
+        self.budgets().record_request(service, Instant::now());
     }
 
-    /// Asks the budget for one retry.
-    pub fn try_retry(&self) -> bool {
-        self.budget().try_withdraw(Instant::now())
+    /// Asks `service`'s budget for one retry; the cluster-wide floor is
+    /// shared with the other nodes that call it.
+    pub fn try_retry(&self, service: &str) -> bool {
+        let callers = self
+            .stats
+            .load()
+            .services
+            .get(service)
+            .map_or(1, |s| s.cluster.nodes);
+        self.budgets()
+            .try_withdraw(service, callers, Instant::now())
     }
 
-    /// Fraction of the retry budget in use.
-    pub fn budget_used(&self) -> f64 {
-        self.budget().used_fraction(Instant::now())
+    /// Fraction of `service`'s retry budget in use on this node.
+    pub fn budget_used(&self, service: &str) -> f64 {
+        self.budgets().used_fraction(service, Instant::now())
     }
 
     /// The wait before retry number `retry` (1 or 2) to an instance that was

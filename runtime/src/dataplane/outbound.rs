@@ -155,7 +155,7 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
     let deadline = Instant::now() + timeout;
     let retry_method = !fwd.upgrade
         && (retry::method_is_idempotent(fwd.method.as_str()) || instance.retry_non_idempotent);
-    dp.record_request();
+    dp.record_request(&fwd.service);
     // Bodies up to 64 KiB are kept so that an attempt can be sent again.
     let mut body = if retry_method {
         Replay::buffer(body).await
@@ -215,7 +215,7 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
             Verdict::Refused("not_retryable")
         } else if body.is_streamed() {
             Verdict::Refused("not_bufferable")
-        } else if !dp.try_retry() {
+        } else if !dp.try_retry(&service) {
             Verdict::BudgetExhausted
         } else {
             Verdict::Retry
