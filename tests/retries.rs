@@ -158,3 +158,89 @@ async fn five_callers_in_a_total_outage_add_a_fifth_not_five_floors() {
     );
     assert!(ratio >= 1.1, "retries stopped altogether: {ratio:.2}x");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_without_a_timeout_gets_one_learned_from_its_latency() {
+    let c = TestCluster::start(1).await;
+    let node = &c.nodes[0];
+    let fast = Upstream::start(0, 200).await;
+    let (status, body) = put_json(
+        &node.socket,
+        "/v1/services",
+        &serde_json::json!({"name": "api", "port": fast.port, "id": "fast"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let timeout_of =
+        |body: &serde_json::Value| body["services"]["api"]["learned"]["timeout"].clone();
+    let before = wait_for(Duration::from_secs(10), "api in /v1/health", || async {
+        let (_, health) = get(&node.socket, "/v1/health").await.ok()?;
+        let t = timeout_of(&health);
+        (!t.is_null()).then_some(t)
+    })
+    .await;
+    assert_eq!(before["source"], "default");
+    assert_eq!(before["ms"], 30_000);
+
+    // 1200 quick answers within the statistics window.
+    let proxy = node.proxy;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..150 {
+                assert_eq!(proxy_get(proxy, "api").await, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let learned = wait_for(Duration::from_secs(10), "a learned timeout", || async {
+        let (_, health) = get(&node.socket, "/v1/health").await.ok()?;
+        let t = timeout_of(&health);
+        (t["source"] == "learned").then_some(t)
+    })
+    .await;
+    let ms = learned["ms"].as_u64().unwrap();
+    assert!((50..1_000).contains(&ms), "{learned}");
+    assert!(learned["samples"].as_u64().unwrap() >= 1000, "{learned}");
+    assert_eq!(learned["nodes"], 1);
+
+    // The service turns slow: a request now ends at the learned timeout,
+    // not after the 30 s default.
+    let slow = Upstream::start_slow(0, 200, Duration::from_secs(5)).await;
+    let (status, _) = put_json(
+        &node.socket,
+        "/v1/services",
+        &serde_json::json!({"name": "api", "port": slow.port, "id": "fast"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    wait_for(
+        Duration::from_secs(10),
+        "the slow instance in the catalog",
+        || async {
+            let (_, body) = get(&node.socket, "/v1/services").await.ok()?;
+            (body["services"]["api"][0]["port"] == slow.port).then_some(())
+        },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (status, err) = proxy_call(proxy, Method::GET, "api").await;
+    let took = started.elapsed();
+    assert_eq!(status, 504, "{err:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "took {took:?} with a learned {ms} ms timeout"
+    );
+    let table = std::process::Command::new(weft_bin())
+        .arg("--socket")
+        .arg(&node.socket)
+        .arg("health")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("learned"), "{table}");
+}

@@ -480,6 +480,8 @@ fn get_health(state: &ApiState) -> Reply {
             let passing = list.iter().filter(|i| i.health == "passing").count();
             let ejected = list.iter().filter(|i| i.health == "ejected").count();
             let s = stats.services.get(name).cloned().unwrap_or_default();
+            let configured = list.iter().find_map(|i| i.timeout_ms);
+            let (timeout, timeout_source) = state.dataplane.request_timeout(name, configured);
             (
                 name.clone(),
                 json!({
@@ -494,6 +496,20 @@ fn get_health(state: &ApiState) -> Reply {
                     "p99_ms": round(s.cluster.p99_ms, 2),
                     "retry_delay_ms": round(s.retry_delay_ms(), 1),
                     "outage_samples": s.cluster.episodes.samples,
+                    "timeout_ms": timeout.as_millis() as u64,
+                    "learned": {
+                        "retry_delay": {
+                            "ms": round(s.retry_delay_ms(), 1),
+                            "samples": s.cluster.episodes.samples,
+                            "nodes": s.cluster.episode_nodes,
+                        },
+                        "timeout": {
+                            "ms": timeout.as_millis() as u64,
+                            "source": timeout_source.as_str(),
+                            "samples": s.cluster.successes,
+                            "nodes": s.cluster.latency_nodes,
+                        },
+                    },
                     "retries": s.cluster.retries,
                     "retry_budget_used": round(Some(state.dataplane.budget_used(name)), 3),
                     "local": {

@@ -176,6 +176,19 @@ pub fn keys_table(body: &Value) -> String {
     table(&["KEY", "THIS NODE", "INSTALLED", "PRIMARY"], &rows)
 }
 
+/// The learned retry delay and where it comes from, e.g. `182 (40
+/// outages, 3 nodes)`; `-` until an outage was seen.
+fn learned_delay(v: &Value) -> String {
+    match v["ms"].as_f64() {
+        Some(ms) => format!(
+            "{ms:.0} ({} outages, {} nodes)",
+            s(&v["samples"]),
+            s(&v["nodes"])
+        ),
+        None => "-".into(),
+    }
+}
+
 /// `weft health` as two tables: members, then services.
 pub fn health_table(body: &Value) -> String {
     let mut out = format!("node {}\n\n", s(&body["node"]));
@@ -203,7 +216,12 @@ pub fn health_table(body: &Value) -> String {
                 s(&v["rps"]),
                 s(&v["p50_ms"]),
                 s(&v["p99_ms"]),
-                s(&v["retry_delay_ms"]),
+                learned_delay(&v["learned"]["retry_delay"]),
+                format!(
+                    "{} {}",
+                    s(&v["learned"]["timeout"]["ms"]),
+                    s(&v["learned"]["timeout"]["source"])
+                ),
                 s(&v["retries"]),
                 pct(&v["retry_budget_used"]),
             ]
@@ -218,7 +236,8 @@ pub fn health_table(body: &Value) -> String {
             "RPS",
             "P50 (ms)",
             "P99 (ms)",
-            "RETRY DELAY (ms)",
+            "RETRY DELAY (ms, from)",
+            "TIMEOUT (ms)",
             "RETRIES",
             "BUDGET USED",
         ],

@@ -43,6 +43,7 @@ use crate::policy::balancer::Balancer;
 use crate::policy::episodes::{exponential_delay, learned_delay};
 use crate::policy::outlier::{Change, OutlierConfig, OutlierDetector};
 use crate::policy::retry::ServiceBudgets;
+use crate::policy::stats::learned_timeout;
 use crate::router::{RouterHandle, RouterSnapshot};
 use crate::stats_aggregator::StatsHandle;
 use crate::tunnel::TunnelPool;
@@ -90,6 +91,28 @@ impl Default for Timeouts {
             connect: Duration::from_secs(1),
             request: Duration::from_secs(30),
             header_read: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where a request timeout came from, as `/v1/health` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutSource {
+    /// The service's own `timeout_ms`.
+    Configured,
+    /// Learned from the cluster's latency (DESIGN section 7).
+    Learned,
+    /// The node's default, until enough is known.
+    Default,
+}
+
+impl TimeoutSource {
+    /// The JSON and table name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutSource::Configured => "configured",
+            TimeoutSource::Learned => "learned",
+            TimeoutSource::Default => "default",
         }
     }
 }
@@ -325,6 +348,29 @@ impl DataPlane {
             .map_or(1, |s| s.cluster.nodes);
         self.budgets()
             .try_withdraw(service, callers, Instant::now())
+    }
+
+    /// The timeout of a request to `service`: `configured_ms` (the
+    /// instance's `timeout_ms`) if set, else the one learned from the
+    /// cluster's latency, else the default.
+    pub fn request_timeout(
+        &self,
+        service: &str,
+        configured_ms: Option<u64>,
+    ) -> (Duration, TimeoutSource) {
+        if let Some(ms) = configured_ms {
+            return (Duration::from_millis(ms), TimeoutSource::Configured);
+        }
+        let learned = self
+            .stats
+            .load()
+            .services
+            .get(service)
+            .and_then(|s| learned_timeout(&s.cluster));
+        match learned {
+            Some(timeout) => (timeout, TimeoutSource::Learned),
+            None => (self.timeouts.request, TimeoutSource::Default),
+        }
     }
 
     /// Fraction of `service`'s retry budget in use on this node.

@@ -148,10 +148,7 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
             Err(error) => return error.response(&format!("service {:?}", fwd.service)),
         }
     };
-    let timeout = instance
-        .timeout_ms
-        .map(Duration::from_millis)
-        .unwrap_or(dp.timeouts.request);
+    let (timeout, _) = dp.request_timeout(&fwd.service, instance.timeout_ms);
     let deadline = Instant::now() + timeout;
     let retry_method = !fwd.upgrade
         && (retry::method_is_idempotent(fwd.method.as_str()) || instance.retry_non_idempotent);

@@ -126,6 +126,10 @@ pub struct WindowStats {
     pub p50_ms: Option<f64>,
     /// 99th percentile latency in ms, `None` without requests.
     pub p99_ms: Option<f64>,
+    /// 99.9th percentile latency of the successful attempts in ms (`None`
+    /// without successes): what a learned timeout is made of, free of the
+    /// timeouts themselves.
+    pub p999_ok_ms: Option<f64>,
 }
 
 #[derive(Clone)]
@@ -136,6 +140,8 @@ struct Bucket {
     failures: FailureCounts,
     retries: u64,
     latency: DDSketch,
+    /// Latency of the successful attempts only.
+    ok_latency: DDSketch,
 }
 
 impl Bucket {
@@ -146,6 +152,7 @@ impl Bucket {
             failures: FailureCounts::default(),
             retries: 0,
             latency: new_sketch(),
+            ok_latency: new_sketch(),
         }
     }
 }
@@ -204,6 +211,7 @@ impl ServiceWindow {
         let b = self.bucket_mut(now);
         if success {
             b.successes = b.successes.saturating_add(1);
+            b.ok_latency.add(duration_ms(latency));
         } else {
             let slot = match class_label {
                 "server_error" => &mut b.failures.server_error,
@@ -236,6 +244,7 @@ impl ServiceWindow {
         let mut failures = FailureCounts::default();
         let mut retries = 0u64;
         let mut latency = new_sketch();
+        let mut ok_latency = new_sketch();
         for b in self
             .buckets
             .iter()
@@ -246,6 +255,7 @@ impl ServiceWindow {
             retries = retries.saturating_add(b.retries);
             // Same config everywhere (new_sketch), so this cannot fail.
             let _ = latency.merge(&b.latency);
+            let _ = ok_latency.merge(&b.ok_latency);
         }
         let failed = failures.total();
         let requests = successes.saturating_add(failed);
@@ -270,6 +280,11 @@ impl ServiceWindow {
             success_rate: has.then(|| successes as f64 / requests as f64),
             p50_ms: if has { quantile(&latency, 0.5) } else { None },
             p99_ms: if has { quantile(&latency, 0.99) } else { None },
+            p999_ok_ms: if successes > 0 {
+                quantile(&ok_latency, 0.999)
+            } else {
+                None
+            },
         }
     }
 
@@ -314,6 +329,9 @@ pub struct Summary {
     pub p50_ms: Option<f64>,
     /// 99th percentile latency in ms (`None` without requests).
     pub p99_ms: Option<f64>,
+    /// 99.9th percentile latency of successful attempts in ms (`None`
+    /// without successes).
+    pub p999_ok_ms: Option<f64>,
     /// Outage-episode durations seen by this node.
     pub episodes: EpisodeStats,
     /// failures / requests in the window (0 without requests).
@@ -336,6 +354,9 @@ struct Wire {
     l50: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     l99: Option<f64>,
+    /// p99.9 of successful attempts (absent from older nodes)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    l999: Option<f64>,
     /// episode samples
     n: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -381,6 +402,7 @@ impl Summary {
             rps: window.rps,
             p50_ms: window.p50_ms,
             p99_ms: window.p99_ms,
+            p999_ok_ms: window.p999_ok_ms,
             episodes: *episodes,
             error_rate: if window.requests == 0 {
                 0.0
@@ -402,6 +424,7 @@ impl Summary {
             q: round(s.rps, 1e3),
             l50: s.p50_ms.map(|x| round(x, 1e3)),
             l99: s.p99_ms.map(|x| round(x, 1e3)),
+            l999: s.p999_ok_ms.map(|x| round(x, 1e3)),
             n: s.episodes.samples,
             e50: s.episodes.p50_ms.map(|x| round(x, 1e3)),
             e90: s.episodes.p90_ms.map(|x| round(x, 1e3)),
@@ -431,6 +454,7 @@ impl Summary {
             rps: w.q,
             p50_ms: w.l50,
             p99_ms: w.l99,
+            p999_ok_ms: w.l999,
             episodes: EpisodeStats {
                 samples: w.n,
                 p50_ms: w.e50,
@@ -463,6 +487,12 @@ impl Summary {
         if !ordered(&[p50, p99]) {
             return None;
         }
+        let successes = self.requests - self.failures;
+        let p999_ok = if successes > 0 {
+            check_ms(self.p999_ok_ms).ok()?
+        } else {
+            None
+        };
         let e = &self.episodes;
         let episodes = if e.samples == 0 {
             EpisodeStats::default()
@@ -490,6 +520,7 @@ impl Summary {
             rps: self.rps.min(MAX_RPS),
             p50_ms: p50,
             p99_ms: p99,
+            p999_ok_ms: p999_ok,
             episodes,
             error_rate: self.error_rate,
         })
@@ -518,6 +549,15 @@ pub struct ClusterStats {
     pub p50_ms: Option<f64>,
     /// Requests-weighted mean of the nodes' p99s (see [`merge`]).
     pub p99_ms: Option<f64>,
+    /// Successful attempts, all nodes.
+    pub successes: u64,
+    /// Nodes whose summary had successful attempts.
+    pub latency_nodes: usize,
+    /// Successes-weighted mean of the nodes' p99.9 of successful attempts:
+    /// the input of [`learned_timeout`].
+    pub p999_ok_ms: Option<f64>,
+    /// Nodes whose summary had outage episodes.
+    pub episode_nodes: usize,
     /// Episode quantiles weighted by episode samples, and the total samples:
     /// the input of [`super::episodes::learned_delay`].
     pub episodes: EpisodeStats,
@@ -558,7 +598,7 @@ impl Mean {
 /// corresponding quantiles. Invalid summaries are skipped.
 pub fn merge<N>(summaries: &[(N, Summary)]) -> ClusterStats {
     let mut out = ClusterStats::default();
-    let (mut l50, mut l99) = (Mean::default(), Mean::default());
+    let (mut l50, mut l99, mut l999) = (Mean::default(), Mean::default(), Mean::default());
     let (mut e50, mut e90, mut e99) = (Mean::default(), Mean::default(), Mean::default());
     for s in summaries.iter().filter_map(|(_, s)| s.normalized()) {
         out.nodes += 1;
@@ -568,7 +608,16 @@ pub fn merge<N>(summaries: &[(N, Summary)]) -> ClusterStats {
         out.rps += s.rps;
         l50.add(s.p50_ms, s.requests);
         l99.add(s.p99_ms, s.requests);
+        let successes = s.requests - s.failures;
+        out.successes = out.successes.saturating_add(successes);
+        if successes > 0 {
+            out.latency_nodes += 1;
+        }
+        l999.add(s.p999_ok_ms, successes);
         let e = &s.episodes;
+        if e.samples > 0 {
+            out.episode_nodes += 1;
+        }
         out.episodes.samples = out.episodes.samples.saturating_add(e.samples);
         e50.add(e.p50_ms, e.samples);
         e90.add(e.p90_ms, e.samples);
@@ -578,10 +627,34 @@ pub fn merge<N>(summaries: &[(N, Summary)]) -> ClusterStats {
         .then(|| out.requests.saturating_sub(out.failures) as f64 / out.requests as f64);
     out.p50_ms = l50.get();
     out.p99_ms = l99.get();
+    out.p999_ok_ms = l999.get();
     out.episodes.p50_ms = e50.get();
     out.episodes.p90_ms = e90.get();
     out.episodes.p99_ms = e99.get();
     out
+}
+
+// === learned timeout ===
+
+/// Successful attempts, cluster-wide, before a timeout is learned.
+pub const TIMEOUT_MIN_SAMPLES: u64 = 1000;
+/// Shortest learned timeout.
+pub const TIMEOUT_MIN: Duration = Duration::from_millis(50);
+/// Longest learned timeout (the default of services that set none).
+pub const TIMEOUT_MAX: Duration = Duration::from_secs(30);
+
+/// The request timeout of a service without `timeout_ms` (DESIGN section
+/// 7): twice the cluster's p99.9 latency of successful attempts, in [50 ms,
+/// 30 s], once 1000 of them are in the window; `None` before that.
+pub fn learned_timeout(cluster: &ClusterStats) -> Option<Duration> {
+    if cluster.successes < TIMEOUT_MIN_SAMPLES {
+        return None;
+    }
+    let p999 = cluster
+        .p999_ok_ms
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)?;
+    let ms = (2.0 * p999).min(MAX_MS);
+    Some(Duration::from_secs_f64(ms / 1e3).clamp(TIMEOUT_MIN, TIMEOUT_MAX))
 }
 
 #[cfg(test)]

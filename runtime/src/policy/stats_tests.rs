@@ -26,6 +26,7 @@ fn summary(requests: u64, failures: u64, p50: f64, p99: f64) -> Summary {
         rps: requests as f64 / 10.0,
         p50_ms: (requests > 0).then_some(p50),
         p99_ms: (requests > 0).then_some(p99),
+        p999_ok_ms: None,
         episodes: EpisodeStats::default(),
         error_rate: if requests == 0 {
             0.0
@@ -189,6 +190,7 @@ fn worst_case() -> Summary {
         rps: f64::MAX,
         p50_ms: Some(MAX_MS - 0.000_123_456_789),
         p99_ms: Some(MAX_MS - 0.000_123_456_78),
+        p999_ok_ms: None,
         episodes: EpisodeStats {
             samples: u64::MAX,
             p50_ms: Some(MAX_MS - 0.333_333_333_333),
@@ -219,6 +221,7 @@ fn round_trip_keeps_values() {
         rps: 123.4,
         p50_ms: Some(3.25),
         p99_ms: Some(87.5),
+        p999_ok_ms: None,
         episodes: episodes(42, 120.0, 380.0, 950.5),
         error_rate: 34.0 / 1234.0,
     };
@@ -392,6 +395,7 @@ fn any_summary() -> impl Strategy<Value = Summary> {
                 rps: q,
                 p50_ms: (r > 0).then_some(l1.min(l2)),
                 p99_ms: (r > 0).then_some(l1.max(l2)),
+                p999_ok_ms: None,
                 episodes: EpisodeStats {
                     samples: n,
                     p50_ms: (n > 0).then_some(e[0]),
@@ -470,4 +474,51 @@ proptest! {
             prop_assert!(a <= b + 1e-6 && b <= c + 1e-6 && c <= MAX_MS + 1e-6);
         }
     }
+}
+
+#[test]
+fn a_timeout_is_learned_from_successes_once_there_are_enough() {
+    let t0 = Instant::now();
+    let mut w = ServiceWindow::new();
+    // Successes take 10 ms, a few 40 ms; failures (timeouts) take 30 s and
+    // must not teach the timeout anything.
+    for i in 0..1500u32 {
+        let latency = if i % 500 == 0 { 40 } else { 10 };
+        w.record(t0, true, "", Duration::from_millis(latency));
+    }
+    for _ in 0..20 {
+        w.record(t0, false, "timeout", Duration::from_secs(30));
+    }
+    let window = w.snapshot(t0);
+    let p999 = window.p999_ok_ms.unwrap();
+    assert!((35.0..45.0).contains(&p999), "{window:?}");
+    let summary = Summary::new(&window, &EpisodeStats::default());
+    let decoded = Summary::decode(&summary.encode()).unwrap();
+    assert_eq!(decoded.p999_ok_ms.map(f64::round), Some(p999.round()));
+    let merged = merge(&[("n1", decoded), ("n2", decoded)]);
+    assert_eq!(merged.latency_nodes, 2);
+    let timeout = learned_timeout(&merged).unwrap();
+    assert!(
+        timeout >= Duration::from_millis(70) && timeout <= Duration::from_millis(90),
+        "{timeout:?}"
+    );
+    // Too few successes: nothing learned; a fast service gets at least 50 ms.
+    let few = ClusterStats {
+        successes: 999,
+        p999_ok_ms: Some(10.0),
+        ..ClusterStats::default()
+    };
+    assert_eq!(learned_timeout(&few), None);
+    let fast = ClusterStats {
+        successes: 5000,
+        p999_ok_ms: Some(1.0),
+        ..ClusterStats::default()
+    };
+    assert_eq!(learned_timeout(&fast), Some(TIMEOUT_MIN));
+    let slow = ClusterStats {
+        successes: 5000,
+        p999_ok_ms: Some(1e9),
+        ..ClusterStats::default()
+    };
+    assert_eq!(learned_timeout(&slow), Some(TIMEOUT_MAX));
 }
