@@ -244,3 +244,87 @@ async fn a_service_without_a_timeout_gets_one_learned_from_its_latency() {
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains("learned"), "{table}");
 }
+
+/// `n` GETs through `proxy` from 4 concurrent clients; their latencies,
+/// sorted.
+async fn latencies(proxy: std::net::SocketAddr, service: &'static str, n: usize) -> Vec<Duration> {
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for _ in 0..n / 4 {
+                let start = std::time::Instant::now();
+                assert_eq!(proxy_get(proxy, service).await, 200);
+                out.push(start.elapsed());
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    all
+}
+
+/// Three instances on two nodes, each pausing 400 ms on one request in
+/// 25 (beyond the p95), registered with `"hedge"` as given. Returns the
+/// sorted latencies of 400 requests from n1, the attempts they took, and
+/// the hedges that answered first.
+async fn tail_latency(hedge: bool) -> (Vec<Duration>, u64, f64) {
+    let c = TestCluster::start(3).await;
+    let tail = Behavior::Tail {
+        every: 25,
+        delay: Duration::from_millis(400),
+    };
+    let upstreams = [
+        Upstream::with(0, tail).await,
+        Upstream::with(0, tail).await,
+        Upstream::with(0, tail).await,
+    ];
+    for (i, (on, upstream)) in [1, 1, 2].into_iter().zip(&upstreams).enumerate() {
+        let body = serde_json::json!({"name": "api", "id": format!("api-{i}"), "port": upstream.port, "hedge": hedge});
+        let (status, reply) = put_json(&c.nodes[on].socket, "/v1/services", &body)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{reply}");
+    }
+    wait_for(Duration::from_secs(10), "three instances on n1", || async {
+        (instance_ids(&c.nodes[0].socket, "api").await?.len() == 3).then_some(())
+    })
+    .await;
+    let proxy = c.nodes[0].proxy;
+    let hits = || upstreams.iter().map(Upstream::hits).sum::<u64>();
+    // The p95 is learned first (hedging waits for 100 requests in the window).
+    latencies(proxy, "api", 200).await;
+    let before = hits();
+    let measured = latencies(proxy, "api", 400).await;
+    let attempts = hits() - before;
+    let text = metrics_text(c.nodes[0].admin).await;
+    let won = metric_sum(&text, "weft_retries_total", &["outcome=\"hedge_won\""]);
+    (measured, attempts, won)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hedging_cuts_the_tail_of_a_service_that_opts_in() {
+    let p99 = |l: &[Duration]| l[l.len() * 99 / 100];
+    let (plain, plain_attempts, _) = tail_latency(false).await;
+    let (hedged, attempts, won) = tail_latency(true).await;
+    eprintln!(
+        "tail every 25th request 400 ms: p99 {:?} unhedged ({plain_attempts} attempts), {:?} hedged ({attempts} attempts, {won} hedges won)",
+        p99(&plain),
+        p99(&hedged)
+    );
+    assert!(
+        p99(&plain) >= Duration::from_millis(400),
+        "the tail is there unhedged"
+    );
+    assert!(won > 0.0, "no hedge ever answered first");
+    assert!(
+        p99(&hedged) < Duration::from_millis(200),
+        "hedged p99 {:?}",
+        p99(&hedged)
+    );
+    assert!(attempts <= 460, "{attempts} attempts for 400 requests");
+}

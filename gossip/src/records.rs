@@ -96,4 +96,8 @@ pub struct ServiceRecord {
     /// Callers may retry non-idempotent methods (POST, PATCH) too.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub retry_non_idempotent: bool,
+    /// Callers hedge idempotent requests: one more attempt to another
+    /// instance once the cluster's p95 latency passed without an answer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hedge: bool,
 }

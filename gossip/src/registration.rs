@@ -11,7 +11,7 @@ use crate::records::{Check, Protocol, ServiceRecord};
 /// Validates a registration request, naming the first bad field.
 pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, String> {
     let obj = body.as_object().ok_or("body must be a JSON object")?;
-    const KNOWN: [&str; 9] = [
+    const KNOWN: [&str; 10] = [
         "name",
         "port",
         "id",
@@ -21,6 +21,7 @@ pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, Str
         "timeout_ms",
         "retry",
         "retry_non_idempotent",
+        "hedge",
     ];
     if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(format!("unknown field {unknown:?}"));
@@ -97,6 +98,11 @@ pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, Str
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err("field \"retry_non_idempotent\" must be true or false".into()),
     };
+    let hedge = match obj.get("hedge") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("field \"hedge\" must be true or false".into()),
+    };
     Ok(ServiceRecord {
         name: name.to_string(),
         id,
@@ -107,6 +113,7 @@ pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, Str
         timeout_ms,
         retry,
         retry_non_idempotent,
+        hedge,
     })
 }
 

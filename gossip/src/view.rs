@@ -122,6 +122,9 @@ pub struct Instance {
     /// Non-idempotent methods may be retried.
     #[serde(skip)]
     pub retry_non_idempotent: bool,
+    /// Idempotent requests are hedged.
+    #[serde(skip)]
+    pub hedge: bool,
 }
 
 /// Service name -> instances, ordered for stable output.
@@ -248,6 +251,7 @@ impl ClusterView {
                         timeout_ms: record.timeout_ms,
                         retry: record.retry,
                         retry_non_idempotent: record.retry_non_idempotent,
+                        hedge: record.hedge,
                     });
             }
         }
@@ -344,6 +348,7 @@ mod tests {
                 timeout_ms: None,
                 retry: None,
                 retry_non_idempotent: false,
+                hedge: false,
             };
             kv.insert(format!("svc/{id}"), serde_json::to_string(&rec).unwrap());
         }

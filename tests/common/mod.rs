@@ -403,6 +403,9 @@ pub enum Behavior {
         period: Duration,
         epoch: Instant,
     },
+    /// 200, but every `every`-th request (by this upstream's count) only
+    /// after `delay`: a tail, like a pause in the instance.
+    Tail { every: u64, delay: Duration },
 }
 
 /// A real HTTP/1.1 upstream on 127.0.0.1 that counts the requests it gets.
@@ -447,8 +450,14 @@ impl Upstream {
                     let svc = hyper::service::service_fn(move |_req| {
                         let counter = counter.clone();
                         async move {
-                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let status = match behavior {
+                                Behavior::Tail { every, delay } => {
+                                    if (n + 1) % every.max(1) == 0 {
+                                        tokio::time::sleep(delay).await;
+                                    }
+                                    200
+                                }
                                 Behavior::Fixed(status, delay) => {
                                     tokio::time::sleep(delay).await;
                                     status

@@ -14,6 +14,7 @@
 
 pub mod body;
 pub mod error;
+mod hedge;
 pub mod inbound;
 pub mod local;
 pub mod outbound;

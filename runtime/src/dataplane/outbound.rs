@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use weft_gossip::Instance;
 
 use super::error::{MeshError, WEFT_ERROR};
+use super::hedge;
 use super::local::{LocalFailure, H2_MAX_HEADER_LIST};
 use super::request::{header_map, Forward};
 use super::splice::splice;
@@ -183,9 +184,31 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
             remaining,
             attempt,
         };
-        let result = tokio::time::timeout(remaining, sent.send(attempt_body, upgrade.take())).await;
+        let hedge_after = if body.is_streamed() || fwd.upgrade {
+            None
+        } else {
+            hedge::delay(dp, &service, &instance, &fwd.method, attempt)
+        };
+        let hedge = hedge_after.and_then(|after| body.next().map(|second| (after, second)));
+        let result = match hedge {
+            Some((after, second_body)) => tokio::time::timeout(
+                remaining,
+                hedge::race(sent, attempt_body, second_body, after),
+            )
+            .await
+            .map(|raced| {
+                instance = raced.instance;
+                raced.result
+            }),
+            None => tokio::time::timeout(remaining, sent.send(attempt_body, upgrade.take())).await,
+        };
         let latency = start.elapsed();
         dp.finished(&key, latency);
+        // A hedge that answered first is this attempt's instance.
+        let key = (instance.node.clone(), instance.id.clone());
+        if trace.on {
+            trace.instance = Some(key.clone());
+        }
         let result = result.unwrap_or_else(|_| {
             Err(Failure(
                 MeshError::UpstreamTimeout,
@@ -345,16 +368,16 @@ fn classify(result: Result<Response<ProxyBody>, Failure>) -> Classified {
 }
 
 /// One attempt of a request at one instance.
-struct Attempt<'a> {
-    dp: &'a DataPlane,
-    fwd: &'a Forward,
-    instance: &'a Instance,
-    remaining: Duration,
-    attempt: u8,
+pub(super) struct Attempt<'a> {
+    pub(super) dp: &'a DataPlane,
+    pub(super) fwd: &'a Forward,
+    pub(super) instance: &'a Instance,
+    pub(super) remaining: Duration,
+    pub(super) attempt: u8,
 }
 
 impl Attempt<'_> {
-    async fn send(
+    pub(super) async fn send(
         &self,
         body: ProxyBody,
         upgrade: Option<OnUpgrade>,

@@ -124,6 +124,8 @@ pub struct WindowStats {
     pub success_rate: Option<f64>,
     /// Median latency in ms, `None` without requests.
     pub p50_ms: Option<f64>,
+    /// 95th percentile latency in ms, `None` without requests.
+    pub p95_ms: Option<f64>,
     /// 99th percentile latency in ms, `None` without requests.
     pub p99_ms: Option<f64>,
     /// 99.9th percentile latency of the successful attempts in ms (`None`
@@ -279,6 +281,7 @@ impl ServiceWindow {
             rps: requests as f64 / span,
             success_rate: has.then(|| successes as f64 / requests as f64),
             p50_ms: if has { quantile(&latency, 0.5) } else { None },
+            p95_ms: if has { quantile(&latency, 0.95) } else { None },
             p99_ms: if has { quantile(&latency, 0.99) } else { None },
             p999_ok_ms: if successes > 0 {
                 quantile(&ok_latency, 0.999)
@@ -327,6 +330,8 @@ pub struct Summary {
     pub rps: f64,
     /// Median latency in ms (`None` without requests).
     pub p50_ms: Option<f64>,
+    /// 95th percentile latency in ms (`None` without requests).
+    pub p95_ms: Option<f64>,
     /// 99th percentile latency in ms (`None` without requests).
     pub p99_ms: Option<f64>,
     /// 99.9th percentile latency of successful attempts in ms (`None`
@@ -352,6 +357,8 @@ struct Wire {
     q: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     l50: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    l95: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     l99: Option<f64>,
     /// p99.9 of successful attempts (absent from older nodes)
@@ -401,6 +408,7 @@ impl Summary {
             retries: window.retries,
             rps: window.rps,
             p50_ms: window.p50_ms,
+            p95_ms: window.p95_ms,
             p99_ms: window.p99_ms,
             p999_ok_ms: window.p999_ok_ms,
             episodes: *episodes,
@@ -423,6 +431,7 @@ impl Summary {
             t: s.retries,
             q: round(s.rps, 1e3),
             l50: s.p50_ms.map(|x| round(x, 1e3)),
+            l95: s.p95_ms.map(|x| round(x, 1e3)),
             l99: s.p99_ms.map(|x| round(x, 1e3)),
             l999: s.p999_ok_ms.map(|x| round(x, 1e3)),
             n: s.episodes.samples,
@@ -453,6 +462,7 @@ impl Summary {
             retries: w.t,
             rps: w.q,
             p50_ms: w.l50,
+            p95_ms: w.l95,
             p99_ms: w.l99,
             p999_ok_ms: w.l999,
             episodes: EpisodeStats {
@@ -479,12 +489,16 @@ impl Summary {
             return None;
         }
         let has_requests = self.requests > 0;
-        let (p50, p99) = if has_requests {
-            (check_ms(self.p50_ms).ok()?, check_ms(self.p99_ms).ok()?)
+        let (p50, p95, p99) = if has_requests {
+            (
+                check_ms(self.p50_ms).ok()?,
+                check_ms(self.p95_ms).ok()?,
+                check_ms(self.p99_ms).ok()?,
+            )
         } else {
-            (None, None)
+            (None, None, None)
         };
-        if !ordered(&[p50, p99]) {
+        if !ordered(&[p50, p95, p99]) {
             return None;
         }
         let successes = self.requests - self.failures;
@@ -519,6 +533,7 @@ impl Summary {
             retries: self.retries.min(MAX_COUNT),
             rps: self.rps.min(MAX_RPS),
             p50_ms: p50,
+            p95_ms: p95,
             p99_ms: p99,
             p999_ok_ms: p999_ok,
             episodes,
@@ -547,6 +562,9 @@ pub struct ClusterStats {
     pub success_rate: Option<f64>,
     /// Requests-weighted mean of the nodes' medians (see [`merge`]).
     pub p50_ms: Option<f64>,
+    /// Requests-weighted mean of the nodes' p95s: when a hedged request
+    /// sends its second attempt.
+    pub p95_ms: Option<f64>,
     /// Requests-weighted mean of the nodes' p99s (see [`merge`]).
     pub p99_ms: Option<f64>,
     /// Successful attempts, all nodes.
@@ -598,7 +616,12 @@ impl Mean {
 /// corresponding quantiles. Invalid summaries are skipped.
 pub fn merge<N>(summaries: &[(N, Summary)]) -> ClusterStats {
     let mut out = ClusterStats::default();
-    let (mut l50, mut l99, mut l999) = (Mean::default(), Mean::default(), Mean::default());
+    let (mut l50, mut l95, mut l99, mut l999) = (
+        Mean::default(),
+        Mean::default(),
+        Mean::default(),
+        Mean::default(),
+    );
     let (mut e50, mut e90, mut e99) = (Mean::default(), Mean::default(), Mean::default());
     for s in summaries.iter().filter_map(|(_, s)| s.normalized()) {
         out.nodes += 1;
@@ -607,6 +630,7 @@ pub fn merge<N>(summaries: &[(N, Summary)]) -> ClusterStats {
         out.retries = out.retries.saturating_add(s.retries);
         out.rps += s.rps;
         l50.add(s.p50_ms, s.requests);
+        l95.add(s.p95_ms, s.requests);
         l99.add(s.p99_ms, s.requests);
         let successes = s.requests - s.failures;
         out.successes = out.successes.saturating_add(successes);
@@ -626,6 +650,7 @@ pub fn merge<N>(summaries: &[(N, Summary)]) -> ClusterStats {
     out.success_rate = (out.requests > 0)
         .then(|| out.requests.saturating_sub(out.failures) as f64 / out.requests as f64);
     out.p50_ms = l50.get();
+    out.p95_ms = l95.get();
     out.p99_ms = l99.get();
     out.p999_ok_ms = l999.get();
     out.episodes.p50_ms = e50.get();

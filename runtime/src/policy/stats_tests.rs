@@ -26,6 +26,7 @@ fn summary(requests: u64, failures: u64, p50: f64, p99: f64) -> Summary {
         rps: requests as f64 / 10.0,
         p50_ms: (requests > 0).then_some(p50),
         p99_ms: (requests > 0).then_some(p99),
+        p95_ms: None,
         p999_ok_ms: None,
         episodes: EpisodeStats::default(),
         error_rate: if requests == 0 {
@@ -190,6 +191,7 @@ fn worst_case() -> Summary {
         rps: f64::MAX,
         p50_ms: Some(MAX_MS - 0.000_123_456_789),
         p99_ms: Some(MAX_MS - 0.000_123_456_78),
+        p95_ms: None,
         p999_ok_ms: None,
         episodes: EpisodeStats {
             samples: u64::MAX,
@@ -221,6 +223,7 @@ fn round_trip_keeps_values() {
         rps: 123.4,
         p50_ms: Some(3.25),
         p99_ms: Some(87.5),
+        p95_ms: None,
         p999_ok_ms: None,
         episodes: episodes(42, 120.0, 380.0, 950.5),
         error_rate: 34.0 / 1234.0,
@@ -395,6 +398,7 @@ fn any_summary() -> impl Strategy<Value = Summary> {
                 rps: q,
                 p50_ms: (r > 0).then_some(l1.min(l2)),
                 p99_ms: (r > 0).then_some(l1.max(l2)),
+                p95_ms: None,
                 p999_ok_ms: None,
                 episodes: EpisodeStats {
                     samples: n,

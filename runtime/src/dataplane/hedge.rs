@@ -1,0 +1,112 @@
+//! Learned hedging (DESIGN section 7), for services registered with
+//! `"hedge": true`: when the first attempt of an idempotent request has not
+//! answered after the cluster's p95 latency, one more attempt goes to
+//! another instance. The first answer wins; the other attempt is dropped,
+//! which resets its tunnel stream (or its local connection). A hedge draws
+//! from the service's retry budget, so a slow service is not buried under
+//! hedges, and each is counted in `weft_retries_total{outcome}` as
+//! `hedge_won` (the hedge answered first) or `hedge_lost`.
+
+use std::time::{Duration, Instant};
+
+use weft_gossip::Instance;
+
+use super::outbound::{Attempt, Failure};
+use super::{DataPlane, ProxyBody};
+use crate::policy::retry;
+use hyper::Response;
+
+/// Requests in the cluster's window before its p95 is trusted.
+pub const MIN_REQUESTS: u64 = 100;
+
+/// How long to wait before hedging a first attempt to `instance`, if the
+/// request may be hedged at all.
+pub(super) fn delay(
+    dp: &DataPlane,
+    service: &str,
+    instance: &Instance,
+    method: &http::Method,
+    attempt: u8,
+) -> Option<Duration> {
+    if !instance.hedge || attempt > 0 || !retry::method_is_idempotent(method.as_str()) {
+        return None;
+    }
+    let stats = dp.stats.load();
+    let cluster = &stats.services.get(service)?.cluster;
+    let p95 = cluster
+        .p95_ms
+        .filter(|ms| cluster.requests >= MIN_REQUESTS && ms.is_finite() && *ms >= 0.0)?;
+    Some(Duration::from_secs_f64(p95.min(3_600_000.0) / 1e3).max(Duration::from_millis(1)))
+}
+
+/// What a possibly hedged attempt came to: the instance that answered
+/// first and its result.
+pub(super) struct Raced {
+    /// The instance whose answer is used (the hedge's, if it won).
+    pub instance: Instance,
+    /// Its answer.
+    pub result: Result<Response<ProxyBody>, Failure>,
+}
+
+/// Sends `first` and, after `after` without an answer, a hedge with
+/// `second_body` to another instance; the first answer wins.
+pub(super) async fn race(
+    first: Attempt<'_>,
+    first_body: ProxyBody,
+    second_body: ProxyBody,
+    after: Duration,
+) -> Raced {
+    let dp = first.dp;
+    let service = first.fwd.service.as_str();
+    let primary = first.instance.clone();
+    let sent = first.send(first_body, None);
+    tokio::pin!(sent);
+    tokio::select! {
+        result = &mut sent => return Raced { instance: primary, result },
+        () = tokio::time::sleep(after) => {}
+    }
+    let primary_key = (primary.node.clone(), primary.id.clone());
+    let other = {
+        let snap = dp.router.load();
+        dp.pick(&snap, service, "http", std::slice::from_ref(&primary_key))
+    };
+    let other = match other {
+        Ok(other) if other.node != primary.node || other.id != primary.id => other,
+        _ => {
+            return Raced {
+                instance: primary,
+                result: sent.await,
+            }
+        }
+    };
+    if !dp.try_retry(service) {
+        return Raced {
+            instance: primary,
+            result: sent.await,
+        };
+    }
+    let other_key = (other.node.clone(), other.id.clone());
+    let hedge = Attempt {
+        instance: &other,
+        remaining: first.remaining.saturating_sub(after),
+        attempt: 1,
+        ..first
+    };
+    dp.started(&other_key);
+    let hedge_start = Instant::now();
+    let hedged = hedge.send(second_body, None);
+    tokio::pin!(hedged);
+    let (winner, result, outcome) = tokio::select! {
+        result = &mut sent => (primary, result, "hedge_lost"),
+        result = &mut hedged => (other.clone(), result, "hedge_won"),
+    };
+    // The loser is dropped with this function, which resets its stream; it
+    // counts as no outcome. The attempt loop ends the primary's load.
+    dp.finished(&other_key, hedge_start.elapsed());
+    metrics::counter!("weft_retries_total", "service" => service.to_string(), "outcome" => outcome)
+        .increment(1);
+    Raced {
+        instance: winner,
+        result,
+    }
+}
