@@ -453,7 +453,7 @@ impl Upstream {
                             let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let status = match behavior {
                                 Behavior::Tail { every, delay } => {
-                                    if (n + 1) % every.max(1) == 0 {
+                                    if (n + 1).is_multiple_of(every.max(1)) {
                                         tokio::time::sleep(delay).await;
                                     }
                                     200
