@@ -90,8 +90,12 @@ pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, Str
     };
     let retry = match obj.get("retry") {
         None | Some(Value::Null) => None,
-        Some(Value::String(p)) if p == "learned" || p == "exponential" => Some(p.clone()),
-        Some(_) => return Err("field \"retry\" must be \"learned\" or \"exponential\"".into()),
+        Some(Value::String(p)) if matches!(p.as_str(), "learned" | "exponential" | "none") => {
+            Some(p.clone())
+        }
+        Some(_) => {
+            return Err("field \"retry\" must be \"learned\", \"exponential\" or \"none\"".into())
+        }
     };
     let retry_non_idempotent = match obj.get("retry_non_idempotent") {
         None | Some(Value::Null) => false,

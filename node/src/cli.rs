@@ -184,7 +184,7 @@ pub struct NodeArgs {
     /// Where the node stores its state [default: ./weft-data/<name>].
     #[arg(long, env = "WEFT_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// How a retry to the same instance waits: learned or exponential [default: learned].
+    /// How a retry to the same instance waits: learned or exponential, or none for no retries [default: learned].
     #[arg(long, env = "WEFT_RETRY_POLICY", value_name = "POLICY")]
     pub retry_policy: Option<String>,
     /// Gossip round period, e.g. 250ms [default: 250ms].

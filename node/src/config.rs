@@ -238,7 +238,7 @@ impl NodeConfig {
             None => RetryPolicy::Learned,
             Some(p) => RetryPolicy::parse(p).ok_or_else(|| {
                 NodeError::Config(format!(
-                    "--retry-policy {p:?} must be \"learned\" or \"exponential\""
+                    "--retry-policy {p:?} must be \"learned\", \"exponential\" or \"none\""
                 ))
             })?,
         };

@@ -30,6 +30,8 @@ pub struct ServiceStats {
     pub effective: WindowStats,
     /// Start of the outage episode in progress on this node, if any.
     pub episode_start: Option<Instant>,
+    /// This node's retries should explore now and then (it calls alone).
+    pub explore: bool,
     /// Retries this node sent in the window.
     pub retries: u64,
 }
@@ -60,13 +62,14 @@ impl StatsHandle {
         self.current.load_full()
     }
 
-    /// Merged episode statistics and this node's episode start for `service`.
-    pub fn episodes(&self, service: &str) -> (EpisodeStats, Option<Instant>) {
+    /// Merged episode statistics, this node's episode start and whether its
+    /// retries explore, for `service`.
+    pub fn episodes(&self, service: &str) -> (EpisodeStats, Option<Instant>, bool) {
         let snap = self.current.load();
         snap.services
             .get(service)
-            .map(|s| (s.cluster.episodes, s.episode_start))
-            .unwrap_or_default()
+            .map(|s| (s.cluster.episodes, s.episode_start, s.explore))
+            .unwrap_or((EpisodeStats::default(), None, true))
     }
 }
 
@@ -198,7 +201,7 @@ impl StatsAggregator {
                 continue;
             }
             let cluster = by_service.get(name).map(|s| merge(s)).unwrap_or_default();
-            let (local, effective, episode_start) = self
+            let (local, effective, episode_start, explore) = self
                 .local
                 .get(name)
                 .map(|l| {
@@ -206,6 +209,7 @@ impl StatsAggregator {
                         l.attempts.snapshot(now),
                         l.requests.snapshot(now),
                         l.episodes.current_episode_start(),
+                        l.episodes.explores(),
                     )
                 })
                 .unwrap_or_default();
@@ -214,6 +218,7 @@ impl StatsAggregator {
                 local,
                 effective,
                 episode_start,
+                explore,
                 retries: local.retries,
             };
             if let Some(delay) = stats.retry_delay_ms() {
@@ -289,13 +294,15 @@ impl StatsAggregator {
         let mut next = (*snap).clone();
         let mut changed = false;
         for service in touched {
-            let start = self
-                .local
-                .get(&service)
-                .and_then(|l| l.episodes.current_episode_start());
+            let Some(local) = self.local.get(&service) else {
+                continue;
+            };
+            let start = local.episodes.current_episode_start();
+            let explore = local.episodes.explores();
             let entry = next.services.entry(service).or_default();
-            if entry.episode_start != start {
+            if entry.episode_start != start || entry.explore != explore {
                 entry.episode_start = start;
+                entry.explore = explore;
                 changed = true;
             }
         }

@@ -74,8 +74,9 @@ async fn client(proxy: SocketAddr) -> hyper::client::conn::http1::SendRequest<Fu
     sender
 }
 
-/// Runs `clients` clients for `len`, each at `rate` req/s (0 = back to back).
-async fn load(
+/// Runs `clients` clients for `len`, each at `rate` req/s (0 = back to
+/// back); returns (requests, successes, sorted latencies in ms).
+pub async fn load(
     proxy: SocketAddr,
     service: &'static str,
     clients: usize,
@@ -138,7 +139,8 @@ async fn load(
     )
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
+/// The `p` quantile of sorted values.
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

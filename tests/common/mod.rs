@@ -412,6 +412,8 @@ pub enum Behavior {
 pub struct Upstream {
     pub port: u16,
     pub hits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Requests answered with a 5xx (those that reached it during an outage).
+    pub failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -437,6 +439,8 @@ impl Upstream {
         let port = listener.local_addr().unwrap().port();
         let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = hits.clone();
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failures = failed.clone();
         let task = tokio::spawn(async move {
             // Connections live in this set: aborting the server drops them all,
             // as a dying process would.
@@ -446,9 +450,11 @@ impl Upstream {
                     return;
                 };
                 let counter = counter.clone();
+                let failures = failures.clone();
                 conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |_req| {
                         let counter = counter.clone();
+                        let failures = failures.clone();
                         async move {
                             let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let status = match behavior {
@@ -478,6 +484,9 @@ impl Upstream {
                                     }
                                 }
                             };
+                            if status >= 500 {
+                                failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
                             let mut resp = hyper::Response::new(http_body_util::Full::new(
                                 Bytes::from_static(b"ok"),
                             ));
@@ -491,7 +500,12 @@ impl Upstream {
                 });
             }
         });
-        Upstream { port, hits, task }
+        Upstream {
+            port,
+            hits,
+            failed,
+            task,
+        }
     }
 
     /// Requests received so far.
@@ -564,3 +578,4 @@ pub async fn proxy_get(proxy: SocketAddr, service: &str) -> u16 {
 
 #[path = "flapping.rs"]
 pub mod flapping;
+pub mod learning;

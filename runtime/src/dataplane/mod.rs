@@ -62,14 +62,17 @@ pub enum RetryPolicy {
     Learned,
     /// Envoy's default: 25 ms base, 250 ms cap, exponential, full jitter.
     Exponential,
+    /// No retries at all (the baseline of the learning scenarios).
+    None,
 }
 
 impl RetryPolicy {
-    /// Parses "learned" or "exponential".
+    /// Parses "learned", "exponential" or "none".
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "learned" => Some(RetryPolicy::Learned),
             "exponential" => Some(RetryPolicy::Exponential),
+            "none" => Some(RetryPolicy::None),
             _ => None,
         }
     }
@@ -379,18 +382,23 @@ impl DataPlane {
         self.budgets().used_fraction(service, Instant::now())
     }
 
+    /// A service's retry policy: its own, else this node's.
+    pub fn retry_policy(&self, service_policy: Option<&str>) -> RetryPolicy {
+        service_policy
+            .and_then(RetryPolicy::parse)
+            .unwrap_or(self.policy)
+    }
+
     /// The wait before retry number `retry` (1 or 2) to an instance that was
     /// just tried, by the service's policy or this node's default.
     pub fn retry_wait(&self, service: &str, service_policy: Option<&str>, retry: u8) -> Duration {
-        let policy = service_policy
-            .and_then(RetryPolicy::parse)
-            .unwrap_or(self.policy);
         let mut rng = rand::thread_rng();
-        match policy {
+        match self.retry_policy(service_policy) {
+            RetryPolicy::None => Duration::ZERO,
             RetryPolicy::Exponential => exponential_delay(retry, &mut rng),
             RetryPolicy::Learned => {
-                let (merged, start) = self.stats.episodes(service);
-                learned_delay(start, Instant::now(), &merged, retry, &mut rng).wait
+                let (merged, start, explore) = self.stats.episodes(service);
+                learned_delay(start, Instant::now(), &merged, retry, explore, &mut rng).wait
             }
         }
     }

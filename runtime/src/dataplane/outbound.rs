@@ -25,7 +25,7 @@ use super::hedge;
 use super::local::{LocalFailure, H2_MAX_HEADER_LIST};
 use super::request::{header_map, Forward};
 use super::splice::splice;
-use super::{body, BoxError, ConnectionLimit, DataPlane, ProxyBody};
+use super::{body, BoxError, ConnectionLimit, DataPlane, ProxyBody, RetryPolicy, TimeoutSource};
 use crate::access_log::{rfc3339, AccessEntry};
 use crate::outcome::{Outcome, OutcomeClass};
 use crate::policy::retry::{self, AttemptResult};
@@ -149,9 +149,16 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
             Err(error) => return error.response(&format!("service {:?}", fwd.service)),
         }
     };
-    let (timeout, _) = dp.request_timeout(&fwd.service, instance.timeout_ms);
-    let deadline = Instant::now() + timeout;
+    // A configured timeout bounds the whole request; a learned one each
+    // attempt (retry waits come on top, inside the default).
+    let (timeout, source) = dp.request_timeout(&fwd.service, instance.timeout_ms);
+    let (overall, per_attempt) = match source {
+        TimeoutSource::Learned => (dp.timeouts.request, timeout),
+        TimeoutSource::Configured | TimeoutSource::Default => (timeout, timeout),
+    };
+    let deadline = Instant::now() + overall;
     let retry_method = !fwd.upgrade
+        && dp.retry_policy(instance.retry.as_deref()) != RetryPolicy::None
         && (retry::method_is_idempotent(fwd.method.as_str()) || instance.retry_non_idempotent);
     dp.record_request(&fwd.service);
     // Bodies up to 64 KiB are kept so that an attempt can be sent again.
@@ -176,7 +183,7 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
         }
         trace.attempts = attempt + 1;
         let start = Instant::now();
-        let remaining = deadline.saturating_duration_since(start);
+        let remaining = deadline.saturating_duration_since(start).min(per_attempt);
         let sent = Attempt {
             dp,
             fwd: &fwd,

@@ -97,6 +97,9 @@ pub struct EpisodeTracker {
     /// The p90 of the outage length, from censored episodes: the learned
     /// wait before a first retry.
     recovery: RecoveryEstimate,
+    /// The last finished episode bounded the outage loosely (see
+    /// [`Self::explores`]).
+    last_seen_loosely: bool,
     /// Midpoints of the episodes' bounds, for the median and the tail.
     current: DDSketch,
     previous: DDSketch,
@@ -131,6 +134,7 @@ impl EpisodeTracker {
         EpisodeTracker {
             state: State::Unknown,
             recovery: RecoveryEstimate::new(0.9),
+            last_seen_loosely: true,
             current: new_sketch(),
             previous: new_sketch(),
             rotated_at: None,
@@ -157,6 +161,7 @@ impl EpisodeTracker {
                 };
                 self.current.add(duration_ms(episode.midpoint()));
                 self.recovery.observe(episode);
+                self.last_seen_loosely = episode.lower < episode.upper / 2;
                 self.state = State::Up;
                 Some(episode.upper)
             }
@@ -187,6 +192,15 @@ impl EpisodeTracker {
     /// healthy closes it).
     pub fn on_health_change(&mut self, now: Instant, healthy: bool) -> Option<Duration> {
         self.on_outcome(now, healthy)
+    }
+
+    /// Whether this node's retries should now and then explore: when its
+    /// last outage was seen loosely (the last failure came before half of
+    /// the time to the first success), as when every caller waited out the
+    /// learned delay. Callers that kept failing until the recovery saw it
+    /// closely, and need no early retries to learn that outages got shorter.
+    pub fn explores(&self) -> bool {
+        self.last_seen_loosely
     }
 
     /// When the ongoing episode started, the anchor of the learned wait;
@@ -276,10 +290,11 @@ pub struct Delay {
 ///
 /// The learned wait is `episode_start + quantile - now`, clamped to
 /// [[`MIN_WAIT`], [`MAX_WAIT`]] and then stretched by a uniform factor in
-/// [1, [`MAX_STRETCH`]], so it never exceeds 2.4 s. One first retry in
-/// five explores instead: it waits until [`EXPLORE_FRACTION`] of the p90
-/// (unstretched), which is how the estimate learns that outages got
-/// shorter (see [`super::recovery`]). With `episode_start`
+/// [1, [`MAX_STRETCH`]], so it never exceeds 2.4 s. With `explore` (see
+/// [`EpisodeTracker::explores`]) one first retry in five explores instead:
+/// it waits until [`EXPLORE_FRACTION`] of the p90 (unstretched), which is
+/// how a lone caller learns that outages got shorter (see
+/// [`super::recovery`]). With `episode_start`
 /// unknown the episode is taken to start now. Retry numbers above 2 use the
 /// p99; 0 is treated as 1.
 pub fn learned_delay<R: Rng + ?Sized>(
@@ -287,6 +302,7 @@ pub fn learned_delay<R: Rng + ?Sized>(
     now: Instant,
     merged: &EpisodeStats,
     retry_number: u8,
+    explore: bool,
     rng: &mut R,
 ) -> Delay {
     let quantile_ms = if retry_number <= 1 {
@@ -308,7 +324,7 @@ pub fn learned_delay<R: Rng + ?Sized>(
     };
     let elapsed =
         episode_start.map_or(Duration::ZERO, |start| now.saturating_duration_since(start));
-    if retry_number <= 1 && rng.gen_bool(EXPLORE_PROBABILITY) {
+    if explore && retry_number <= 1 && rng.gen_bool(EXPLORE_PROBABILITY) {
         let early = target.mul_f64(EXPLORE_FRACTION);
         return Delay {
             wait: early.saturating_sub(elapsed).clamp(MIN_WAIT, MAX_WAIT),

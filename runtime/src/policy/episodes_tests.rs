@@ -177,6 +177,7 @@ fn falls_back_to_envoy_below_twenty_samples() {
                 now,
                 &stats(samples, 800.0, 1500.0),
                 retry,
+                true,
                 &mut rng,
             );
             assert_eq!(d.source, DelaySource::Fallback);
@@ -188,7 +189,7 @@ fn falls_back_to_envoy_below_twenty_samples() {
         samples: 100,
         ..EpisodeStats::default()
     };
-    let d = learned_delay(None, now, &none, 1, &mut rng);
+    let d = learned_delay(None, now, &none, 1, true, &mut rng);
     assert_eq!(d.source, DelaySource::Fallback);
 }
 
@@ -200,7 +201,7 @@ fn first_retry_waits_for_p90_second_for_p99() {
     let merged = stats(20, 400.0, 900.0);
     let mut explored = 0;
     for _ in 0..1000 {
-        let d1 = learned_delay(Some(start), now, &merged, 1, &mut rng);
+        let d1 = learned_delay(Some(start), now, &merged, 1, true, &mut rng);
         match d1.source {
             DelaySource::Learned => {
                 assert!(d1.wait >= 300 * MS && d1.wait <= 360 * MS, "{d1:?}")
@@ -212,7 +213,7 @@ fn first_retry_waits_for_p90_second_for_p99() {
             }
             DelaySource::Fallback => panic!("{d1:?}"),
         }
-        let d2 = learned_delay(Some(start), now, &merged, 2, &mut rng);
+        let d2 = learned_delay(Some(start), now, &merged, 2, true, &mut rng);
         assert_eq!(
             d2.source,
             DelaySource::Learned,
@@ -233,7 +234,7 @@ fn wait_is_clamped_then_stretched() {
     let merged = stats(50, 400.0, 900.0);
     let mut max_seen = Duration::ZERO;
     for _ in 0..1000 {
-        let d = learned_delay(Some(start), late, &merged, 1, &mut rng);
+        let d = learned_delay(Some(start), late, &merged, 1, true, &mut rng);
         assert!(
             d.wait >= MIN_WAIT && d.wait <= MIN_WAIT.mul_f64(MAX_STRETCH),
             "{d:?}"
@@ -245,7 +246,7 @@ fn wait_is_clamped_then_stretched() {
     // A huge p99 is capped at 2 s before the stretch.
     let slow = stats(50, 400.0, 60_000.0);
     for _ in 0..1000 {
-        let d = learned_delay(Some(start), start, &slow, 2, &mut rng);
+        let d = learned_delay(Some(start), start, &slow, 2, true, &mut rng);
         assert!(
             d.wait >= MAX_WAIT && d.wait <= MAX_WAIT.mul_f64(MAX_STRETCH),
             "{d:?}"
@@ -253,7 +254,7 @@ fn wait_is_clamped_then_stretched() {
     }
     // A tiny p90 is raised to 5 ms.
     let fast = stats(50, 0.5, 1.0);
-    let d = learned_delay(Some(start), start, &fast, 1, &mut rng);
+    let d = learned_delay(Some(start), start, &fast, 1, true, &mut rng);
     assert!(d.wait >= MIN_WAIT);
 }
 
@@ -261,7 +262,7 @@ fn wait_is_clamped_then_stretched() {
 fn unknown_episode_start_counts_from_now() {
     let mut rng = StdRng::seed_from_u64(4);
     let now = Instant::now();
-    let d = learned_delay(None, now, &stats(20, 400.0, 900.0), 1, &mut rng);
+    let d = learned_delay(None, now, &stats(20, 400.0, 900.0), 1, true, &mut rng);
     assert_eq!(d.source, DelaySource::Learned);
     assert!(d.wait >= 400 * MS && d.wait <= 480 * MS, "{d:?}");
 }
@@ -271,9 +272,9 @@ fn retry_numbers_outside_one_and_two_are_safe() {
     let mut rng = StdRng::seed_from_u64(5);
     let now = Instant::now();
     let merged = stats(20, 400.0, 900.0);
-    let d0 = learned_delay(Some(now), now, &merged, 0, &mut rng);
+    let d0 = learned_delay(Some(now), now, &merged, 0, true, &mut rng);
     assert!(d0.wait <= 480 * MS, "0 behaves as the first retry: {d0:?}");
-    let d9 = learned_delay(Some(now), now, &merged, 255, &mut rng);
+    let d9 = learned_delay(Some(now), now, &merged, 255, true, &mut rng);
     assert!(d9.wait >= 900 * MS, "later retries use the p99: {d9:?}");
     for n in [0u8, 1, 2, 3, 4, 5, 100, 255] {
         assert!(exponential_delay(n, &mut rng) <= FALLBACK_CAP);
@@ -318,7 +319,7 @@ fn same_seed_same_delays() {
     let run = |seed| {
         let mut rng = StdRng::seed_from_u64(seed);
         (0..20)
-            .map(|i| learned_delay(Some(now), now, &merged, 1 + (i % 2), &mut rng).wait)
+            .map(|i| learned_delay(Some(now), now, &merged, 1 + (i % 2), true, &mut rng).wait)
             .collect::<Vec<_>>()
     };
     assert_eq!(run(9), run(9));
@@ -354,7 +355,7 @@ proptest! {
         let start = Instant::now();
         let now = start + Duration::from_millis(elapsed_ms);
         let merged = EpisodeStats { samples, p50_ms: p50, p90_ms: p90, p99_ms: p99 };
-        let d = learned_delay(started.then_some(start), now, &merged, retry, &mut rng);
+        let d = learned_delay(started.then_some(start), now, &merged, retry, true, &mut rng);
         match d.source {
             DelaySource::Learned | DelaySource::Explore => {
                 prop_assert!(d.wait >= MIN_WAIT);

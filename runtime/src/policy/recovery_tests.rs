@@ -63,7 +63,8 @@ impl Sim {
             let next = if !success && retry < MAX_RETRIES {
                 let stats = self.tracker.stats();
                 let start = self.tracker.current_episode_start();
-                let delay = learned_delay(start, now, &stats, retry + 1, &mut self.rng);
+                let explore = self.tracker.explores();
+                let delay = learned_delay(start, now, &stats, retry + 1, explore, &mut self.rng);
                 (at + delay.wait, retry + 1)
             } else {
                 self.requests += 1;
@@ -83,7 +84,7 @@ fn within(learned: f64, truth: Duration, tolerance: f64) -> bool {
     (learned - truth).abs() <= truth * tolerance
 }
 
-/// Runs 40 s of outages of length `before`, then 80 s of `after`, and
+/// Runs 40 s of outages of length `before`, then 120 s of `after`, and
 /// checks the learned p90 ends within 20% of `after`. The period leaves the
 /// service up at least 40% of the time (a flapping service, not a dead
 /// one).
@@ -93,7 +94,7 @@ fn converges(callers: usize, before: Duration, after: Duration, seed: u64) -> Re
     let switch = Duration::from_secs(40);
     sim.run(switch, before, period);
     let mid = sim.learned_ms();
-    sim.run(switch + Duration::from_secs(80), after, period);
+    sim.run(switch + Duration::from_secs(120), after, period);
     let learned = sim.learned_ms();
     if within(learned, after, 0.2) {
         Ok(())

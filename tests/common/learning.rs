@@ -1,0 +1,361 @@
+//! The learning scenario matrix: retry policies (learned, Envoy's
+//! exponential backoff, none) against failure shapes, on one cluster of six
+//! real nodes. n1 is the measured caller, n2 and n3 call while the learned
+//! policy learns, n4 and n5 join n1 for the total outage, n5 never calls the
+//! flapping services (the observer), n6 hosts every instance.
+//!
+//! Columns: success of the client requests, attempts per request, what the
+//! failing instances received while failing relative to what they get when
+//! healthy (1.0 = no extra load; retries push it up), and client latency.
+
+use std::time::{Duration, Instant};
+
+use super::flapping::{load, pct};
+use super::*;
+
+/// How long each part runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Lengths {
+    /// The learned policy's warm-up, three callers.
+    pub warmup: Duration,
+    /// Each measured phase.
+    pub phase: Duration,
+    /// Concurrent clients, and each one's rate.
+    pub concurrent: usize,
+    pub rate_per_client: f64,
+    /// Shapes to run (all when empty).
+    pub only: &'static [&'static str],
+}
+
+impl Lengths {
+    /// The CI form: two shapes, short phases (about two minutes).
+    pub fn short() -> Self {
+        Lengths {
+            warmup: Duration::from_secs(10),
+            phase: Duration::from_secs(5),
+            concurrent: 20,
+            rate_per_client: 5.0,
+            only: &["flap 300/1500 ms", "total outage, 5 callers"],
+        }
+    }
+
+    /// The README's form: every shape, 20 s phases.
+    pub fn long() -> Self {
+        Lengths {
+            warmup: Duration::from_secs(30),
+            phase: Duration::from_secs(20),
+            concurrent: 50,
+            rate_per_client: 4.0,
+            only: &[],
+        }
+    }
+}
+
+/// One row of the matrix.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub shape: &'static str,
+    pub policy: &'static str,
+    pub clients: usize,
+    pub requests: u64,
+    pub ok: u64,
+    pub attempts: u64,
+    /// What the failing instances got while failing / what they get healthy.
+    pub failing_load: Option<f64>,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// `retry_delay_ms` on n5, which never called the service.
+    pub observer_delay_ms: Option<f64>,
+}
+
+impl Row {
+    pub fn success(&self) -> f64 {
+        self.ok as f64 / self.requests.max(1) as f64
+    }
+    pub fn attempts_per_request(&self) -> f64 {
+        self.attempts as f64 / self.requests.max(1) as f64
+    }
+}
+
+const POLICIES: [&str; 3] = ["learned", "exponential", "none"];
+
+/// A failure shape: how the instances of a service behave.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    /// Every instance down for `down` of every `period`.
+    Flap { down: u64, period: u64 },
+    /// One of three instances always failing.
+    OneOfThree,
+    /// A 400 ms pause on every 25th request of each of three instances;
+    /// policies are hedging on and off.
+    Spike,
+    /// Always failing, called by five nodes.
+    TotalOutage,
+}
+
+const SHAPES: [(&str, Shape); 7] = [
+    (
+        "flap 300/1500 ms",
+        Shape::Flap {
+            down: 300,
+            period: 1500,
+        },
+    ),
+    (
+        "flap 100/600 ms",
+        Shape::Flap {
+            down: 100,
+            period: 600,
+        },
+    ),
+    (
+        "flap 800/2400 ms",
+        Shape::Flap {
+            down: 800,
+            period: 2400,
+        },
+    ),
+    (
+        "outage 5 s of 15 s",
+        Shape::Flap {
+            down: 5000,
+            period: 15000,
+        },
+    ),
+    ("one of three down", Shape::OneOfThree),
+    ("latency spike", Shape::Spike),
+    ("total outage, 5 callers", Shape::TotalOutage),
+];
+
+/// The services of one shape under one policy, and their instances.
+struct Deployed {
+    service: &'static str,
+    policy: &'static str,
+    upstreams: Vec<Upstream>,
+    /// Share of the time (or of the instances) that fails, for the
+    /// failing-load column.
+    failing_share: f64,
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+async fn deploy(c: &TestCluster, name: &str, shape: Shape, epoch: Instant) -> Vec<Deployed> {
+    let policies: Vec<&'static str> = match shape {
+        Shape::Spike => vec!["hedge", "no hedge"],
+        _ => POLICIES.to_vec(),
+    };
+    let mut out = Vec::new();
+    for (p, policy) in policies.into_iter().enumerate() {
+        let service = leak(format!(
+            "s{}-{p}",
+            SHAPES.iter().position(|(n, _)| *n == name).unwrap_or(0)
+        ));
+        let (behaviors, failing_share) = match shape {
+            Shape::Flap { down, period } => (
+                vec![Behavior::Flap {
+                    down: Duration::from_millis(down),
+                    period: Duration::from_millis(period),
+                    epoch,
+                }],
+                down as f64 / period as f64,
+            ),
+            Shape::OneOfThree => (
+                vec![
+                    Behavior::Fixed(200, Duration::ZERO),
+                    Behavior::Fixed(200, Duration::ZERO),
+                    Behavior::Fixed(503, Duration::ZERO),
+                ],
+                1.0 / 3.0,
+            ),
+            Shape::Spike => {
+                let tail = Behavior::Tail {
+                    every: 25,
+                    delay: Duration::from_millis(400),
+                };
+                (vec![tail; 3], 0.0)
+            }
+            Shape::TotalOutage => (vec![Behavior::Fixed(503, Duration::ZERO)], 1.0),
+        };
+        let mut upstreams = Vec::new();
+        for (i, behavior) in behaviors.into_iter().enumerate() {
+            let upstream = Upstream::with(0, behavior).await;
+            let mut body = serde_json::json!({
+                "name": service, "id": format!("{service}-{i}"), "port": upstream.port,
+            });
+            match policy {
+                "hedge" => body["hedge"] = true.into(),
+                "no hedge" => {}
+                retry => body["retry"] = retry.into(),
+            }
+            let (status, reply) = put_json(&c.nodes[5].socket, "/v1/services", &body)
+                .await
+                .expect("register");
+            assert_eq!(status, 200, "{reply}");
+            upstreams.push(upstream);
+        }
+        let count = upstreams.len();
+        for node in &c.nodes {
+            wait_for(Duration::from_secs(10), "instances listed", || async {
+                (instance_ids(&node.socket, service).await?.len() == count).then_some(())
+            })
+            .await;
+        }
+        out.push(Deployed {
+            service,
+            policy,
+            upstreams,
+            failing_share,
+        });
+    }
+    out
+}
+
+/// Calls `d.service` from `callers` with `clients` clients each for `len`.
+async fn measure(
+    c: &TestCluster,
+    shape: &'static str,
+    d: &Deployed,
+    callers: &[usize],
+    clients: usize,
+    rate: f64,
+    len: Duration,
+) -> Row {
+    let hits = |d: &Deployed| d.upstreams.iter().map(Upstream::hits).sum::<u64>();
+    let failed = |d: &Deployed| {
+        d.upstreams
+            .iter()
+            .map(|u| u.failed.load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    let (hits0, failed0) = (hits(d), failed(d));
+    let runs: Vec<_> = callers
+        .iter()
+        .map(|&i| tokio::spawn(load(c.nodes[i].proxy, d.service, clients, rate, len)))
+        .collect();
+    let (mut requests, mut ok, mut latencies) = (0, 0, Vec::new());
+    for run in runs {
+        let (r, o, l) = run.await.expect("load");
+        requests += r;
+        ok += o;
+        latencies.extend(l);
+    }
+    latencies.sort_by(f64::total_cmp);
+    // When healthy, the failing part gets its share of the requests, once.
+    let expected = requests as f64 * d.failing_share;
+    let failing_load = (expected > 0.0).then(|| (failed(d) - failed0) as f64 / expected);
+    let observer = get(&c.nodes[4].socket, "/v1/health").await.ok();
+    Row {
+        shape,
+        policy: d.policy,
+        clients: clients * callers.len(),
+        requests,
+        ok,
+        attempts: hits(d) - hits0,
+        failing_load,
+        p50_ms: pct(&latencies, 0.5),
+        p99_ms: pct(&latencies, 0.99),
+        observer_delay_ms: observer
+            .and_then(|(_, h)| h["services"][d.service]["retry_delay_ms"].as_f64()),
+    }
+}
+
+/// Runs the matrix and prints it as a Markdown table.
+pub async fn run(lengths: Lengths) -> Vec<Row> {
+    let mut c = TestCluster::new();
+    for _ in 0..6 {
+        c.add_node();
+    }
+    c.wait_converged(6, Duration::from_secs(30)).await;
+    let epoch = Instant::now();
+    let mut rows = Vec::new();
+    for (name, shape) in SHAPES {
+        if !lengths.only.is_empty() && !lengths.only.contains(&name) {
+            continue;
+        }
+        let deployed = deploy(&c, name, shape, epoch).await;
+        if let Shape::TotalOutage = shape {
+            // Measured once the outage has lasted a budget window (10 s),
+            // so the budgets' reserve is spent: the steady state.
+            // Measured over a whole budget window too: 5 callers x 30/s.
+            let window = Duration::from_secs(10);
+            for d in &deployed {
+                let callers = [0, 1, 2, 3, 4];
+                measure(&c, name, d, &callers, 6, 5.0, window).await;
+                rows.push(measure(&c, name, d, &callers, 6, 5.0, lengths.phase.max(window)).await);
+            }
+            continue;
+        }
+        // The learned policy learns from three callers; the others have
+        // nothing to learn.
+        let phase = match shape {
+            Shape::Flap { period, .. } => lengths.phase.max(Duration::from_millis(2 * period)),
+            _ => lengths.phase,
+        };
+        if let Some(learned) = deployed
+            .iter()
+            .find(|d| d.policy == "learned" || d.policy == "hedge")
+        {
+            let warm: Vec<_> = (0..3)
+                .map(|i| {
+                    tokio::spawn(load(
+                        c.nodes[i].proxy,
+                        learned.service,
+                        1,
+                        0.0,
+                        lengths.warmup,
+                    ))
+                })
+                .collect();
+            for w in warm {
+                w.await.expect("warm-up");
+            }
+        }
+        for d in &deployed {
+            rows.push(measure(&c, name, d, &[0], 1, 0.0, phase).await);
+            rows.push(
+                measure(
+                    &c,
+                    name,
+                    d,
+                    &[0],
+                    lengths.concurrent,
+                    lengths.rate_per_client,
+                    phase,
+                )
+                .await,
+            );
+        }
+    }
+    print_table(&rows, &lengths);
+    rows
+}
+
+fn print_table(rows: &[Row], lengths: &Lengths) {
+    println!(
+        "\n# learning matrix: warm-up {} s, phases {} s; retry delay as reported by n5, which never called\n",
+        lengths.warmup.as_secs(),
+        lengths.phase.as_secs()
+    );
+    println!("| shape | policy | clients | success % | attempts/req | failing load | p50 ms | p99 ms | retry delay on n5 |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {:.2} | {:.3} | {} | {:.1} | {:.1} | {} |",
+            r.shape,
+            r.policy,
+            r.clients,
+            100.0 * r.success(),
+            r.attempts_per_request(),
+            r.failing_load
+                .map(|x| format!("{x:.2}x"))
+                .unwrap_or_else(|| "-".into()),
+            r.p50_ms,
+            r.p99_ms,
+            r.observer_delay_ms
+                .map(|d| format!("{d:.0} ms"))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+}
