@@ -39,11 +39,12 @@ impl Lengths {
         }
     }
 
-    /// The README's form: every shape, 20 s phases.
+    /// The README's form: every shape, 10 s phases (30 s for the 5 s
+    /// outage, two of its periods).
     pub fn long() -> Self {
         Lengths {
-            warmup: Duration::from_secs(30),
-            phase: Duration::from_secs(20),
+            warmup: Duration::from_secs(20),
+            phase: Duration::from_secs(10),
             concurrent: 50,
             rate_per_client: 4.0,
             only: &[],
