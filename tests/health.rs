@@ -7,15 +7,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-async fn health_of(socket: &std::path::Path, service: &str, id: &str) -> Option<String> {
-    let (_, body) = get(socket, "/v1/services").await.ok()?;
-    body["services"][service]
-        .as_array()?
-        .iter()
-        .find(|i| i["id"] == id)
-        .and_then(|i| i["health"].as_str().map(String::from))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_upstream_turns_failing_everywhere_and_recovers() {
     let c = TestCluster::start(3).await;

@@ -357,16 +357,6 @@ async fn logs_access_log_and_sighup() {
     );
 }
 
-/// The health of instance `id` as node `socket` sees it in the catalog.
-async fn health_of(socket: &std::path::Path, service: &str, id: &str) -> Option<String> {
-    let (_, body) = get(socket, "/v1/services").await.ok()?;
-    body["services"][service]
-        .as_array()?
-        .iter()
-        .find(|i| i["id"] == id)
-        .and_then(|i| i["health"].as_str().map(String::from))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_panicking_actor_is_restarted_and_the_node_keeps_serving() {
     let c = TestCluster::start(2).await;

@@ -31,6 +31,14 @@ async fn the_learned_policy_recovers_more_with_fewer_retries() {
     );
     assert!(learned.success() >= 0.99, "{learned:?}");
     assert!((none.attempts_per_request() - 1.0).abs() < 0.01, "{none:?}");
+    // n5 never called the service yet knows how long its outages last.
+    let delay = learned
+        .observer_delay_ms
+        .expect("the observer's retry delay");
+    assert!(
+        (240.0..=360.0).contains(&delay),
+        "n5's retry_delay_ms {delay} for 300 ms outages"
+    );
     // A total outage called by five nodes: retries stay inside the budget.
     for policy in ["learned", "exponential"] {
         let r = row(&rows, "total outage", policy, 30);

@@ -8,9 +8,10 @@
 //! failing instances received while failing relative to what they get when
 //! healthy (1.0 = no extra load; retries push it up), and client latency.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::flapping::{load, pct};
 use super::*;
 
 /// How long each part runs.
@@ -359,4 +360,88 @@ fn print_table(rows: &[Row], lengths: &Lengths) {
                 .unwrap_or_else(|| "-".into()),
         );
     }
+}
+
+/// A keep-alive HTTP/1.1 client to a node's proxy.
+async fn client(proxy: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(proxy).await.expect("proxy");
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// Runs `clients` clients for `len`, each at `rate` req/s (0 = back to
+/// back); returns (requests, successes, sorted latencies in ms).
+pub async fn load(
+    proxy: SocketAddr,
+    service: &'static str,
+    clients: usize,
+    rate: f64,
+    len: Duration,
+) -> (u64, u64, Vec<f64>) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let total = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let end = Instant::now() + len;
+    for i in 0..clients {
+        let (ok, total) = (ok.clone(), total.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut sender = client(proxy).await;
+            let period = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+            // Spread the clients' first requests over one period.
+            let mut next = Instant::now()
+                + period
+                    .map(|p| p.mul_f64(i as f64 / clients as f64))
+                    .unwrap_or_default();
+            while Instant::now() < end {
+                if let Some(p) = period {
+                    tokio::time::sleep_until(next.into()).await;
+                    next += p;
+                }
+                let req = Request::get(format!("http://{service}/"))
+                    .body(Full::new(Bytes::new()))
+                    .expect("request");
+                let start = Instant::now();
+                let status = match sender.send_request(req).await {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let _ = resp.into_body().collect().await;
+                        status
+                    }
+                    Err(_) => {
+                        sender = client(proxy).await;
+                        0
+                    }
+                };
+                latencies.push(start.elapsed().as_secs_f64() * 1e3);
+                total.fetch_add(1, Ordering::Relaxed);
+                if status == 200 {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("client"));
+    }
+    all.sort_by(f64::total_cmp);
+    (
+        total.load(Ordering::Relaxed),
+        ok.load(Ordering::Relaxed),
+        all,
+    )
+}
+
+/// The `p` quantile of sorted values.
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
 }

@@ -348,6 +348,16 @@ pub async fn instance_ids(socket: &Path, service: &str) -> Option<Vec<String>> {
 }
 
 /// State of member `name` as `socket`'s node reports it.
+/// The health of instance `id` as node `socket` sees it in the catalog.
+pub async fn health_of(socket: &std::path::Path, service: &str, id: &str) -> Option<String> {
+    let (_, body) = get(socket, "/v1/services").await.ok()?;
+    body["services"][service]
+        .as_array()?
+        .iter()
+        .find(|i| i["id"] == id)
+        .and_then(|i| i["health"].as_str().map(String::from))
+}
+
 pub async fn member_state(socket: &Path, name: &str) -> Option<String> {
     let (_, body) = get(socket, "/v1/members").await.ok()?;
     body["members"]
@@ -576,6 +586,5 @@ pub async fn proxy_get(proxy: SocketAddr, service: &str) -> u16 {
     proxy_call(proxy, Method::GET, service).await.0
 }
 
-#[path = "flapping.rs"]
-pub mod flapping;
+/// The learning scenario matrix.
 pub mod learning;

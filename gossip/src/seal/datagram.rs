@@ -150,22 +150,10 @@ pub fn unix_now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use rand::rngs::StdRng;
-    use rand::SeedableRng;
 
     use super::*;
     use crate::seal::fragment::parse_fragment;
-
-    const KEY: [u8; 32] = [7u8; 32];
-    const NOW: u64 = 1_700_000_000_000;
-
-    fn key() -> SealKey {
-        SealKey::new(&KEY)
-    }
-
-    fn rng() -> StdRng {
-        StdRng::seed_from_u64(42)
-    }
+    use crate::seal::test_support::*;
 
     #[test]
     fn seal_open_round_trip() {

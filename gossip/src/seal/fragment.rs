@@ -150,35 +150,12 @@ pub fn seal_message<R: RngCore + ?Sized>(
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
     use std::time::Instant;
-
-    use rand::rngs::StdRng;
-    use rand::SeedableRng;
 
     use super::*;
     use crate::seal::datagram::open;
     use crate::seal::reassembly::Reassembler;
-
-    const KEY: [u8; 32] = [7u8; 32];
-    const NOW: u64 = 1_700_000_000_000;
-
-    fn key() -> SealKey {
-        SealKey::new(&KEY)
-    }
-
-    fn rng() -> StdRng {
-        StdRng::seed_from_u64(42)
-    }
-
-    const ROUTE: Route = Route {
-        from: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1),
-        to: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 2),
-    };
-
-    fn addr(port: u16) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-    }
+    use crate::seal::test_support::*;
 
     #[test]
     fn fragment_header_round_trip_and_validation() {

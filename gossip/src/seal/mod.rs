@@ -141,6 +141,37 @@ pub use replay::{ReplayWindow, REPLAY_WINDOW_CAPACITY, REPLAY_WINDOW_MS};
 pub use stats::SealStats;
 pub use transport::SealedTransport;
 
+/// What the seal modules' unit tests share: a key, a clock, a seeded rng.
+#[cfg(test)]
+mod test_support {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    use super::fragment::Route;
+    use super::key::SealKey;
+
+    pub const KEY: [u8; 32] = [7u8; 32];
+    pub const NOW: u64 = 1_700_000_000_000;
+    pub const ROUTE: Route = Route {
+        from: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1),
+        to: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 2),
+    };
+
+    pub fn key() -> SealKey {
+        SealKey::new(&KEY)
+    }
+
+    pub fn rng() -> StdRng {
+        StdRng::seed_from_u64(42)
+    }
+
+    pub fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    }
+}
+
 #[cfg(doc)]
 use chitchat::{
     transport::{Socket, Transport},

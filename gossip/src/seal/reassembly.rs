@@ -154,16 +154,12 @@ impl Reassembler {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
 
     use proptest::prelude::*;
 
     use super::*;
     use crate::seal::fragment::parse_fragment;
-
-    fn addr(port: u16) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-    }
+    use crate::seal::test_support::*;
 
     fn fragments_of(message: &[u8], max_payload: usize) -> Vec<(u8, u8, Vec<u8>)> {
         let chunks: Vec<&[u8]> = message.chunks(max_payload).collect();

@@ -79,23 +79,10 @@ impl ReplayWindow {
 
 #[cfg(test)]
 mod tests {
-    use rand::rngs::StdRng;
-    use rand::SeedableRng;
 
     use super::*;
     use crate::seal::datagram::{open, seal};
-    use crate::seal::key::SealKey;
-
-    const KEY: [u8; 32] = [7u8; 32];
-    const NOW: u64 = 1_700_000_000_000;
-
-    fn key() -> SealKey {
-        SealKey::new(&KEY)
-    }
-
-    fn rng() -> StdRng {
-        StdRng::seed_from_u64(42)
-    }
+    use crate::seal::test_support::*;
 
     #[test]
     fn replayed_nonce_is_rejected() {
