@@ -296,8 +296,20 @@ async fn tail_latency(hedge: bool) -> (Vec<Duration>, u64, f64) {
     .await;
     let proxy = c.nodes[0].proxy;
     let hits = || upstreams.iter().map(Upstream::hits).sum::<u64>();
-    // The p95 is learned first (hedging waits for 100 requests in the window).
+    // The p95 is learned first: hedging waits for 100 requests in the
+    // cluster's window, which summaries bring within a second or two.
     latencies(proxy, "api", 200).await;
+    let socket = c.nodes[0].socket.clone();
+    wait_for(
+        Duration::from_secs(10),
+        "the cluster's latency of api",
+        || async {
+            let (_, health) = get(&socket, "/v1/health").await.ok()?;
+            let samples = health["services"]["api"]["learned"]["timeout"]["samples"].as_u64()?;
+            (samples >= 100).then_some(())
+        },
+    )
+    .await;
     let before = hits();
     let measured = latencies(proxy, "api", 400).await;
     let attempts = hits() - before;
