@@ -77,6 +77,11 @@ impl KeyringState {
         (self.version, &self.primary, &self.keys) > (other.version, &other.primary, &other.keys)
     }
 
+    /// The gossip value: the state as JSON.
+    fn record(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
     fn ids(&self) -> Vec<KeyId> {
         self.keys.iter().filter_map(|k| id_of(k)).collect()
     }
@@ -165,7 +170,7 @@ impl ClusterKeys {
 
     /// The gossip value of the current state.
     pub fn record(&self) -> String {
-        serde_json::to_string(&*self.lock()).unwrap_or_default()
+        self.lock().record()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, KeyringState> {
@@ -343,7 +348,7 @@ impl ClusterKeys {
                             return;
                         }
                         let state = changes.borrow_and_update().clone();
-                        writer.set(Key::Keyring, serde_json::to_string(&state).unwrap_or_default());
+                        writer.set(Key::Keyring, state.record());
                     }
                 }
             }

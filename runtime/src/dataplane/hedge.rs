@@ -14,6 +14,7 @@ use weft_gossip::Instance;
 use super::outbound::{Attempt, Failure};
 use super::{DataPlane, ProxyBody};
 use crate::policy::retry;
+use crate::policy::stats::MAX_MS;
 use hyper::Response;
 
 /// Requests in the cluster's window before its p95 is trusted.
@@ -36,7 +37,7 @@ pub(super) fn delay(
     let p95 = cluster
         .p95_ms
         .filter(|ms| cluster.requests >= MIN_REQUESTS && ms.is_finite() && *ms >= 0.0)?;
-    Some(Duration::from_secs_f64(p95.min(3_600_000.0) / 1e3).max(Duration::from_millis(1)))
+    Some(Duration::from_secs_f64(p95.min(MAX_MS) / 1e3).max(Duration::from_millis(1)))
 }
 
 /// What a possibly hedged attempt came to: the instance that answered
