@@ -10,6 +10,9 @@
 #   weft-local : load generator -> weft n2 proxy -> upstream (registered on n2)
 #   weft-2node : load generator -> weft n1 proxy -> QUIC (mTLS) -> weft n2
 #                -> upstream (registered on n2)
+#   nginx2-mtls: load generator -> nginx A -> TLS 1.3 with client
+#                certificates (kept-alive, sessions reused) -> nginx B ->
+#                upstream: the honest peer of an encrypted mesh
 # The weft scenarios send `Host: up` to the node's proxy port. One 2-node
 # cluster serves both: the service `up` has one instance, on n2, so n2's proxy
 # is the "local" path and n1's proxy the "2-node" path (no re-registration
@@ -23,11 +26,20 @@
 # means, and two ratios (medians over REPS): weft-2node/nginx2 max RPS and
 # weft-2node/nginx2 fixed-rate p99.
 #
+# H2C=1 (default) then runs h2load (h2c prior knowledge, CONNS connections,
+# 10 streams each) through nginx (an h2c front before the same two hops) and
+# through weft-2node, interleaved, REPS times.
+#
+# TCP=1 (default) then runs redis-benchmark (GET and SET, CONNS clients)
+# against redis-server directly, through an nginx `stream` two-hop chain and
+# through a weft TCP upstream across the two nodes, interleaved, REPS times.
+#
 # STREAM_1G=1 (default) then starts a fresh 2-node cluster, streams a 1 GiB
 # body (nginx, sparse file) from n2 through n1's proxy with curl, and prints
 # both nodes' VmRSS before/after and VmHWM (peak).
 #
-# Installs what it needs (apt: wrk nghttp2-client nginx-light haproxy curl jq;
+# Installs what it needs (apt: wrk nghttp2-client nginx-light
+# libnginx-mod-stream haproxy curl jq openssl redis-server redis-tools;
 # cargo: oha) and builds weft (`cargo build --release --locked -p weft`;
 # WEFT_BIN=path skips the build). Installs and the build happen BEFORE the
 # measured window, which a watchdog bounds (MAX_WALL s). Only processes this
@@ -45,10 +57,13 @@ PORT0=${PORT0:-18080}     # upstream; peers use PORT0+1.., weft PORT0+20..+39
 BUILD_OHA=${BUILD_OHA:-1} # 1: cargo install oha if missing
 OHA_VERSION=${OHA_VERSION:-1.16.0}
 STREAM_1G=${STREAM_1G:-1} # 1: also the 1 GiB streaming memory check
+H2C=${H2C:-1}             # 1: also the h2c rows (h2load)
+TCP=${TCP:-1}             # 1: also the TCP request/response rows (redis-benchmark)
+TCP_REQS=${TCP_REQS:-200000} # redis-benchmark requests per test
 MAX_WALL=${MAX_WALL:-330} # hard bound on the measured window (seconds)
 KEEP=${KEEP:-0}           # 1: keep the temp dir (configs, raw outputs, node logs)
 WEFT_LOG=${WEFT_LOG:-warn} # RUST_LOG of the weft nodes
-SCEN_LIST=${SCEN_LIST:-"direct nginx2 haproxy2 weft-local weft-2node"}
+SCEN_LIST=${SCEN_LIST:-"direct nginx2 nginx2-mtls haproxy2 weft-local weft-2node"}
 
 log() { printf '%s\n' "$*" >&2; }
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -62,6 +77,12 @@ install_pkgs() {
   command -v haproxy >/dev/null || need+=(haproxy)
   command -v curl    >/dev/null || need+=(curl)
   command -v jq      >/dev/null || need+=(jq)
+  command -v openssl >/dev/null || need+=(openssl)
+  [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+  if [ "$TCP" = 1 ]; then
+    command -v redis-server    >/dev/null || need+=(redis-server)
+    command -v redis-benchmark >/dev/null || need+=(redis-tools)
+  fi
   ((${#need[@]})) || return 0
   log "# installing: ${need[*]}"
   local made_policy=0
@@ -110,12 +131,83 @@ trap cleanup EXIT
 trap 'log "# interrupted / watchdog fired"; exit 124' INT TERM
 
 UP=$PORT0; NA=$((PORT0+1)); NB=$((PORT0+2)); HA=$((PORT0+11)); HB=$((PORT0+12))
+TA=$((PORT0+3)); TB=$((PORT0+4)); H2F=$((PORT0+5))             # nginx2-mtls, h2c front
+RD=$((PORT0+6)); SA=$((PORT0+7)); SB=$((PORT0+8)); WUP=$((PORT0+9)) # redis, nginx stream, weft upstream
 # weft node n<i> of cluster c<k>: gossip/tunnel (UDP), proxy, admin (TCP)
 wport() { echo $((PORT0 + 20 + 10*($1-1) + 4*($2-1) + $3)); } # cluster node kind(0..3)
 mkdir -p "$T/www" "$T/tmp"; head -c "$BODY" /dev/zero | tr '\0' 'x' > "$T/www/body"
 [ "$STREAM_1G" = 1 ] && truncate -s 1G "$T/www/big"   # sparse: no disk, nginx sendfile
 chmod -R a+rX "$T"
 
+# nginx2-mtls: a CA, a server certificate for B and a client certificate for A
+make_certs() {
+  local d=$T/pki
+  mkdir -p "$d"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench-ca \
+    -keyout "$d/ca.key" -out "$d/ca.pem" 2>/dev/null || return 1
+  local who
+  for who in server client; do
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$who" \
+      -keyout "$d/$who.key" -out "$d/$who.csr" 2>/dev/null || return 1
+    printf 'subjectAltName=IP:127.0.0.1\n' > "$d/$who.ext"
+    openssl x509 -req -in "$d/$who.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
+      -extfile "$d/$who.ext" -out "$d/$who.pem" 2>/dev/null || return 1
+  done
+}
+nginx_head() { # name: the lines every proxy config starts with
+  cat <<EOF
+worker_processes $WORKERS;
+pid $T/$1.pid;
+error_log $T/$1.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 100000000;
+  keepalive_timeout 60s;
+  client_body_temp_path $T/tmp/$1.cb; proxy_temp_path $T/tmp/$1.px;
+  fastcgi_temp_path $T/tmp/$1.fc; uwsgi_temp_path $T/tmp/$1.uw; scgi_temp_path $T/tmp/$1.sc;
+EOF
+}
+nginx_mtls_conf() { # nginx2-mtls: A (plain in, TLS with a client cert out) and B (TLS in, verifies it)
+  local d=$T/pki
+  { nginx_head ta; cat <<EOF
+  upstream b { server 127.0.0.1:$TB; keepalive 64; keepalive_requests 100000000; }
+  server { listen 127.0.0.1:$TA;
+    location / { proxy_pass https://b; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on; proxy_ssl_name 127.0.0.1;
+      proxy_ssl_certificate $d/client.pem; proxy_ssl_certificate_key $d/client.key;
+      proxy_ssl_trusted_certificate $d/ca.pem; proxy_ssl_verify on; } }
+}
+EOF
+  } > "$T/ta.conf"
+  { nginx_head tb; cat <<EOF
+  upstream up { server 127.0.0.1:$UP; keepalive 64; keepalive_requests 100000000; }
+  server { listen 127.0.0.1:$TB ssl;
+    ssl_protocols TLSv1.3; ssl_certificate $d/server.pem; ssl_certificate_key $d/server.key;
+    ssl_client_certificate $d/ca.pem; ssl_verify_client on;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+EOF
+  } > "$T/tb.conf"
+  # the h2c front: h2c prior knowledge in, then nginx2's two hops
+  { nginx_head h2f; cat <<EOF
+  upstream a { server 127.0.0.1:$NA; keepalive 64; keepalive_requests 100000000; }
+  server { listen 127.0.0.1:$H2F http2;
+    location / { proxy_pass http://a; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+EOF
+  } > "$T/h2f.conf"
+}
+nginx_stream_conf() { # name listen_port upstream_port: an L4 hop
+  cat > "$T/$1.conf" <<EOF
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes $WORKERS;
+pid $T/$1.pid;
+error_log $T/$1.err warn;
+events { worker_connections 4096; }
+stream { server { listen 127.0.0.1:$2; proxy_pass 127.0.0.1:$3; } }
+EOF
+}
 nginx_conf() { # name listen_port [upstream_port]  (no upstream = static server)
   local name=$1 port=$2 upp=${3:-}
   {
@@ -206,17 +298,18 @@ start_cluster() {
   wait_until 30 "cluster $k: n2 lists up@n2" up_listed "$s2" || return 1
 }
 
-nginx_conf up "$UP"; nginx_conf na "$NA" "$NB"; nginx_conf nb "$NB" "$UP"
+make_certs || { log "openssl could not make the nginx2-mtls certificates"; exit 1; }
+nginx_conf up "$UP"; nginx_conf na "$NA" "$NB"; nginx_conf nb "$NB" "$UP"; nginx_mtls_conf
 haproxy_conf ha "$HA" "$HB" http; haproxy_conf hb "$HB" "$UP" http
-for n in up na nb; do start "$n" nginx -p "$T" -e "$T/$n.err" -c "$T/$n.conf" -g 'daemon off;'; done
+for n in up na nb ta tb h2f; do start "$n" nginx -p "$T" -e "$T/$n.err" -c "$T/$n.conf" -g 'daemon off;'; done
 for n in ha hb; do start "$n" haproxy -db -f "$T/$n.cfg"; done
 start_cluster 1 || { dump_logs; exit 1; }
 
 read -r -a SCEN <<<"$SCEN_LIST"
-declare -A PORT=([direct]=$UP [nginx2]=$NA [haproxy2]=$HA [weft-local]=$(wport 1 2 2) [weft-2node]=$(wport 1 1 2))
-declare -A PROX=([direct]="" [nginx2]="na nb" [haproxy2]="ha hb" [weft-local]="c1n1 c1n2" [weft-2node]="c1n1 c1n2")
-declare -A HOPS=([direct]=0 [nginx2]=2 [haproxy2]=2 [weft-local]=1 [weft-2node]=2)
-declare -A HOST=([direct]="" [nginx2]="" [haproxy2]="" [weft-local]=up [weft-2node]=up)
+declare -A PORT=([direct]=$UP [nginx2]=$NA [nginx2-mtls]=$TA [haproxy2]=$HA [weft-local]=$(wport 1 2 2) [weft-2node]=$(wport 1 1 2))
+declare -A PROX=([direct]="" [nginx2]="na nb" [nginx2-mtls]="ta tb" [haproxy2]="ha hb" [weft-local]="c1n1 c1n2" [weft-2node]="c1n1 c1n2")
+declare -A HOPS=([direct]=0 [nginx2]=2 [nginx2-mtls]=2 [haproxy2]=2 [weft-local]=1 [weft-2node]=2)
+declare -A HOST=([direct]="" [nginx2]="" [nginx2-mtls]="" [haproxy2]="" [weft-local]=up [weft-2node]=up)
 hdr() { [ -n "${HOST[$1]}" ] && printf '%s\n' -H "Host: ${HOST[$1]}"; }
 for s in "${SCEN[@]}"; do
   [ -n "${PORT[$s]:-}" ] || { log "unknown scenario $s"; exit 64; }
@@ -356,9 +449,69 @@ awk '
   { c=++cnt[$1]; mx[$1,c]=$4; p[$1,c]=$10 }
   END { if (!cnt["weft-2node"] || !cnt["nginx2"]) exit
     a=med(mx,"weft-2node"); b=med(mx,"nginx2"); printf "ratio maxRPS  weft-2node/nginx2 = %.2f  (%.0f / %.0f, medians over reps)\n", (b?a/b:0), a, b
+    if (cnt["nginx2-mtls"]) { b=med(mx,"nginx2-mtls"); printf "ratio maxRPS  weft-2node/nginx2-mtls = %.2f  (%.0f / %.0f, medians over reps)\n", (b?a/b:0), a, b }
     a=med(p,"weft-2node");  b=med(p,"nginx2");  printf "ratio p99     weft-2node/nginx2 = %.2f  (%.2f / %.2f ms, fixed-rate p99, medians over reps)\n", (b?a/b:0), a, b }
 ' "$T/table.txt" | tee -a "$T/table.txt"
 echo "# measured window (load runs): $((SECONDS - T_START)) s"
+
+# ---------------------------------------------------------------- h2c
+# h2load prints "finished in 10.00s, 51234.50 req/s, ..." and
+# "time for request: min max mean sd +/- sd"
+run_h2() { # url [authority] -> "rps mean sd"
+  local out a=(); [ -n "${2:-}" ] && a=(-H ":authority: $2")
+  out=$(timeout $((DUR+15)) h2load -c "$CONNS" -m 10 -D "$DUR" "${a[@]}" "$1" 2>&1)
+  echo "$out" >> "$T/raw.txt"
+  local flag=""
+  grep -q ' 0 failed, 0 errored' <<<"$out" && grep -q ' 0 4xx, 0 5xx' <<<"$out" || flag="*"
+  awk -v f="$flag" '/^finished in/{r=$4} /^time for request:/{m=$6; sd=$7}
+    END{printf "%.0f%s %s %s\n", r, f, m, sd}' <<<"$out"
+}
+if [ "$H2C" = 1 ]; then
+  echo "# h2c: h2load -c $CONNS -m 10 -D $DUR (prior knowledge); nginx2-h2c = an nginx h2c front before nginx2's two hops (3 nginx)" | tee -a "$T/table.txt"
+  printf "%-15s %3s | %8s %10s %10s\n" scenario rep h2RPS mean sd | tee -a "$T/table.txt"
+  for rep in $(seq "$REPS"); do
+    for s in nginx2-h2c weft-2node; do
+      if [ "$s" = weft-2node ]; then r=$(run_h2 "http://127.0.0.1:$(wport 1 1 2)/" up); else r=$(run_h2 "http://127.0.0.1:$H2F/"); fi
+      read -r rps mean sd <<<"$r"
+      printf "%-15s %3s | %8s %10s %10s\n" "h2c:$s" "$rep" "$rps" "$mean" "$sd" | tee -a "$T/table.txt"
+    done
+  done
+fi
+
+# ---------------------------------------------------------------- TCP
+# redis-benchmark --csv: "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+run_redis() { # port -> "get_rps get_p50 get_p99 set_rps"
+  local out; out=$(timeout 120 redis-benchmark -h 127.0.0.1 -p "$1" -c "$CONNS" -n "$TCP_REQS" -t get,set --csv 2>&1)
+  echo "$out" >> "$T/raw.txt"
+  awk -F'"' '$2=="GET"{g=$4; p50=$10; p99=$14} $2=="SET"{s=$4} END{printf "%.0f %s %s %.0f\n", g, p50, p99, s}' <<<"$out"
+}
+if [ "$TCP" = 1 ]; then
+  start redis redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no --protected-mode no
+  nginx_stream_conf sa "$SA" "$SB"; nginx_stream_conf sb "$SB" "$RD"
+  for n in sa sb; do start "$n" nginx -p "$T" -e "$T/$n.err" -c "$T/$n.conf" -g 'daemon off;'; done
+  "$WEFT_BIN" --socket "$T/c1n2/weft.sock" register redis --port "$RD" --protocol tcp >"$T/register-redis.out" 2>&1 \
+    && "$WEFT_BIN" --socket "$T/c1n1/weft.sock" upstream redis --listen "127.0.0.1:$WUP" >>"$T/register-redis.out" 2>&1 \
+    || { log "weft TCP upstream failed"; cat "$T/register-redis.out" >&2; exit 1; }
+  declare -A TPORT=([direct]=$RD [nginx2-stream]=$SA [weft-2node]=$WUP)
+  for s in direct nginx2-stream weft-2node; do
+    wait_until 30 "TCP $s answers PING" bash -c "redis-cli -h 127.0.0.1 -p ${TPORT[$s]} ping | grep -q PONG" || { dump_logs; exit 1; }
+  done
+  echo "# TCP: redis-benchmark -c $CONNS -n $TCP_REQS -t get,set (one request in flight per connection)" | tee -a "$T/table.txt"
+  printf "%-18s %3s | %8s %7s %7s | %8s\n" scenario rep getRPS p50ms p99ms setRPS | tee -a "$T/table.txt"
+  for rep in $(seq "$REPS"); do
+    for s in direct nginx2-stream weft-2node; do
+      read -r g p50 p99 st < <(run_redis "${TPORT[$s]}")
+      printf "%-18s %3s | %8s %7s %7s | %8s\n" "tcp:$s" "$rep" "$g" "$p50" "$p99" "$st" | tee -a "$T/table.txt"
+    done
+  done
+  awk '$1 ~ /^tcp:/ && $2 ~ /^[0-9]+$/ {c=++n[$1]; v[$1,c]=$4}
+    function med(k,  c,i,j,t,a) { c=n[k]; for(i=1;i<=c;i++)a[i]=v[k,i]
+      for(i=1;i<=c;i++)for(j=i+1;j<=c;j++)if(a[j]<a[i]){t=a[i];a[i]=a[j];a[j]=t}
+      return (c%2 ? a[(c+1)/2] : (a[c/2]+a[c/2+1])/2) }
+    END { if (n["tcp:weft-2node"] && n["tcp:nginx2-stream"]) { a=med("tcp:weft-2node"); b=med("tcp:nginx2-stream")
+      printf "ratio TCP GET RPS weft-2node/nginx2-stream = %.2f  (%.0f / %.0f, medians over reps)\n", (b?a/b:0), a, b } }
+  ' "$T/table.txt"
+fi
 
 # ---------------------------------------------------------------- 1 GiB stream
 if [ "$STREAM_1G" = 1 ]; then

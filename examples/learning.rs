@@ -4,17 +4,38 @@
 //! (hedging on and off) and a total outage called by five nodes. Prints a
 //! Markdown table (the README's).
 //!
-//! `cargo build --release && cargo run --release --example learning [-- --short]`
+//! `cargo build --release && cargo run --release --example learning [-- --short] [--runs N]`
+//! (with `--runs N`, each run's table and then the medians of the N runs)
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 #[tokio::main]
 async fn main() {
-    let lengths = if std::env::args().any(|a| a == "--short") {
+    let args: Vec<String> = std::env::args().collect();
+    let mut lengths = if args.iter().any(|a| a == "--short") {
         common::learning::Lengths::short()
     } else {
         common::learning::Lengths::long()
     };
-    common::learning::run(lengths).await;
+    if let Some(shape) = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+    {
+        let shape: &'static str = Box::leak(shape.clone().into_boxed_str());
+        lengths.only = Box::leak(vec![shape].into_boxed_slice());
+    }
+    let runs = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .map_or(1, |n| n.parse().expect("--runs N"));
+    let mut all = Vec::new();
+    for _ in 0..runs {
+        all.push(common::learning::run(lengths).await);
+    }
+    if runs > 1 {
+        common::learning::print_medians(&all, &lengths);
+    }
 }

@@ -75,6 +75,42 @@ async fn re_registering_an_id_replaces_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holds_at_most_256_registrations_and_says_so() {
+    let c = TestCluster::start(1).await;
+    let s = &c.nodes[0].socket;
+    for i in 0..256 {
+        let body = json!({"name": "many", "id": format!("many-{i}"), "port": 7000 + i});
+        let (status, reply) = put_json(s, "/v1/services", &body).await.unwrap();
+        assert_eq!(status, 200, "registration {i}: {reply}");
+    }
+    let one_more = json!({"name": "many", "id": "many-256", "port": 9000});
+    let (status, reply) = put_json(s, "/v1/services", &one_more).await.unwrap();
+    assert_eq!(status, 409, "{reply}");
+    let msg = reply["error"].as_str().unwrap_or_default();
+    assert!(msg.contains("256 registrations"), "{msg}");
+    // Replacing one that exists is not one more; after a removal there is room.
+    let again = json!({"name": "many", "id": "many-0", "port": 9001});
+    assert_eq!(put_json(s, "/v1/services", &again).await.unwrap().0, 200);
+    assert_eq!(delete(s, "/v1/services/many-1").await.unwrap().0, 200);
+    assert_eq!(put_json(s, "/v1/services", &one_more).await.unwrap().0, 200);
+    wait_for(
+        WITHIN,
+        "the catalog lists 256 instances of many",
+        || async {
+            let (_, listed) = get(s, "/v1/services").await.ok()?;
+            let ids: Vec<&str> = listed["services"]["many"]
+                .as_array()?
+                .iter()
+                .filter_map(|i| i["id"].as_str())
+                .collect();
+            (ids.len() == 256 && ids.contains(&"many-256") && !ids.contains(&"many-1"))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_the_node_keeps_serving() {
     let c = TestCluster::start(1).await;
     let s = &c.nodes[0].socket;

@@ -5,7 +5,7 @@
 //! live set or versions move, and at least once per gossip interval so that
 //! "last heard" ages and suspicion stay current.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::keys::{validate_value, Key};
-use crate::view::{ClusterView, NodeSnapshot};
+use crate::view::{ClusterView, NodeKeys, NodeSnapshot};
 use crate::GossipError;
 
 /// Dead nodes are forgotten after this long (DESIGN section 6).
@@ -184,6 +184,29 @@ impl Cluster {
     }
 }
 
+/// `id`'s keys: the cached copy while its max version has not moved, else
+/// a fresh one (cached for the next views).
+fn current_keys(
+    cache: &mut HashMap<ChitchatId, (u64, Arc<NodeKeys>)>,
+    id: &ChitchatId,
+    state: &chitchat::NodeState,
+) -> Arc<NodeKeys> {
+    let version = state.max_version();
+    if let Some((seen, kv)) = cache.get(id) {
+        if *seen == version {
+            return Arc::clone(kv);
+        }
+    }
+    let kv: Arc<NodeKeys> = Arc::new(
+        state
+            .key_values()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    cache.insert(id.clone(), (version, Arc::clone(&kv)));
+    kv
+}
+
 /// Rebuilds the view on every chitchat change and at least once per interval.
 async fn refresh_views(
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
@@ -193,14 +216,16 @@ async fn refresh_views(
 ) {
     let mut changes = chitchat.lock().await.live_nodes_watcher();
     let mut heard: HashMap<ChitchatId, (Heartbeat, Instant)> = HashMap::new();
+    // Each node's keys as of its max version: copied again only when it moved.
+    let mut keys: HashMap<ChitchatId, (u64, Arc<NodeKeys>)> = HashMap::new();
     // Four silent rounds make a live node suspect; phi 8 declares it dead later.
     let suspect_after = interval * 4;
     loop {
         let view = {
             let guard = chitchat.lock().await;
             let now = Instant::now();
-            let live: Vec<ChitchatId> = guard.live_nodes().cloned().collect();
-            let dead: Vec<ChitchatId> = guard.dead_nodes().cloned().collect();
+            let live: HashSet<&ChitchatId> = guard.live_nodes().collect();
+            let dead: HashSet<&ChitchatId> = guard.dead_nodes().collect();
             let nodes = guard
                 .node_states()
                 .iter()
@@ -217,14 +242,12 @@ async fn refresh_views(
                         live: live.contains(id),
                         dead: dead.contains(id),
                         last_heard: now.duration_since(entry.1),
-                        kv: state
-                            .key_values()
-                            .map(|(k, v)| (k.to_string(), v.to_string()))
-                            .collect::<BTreeMap<_, _>>(),
+                        kv: current_keys(&mut keys, id, state),
                     }
                 })
                 .collect();
             heard.retain(|id, _| guard.node_states().contains_key(id));
+            keys.retain(|id, _| guard.node_states().contains_key(id));
             ClusterView {
                 self_name: self_name.clone(),
                 nodes,

@@ -2,10 +2,14 @@
 //!
 //! chitchat fires no event when a key is deleted, so weft never maintains the
 //! catalog from events: every change produces a fresh [`ClusterView`] and the
-//! catalog is derived from it whole. [`Catalog::diff`] tells what moved.
+//! catalog is derived from it whole. [`Catalog::diff`] tells what moved. The
+//! derivation is cheap where nothing moved: a node's keys are copied out of
+//! chitchat only when its version changes, and parsed once ([`NodeKeys`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -28,8 +32,99 @@ pub struct NodeSnapshot {
     pub dead: bool,
     /// Time since its heartbeat last advanced, as seen from here.
     pub last_heard: Duration,
-    /// Its non-deleted keys and values.
-    pub kv: BTreeMap<String, String>,
+    /// Its non-deleted keys and values, shared with every earlier view
+    /// taken since the node last changed them.
+    pub kv: Arc<NodeKeys>,
+}
+
+/// One node's keys and values, with what the catalog reads from them (its
+/// node record, its service records, its ejection votes) parsed once, on
+/// first use: a view taken while the node changed nothing costs no parsing.
+/// Derefs to the map; changing it through [`DerefMut`] drops what was
+/// parsed.
+#[derive(Debug, Default)]
+pub struct NodeKeys {
+    map: BTreeMap<String, String>,
+    parsed: OnceLock<Parsed>,
+}
+
+#[derive(Debug, Default)]
+struct Parsed {
+    info: Option<NodeInfo>,
+    /// Well-formed `svc/<id>` records whose id matches their key.
+    records: Vec<ServiceRecord>,
+    /// `eject/<owner>/<id>` votes, as (owner, id).
+    votes: Vec<(String, String)>,
+}
+
+impl NodeKeys {
+    fn parsed(&self) -> &Parsed {
+        self.parsed.get_or_init(|| {
+            let mut parsed = Parsed {
+                info: self
+                    .map
+                    .get("node")
+                    .and_then(|raw| serde_json::from_str(raw).ok()),
+                ..Parsed::default()
+            };
+            for (raw_key, value) in &self.map {
+                match Key::decode(raw_key) {
+                    Some(Key::Svc(id)) => {
+                        if let Ok(record) = serde_json::from_str::<ServiceRecord>(value) {
+                            if record.id == id {
+                                parsed.records.push(record);
+                            }
+                        }
+                    }
+                    Some(Key::Eject { node, id }) => parsed.votes.push((node, id)),
+                    _ => {}
+                }
+            }
+            parsed
+        })
+    }
+}
+
+impl Clone for NodeKeys {
+    fn clone(&self) -> Self {
+        NodeKeys::from(self.map.clone())
+    }
+}
+
+impl PartialEq for NodeKeys {
+    fn eq(&self, other: &Self) -> bool {
+        self.map == other.map
+    }
+}
+
+impl From<BTreeMap<String, String>> for NodeKeys {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        NodeKeys {
+            map,
+            parsed: OnceLock::new(),
+        }
+    }
+}
+
+impl FromIterator<(String, String)> for NodeKeys {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        NodeKeys::from(iter.into_iter().collect::<BTreeMap<_, _>>())
+    }
+}
+
+impl Deref for NodeKeys {
+    type Target = BTreeMap<String, String>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl DerefMut for NodeKeys {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.parsed = OnceLock::new();
+        &mut self.map
+    }
 }
 
 /// Everything a node knows about the cluster at one moment.
@@ -173,19 +268,19 @@ impl ClusterView {
         self.current_incarnations()
             .map(|node| {
                 let info = node_info(node);
-                let state = member_state(node, info.as_ref(), self.suspect_after);
+                let state = member_state(node, info, self.suspect_after);
                 Member {
                     name: node.name.clone(),
                     gossip_addr: node.gossip_addr.to_string(),
-                    tunnel_addr: info.as_ref().map(|i| i.tunnel.clone()),
-                    admin_addr: info.as_ref().map(|i| i.admin.clone()),
+                    tunnel_addr: info.map(|i| i.tunnel.clone()),
+                    admin_addr: info.map(|i| i.admin.clone()),
                     state,
                     last_heard_ms: if node.name == self.self_name {
                         0
                     } else {
                         node.last_heard.as_millis() as u64
                     },
-                    version: info.map(|i| i.version),
+                    version: info.map(|i| i.version.clone()),
                     generation: node.generation,
                 }
             })
@@ -198,40 +293,30 @@ impl ClusterView {
     /// nodes' outlier detectors say so (each writes `eject/<owner>/<id>`), so
     /// one sick or partitioned caller cannot take it out of the whole mesh.
     pub fn catalog(&self) -> Catalog {
-        let mut observers: BTreeMap<(String, String), usize> = BTreeMap::new();
+        let mut observers: BTreeMap<(&str, &str), usize> = BTreeMap::new();
         for node in self.current_incarnations().filter(|n| n.live) {
-            for raw_key in node.kv.keys() {
-                if let Some(Key::Eject { node: owner, id }) = Key::decode(raw_key) {
-                    if owner != node.name {
-                        *observers.entry((owner, id)).or_default() += 1;
-                    }
+            for (owner, id) in &node.kv.parsed().votes {
+                if *owner != node.name {
+                    *observers.entry((owner, id)).or_default() += 1;
                 }
             }
         }
         let mut services: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
         for node in self.current_incarnations() {
-            let info = node_info(node);
+            let parsed = node.kv.parsed();
+            let info = parsed.info.as_ref();
             if !node.live
                 || matches!(
-                    member_state(node, info.as_ref(), self.suspect_after),
+                    member_state(node, info, self.suspect_after),
                     MemberState::Left | MemberState::Dead | MemberState::Draining
                 )
             {
                 continue;
             }
-            for (raw_key, value) in &node.kv {
-                let Some(Key::Svc(id)) = Key::decode(raw_key) else {
-                    continue;
-                };
-                let Ok(record) = serde_json::from_str::<ServiceRecord>(value) else {
-                    continue;
-                };
-                if record.id != id {
-                    continue;
-                }
-                let mut health = instance_health(node, &record);
+            for record in &parsed.records {
+                let mut health = instance_health(node, record);
                 let votes = observers
-                    .get(&(node.name.clone(), record.id.clone()))
+                    .get(&(node.name.as_str(), record.id.as_str()))
                     .copied()
                     .unwrap_or(0);
                 if votes >= 2 && health != "failing" {
@@ -241,15 +326,15 @@ impl ClusterView {
                     .entry(record.name.clone())
                     .or_default()
                     .push(Instance {
-                        id: record.id,
+                        id: record.id.clone(),
                         node: node.name.clone(),
                         port: record.port,
                         protocol: record.protocol.as_str().to_string(),
                         health,
-                        tags: record.tags,
-                        tunnel_addr: info.as_ref().map(|i| i.tunnel.clone()),
+                        tags: record.tags.clone(),
+                        tunnel_addr: info.map(|i| i.tunnel.clone()),
                         timeout_ms: record.timeout_ms,
-                        retry: record.retry,
+                        retry: record.retry.clone(),
                         retry_non_idempotent: record.retry_non_idempotent,
                         hedge: record.hedge,
                     });
@@ -262,10 +347,8 @@ impl ClusterView {
     }
 }
 
-fn node_info(node: &NodeSnapshot) -> Option<NodeInfo> {
-    node.kv
-        .get("node")
-        .and_then(|raw| serde_json::from_str(raw).ok())
+fn node_info(node: &NodeSnapshot) -> Option<&NodeInfo> {
+    node.kv.parsed().info.as_ref()
 }
 
 fn member_state(
@@ -359,7 +442,7 @@ mod tests {
             live,
             dead: !live,
             last_heard: Duration::from_millis(100),
-            kv,
+            kv: Arc::new(kv.into()),
         }
     }
 
@@ -442,8 +525,7 @@ mod tests {
         let mut n2 = node("n2", 1, true, &[("web", "w2", 8081)]);
         let mut info: NodeInfo = serde_json::from_str(&n2.kv["node"]).unwrap();
         info.status = NodeStatus::Left;
-        n2.kv
-            .insert("node".into(), serde_json::to_string(&info).unwrap());
+        Arc::make_mut(&mut n2.kv).insert("node".into(), serde_json::to_string(&info).unwrap());
         let v = view(vec![node("n1", 1, true, &[]), n2]);
         assert!(v.catalog().instances("web").is_empty());
         assert_eq!(v.members()[1].state, MemberState::Left);
@@ -460,14 +542,14 @@ mod tests {
     #[test]
     fn ejection_needs_two_observers() {
         let mut n2 = node("n2", 1, true, &[]);
-        n2.kv.insert("eject/n1/w1".into(), "1".into());
+        Arc::make_mut(&mut n2.kv).insert("eject/n1/w1".into(), "1".into());
         let v = view(vec![
             node("n1", 1, true, &[("web", "w1", 8080)]),
             n2.clone(),
         ]);
         assert_eq!(v.catalog().instances("web")[0].health, "passing");
         let mut n3 = node("n3", 1, true, &[]);
-        n3.kv.insert("eject/n1/w1".into(), "1".into());
+        Arc::make_mut(&mut n3.kv).insert("eject/n1/w1".into(), "1".into());
         let v = view(vec![
             node("n1", 1, true, &[("web", "w1", 8080)]),
             n2.clone(),
@@ -485,10 +567,10 @@ mod tests {
         // n2 hosts its own w1 and votes against n1's w1: its vote is its own
         // `eject/n1/w1` key, so its instance keeps the health its checker wrote.
         let mut n2 = node("n2", 1, true, &[("web", "w1", 9090)]);
-        n2.kv.insert("health/w1".into(), "passing".into());
-        n2.kv.insert("eject/n1/w1".into(), "1".into());
+        Arc::make_mut(&mut n2.kv).insert("health/w1".into(), "passing".into());
+        Arc::make_mut(&mut n2.kv).insert("eject/n1/w1".into(), "1".into());
         let mut n3 = node("n3", 1, true, &[]);
-        n3.kv.insert("eject/n1/w1".into(), "1".into());
+        Arc::make_mut(&mut n3.kv).insert("eject/n1/w1".into(), "1".into());
         let v = view(vec![node("n1", 1, true, &[("web", "w1", 8080)]), n2, n3]);
         let catalog = v.catalog();
         let health: Vec<(&str, &str)> = catalog
@@ -501,10 +583,24 @@ mod tests {
     }
 
     #[test]
+    fn keys_are_parsed_once_and_again_after_a_change() {
+        let mut n1 = node("n1", 1, true, &[("web", "w1", 8080)]);
+        let shared = n1.clone();
+        assert_eq!(view(vec![n1.clone()]).catalog().instances("web").len(), 1);
+        // A later view of the unchanged node shares the parsed keys.
+        assert!(Arc::ptr_eq(&shared.kv, &n1.kv));
+        // Changing the keys drops what was parsed: the new record counts.
+        let rec = r#"{"name":"web","id":"w2","port":8081}"#;
+        Arc::make_mut(&mut n1.kv).insert("svc/w2".into(), rec.into());
+        assert_eq!(view(vec![n1]).catalog().instances("web").len(), 2);
+        assert_eq!(view(vec![shared]).catalog().instances("web").len(), 1);
+    }
+
+    #[test]
     fn malformed_records_are_skipped() {
         let mut n1 = node("n1", 1, true, &[("web", "w1", 8080)]);
-        n1.kv.insert("svc/bad".into(), "{not json".into());
-        n1.kv.insert(
+        Arc::make_mut(&mut n1.kv).insert("svc/bad".into(), "{not json".into());
+        Arc::make_mut(&mut n1.kv).insert(
             "svc/w9".into(),
             r#"{"name":"web","id":"other","port":1}"#.into(),
         );

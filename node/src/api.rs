@@ -305,6 +305,7 @@ async fn put_service(state: &ApiState, body: &Value) -> Reply {
     match state.registry.put(&state.cluster, record).await {
         Ok(()) => reply(StatusCode::OK, &json!({ "id": id })),
         Err(NodeError::Invalid(msg)) => error(StatusCode::BAD_REQUEST, msg),
+        Err(NodeError::Conflict(msg)) => error(StatusCode::CONFLICT, msg),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }

@@ -410,7 +410,7 @@ mod tests {
             live: true,
             dead: false,
             last_heard: Duration::ZERO,
-            kv,
+            kv: std::sync::Arc::new(kv.into()),
         }
     }
 

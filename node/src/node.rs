@@ -143,10 +143,6 @@ async fn serve(
     let upstreams = Arc::new(Upstreams::load(&cfg.data_dir)?);
     let router_handle = RouterHandle::default();
     let stats = StatsHandle::default();
-    let router = {
-        let (views, handle) = (cluster.views(), router_handle.clone());
-        Supervisor::start(move |_| Router::with_handle(views, handle))
-    };
     let (outcomes, outcome_rx) = OutcomeSink::channel(16 * 1024);
     let stats_aggregator = {
         let aggregator = StatsAggregator::new(
@@ -180,6 +176,10 @@ async fn serve(
         stats: stats.clone(),
         policy: cfg.retry_policy,
     });
+    let router = {
+        let (views, handle, dp) = (cluster.views(), router_handle.clone(), dataplane.clone());
+        Supervisor::start(move |_| Router::with_handle(views, handle).maintaining(dp))
+    };
     let state = Arc::new(ApiState {
         node: cfg.name.clone(),
         cluster: cluster.clone(),
@@ -520,11 +520,15 @@ fn describe_metrics() {
     );
     describe_counter!(
         "weft_retries_total",
-        "Retry decisions by outcome: success, failure, budget_exhausted, not_retryable, not_bufferable"
+        "Retry decisions by outcome: success, failure, budget_exhausted, not_retryable, not_bufferable, hedge_won, hedge_lost"
     );
     describe_counter!(
         "weft_retry_budget_exhausted_total",
         "Retries the retry budget refused"
+    );
+    describe_counter!(
+        "weft_outage_holds_total",
+        "Requests held before their first attempt because they arrived during an outage of the service (learned policy)"
     );
     describe_gauge!(
         "weft_learned_retry_delay_seconds",

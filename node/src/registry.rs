@@ -19,6 +19,12 @@ struct Stored {
     services: Vec<ServiceRecord>,
 }
 
+/// Most registrations one node holds. Each one is two gossip keys of this
+/// node (`svc/<id>` and `health/<id>`), and a node's keys travel in its
+/// gossip deltas: the cap keeps a node's share of every round bounded, and
+/// a cluster of 100 nodes still holds 25,600 instances.
+pub const MAX_REGISTRATIONS: usize = 256;
+
 /// Local registrations.
 #[derive(Debug)]
 pub struct Registry {
@@ -82,6 +88,13 @@ impl Registry {
         let value = serde_json::to_string(&record).map_err(|e| NodeError::Io(e.to_string()))?;
         weft_gossip::keys::validate_value(&value).map_err(|e| NodeError::Invalid(e.to_string()))?;
         let mut services = self.services.lock().await;
+        if !services.contains_key(&record.id) && services.len() >= MAX_REGISTRATIONS {
+            return Err(NodeError::Conflict(format!(
+                "this node holds {MAX_REGISTRATIONS} registrations, the most one node may hold; \
+                 remove one, or register {:?} on another node",
+                record.id
+            )));
+        }
         let previous = services.insert(record.id.clone(), record.clone());
         if let Err(e) = self.persist(&services) {
             match previous {

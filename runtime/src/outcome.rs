@@ -36,6 +36,16 @@ impl OutcomeClass {
         OutcomeClass::Timeout,
     ];
 
+    /// Position in [`Self::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            OutcomeClass::Success => 0,
+            OutcomeClass::ServerError => 1,
+            OutcomeClass::Unreachable => 2,
+            OutcomeClass::Timeout => 3,
+        }
+    }
+
     /// The label used in metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -47,15 +57,47 @@ impl OutcomeClass {
     }
 }
 
+/// One service's `weft_requests_total` counters (one per class) and its
+/// `weft_request_duration_seconds` histogram for one direction, resolved
+/// once: recording costs two atomic updates, no label lookup and no copy.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    by_class: [metrics::Counter; 4],
+    duration: metrics::Histogram,
+}
+
+impl RequestMetrics {
+    /// The handles of `service` in `direction` ("outbound" or "inbound").
+    pub fn new(service: &str, direction: &'static str) -> Self {
+        RequestMetrics {
+            by_class: OutcomeClass::ALL.map(|class| {
+                metrics::counter!(
+                    "weft_requests_total",
+                    "service" => service.to_string(),
+                    "direction" => direction,
+                    "class" => class.as_str()
+                )
+            }),
+            duration: metrics::histogram!(
+                "weft_request_duration_seconds",
+                "service" => service.to_string(),
+                "direction" => direction
+            ),
+        }
+    }
+
+    /// Counts one request of `class` that took `latency`.
+    pub fn record(&self, class: OutcomeClass, latency: Duration) {
+        self.by_class[class.index()].increment(1);
+        self.duration.record(latency.as_secs_f64());
+    }
+}
+
 /// One finished attempt.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     /// Service called.
     pub service: String,
-    /// Node hosting the instance.
-    pub node: String,
-    /// Instance id.
-    pub instance: String,
     /// How it ended.
     pub class: OutcomeClass,
     /// Status code when there was a response.

@@ -3,13 +3,17 @@
 //! Readers (API handlers, and the data plane later) call [`RouterHandle::load`]
 //! and get an `Arc` of the latest snapshot: no lock, no actor round trip.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::dataplane::endpoints::Endpoints;
+use crate::dataplane::DataPlane;
 use crate::supervision::{guard, Named};
 use actix::prelude::*;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
+use weft_gossip::view::CatalogDiff;
 use weft_gossip::{Catalog, ClusterView, Member, MemberState};
 
 /// One immutable routing table.
@@ -17,8 +21,11 @@ use weft_gossip::{Catalog, ClusterView, Member, MemberState};
 pub struct RouterSnapshot {
     /// Members and their states.
     pub members: Vec<Member>,
-    /// Service name -> instances.
-    pub catalog: Catalog,
+    /// Service name -> instances (shared with the previous snapshot while
+    /// it does not change).
+    pub catalog: Arc<Catalog>,
+    /// The same instances, typed for the data plane, with their load.
+    pub endpoints: Arc<Endpoints>,
     /// When this snapshot was derived.
     pub taken_at: Instant,
 }
@@ -27,7 +34,8 @@ impl Default for RouterSnapshot {
     fn default() -> Self {
         RouterSnapshot {
             members: Vec::new(),
-            catalog: Catalog::default(),
+            catalog: Arc::default(),
+            endpoints: Arc::default(),
             taken_at: Instant::now(),
         }
     }
@@ -46,12 +54,20 @@ impl RouterHandle {
     }
 }
 
+/// How often the router runs the data plane's upkeep
+/// ([`DataPlane::maintain`]).
+pub const MAINTENANCE: Duration = Duration::from_millis(250);
+
 /// Owns the routing table; the only writer of the snapshot.
 pub struct Router {
     handle: RouterHandle,
     views: watch::Receiver<Arc<ClusterView>>,
     /// The task forwarding views; it outlives restarts (same address).
     forwarding: bool,
+    /// The data plane routing from this table, kept up by the router.
+    dataplane: Option<Arc<DataPlane>>,
+    /// Each member's incarnation, as of the last upkeep.
+    generations: HashMap<String, u64>,
 }
 
 impl Router {
@@ -68,35 +84,57 @@ impl Router {
             handle,
             views,
             forwarding: false,
+            dataplane: None,
+            generations: HashMap::new(),
         }
     }
 
+    /// Also runs `dataplane`'s upkeep every [`MAINTENANCE`].
+    pub fn maintaining(mut self, dataplane: Arc<DataPlane>) -> Self {
+        self.dataplane = Some(dataplane);
+        self
+    }
+
+    /// Publishes the routing table of `view`. Gossip produces a view every
+    /// round; when its catalog did not change, the catalog and endpoints of
+    /// the previous snapshot are kept as they are, and only the members
+    /// (whose last-heard ages move) are new.
     fn apply(&mut self, view: &ClusterView) {
         let catalog = view.catalog();
-        let previous = self.handle.load();
-        let diff = catalog.diff(&previous.catalog);
-        for (svc, node, id) in &diff.added {
-            tracing::info!(service = %svc, node = %node, id = %id, "instance joined the catalog");
-        }
-        for (svc, node, id) in &diff.removed {
-            tracing::info!(service = %svc, node = %node, id = %id, "instance left the catalog");
-        }
-        for (svc, node, id) in &diff.changed {
-            tracing::debug!(service = %svc, node = %node, id = %id, "instance changed");
-        }
         let members = view.members();
-        export_gauges(&members, &catalog, &previous.catalog);
+        let previous = self.handle.load();
+        export_member_gauges(&members);
+        let (catalog, endpoints) = if catalog == *previous.catalog {
+            (previous.catalog.clone(), previous.endpoints.clone())
+        } else {
+            log_diff(&catalog.diff(&previous.catalog));
+            export_instance_gauges(&catalog, &previous.catalog);
+            let endpoints = Endpoints::build(&catalog, &previous.endpoints);
+            (Arc::new(catalog), Arc::new(endpoints))
+        };
         self.handle.current.store(Arc::new(RouterSnapshot {
             members,
             catalog,
+            endpoints,
             taken_at: Instant::now(),
         }));
     }
 }
 
-/// `weft_members{state}` and `weft_instances{service,health}`; series of
-/// services that disappeared drop to zero rather than keep a stale value.
-fn export_gauges(members: &[Member], catalog: &Catalog, previous: &Catalog) {
+fn log_diff(diff: &CatalogDiff) {
+    for (svc, node, id) in &diff.added {
+        tracing::info!(service = %svc, node = %node, id = %id, "instance joined the catalog");
+    }
+    for (svc, node, id) in &diff.removed {
+        tracing::info!(service = %svc, node = %node, id = %id, "instance left the catalog");
+    }
+    for (svc, node, id) in &diff.changed {
+        tracing::debug!(service = %svc, node = %node, id = %id, "instance changed");
+    }
+}
+
+/// `weft_members{state}`.
+fn export_member_gauges(members: &[Member]) {
     for state in [
         MemberState::Alive,
         MemberState::Suspect,
@@ -107,6 +145,11 @@ fn export_gauges(members: &[Member], catalog: &Catalog, previous: &Catalog) {
         let n = members.iter().filter(|m| m.state == state).count();
         metrics::gauge!("weft_members", "state" => state.as_str()).set(n as f64);
     }
+}
+
+/// `weft_instances{service,health}`; series of services that disappeared
+/// drop to zero rather than keep a stale value.
+fn export_instance_gauges(catalog: &Catalog, previous: &Catalog) {
     const HEALTH: [&str; 4] = ["passing", "failing", "unknown", "ejected"];
     for (service, instances) in &catalog.services {
         for health in HEALTH {
@@ -132,6 +175,13 @@ impl Actor for Router {
     fn started(&mut self, ctx: &mut Self::Context) {
         let initial = self.views.borrow().clone();
         guard(self, ctx, |this, _| this.apply(&initial));
+        ctx.run_interval(MAINTENANCE, |this, ctx| {
+            guard(this, ctx, |this, _| {
+                if let Some(dp) = &this.dataplane {
+                    dp.maintain(&mut this.generations);
+                }
+            });
+        });
         if std::mem::replace(&mut self.forwarding, true) {
             return;
         }

@@ -3,6 +3,7 @@
 //! second under `stats/<service>`, merges every node's summaries, and
 //! publishes the cluster view (including the learned retry delay) for readers.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use weft_gossip::{ClusterView, Key};
 
 use crate::gossip_writer::GossipWriter;
-use crate::outcome::{Outcome, OutcomeClass};
+use crate::outcome::{Outcome, OutcomeClass, RequestMetrics};
 use crate::policy::episodes::{EpisodeStats, EpisodeTracker};
 use crate::policy::stats::{merge, ClusterStats, ServiceWindow, Summary, WindowStats};
 use crate::router::RouterHandle;
@@ -51,15 +52,46 @@ pub struct StatsSnapshot {
 }
 
 /// Lock-free read access to the latest statistics.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StatsHandle {
     current: Arc<ArcSwap<StatsSnapshot>>,
+    /// Bumped with every published snapshot, so a request held during an
+    /// outage wakes when the outage ends.
+    published: Arc<watch::Sender<u64>>,
+}
+
+impl Default for StatsHandle {
+    fn default() -> Self {
+        StatsHandle {
+            current: Arc::default(),
+            published: Arc::new(watch::Sender::new(0)),
+        }
+    }
 }
 
 impl StatsHandle {
     /// The latest snapshot.
     pub fn load(&self) -> Arc<StatsSnapshot> {
         self.current.load_full()
+    }
+
+    /// Wakes (`changed()`) each time a snapshot is published.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
+    }
+
+    /// Whether an outage episode of `service` is in progress on this node.
+    pub fn in_outage(&self, service: &str) -> bool {
+        self.current
+            .load()
+            .services
+            .get(service)
+            .is_some_and(|s| s.episode_start.is_some())
+    }
+
+    fn publish(&self, snapshot: StatsSnapshot) {
+        self.current.store(Arc::new(snapshot));
+        self.published.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Merged episode statistics, this node's episode start and whether its
@@ -73,12 +105,24 @@ impl StatsHandle {
     }
 }
 
-#[derive(Default)]
 struct Local {
     attempts: ServiceWindow,
     requests: ServiceWindow,
     episodes: EpisodeTracker,
     healthy: Option<bool>,
+    metrics: RequestMetrics,
+}
+
+impl Local {
+    fn new(service: &str) -> Self {
+        Local {
+            attempts: ServiceWindow::default(),
+            requests: ServiceWindow::default(),
+            episodes: EpisodeTracker::default(),
+            healthy: None,
+            metrics: RequestMetrics::new(service, "outbound"),
+        }
+    }
 }
 
 /// Owns the statistics; the only writer of `stats/<service>`.
@@ -117,20 +161,14 @@ impl StatsAggregator {
 
     fn record(&mut self, o: Outcome, now: Instant) {
         let success = o.class == OutcomeClass::Success;
-        metrics::counter!(
-            "weft_requests_total",
-            "service" => o.service.clone(),
-            "direction" => "outbound",
-            "class" => o.class.as_str()
-        )
-        .increment(1);
-        metrics::histogram!(
-            "weft_request_duration_seconds",
-            "service" => o.service.clone(),
-            "direction" => "outbound"
-        )
-        .record(o.latency.as_secs_f64());
-        let local = self.local.entry(o.service).or_default();
+        let local = match self.local.entry(o.service) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(new) => {
+                let local = Local::new(new.key());
+                new.insert(local)
+            }
+        };
+        local.metrics.record(o.class, o.latency);
         local
             .attempts
             .record(now, success, o.class.as_str(), o.latency);
@@ -153,7 +191,10 @@ impl StatsAggregator {
             let healthy = instances
                 .iter()
                 .any(|i| matches!(i.health.as_str(), "passing" | "unknown"));
-            let local = self.local.entry(service.clone()).or_default();
+            let local = self
+                .local
+                .entry(service.clone())
+                .or_insert_with(|| Local::new(service));
             if local.healthy != Some(healthy) {
                 if local.healthy.is_some() {
                     local.episodes.on_health_change(now, healthy);
@@ -184,7 +225,7 @@ impl StatsAggregator {
         let view = self.views.borrow().clone();
         let mut by_service: BTreeMap<String, Vec<(String, Summary)>> = BTreeMap::new();
         for node in view.nodes.iter().filter(|n| n.live) {
-            for (k, v) in &node.kv {
+            for (k, v) in node.kv.iter() {
                 if let Some(Key::Stats(service)) = Key::decode(k) {
                     if let Some(summary) = Summary::decode(v) {
                         by_service
@@ -227,9 +268,7 @@ impl StatsAggregator {
             }
             services.insert(name.clone(), stats);
         }
-        self.handle
-            .current
-            .store(Arc::new(StatsSnapshot { services }));
+        self.handle.publish(StatsSnapshot { services });
     }
 }
 
@@ -284,30 +323,36 @@ impl Handler<OutcomeBatch> for StatsAggregator {
 impl StatsAggregator {
     fn record_batch(&mut self, outcomes: Vec<Outcome>) {
         let now = Instant::now();
-        let mut touched = Vec::new();
+        let mut touched: Vec<String> = Vec::new();
         for o in outcomes {
-            touched.push(o.service.clone());
+            if !touched.contains(&o.service) {
+                touched.push(o.service.clone());
+            }
             self.record(o, now);
         }
-        // Keep the hot-path view of episode starts current between ticks.
+        // Keep the hot-path view of episode starts current between ticks;
+        // the snapshot is copied only when one of them moved.
         let snap = self.handle.load();
+        let moved: Vec<(String, Option<Instant>, bool)> = touched
+            .into_iter()
+            .filter_map(|service| {
+                let local = self.local.get(&service)?;
+                let start = local.episodes.current_episode_start();
+                let explore = local.episodes.explores();
+                let seen = snap.services.get(&service);
+                let same = seen.is_some_and(|s| s.episode_start == start && s.explore == explore);
+                (!same).then_some((service, start, explore))
+            })
+            .collect();
+        if moved.is_empty() {
+            return;
+        }
         let mut next = (*snap).clone();
-        let mut changed = false;
-        for service in touched {
-            let Some(local) = self.local.get(&service) else {
-                continue;
-            };
-            let start = local.episodes.current_episode_start();
-            let explore = local.episodes.explores();
+        for (service, start, explore) in moved {
             let entry = next.services.entry(service).or_default();
-            if entry.episode_start != start || entry.explore != explore {
-                entry.episode_start = start;
-                entry.explore = explore;
-                changed = true;
-            }
+            entry.episode_start = start;
+            entry.explore = explore;
         }
-        if changed {
-            self.handle.current.store(Arc::new(next));
-        }
+        self.handle.publish(next);
     }
 }

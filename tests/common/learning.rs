@@ -77,6 +77,51 @@ impl Row {
     pub fn attempts_per_request(&self) -> f64 {
         self.attempts as f64 / self.requests.max(1) as f64
     }
+    fn cells(&self) -> Cells {
+        Cells {
+            success: self.success(),
+            attempts_per_request: self.attempts_per_request(),
+            failing_load: self.failing_load,
+            p50_ms: self.p50_ms,
+            p99_ms: self.p99_ms,
+            observer_delay_ms: self.observer_delay_ms,
+        }
+    }
+}
+
+/// The printed columns of a row: one run's, or the medians of several.
+#[derive(Debug, Clone, Copy)]
+struct Cells {
+    success: f64,
+    attempts_per_request: f64,
+    failing_load: Option<f64>,
+    p50_ms: f64,
+    p99_ms: f64,
+    observer_delay_ms: Option<f64>,
+}
+
+impl Cells {
+    /// Each column's median over `all` (one row of every run).
+    fn median(all: &[Cells]) -> Cells {
+        let of = |f: &dyn Fn(&Cells) -> f64| {
+            let mut v: Vec<f64> = all.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            pct(&v, 0.5)
+        };
+        let of_some = |f: &dyn Fn(&Cells) -> Option<f64>| {
+            let mut v: Vec<f64> = all.iter().filter_map(f).collect();
+            v.sort_by(f64::total_cmp);
+            (!v.is_empty()).then(|| pct(&v, 0.5))
+        };
+        Cells {
+            success: of(&|c| c.success),
+            attempts_per_request: of(&|c| c.attempts_per_request),
+            failing_load: of_some(&|c| c.failing_load),
+            p50_ms: of(&|c| c.p50_ms),
+            p99_ms: of(&|c| c.p99_ms),
+            observer_delay_ms: of_some(&|c| c.observer_delay_ms),
+        }
+    }
 }
 
 const POLICIES: [&str; 3] = ["learned", "exponential", "none"];
@@ -89,7 +134,7 @@ enum Shape {
     /// One of three instances always failing.
     OneOfThree,
     /// A 400 ms pause on every 25th request of each of three instances;
-    /// policies are hedging on and off.
+    /// policies are hedging on and off, and a baseline without pauses.
     Spike,
     /// Always failing, called by five nodes.
     TotalOutage,
@@ -145,7 +190,7 @@ fn leak(s: String) -> &'static str {
 
 async fn deploy(c: &TestCluster, name: &str, shape: Shape, epoch: Instant) -> Vec<Deployed> {
     let policies: Vec<&'static str> = match shape {
-        Shape::Spike => vec!["hedge", "no hedge"],
+        Shape::Spike => vec!["hedge", "no hedge", "no spike"],
         _ => POLICIES.to_vec(),
     };
     let mut out = Vec::new();
@@ -171,6 +216,10 @@ async fn deploy(c: &TestCluster, name: &str, shape: Shape, epoch: Instant) -> Ve
                 ],
                 1.0 / 3.0,
             ),
+            // The healthy baseline: the same three instances, none pausing.
+            Shape::Spike if policy == "no spike" => {
+                (vec![Behavior::Fixed(200, Duration::ZERO); 3], 0.0)
+            }
             Shape::Spike => {
                 let tail = Behavior::Tail {
                     every: 25,
@@ -188,7 +237,7 @@ async fn deploy(c: &TestCluster, name: &str, shape: Shape, epoch: Instant) -> Ve
             });
             match policy {
                 "hedge" => body["hedge"] = true.into(),
-                "no hedge" => {}
+                "no hedge" | "no spike" => {}
                 retry => body["retry"] = retry.into(),
             }
             let (status, reply) = put_json(&c.nodes[5].socket, "/v1/services", &body)
@@ -247,6 +296,15 @@ async fn measure(
     // When healthy, the failing part gets its share of the requests, once.
     let expected = requests as f64 * d.failing_share;
     let failing_load = (expected > 0.0).then(|| (failed(d) - failed0) as f64 / expected);
+    if std::env::var_os("LEARN_DEBUG").is_some() {
+        let text = metrics_text(c.nodes[callers[0]].admin).await;
+        for line in text
+            .lines()
+            .filter(|l| l.contains(d.service) && !l.contains("bucket"))
+        {
+            eprintln!("{} {} {clients}: {line}", shape, d.policy);
+        }
+    }
     let observer = get(&c.nodes[4].socket, "/v1/health").await.ok();
     Row {
         shape,
@@ -335,27 +393,51 @@ pub async fn run(lengths: Lengths) -> Vec<Row> {
 }
 
 fn print_table(rows: &[Row], lengths: &Lengths) {
+    let cells: Vec<(&Row, Cells)> = rows.iter().map(|r| (r, r.cells())).collect();
+    print_cells(&cells, lengths, "one run");
+}
+
+/// Prints, for every row, the median of each column over `runs` (runs of
+/// the same lengths list the same rows in the same order).
+pub fn print_medians(runs: &[Vec<Row>], lengths: &Lengths) {
+    let Some(first) = runs.first() else { return };
+    let cells: Vec<(&Row, Cells)> = first
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let all: Vec<Cells> = runs
+                .iter()
+                .filter_map(|r| r.get(i))
+                .map(Row::cells)
+                .collect();
+            (row, Cells::median(&all))
+        })
+        .collect();
+    print_cells(&cells, lengths, &format!("medians of {} runs", runs.len()));
+}
+
+fn print_cells(rows: &[(&Row, Cells)], lengths: &Lengths, what: &str) {
     println!(
-        "\n# learning matrix: warm-up {} s, phases {} s; retry delay as reported by n5, which never called\n",
+        "\n# learning matrix ({what}): warm-up {} s, phases {} s; retry delay as reported by n5, which never called\n",
         lengths.warmup.as_secs(),
         lengths.phase.as_secs()
     );
     println!("| shape | policy | clients | success % | attempts/req | failing load | p50 ms | p99 ms | retry delay on n5 |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for r in rows {
+    for (r, c) in rows {
         println!(
             "| {} | {} | {} | {:.2} | {:.3} | {} | {:.1} | {:.1} | {} |",
             r.shape,
             r.policy,
             r.clients,
-            100.0 * r.success(),
-            r.attempts_per_request(),
-            r.failing_load
+            100.0 * c.success,
+            c.attempts_per_request,
+            c.failing_load
                 .map(|x| format!("{x:.2}x"))
                 .unwrap_or_else(|| "-".into()),
-            r.p50_ms,
-            r.p99_ms,
-            r.observer_delay_ms
+            c.p50_ms,
+            c.p99_ms,
+            c.observer_delay_ms
                 .map(|d| format!("{d:.0} ms"))
                 .unwrap_or_else(|| "-".into()),
         );

@@ -475,7 +475,10 @@ impl Upstream {
                                     200
                                 }
                                 Behavior::Fixed(status, delay) => {
-                                    tokio::time::sleep(delay).await;
+                                    // A zero sleep still waits for the timer's next tick (1 ms).
+                                    if !delay.is_zero() {
+                                        tokio::time::sleep(delay).await;
+                                    }
                                     status
                                 }
                                 Behavior::Flap {

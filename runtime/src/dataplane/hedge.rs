@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use weft_gossip::Instance;
 
+use super::endpoints::{Endpoint, Protocol};
 use super::outbound::{Attempt, Failure};
 use super::{DataPlane, ProxyBody};
 use crate::policy::retry;
@@ -44,70 +45,67 @@ pub(super) fn delay(
 /// first and its result.
 pub(super) struct Raced {
     /// The instance whose answer is used (the hedge's, if it won).
-    pub instance: Instance,
+    pub endpoint: Endpoint,
     /// Its answer.
     pub result: Result<Response<ProxyBody>, Failure>,
 }
 
-/// Sends `first` and, after `after` without an answer, a hedge with
-/// `second_body` to another instance; the first answer wins.
+/// Sends `first` (to `primary`) and, after `after` without an answer, a
+/// hedge with `second_body` to another instance; the first answer wins.
 pub(super) async fn race(
     first: Attempt<'_>,
+    primary: &Endpoint,
     first_body: ProxyBody,
     second_body: ProxyBody,
     after: Duration,
 ) -> Raced {
     let dp = first.dp;
     let service = first.fwd.service.as_str();
-    let primary = first.instance.clone();
     let sent = first.send(first_body, None);
     tokio::pin!(sent);
     tokio::select! {
-        result = &mut sent => return Raced { instance: primary, result },
+        result = &mut sent => return Raced { endpoint: primary.clone(), result },
         () = tokio::time::sleep(after) => {}
     }
-    let primary_key = (primary.node.clone(), primary.id.clone());
     let other = {
         let snap = dp.router.load();
-        dp.pick(&snap, service, "http", std::slice::from_ref(&primary_key))
+        dp.pick(
+            &snap,
+            service,
+            Protocol::Http,
+            std::slice::from_ref(primary),
+        )
     };
     let other = match other {
-        Ok(other) if other.node != primary.node || other.id != primary.id => other,
+        Ok(other) if !other.same(primary) && dp.try_retry(service) => other,
         _ => {
             return Raced {
-                instance: primary,
+                endpoint: primary.clone(),
                 result: sent.await,
             }
         }
     };
-    if !dp.try_retry(service) {
-        return Raced {
-            instance: primary,
-            result: sent.await,
-        };
-    }
-    let other_key = (other.node.clone(), other.id.clone());
     let hedge = Attempt {
-        instance: &other,
+        instance: &other.instance,
         remaining: first.remaining.saturating_sub(after),
         attempt: 1,
         ..first
     };
-    dp.started(&other_key);
+    dp.started(&other);
     let hedge_start = Instant::now();
     let hedged = hedge.send(second_body, None);
     tokio::pin!(hedged);
     let (winner, result, outcome) = tokio::select! {
-        result = &mut sent => (primary, result, "hedge_lost"),
+        result = &mut sent => (primary.clone(), result, "hedge_lost"),
         result = &mut hedged => (other.clone(), result, "hedge_won"),
     };
     // The loser is dropped with this function, which resets its stream; it
     // counts as no outcome. The attempt loop ends the primary's load.
-    dp.finished(&other_key, hedge_start.elapsed());
+    dp.finished(&other, hedge_start.elapsed());
     metrics::counter!("weft_retries_total", "service" => service.to_string(), "outcome" => outcome)
         .increment(1);
     Raced {
-        instance: winner,
+        endpoint: winner,
         result,
     }
 }

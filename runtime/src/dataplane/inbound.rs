@@ -14,7 +14,7 @@ use super::local::LocalFailure;
 use super::request::{is_upgrade, wire_pairs, Forward};
 use super::splice::{reset_tcp, splice, SpliceEnd};
 use super::{body, ConnectionLimit, DataPlane, ProxyBody};
-use crate::outcome::OutcomeClass;
+use crate::outcome::{OutcomeClass, RequestMetrics};
 use crate::tunnel::{self, TunnelError};
 use crate::wire::body::{BodyDecoder, BodyEvent};
 use crate::wire::{RequestHead, ResponseHead, StreamKind};
@@ -371,14 +371,7 @@ async fn tcp(
 /// label lookup and no copy. The caller's statistics already count each
 /// attempt once, so inbound requests feed the metrics only.
 #[derive(Debug, Default)]
-pub struct InboundMetrics(std::sync::RwLock<HashMap<String, Arc<ServiceMetrics>>>);
-
-/// One service's inbound handles.
-#[derive(Debug)]
-pub struct ServiceMetrics {
-    by_class: [metrics::Counter; 4],
-    duration: metrics::Histogram,
-}
+pub struct InboundMetrics(std::sync::RwLock<HashMap<String, Arc<RequestMetrics>>>);
 
 impl InboundMetrics {
     /// Counts one request handed to an instance of `service`.
@@ -390,28 +383,11 @@ impl InboundMetrics {
             .get(service)
             .cloned();
         let handles = known.unwrap_or_else(|| self.register(service));
-        if let Some(i) = OutcomeClass::ALL.iter().position(|c| *c == class) {
-            handles.by_class[i].increment(1);
-        }
-        handles.duration.record(latency.as_secs_f64());
+        handles.record(class, latency);
     }
 
-    fn register(&self, service: &str) -> Arc<ServiceMetrics> {
-        let handles = Arc::new(ServiceMetrics {
-            by_class: OutcomeClass::ALL.map(|class| {
-                metrics::counter!(
-                    "weft_requests_total",
-                    "service" => service.to_string(),
-                    "direction" => "inbound",
-                    "class" => class.as_str()
-                )
-            }),
-            duration: metrics::histogram!(
-                "weft_request_duration_seconds",
-                "service" => service.to_string(),
-                "direction" => "inbound"
-            ),
-        });
+    fn register(&self, service: &str) -> Arc<RequestMetrics> {
+        let handles = Arc::new(RequestMetrics::new(service, "inbound"));
         self.0
             .write()
             .unwrap_or_else(|p| p.into_inner())

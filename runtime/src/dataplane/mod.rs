@@ -13,6 +13,7 @@
 //! - [`body`]: conversions between hyper bodies and tunnel streams.
 
 pub mod body;
+pub mod endpoints;
 pub mod error;
 mod hedge;
 pub mod inbound;
@@ -33,15 +34,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use weft_gossip::Instance;
 
 use weft_gossip::{Key, MemberState};
 
+use self::endpoints::{Endpoint, Health, Protocol};
 use crate::access_log::AccessLog;
 use crate::gossip_writer::GossipWriter;
 use crate::outcome::OutcomeSink;
-use crate::policy::balancer::Balancer;
-use crate::policy::episodes::{exponential_delay, learned_delay};
+use crate::policy::balancer::pick_preferring;
+use crate::policy::episodes::{exponential_delay, learned_delay, outage_hold};
 use crate::policy::outlier::{Change, OutlierConfig, OutlierDetector};
 use crate::policy::retry::ServiceBudgets;
 use crate::policy::stats::learned_timeout;
@@ -217,7 +218,6 @@ pub struct DataPlane {
     pub access: AccessLog,
     /// The serving side's metrics, handles resolved per service.
     pub inbound_metrics: inbound::InboundMetrics,
-    balancer: Mutex<Balancer<(String, String)>>,
     outliers: Mutex<OutlierDetector<(String, String)>>,
     writer: Option<GossipWriter>,
     budgets: Mutex<ServiceBudgets>,
@@ -265,7 +265,7 @@ impl DataPlane {
             stats,
             policy,
         } = parts;
-        let dp = Arc::new(DataPlane {
+        Arc::new(DataPlane {
             node,
             router,
             tunnels,
@@ -276,46 +276,40 @@ impl DataPlane {
             in_flight: InFlight::default(),
             access,
             inbound_metrics: inbound::InboundMetrics::default(),
-            balancer: Mutex::new(Balancer::new(
-                Duration::from_millis(30),
-                Duration::from_secs(10),
-            )),
             outliers: Mutex::new(OutlierDetector::new(OutlierConfig::default())),
             writer,
             budgets: Mutex::new(ServiceBudgets::default()),
             stats,
             policy,
-        });
-        // Ejections end on their own; withdraw our gossip vote when they do.
-        // Pooled tunnels to nodes that died, left or restarted are closed.
-        let weak = Arc::downgrade(&dp);
-        tokio::spawn(async move {
-            let mut generations: HashMap<String, u64> = HashMap::new();
-            loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                let Some(dp) = weak.upgrade() else { return };
-                for m in &dp.router.load().members {
-                    let gone = matches!(m.state, MemberState::Dead | MemberState::Left);
-                    let previous = generations.insert(m.name.clone(), m.generation);
-                    if gone || previous.is_some_and(|g| g != m.generation) {
-                        dp.tunnels.evict(&m.name);
-                    }
-                }
-                dp.forget_departed();
-                let expired = dp.outliers().expired(Instant::now());
-                for (node, id) in expired {
-                    tracing::info!(node, id, "outlier ejection ended");
-                    if let (Some(w), true) = (&dp.writer, node != dp.node) {
-                        w.delete(Key::Eject { node, id });
-                    }
-                }
-            }
-        });
-        dp
+        })
     }
 
-    /// Forgets the load and outlier state of instances that left the
-    /// catalog, so the maps do not grow with instance churn.
+    /// The data plane's upkeep, run by the router every
+    /// [`crate::router::MAINTENANCE`]: pooled tunnels to nodes that died,
+    /// left or restarted are closed (`generations` is the router's memory of
+    /// each member's incarnation), state of departed instances is forgotten,
+    /// and when an ejection ends this node's gossip vote is withdrawn.
+    pub fn maintain(&self, generations: &mut HashMap<String, u64>) {
+        for m in &self.router.load().members {
+            let gone = matches!(m.state, MemberState::Dead | MemberState::Left);
+            let previous = generations.insert(m.name.clone(), m.generation);
+            if gone || previous.is_some_and(|g| g != m.generation) {
+                self.tunnels.evict(&m.name);
+            }
+        }
+        self.forget_departed();
+        let expired = self.outliers().expired(Instant::now());
+        for (node, id) in expired {
+            tracing::info!(node, id, "outlier ejection ended");
+            if let (Some(w), true) = (&self.writer, node != self.node) {
+                w.delete(Key::Eject { node, id });
+            }
+        }
+    }
+
+    /// Forgets the outlier state of instances that left the catalog, so the
+    /// map does not grow with instance churn (their load and latency go
+    /// with the last snapshot that lists them).
     fn forget_departed(&self) {
         let snap = self.router.load();
         let live: std::collections::HashSet<(&str, &str)> = snap
@@ -326,7 +320,6 @@ impl DataPlane {
             .map(|i| (i.node.as_str(), i.id.as_str()))
             .collect();
         let known = |k: &(String, String)| live.contains(&(k.0.as_str(), k.1.as_str()));
-        self.balancer().retain(known);
         self.outliers().retain(known);
         self.budgets()
             .retain(|service| snap.catalog.services.contains_key(service));
@@ -383,15 +376,18 @@ impl DataPlane {
     }
 
     /// A service's retry policy: its own, else this node's.
-    pub fn retry_policy(&self, service_policy: Option<&str>) -> RetryPolicy {
-        service_policy
-            .and_then(RetryPolicy::parse)
-            .unwrap_or(self.policy)
+    pub fn retry_policy(&self, service_policy: Option<RetryPolicy>) -> RetryPolicy {
+        service_policy.unwrap_or(self.policy)
     }
 
     /// The wait before retry number `retry` (1 or 2) to an instance that was
     /// just tried, by the service's policy or this node's default.
-    pub fn retry_wait(&self, service: &str, service_policy: Option<&str>, retry: u8) -> Duration {
+    pub fn retry_wait(
+        &self,
+        service: &str,
+        service_policy: Option<RetryPolicy>,
+        retry: u8,
+    ) -> Duration {
         let mut rng = rand::thread_rng();
         match self.retry_policy(service_policy) {
             RetryPolicy::None => Duration::ZERO,
@@ -403,41 +399,78 @@ impl DataPlane {
         }
     }
 
+    /// Holds a request to `service` that arrived during an outage (see
+    /// [`outage_hold`]; only under the learned policy) until the outage ends
+    /// or the hold runs out, whichever comes first (not at all when the
+    /// hold would reach `deadline`). Returns how long it waited (zero: not held).
+    pub async fn hold_in_outage(
+        &self,
+        service: &str,
+        service_policy: Option<RetryPolicy>,
+        deadline: Instant,
+    ) -> Duration {
+        if self.retry_policy(service_policy) != RetryPolicy::Learned {
+            return Duration::ZERO;
+        }
+        let mut published = self.stats.subscribe();
+        let (merged, start, _) = self.stats.episodes(service);
+        let began = Instant::now();
+        let Some(hold) = outage_hold(start, began, &merged, &mut rand::thread_rng()) else {
+            return Duration::ZERO;
+        };
+        let until = began + hold;
+        if until >= deadline {
+            return Duration::ZERO;
+        }
+        metrics::counter!("weft_outage_holds_total", "service" => service.to_string()).increment(1);
+        while self.stats.in_outage(service) {
+            tokio::select! {
+                changed = published.changed() => if changed.is_err() { break },
+                () = tokio::time::sleep_until(until.into()) => break,
+            }
+        }
+        began.elapsed()
+    }
+
     fn outliers(&self) -> std::sync::MutexGuard<'_, OutlierDetector<(String, String)>> {
         self.outliers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Feeds one attempt's result to passive outlier detection.
-    pub fn observe_outcome(&self, service: &str, key: &(String, String), failed: bool) {
+    /// Feeds one attempt's result to passive outlier detection. A success
+    /// to an instance the detector holds nothing for takes no lock.
+    pub fn observe_outcome(&self, service: &str, endpoint: &Endpoint, failed: bool) {
+        if !failed && !endpoint.state.is_suspect() {
+            return;
+        }
+        let key = endpoint.key();
         // The sibling list only matters for failures (the ejection cap).
         let siblings: Vec<(String, String)> = if failed {
             self.router
                 .load()
-                .catalog
-                .instances(service)
+                .endpoints
+                .service(service)
                 .iter()
-                .map(|i| (i.node.clone(), i.id.clone()))
+                .map(Endpoint::key)
                 .collect()
         } else {
             Vec::new()
         };
         let change = {
             let mut rng = rand::thread_rng();
-            self.outliers()
-                .observe(key, failed, &siblings, Instant::now(), &mut rng)
+            let mut outliers = self.outliers();
+            let change = outliers.observe(&key, failed, &siblings, Instant::now(), &mut rng);
+            endpoint.state.set_suspect(!outliers.is_quiet(&key));
+            change
         };
         if let Change::Ejected(until) = change {
+            endpoint.state.eject_until(until);
             let (node, id) = key;
             tracing::warn!(service, node, id, secs = ?until.saturating_duration_since(Instant::now()), "instance ejected by outlier detection");
             metrics::counter!("weft_outlier_ejections_total", "service" => service.to_string())
                 .increment(1);
             // Vote in gossip; the owner's own instances are judged by its checks.
-            if let (Some(w), true) = (&self.writer, *node != self.node) {
-                let vote = Key::Eject {
-                    node: node.clone(),
-                    id: id.clone(),
-                };
-                w.set(vote, "1".to_string());
+            if let (Some(w), true) = (&self.writer, node != self.node) {
+                w.set(Key::Eject { node, id }, "1".to_string());
             }
         }
     }
@@ -446,88 +479,51 @@ impl DataPlane {
     /// goes to all of them anyway (Envoy's panic routing).
     pub fn in_panic(&self, snap: &RouterSnapshot, service: &str) -> bool {
         let now = Instant::now();
-        let outliers = self.outliers();
-        let routable: Vec<&Instance> = snap
-            .catalog
-            .instances(service)
+        let mut routable = snap
+            .endpoints
+            .service(service)
             .iter()
-            .filter(|i| matches!(i.health.as_str(), "passing" | "unknown" | "ejected"))
-            .collect();
-        !routable.is_empty()
-            && routable.iter().all(|i| {
-                i.health == "ejected" || outliers.is_ejected(&(i.node.clone(), i.id.clone()), now)
-            })
+            .filter(|e| e.health.routable())
+            .peekable();
+        routable.peek().is_some()
+            && routable.all(|e| e.health == Health::Ejected || e.state.is_ejected(now))
     }
 
-    fn balancer(&self) -> std::sync::MutexGuard<'_, Balancer<(String, String)>> {
-        self.balancer.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Chooses an instance of `service` speaking `protocol`, or says why none.
+    /// Chooses an instance of `service` speaking `protocol`, or says why
+    /// none: the power of two choices by peak-EWMA cost among the routable
+    /// instances that are not ejected (all routable ones when every one
+    /// is: panic routing), avoiding those in `tried` when another exists.
     pub fn pick(
         &self,
         snap: &RouterSnapshot,
         service: &str,
-        protocol: &str,
-        exclude: &[(String, String)],
-    ) -> Result<Instance, MeshError> {
-        let all = snap.catalog.instances(service);
+        protocol: Protocol,
+        tried: &[Endpoint],
+    ) -> Result<Endpoint, MeshError> {
+        let all = snap.endpoints.service(service);
         if all.is_empty() {
             return Err(MeshError::UnknownService);
         }
         let now = Instant::now();
-        let usable: Vec<&Instance> = all
-            .iter()
-            .filter(|i| {
-                i.protocol == protocol
-                    && matches!(i.health.as_str(), "passing" | "unknown" | "ejected")
-            })
-            .collect();
-        let routable: Vec<&Instance> = {
-            let outliers = self.outliers();
-            let not_ejected: Vec<&Instance> = usable
-                .iter()
-                .copied()
-                .filter(|i| {
-                    i.health != "ejected"
-                        && !outliers.is_ejected(&(i.node.clone(), i.id.clone()), now)
-                })
-                .collect();
-            // Panic routing: when every usable instance is ejected, use them all.
-            if not_ejected.is_empty() {
-                usable
-            } else {
-                not_ejected
-            }
-        };
-        let keys: Vec<(String, String)> = routable
-            .iter()
-            .map(|i| (i.node.clone(), i.id.clone()))
-            .collect();
-        let chosen = {
-            let mut rng = rand::thread_rng();
-            self.balancer()
-                .pick_excluding(&keys, exclude, Instant::now(), &mut rng)
-        };
-        chosen
-            .and_then(|(node, id)| {
-                routable
-                    .iter()
-                    .find(|i| i.node == node && i.id == id)
-                    .map(|i| (*i).clone())
-            })
+        let usable = |e: &Endpoint| e.protocol == Some(protocol) && e.health.routable();
+        let fresh =
+            |e: &Endpoint| usable(e) && e.health != Health::Ejected && !e.state.is_ejected(now);
+        let panic = !all.iter().any(fresh);
+        let eligible = |e: &Endpoint| if panic { usable(e) } else { fresh(e) };
+        let untried = |e: &Endpoint| !tried.iter().any(|t| t.same(e));
+        let mut rng = rand::thread_rng();
+        pick_preferring(all, eligible, untried, |e| e.state.cost(now), &mut rng)
+            .cloned()
             .ok_or(MeshError::NoHealthyInstance)
     }
 
     /// Marks the start of a request to an instance (raises its load).
-    pub fn started(&self, key: &(String, String)) {
-        self.balancer().start(key);
+    pub fn started(&self, endpoint: &Endpoint) {
+        endpoint.state.start();
     }
 
     /// Marks the end of a request and feeds its latency to the balancer.
-    pub fn finished(&self, key: &(String, String), latency: Duration) {
-        let mut b = self.balancer();
-        b.end(key);
-        b.observe(key, latency, Instant::now());
+    pub fn finished(&self, endpoint: &Endpoint, latency: Duration) {
+        endpoint.state.finish(latency, Instant::now());
     }
 }

@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use weft_gossip::Instance;
 
+use super::endpoints::{Endpoint, Protocol};
 use super::error::{MeshError, WEFT_ERROR};
 use super::hedge;
 use super::local::{LocalFailure, H2_MAX_HEADER_LIST};
@@ -142,24 +143,26 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
     if trace.on {
         trace.service = Some(fwd.service.clone());
     }
-    let mut instance = {
+    let mut endpoint = {
         let snap = dp.router.load();
-        match dp.pick(&snap, &fwd.service, "http", &[]) {
-            Ok(i) => i,
+        match dp.pick(&snap, &fwd.service, Protocol::Http, &[]) {
+            Ok(e) => e,
             Err(error) => return error.response(&format!("service {:?}", fwd.service)),
         }
     };
     // A configured timeout bounds the whole request; a learned one each
     // attempt (retry waits come on top, inside the default).
-    let (timeout, source) = dp.request_timeout(&fwd.service, instance.timeout_ms);
+    let (timeout, source) = dp.request_timeout(&fwd.service, endpoint.instance.timeout_ms);
     let (overall, per_attempt) = match source {
         TimeoutSource::Learned => (dp.timeouts.request, timeout),
         TimeoutSource::Configured | TimeoutSource::Default => (timeout, timeout),
     };
     let deadline = Instant::now() + overall;
+    let retry_policy = endpoint.retry;
     let retry_method = !fwd.upgrade
-        && dp.retry_policy(instance.retry.as_deref()) != RetryPolicy::None
-        && (retry::method_is_idempotent(fwd.method.as_str()) || instance.retry_non_idempotent);
+        && dp.retry_policy(retry_policy) != RetryPolicy::None
+        && (retry::method_is_idempotent(fwd.method.as_str())
+            || endpoint.instance.retry_non_idempotent);
     dp.record_request(&fwd.service);
     // Bodies up to 64 KiB are kept so that an attempt can be sent again.
     let mut body = if retry_method {
@@ -169,52 +172,63 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
     };
     let mut upgrade = upgrade;
     let service = fwd.service.clone();
-    let mut tried: Vec<(String, String)> = Vec::new();
+    // Arrived during an outage: wait for the recovery, then pick again.
+    let held = dp.hold_in_outage(&service, retry_policy, deadline).await;
+    if !held.is_zero() {
+        trace.waited += held;
+        let snap = dp.router.load();
+        endpoint = match dp.pick(&snap, &service, Protocol::Http, &[]) {
+            Ok(e) => e,
+            Err(error) => return error.response(&format!("service {service:?}")),
+        };
+    }
+    let mut tried: Vec<Endpoint> = Vec::new();
     let mut attempt: u8 = 0;
     loop {
-        let key = (instance.node.clone(), instance.id.clone());
         let Some(attempt_body) = body.next() else {
             // Cannot happen: a streamed body is never retried.
             return MeshError::UpstreamUnreachable.response("body already sent");
         };
-        dp.started(&key);
-        if trace.on {
-            trace.instance = Some(key.clone());
-        }
+        dp.started(&endpoint);
         trace.attempts = attempt + 1;
         let start = Instant::now();
         let remaining = deadline.saturating_duration_since(start).min(per_attempt);
         let sent = Attempt {
             dp,
             fwd: &fwd,
-            instance: &instance,
+            instance: &endpoint.instance,
             remaining,
             attempt,
         };
         let hedge_after = if body.is_streamed() || fwd.upgrade {
             None
         } else {
-            hedge::delay(dp, &service, &instance, &fwd.method, attempt)
+            hedge::delay(dp, &service, &endpoint.instance, &fwd.method, attempt)
         };
         let hedge = hedge_after.and_then(|after| body.next().map(|second| (after, second)));
-        let result = match hedge {
-            Some((after, second_body)) => tokio::time::timeout(
-                remaining,
-                hedge::race(sent, attempt_body, second_body, after),
-            )
-            .await
-            .map(|raced| {
-                instance = raced.instance;
-                raced.result
-            }),
-            None => tokio::time::timeout(remaining, sent.send(attempt_body, upgrade.take())).await,
+        let (answered, result) = match hedge {
+            Some((after, second_body)) => {
+                let raced = tokio::time::timeout(
+                    remaining,
+                    hedge::race(sent, &endpoint, attempt_body, second_body, after),
+                )
+                .await;
+                match raced {
+                    Ok(raced) => (raced.endpoint, Ok(raced.result)),
+                    Err(elapsed) => (endpoint.clone(), Err(elapsed)),
+                }
+            }
+            None => {
+                let sent = tokio::time::timeout(remaining, sent.send(attempt_body, upgrade.take()));
+                (endpoint.clone(), sent.await)
+            }
         };
         let latency = start.elapsed();
-        dp.finished(&key, latency);
+        dp.finished(&endpoint, latency);
         // A hedge that answered first is this attempt's instance.
-        let key = (instance.node.clone(), instance.id.clone());
+        endpoint = answered;
         if trace.on {
-            trace.instance = Some(key.clone());
+            trace.instance = Some(endpoint.key());
         }
         let result = result.unwrap_or_else(|_| {
             Err(Failure(
@@ -228,7 +242,7 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
             Classified::MeshLimit(resp) => return resp,
         };
         let retryable = retry::is_retryable(result_kind);
-        dp.observe_outcome(&service, &key, retryable);
+        dp.observe_outcome(&service, &endpoint, retryable);
         if attempt > 0 {
             let outcome = if retryable { "failure" } else { "success" };
             metrics::counter!("weft_retries_total", "service" => service.clone(), "outcome" => outcome)
@@ -249,8 +263,6 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
         };
         dp.outcomes.record(Outcome {
             service: service.clone(),
-            node: instance.node.clone(),
-            instance: instance.id.clone(),
             class,
             status,
             latency,
@@ -276,24 +288,23 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
             }
             Verdict::Retry => {}
         }
-        tried.push(key);
+        tried.push(endpoint.clone());
         let next = {
             let snap = dp.router.load();
-            dp.pick(&snap, &service, "http", &tried)
+            dp.pick(&snap, &service, Protocol::Http, &tried)
         };
         let Ok(next) = next else { return resp };
         drop(resp);
         attempt += 1;
         // Another instance: go now. The same one again: wait as long as this
         // service usually takes to recover (or Envoy's backoff, if asked).
-        let same = tried.iter().any(|k| k.0 == next.node && k.1 == next.id);
-        if same {
-            let wait = dp.retry_wait(&service, next.retry.as_deref(), attempt);
+        if tried.iter().any(|t| t.same(&next)) {
+            let wait = dp.retry_wait(&service, next.retry, attempt);
             let wait = wait.min(deadline.saturating_duration_since(Instant::now()));
             trace.waited += wait;
             tokio::time::sleep(wait).await;
         }
-        instance = next;
+        endpoint = next;
     }
 }
 

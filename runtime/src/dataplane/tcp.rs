@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::endpoints::Protocol;
 use super::splice::{reset_tcp, splice, SpliceEnd};
 use super::{ConnectionLimit, DataPlane};
 use crate::outcome::{Outcome, OutcomeClass};
@@ -46,17 +47,16 @@ pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
 
 async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(), String> {
     let _busy = dp.in_flight.track();
-    let instance = {
+    let endpoint = {
         let snap = dp.router.load();
-        dp.pick(&snap, service, "tcp", &[])
+        dp.pick(&snap, service, Protocol::Tcp, &[])
             .map_err(|e| e.to_string())?
     };
+    let instance = &endpoint.instance;
     let start = Instant::now();
     let record = |class| {
         dp.outcomes.record(Outcome {
             service: service.to_string(),
-            node: instance.node.clone(),
-            instance: instance.id.clone(),
             class,
             status: None,
             latency: start.elapsed(),

@@ -155,12 +155,21 @@ impl<K: Eq + Hash + Clone> Balancer<K> {
         now: Instant,
         rng: &mut R,
     ) -> Option<K> {
-        let allowed = |k: &&K| !exclude.contains(k);
-        let n = candidates.iter().filter(allowed).count();
-        if n == 0 {
-            return self.pick(candidates, now, rng);
-        }
-        self.choose(n, |i| candidates.iter().filter(allowed).nth(i), now, rng)
+        let (default_rtt, decay) = (self.default_rtt, self.decay);
+        let endpoints = &mut self.endpoints;
+        let chosen = pick_preferring(
+            candidates,
+            |_| true,
+            |k| !exclude.contains(k),
+            |k| {
+                endpoints
+                    .entry((*k).clone())
+                    .or_insert_with(|| PeakEwma::new(default_rtt, decay, now))
+                    .cost(now)
+            },
+            rng,
+        );
+        chosen.cloned()
     }
 
     /// Records a measured round trip to `key` (registering it if new).
@@ -221,21 +230,53 @@ impl<K: Eq + Hash + Clone> Balancer<K> {
     where
         K: 'a,
     {
-        match n {
-            0 => None,
-            1 => nth(0).cloned(),
-            _ => {
-                let i = rng.gen_range(0..n);
-                let mut j = rng.gen_range(0..n - 1);
-                if j >= i {
-                    j += 1;
-                }
-                let (a, b) = (nth(i)?, nth(j)?);
-                let cost_a = self.entry(a, now).cost(now);
-                let cost_b = self.entry(b, now).cost(now);
-                // Ties go to `a`, itself a uniform random choice.
-                Some(if cost_b < cost_a { b } else { a }.clone())
+        p2c(n, nth, |k| self.entry(k, now).cost(now), rng).cloned()
+    }
+}
+
+/// The power of two choices among the `items` that `eligible` accepts,
+/// preferring those `fresh` also accepts (instances not tried yet) and
+/// falling back to every eligible one rather than giving up. Allocates
+/// nothing: the candidates are counted, then the two drawn are found again.
+pub fn pick_preferring<'a, T, R: Rng + ?Sized>(
+    items: &'a [T],
+    eligible: impl Fn(&T) -> bool,
+    fresh: impl Fn(&T) -> bool,
+    cost: impl FnMut(&&'a T) -> f64,
+    rng: &mut R,
+) -> Option<&'a T> {
+    let preferred = |t: &&T| eligible(t) && fresh(t);
+    let n = items.iter().filter(preferred).count();
+    if n > 0 {
+        return p2c(n, |i| items.iter().filter(preferred).nth(i), cost, rng);
+    }
+    let any = |t: &&T| eligible(t);
+    let n = items.iter().filter(any).count();
+    p2c(n, |i| items.iter().filter(any).nth(i), cost, rng)
+}
+
+/// The power of two choices over `n` candidates reachable through `nth`:
+/// `None` when there are none, the only one when alone, else the cheaper
+/// by `cost` of two distinct random ones (ties go to the first, itself a
+/// uniform random choice). Allocates nothing.
+pub fn p2c<T, R: Rng + ?Sized>(
+    n: usize,
+    nth: impl Fn(usize) -> Option<T>,
+    mut cost: impl FnMut(&T) -> f64,
+    rng: &mut R,
+) -> Option<T> {
+    match n {
+        0 => None,
+        1 => nth(0),
+        _ => {
+            let i = rng.gen_range(0..n);
+            let mut j = rng.gen_range(0..n - 1);
+            if j >= i {
+                j += 1;
             }
+            let (a, b) = (nth(i)?, nth(j)?);
+            let (cost_a, cost_b) = (cost(&a), cost(&b));
+            Some(if cost_b < cost_a { b } else { a })
         }
     }
 }

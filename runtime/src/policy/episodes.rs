@@ -45,6 +45,15 @@ pub const MAX_WAIT: Duration = Duration::from_secs(2);
 /// episode do not all retry at the same instant.
 pub const MAX_STRETCH: f64 = 1.2;
 
+/// Shortest wait before a second retry, as a share of the p90: a first
+/// retry that failed after the p90 met an outage longer than usual, and
+/// retrying it 5 ms later would most likely fail again.
+pub const LATE_RETRY_SHARE: f64 = 0.25;
+
+/// How far past the p99 a request that arrived during an outage may be held
+/// (see [`outage_hold`]), waiting for the probes to see the recovery.
+pub const HOLD_MARGIN: f64 = 1.5;
+
 /// Envoy's default base interval, used until enough episodes were seen.
 pub const FALLBACK_BASE: Duration = Duration::from_millis(25);
 
@@ -310,17 +319,11 @@ pub fn learned_delay<R: Rng + ?Sized>(
     } else {
         merged.p99_ms
     };
-    let target = match quantile_ms {
-        Some(ms) if merged.samples >= MIN_SAMPLES && ms.is_finite() && ms >= 0.0 => {
-            // Capped so the conversion below cannot overflow.
-            Duration::from_secs_f64(ms.min(1e9) / 1e3)
-        }
-        _ => {
-            return Delay {
-                wait: exponential_delay(retry_number, rng),
-                source: DelaySource::Fallback,
-            }
-        }
+    let Some(target) = trusted_ms(merged, quantile_ms) else {
+        return Delay {
+            wait: exponential_delay(retry_number, rng),
+            source: DelaySource::Fallback,
+        };
     };
     let elapsed =
         episode_start.map_or(Duration::ZERO, |start| now.saturating_duration_since(start));
@@ -331,11 +334,56 @@ pub fn learned_delay<R: Rng + ?Sized>(
             source: DelaySource::Explore,
         };
     }
-    let wait = target.saturating_sub(elapsed).clamp(MIN_WAIT, MAX_WAIT);
+    let floor = match trusted_ms(merged, merged.p90_ms) {
+        Some(p90) if retry_number >= 2 => p90.mul_f64(LATE_RETRY_SHARE),
+        _ => Duration::ZERO,
+    };
+    let wait = target
+        .saturating_sub(elapsed)
+        .max(floor)
+        .clamp(MIN_WAIT, MAX_WAIT);
     let stretch = rng.gen_range(1.0..=MAX_STRETCH);
     Delay {
         wait: wait.mul_f64(stretch),
         source: DelaySource::Learned,
+    }
+}
+
+/// How long at most a new request to a service in an outage waits before
+/// its first attempt, or `None` to send it now.
+///
+/// While an episode is open here (the service's last attempt failed) and is
+/// younger than the cluster's p99, a request sent now would most likely fail
+/// and then wait for its retry anyway. Held instead, it costs no retry from
+/// the budget and adds no load to the failing service. The caller ends the
+/// hold as soon as the episode closes (a retry, an exploring retry or a
+/// health check saw the service answer), and at the latest when the episode
+/// has lasted [`HOLD_MARGIN`] times the p99 (at most [`MAX_WAIT`], stretched
+/// like a retry), so that an estimate a little short does not release every
+/// held request into the outage at once. Nothing is held before
+/// [`MIN_SAMPLES`] episodes are known, once the episode outlived that (this
+/// outage is not a usual one: fail fast and let the retry decide), or when
+/// less than [`MIN_WAIT`] is left.
+pub fn outage_hold<R: Rng + ?Sized>(
+    episode_start: Option<Instant>,
+    now: Instant,
+    merged: &EpisodeStats,
+    rng: &mut R,
+) -> Option<Duration> {
+    let start = episode_start?;
+    let target = trusted_ms(merged, merged.p99_ms)?.mul_f64(HOLD_MARGIN);
+    let left = target.checked_sub(now.saturating_duration_since(start))?;
+    (left >= MIN_WAIT).then(|| left.min(MAX_WAIT).mul_f64(rng.gen_range(1.0..=MAX_STRETCH)))
+}
+
+/// A merged quantile as a duration, once [`MIN_SAMPLES`] episodes back it.
+fn trusted_ms(merged: &EpisodeStats, quantile_ms: Option<f64>) -> Option<Duration> {
+    match quantile_ms {
+        Some(ms) if merged.samples >= MIN_SAMPLES && ms.is_finite() && ms >= 0.0 => {
+            // Capped so the conversion cannot overflow.
+            Some(Duration::from_secs_f64(ms.min(1e9) / 1e3))
+        }
+        _ => None,
     }
 }
 

@@ -164,6 +164,44 @@ fn absurd_durations_are_capped() {
     assert!(p <= crate::policy::stats::MAX_MS, "{p}");
 }
 
+// === outage_hold ===
+
+#[test]
+fn a_request_in_a_young_outage_is_held_at_most_past_the_p99_by_the_margin() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let start = Instant::now();
+    let learned = stats(100, 300.0, 500.0);
+    for _ in 0..100 {
+        let hold = outage_hold(Some(start), start + 100 * MS, &learned, &mut rng)
+            .expect("held: 650 ms of 1.5 times the p99 are left");
+        assert!((650 * MS..=780 * MS).contains(&hold), "{hold:?}");
+    }
+    // Never longer than a retry may wait.
+    let long = stats(100, 9000.0, 9500.0);
+    let hold = outage_hold(Some(start), start, &long, &mut rng).expect("held");
+    assert!(hold <= MAX_WAIT.mul_f64(MAX_STRETCH), "{hold:?}");
+}
+
+#[test]
+fn nothing_is_held_without_an_open_episode_enough_samples_or_time_left() {
+    let mut rng = StdRng::seed_from_u64(8);
+    let start = Instant::now();
+    let learned = stats(100, 300.0, 500.0);
+    // The service is up.
+    assert_eq!(outage_hold(None, start, &learned, &mut rng), None);
+    // Too few episodes to trust.
+    let young = stats(MIN_SAMPLES - 1, 300.0, 500.0);
+    assert_eq!(outage_hold(Some(start), start, &young, &mut rng), None);
+    // This outage already outlived the usual one, or almost.
+    for elapsed in [750 * MS, 748 * MS, 5 * 1000 * MS] {
+        assert_eq!(
+            outage_hold(Some(start), start + elapsed, &learned, &mut rng),
+            None,
+            "{elapsed:?}"
+        );
+    }
+}
+
 // === learned_delay ===
 
 #[test]
@@ -223,6 +261,21 @@ fn first_retry_waits_for_p90_second_for_p99() {
     }
     // One first retry in five explores.
     assert!((150..250).contains(&explored), "{explored}");
+}
+
+#[test]
+fn a_second_retry_after_the_p99_still_waits_a_quarter_of_the_p90() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let start = Instant::now();
+    let merged = stats(100, 400.0, 500.0);
+    for _ in 0..100 {
+        let d = learned_delay(Some(start), start + 700 * MS, &merged, 2, true, &mut rng);
+        assert_eq!(d.source, DelaySource::Learned);
+        assert!((100 * MS..=120 * MS).contains(&d.wait), "{d:?}");
+        // The first retry after the p90 goes at once.
+        let d = learned_delay(Some(start), start + 700 * MS, &merged, 1, false, &mut rng);
+        assert!(d.wait <= MIN_WAIT.mul_f64(MAX_STRETCH), "{d:?}");
+    }
 }
 
 #[test]

@@ -76,6 +76,15 @@ impl<K: Eq + Hash + Clone> OutlierDetector<K> {
             .is_some_and(|until| until > now)
     }
 
+    /// Whether a success to `key` would change nothing: no failures
+    /// counted, no ejection served and no pardon pending (see
+    /// [`OutlierConfig::forgive_after`]).
+    pub fn is_quiet(&self, key: &K) -> bool {
+        self.instances.get(key).is_none_or(|s| {
+            s.consecutive == 0 && s.ejected_until.is_none() && s.last_return.is_none()
+        })
+    }
+
     /// Records one outcome of a request to `key`; `siblings` are the keys of
     /// every instance of its service (only read when a failure reaches the
     /// threshold, so a success may pass an empty slice).

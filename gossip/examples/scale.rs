@@ -1,0 +1,364 @@
+//! The gossip scale harness: N nodes in one process, each with the node's
+//! real gossip stack (chitchat behind the sealed transport, on its own
+//! loopback UDP port, 250 ms rounds, the node's keys and view refresher,
+//! and the router's derivation of members and catalog from every view),
+//! each hosting one instance, all seeded with node 0 and started at once.
+//! For each N it measures:
+//!
+//! - formation: until every node sees all N alive;
+//! - registration propagation: a `svc/<id>` key written on a random node,
+//!   until each node's view holds it (p50, p99 and the last node, pooled
+//!   over the trials);
+//! - kill: a random node stops without leaving (as under kill -9), until
+//!   each survivor's view has it not alive (first survivor and last);
+//! - rest: gossip bytes sent per node per second, and the CPU of the whole
+//!   process per node, over a quiet window; false deaths (a live node seen
+//!   not alive by anyone) during it.
+//!
+//! `ulimit -n 16384; cargo run --release -p weft-gossip --example scale --
+//! --nodes 50,200 [--trials 10] [--rest 10] [--port 30000]`
+//!
+//! Prints one table row per N. On a 2-core machine the larger N saturate
+//! the CPU; the rest CPU column says how much.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::watch;
+use weft_gossip::seal::{SealStats, SealedTransport};
+use weft_gossip::{Cluster, ClusterConfig, ClusterView, Key};
+
+const INTERVAL: Duration = Duration::from_millis(250);
+
+#[derive(Clone)]
+struct Args {
+    sizes: Vec<usize>,
+    trials: usize,
+    rest: Duration,
+    port: u16,
+}
+
+fn args() -> Args {
+    let argv: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| {
+        argv.iter()
+            .position(|a| a == flag)
+            .and_then(|i| argv.get(i + 1))
+            .cloned()
+    };
+    let sizes = value("--nodes")
+        .unwrap_or_else(|| "50,200".into())
+        .split(',')
+        .map(|n| n.trim().parse().expect("--nodes N,M,..."))
+        .collect();
+    Args {
+        sizes,
+        trials: value("--trials").map_or(10, |t| t.parse().expect("--trials N")),
+        rest: Duration::from_secs(
+            value("--rest").map_or(10, |t| t.parse().expect("--rest SECONDS")),
+        ),
+        port: value("--port").map_or(30_000, |p| p.parse().expect("--port P")),
+    }
+}
+
+/// One node of the harness.
+struct Node {
+    name: String,
+    cluster: Option<Cluster>,
+    views: watch::Receiver<Arc<ClusterView>>,
+    stats: Arc<SealStats>,
+}
+
+async fn start_node(i: usize, port0: u16, key: [u8; 32]) -> Node {
+    let name = format!("n{i}");
+    let addr: SocketAddr = ([127, 0, 0, 1], port0 + i as u16).into();
+    let config = ClusterConfig {
+        node_name: name.clone(),
+        generation: 1,
+        listen_addr: addr,
+        advertise_addr: addr,
+        seeds: vec![format!("127.0.0.1:{port0}")],
+        interval: INTERVAL,
+        cluster_id: "scale".into(),
+    };
+    let info = serde_json::json!({
+        "tunnel": format!("127.0.0.1:{}", port0 + 20_000 + i as u16),
+        "admin": format!("127.0.0.1:{}", port0 + 30_000 + i as u16),
+        "version": "scale",
+        "status": "alive",
+    });
+    let transport = SealedTransport::new(key).with_advertised(addr);
+    let stats = transport.stats();
+    // Each node hosts one instance, as most hosts do.
+    let id = format!("web-{i}");
+    let record = serde_json::json!({"name": "web", "id": id, "port": 8080});
+    let initial = vec![
+        (Key::Node, info.to_string()),
+        (Key::svc(&id).expect("instance id"), record.to_string()),
+        (Key::Health(id), "passing".to_string()),
+    ];
+    let cluster = Cluster::start(&config, initial, &transport)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("{name} on {addr}: {e} (ulimit -n too low, or the port is taken?)")
+        });
+    let views = cluster.views();
+    // What the node's router does with every view.
+    let mut derive = cluster.views();
+    tokio::spawn(async move {
+        while derive.changed().await.is_ok() {
+            let view = derive.borrow_and_update().clone();
+            std::hint::black_box((view.members(), view.catalog()));
+        }
+    });
+    Node {
+        name,
+        cluster: Some(cluster),
+        views,
+        stats,
+    }
+}
+
+fn alive_in(view: &ClusterView) -> usize {
+    view.nodes.iter().filter(|n| n.live).count()
+}
+
+/// Waits until `done` holds for the view of every node in `nodes` (by
+/// index), recording when each got there (relative to `t0`); gives up at
+/// `limit`. Returns the times, `None` for nodes that never did.
+async fn each_until(
+    nodes: &[Node],
+    which: &[usize],
+    t0: Instant,
+    limit: Duration,
+    done: impl Fn(&ClusterView) -> bool + Clone + Send + Sync + 'static,
+) -> Vec<Option<Duration>> {
+    let tasks: Vec<_> = which
+        .iter()
+        .map(|&i| {
+            let mut views = nodes[i].views.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                let wait = async {
+                    loop {
+                        if done(&views.borrow_and_update()) {
+                            return t0.elapsed();
+                        }
+                        if views.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                };
+                tokio::time::timeout_at((t0 + limit).into(), wait)
+                    .await
+                    .ok()
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.expect("watcher"));
+    }
+    out
+}
+
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1000.0)
+}
+
+/// The process's CPU time so far (user + system), from /proc.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split(' ').collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15, so 11 and 12 after the name.
+    let hz = 100.0;
+    Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / hz)
+}
+
+struct Row {
+    n: usize,
+    formed: Option<Duration>,
+    reg: Vec<Duration>,
+    reg_missed: usize,
+    dead_first: Option<Duration>,
+    dead_all: Option<Duration>,
+    bytes_per_node: f64,
+    vcpu: f64,
+    false_deaths: usize,
+}
+
+async fn measure(n: usize, args: &Args) -> Row {
+    let key: [u8; 32] = rand::thread_rng().gen();
+    let t0 = Instant::now();
+    let started = futures_join_all((0..n).map(|i| start_node(i, args.port, key))).await;
+    let mut nodes = started;
+    let all: Vec<usize> = (0..n).collect();
+    let formed = each_until(&nodes, &all, t0, Duration::from_secs(180), move |v| {
+        alive_in(v) >= n
+    })
+    .await;
+    let formed = formed
+        .iter()
+        .copied()
+        .collect::<Option<Vec<_>>>()
+        .and_then(|t| t.into_iter().max());
+
+    // At rest: bytes, CPU and false deaths over a quiet window.
+    let sent0: u64 = nodes
+        .iter()
+        .map(|x| x.stats.bytes_sent.load(Ordering::Relaxed))
+        .sum();
+    let (cpu0, rest0) = (cpu_time(), Instant::now());
+    // Nodes that saw a live node as not alive at some point.
+    let mut doubting: HashSet<usize> = HashSet::new();
+    while rest0.elapsed() < args.rest {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for (i, x) in nodes.iter().enumerate() {
+            if alive_in(&x.views.borrow()) < n {
+                doubting.insert(i);
+            }
+        }
+    }
+    let false_deaths = doubting.len();
+    let secs = rest0.elapsed().as_secs_f64();
+    let vcpu = (cpu_time().saturating_sub(cpu0)).as_secs_f64() / secs;
+    let sent1: u64 = nodes
+        .iter()
+        .map(|x| x.stats.bytes_sent.load(Ordering::Relaxed))
+        .sum();
+    let bytes_per_node = (sent1 - sent0) as f64 / secs / n as f64;
+
+    // Registration propagation.
+    let mut reg = Vec::new();
+    let mut reg_missed = 0;
+    for trial in 0..args.trials {
+        let owner = rand::thread_rng().gen_range(0..n);
+        let id = format!("probe-{trial}");
+        let key = Key::svc(&id).expect("probe id");
+        let raw = key.encode();
+        let owner_name = nodes[owner].name.clone();
+        let record = serde_json::json!({"id": id, "name": "probe", "port": 8080});
+        let t = Instant::now();
+        if let Some(c) = &nodes[owner].cluster {
+            c.set(&key, &record.to_string()).await.expect("set probe");
+        }
+        let seen = each_until(&nodes, &all, t, Duration::from_secs(30), move |v| {
+            v.nodes
+                .iter()
+                .any(|x| x.name == owner_name && x.kv.contains_key(&raw))
+        })
+        .await;
+        for s in seen {
+            match s {
+                Some(d) => reg.push(d),
+                None => reg_missed += 1,
+            }
+        }
+    }
+    reg.sort();
+
+    // kill: one node stops without a goodbye.
+    let victim = rand::thread_rng().gen_range(1..n);
+    let victim_name = nodes[victim].name.clone();
+    if let Some(c) = nodes[victim].cluster.take() {
+        c.shutdown().await;
+    }
+    let survivors: Vec<usize> = (0..n).filter(|&i| i != victim).collect();
+    let t = Instant::now();
+    let seen = each_until(&nodes, &survivors, t, Duration::from_secs(60), move |v| {
+        v.nodes.iter().any(|x| x.name == victim_name && !x.live)
+    })
+    .await;
+    let dead: Option<Vec<Duration>> = seen.into_iter().collect();
+    let (dead_first, dead_all) = match dead {
+        Some(d) => (d.iter().min().copied(), d.iter().max().copied()),
+        None => (None, None),
+    };
+    for node in &mut nodes {
+        if let Some(c) = node.cluster.take() {
+            c.shutdown().await;
+        }
+    }
+    Row {
+        n,
+        formed,
+        reg,
+        reg_missed,
+        dead_first,
+        dead_all,
+        bytes_per_node,
+        vcpu,
+        false_deaths,
+    }
+}
+
+/// Starts all futures at once and collects their outputs in order.
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("start"));
+    }
+    out
+}
+
+#[tokio::main]
+async fn main() {
+    let args = args();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "# gossip scale: {cores} cores, one process, 250 ms rounds, sealed transport; {} registration trials, {} s at rest",
+        args.trials,
+        args.rest.as_secs()
+    );
+    println!("| nodes | formed | reg p50 ms | reg p99 ms | reg all ms | kill: first dead ms | kill: all dead ms | sent per node at rest | CPU at rest | nodes that saw a false death |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (k, &n) in args.sizes.iter().enumerate() {
+        // A fresh port range per size, so sockets of the last size that
+        // are still closing never collide.
+        let mut this = args.clone();
+        this.port = args.port + k as u16 * 2_000;
+        let r = measure(n, &this).await;
+        let all = r.reg.last().copied();
+        println!(
+            "| {} | {} | {} | {} | {}{} | {} | {} | {:.1} KB/s | {:.2} vCPU ({:.1} mCPU per node) | {} |",
+            r.n,
+            r.formed.map_or("not within 180 s".into(), |d| format!("{:.1} s", d.as_secs_f64())),
+            ms(quantile(&r.reg, 0.5)),
+            ms(quantile(&r.reg, 0.99)),
+            all.map_or("-".into(), ms),
+            if r.reg_missed > 0 { format!(" ({} never)", r.reg_missed) } else { String::new() },
+            r.dead_first.map_or("-".into(), ms),
+            r.dead_all.map_or("not within 60 s".into(), ms),
+            r.bytes_per_node / 1000.0,
+            r.vcpu,
+            r.vcpu * 1000.0 / r.n as f64,
+            r.false_deaths,
+        );
+    }
+}

@@ -1,0 +1,292 @@
+//! The routing table's hot half: per service, the instances a request may go
+//! to, typed (health, protocol and retry policy as enums) and indexed when
+//! the catalog changes rather than per request.
+//!
+//! Each [`Endpoint`] carries its instance's load, latency estimate and
+//! ejection in an [`EndpointState`] that every snapshot listing the instance
+//! shares, so connection tasks update it without a node-wide lock: a request
+//! takes one uncontended per-instance lock to start, one to finish, and
+//! `pick` allocates nothing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use weft_gossip::{Catalog, Instance};
+
+use super::RetryPolicy;
+use crate::policy::balancer::{PeakEwma, DEFAULT_DECAY, DEFAULT_RTT};
+
+/// An instance's health as routing sees it (the catalog's string, parsed
+/// once per catalog change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Its checks pass.
+    Passing,
+    /// Not checked yet, or not checked at all.
+    Unknown,
+    /// Ejected by the callers' outlier detection (gossiped votes).
+    Ejected,
+    /// Its checks fail: never routed to.
+    Failing,
+}
+
+impl Health {
+    /// The catalog's `health` field.
+    pub fn parse(s: &str) -> Health {
+        match s {
+            "passing" => Health::Passing,
+            "unknown" => Health::Unknown,
+            "ejected" => Health::Ejected,
+            _ => Health::Failing,
+        }
+    }
+
+    /// Whether requests may go to it (ejected ones only in panic routing).
+    pub fn routable(self) -> bool {
+        self != Health::Failing
+    }
+}
+
+/// What an instance speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 or h2c.
+    Http,
+    /// Raw TCP.
+    Tcp,
+}
+
+impl Protocol {
+    /// The catalog's `protocol` field (`None` for one this node cannot serve).
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "http" => Some(Protocol::Http),
+            "tcp" => Some(Protocol::Tcp),
+            _ => None,
+        }
+    }
+}
+
+/// The instant every [`EndpointState`] time is counted from, so times fit
+/// in atomics.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn since_epoch(t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// One instance's live state on this node, shared by every snapshot that
+/// lists the instance.
+#[derive(Debug)]
+pub struct EndpointState {
+    /// Latency estimate and requests in flight (an uncontended lock of its
+    /// own: held for a few arithmetic operations).
+    ewma: Mutex<PeakEwma>,
+    /// Ejected by this node's outlier detection until this many nanoseconds
+    /// after [`epoch`]; 0 when never ejected.
+    ejected_until: AtomicU64,
+    /// The outlier detector holds state for it (failures counted, an
+    /// ejection served, a pardon pending), so a success must be reported;
+    /// when false a success changes nothing and takes no lock.
+    suspect: AtomicBool,
+}
+
+impl EndpointState {
+    fn new(now: Instant) -> Self {
+        EndpointState {
+            ewma: Mutex::new(PeakEwma::new(DEFAULT_RTT, DEFAULT_DECAY, now)),
+            ejected_until: AtomicU64::new(0),
+            suspect: AtomicBool::new(false),
+        }
+    }
+
+    fn ewma(&self) -> std::sync::MutexGuard<'_, PeakEwma> {
+        self.ewma.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The balancer's cost at `now` (see [`PeakEwma::cost`]).
+    pub fn cost(&self, now: Instant) -> f64 {
+        self.ewma().cost(now)
+    }
+
+    /// Counts a request sent to the instance.
+    pub fn start(&self) {
+        self.ewma().start();
+    }
+
+    /// Counts a request finished after `latency`.
+    pub fn finish(&self, latency: Duration, now: Instant) {
+        let mut e = self.ewma();
+        e.end();
+        e.observe(latency, now);
+    }
+
+    /// Whether this node's outlier detection has it ejected at `now`.
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > since_epoch(now)
+    }
+
+    /// Mirrors an ejection decided by the outlier detector.
+    pub fn eject_until(&self, until: Instant) {
+        self.ejected_until
+            .store(since_epoch(until).max(1), Ordering::Relaxed);
+    }
+
+    /// Whether a success must be reported to the outlier detector.
+    pub fn is_suspect(&self) -> bool {
+        self.suspect.load(Ordering::Relaxed)
+    }
+
+    /// Mirrors whether the outlier detector holds state for it.
+    pub fn set_suspect(&self, suspect: bool) {
+        self.suspect.store(suspect, Ordering::Relaxed);
+    }
+}
+
+/// One routable instance: its catalog record, its parsed fields and its
+/// shared state. Cloning it is two reference counts.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The catalog's record.
+    pub instance: Arc<Instance>,
+    /// Health, parsed.
+    pub health: Health,
+    /// Protocol, parsed (`None`: one this node does not speak).
+    pub protocol: Option<Protocol>,
+    /// The retry policy it was registered with, if any.
+    pub retry: Option<RetryPolicy>,
+    /// Load, latency and ejection on this node.
+    pub state: Arc<EndpointState>,
+}
+
+impl Endpoint {
+    /// (node, id): the instance's key for the outlier detector and logs.
+    pub fn key(&self) -> (String, String) {
+        (self.instance.node.clone(), self.instance.id.clone())
+    }
+
+    /// Whether `self` and `other` are the same instance.
+    pub fn same(&self, other: &Endpoint) -> bool {
+        Arc::ptr_eq(&self.state, &other.state)
+    }
+}
+
+/// Every service's endpoints, built from a catalog.
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints {
+    services: HashMap<String, Arc<[Endpoint]>>,
+}
+
+impl Endpoints {
+    /// The endpoints of `catalog`; instances already in `previous` keep
+    /// their state (load, latency, ejection), new ones start fresh.
+    pub fn build(catalog: &Catalog, previous: &Endpoints) -> Endpoints {
+        let known: HashMap<(&str, &str), &Arc<EndpointState>> = previous
+            .services
+            .values()
+            .flat_map(|eps| eps.iter())
+            .map(|e| ((e.instance.node.as_str(), e.instance.id.as_str()), &e.state))
+            .collect();
+        let now = Instant::now();
+        let services = catalog
+            .services
+            .iter()
+            .map(|(name, instances)| {
+                let endpoints: Arc<[Endpoint]> = instances
+                    .iter()
+                    .map(|i| Endpoint {
+                        instance: Arc::new(i.clone()),
+                        health: Health::parse(&i.health),
+                        protocol: Protocol::parse(&i.protocol),
+                        retry: i.retry.as_deref().and_then(RetryPolicy::parse),
+                        state: known
+                            .get(&(i.node.as_str(), i.id.as_str()))
+                            .map_or_else(|| Arc::new(EndpointState::new(now)), |s| Arc::clone(s)),
+                    })
+                    .collect();
+                (name.clone(), endpoints)
+            })
+            .collect();
+        Endpoints { services }
+    }
+
+    /// The endpoints of `service` (empty when unknown).
+    pub fn service(&self, service: &str) -> &[Endpoint] {
+        self.services.get(service).map_or(&[], |e| e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(node: &str, id: &str, health: &str) -> Instance {
+        Instance {
+            id: id.into(),
+            node: node.into(),
+            port: 8080,
+            protocol: "http".into(),
+            health: health.into(),
+            tags: Vec::new(),
+            tunnel_addr: None,
+            timeout_ms: None,
+            retry: None,
+            retry_non_idempotent: false,
+            hedge: false,
+        }
+    }
+
+    fn catalog(instances: Vec<Instance>) -> Catalog {
+        let mut c = Catalog::default();
+        c.services.insert("api".into(), instances);
+        c
+    }
+
+    #[test]
+    fn an_instance_keeps_its_state_across_catalog_changes() {
+        let first = Endpoints::build(
+            &catalog(vec![instance("n1", "a", "passing")]),
+            &Endpoints::default(),
+        );
+        let a = first.service("api")[0].clone();
+        a.state.start();
+        let second = Endpoints::build(
+            &catalog(vec![
+                instance("n1", "a", "failing"),
+                instance("n2", "b", "unknown"),
+            ]),
+            &first,
+        );
+        let eps = second.service("api");
+        assert!(eps[0].same(&a), "the same instance shares its state");
+        assert_eq!(eps[0].health, Health::Failing);
+        assert!(!eps[1].same(&a));
+        assert_eq!(eps[1].health, Health::Unknown);
+        assert!(second.service("other").is_empty());
+    }
+
+    #[test]
+    fn an_ejection_ends_on_its_own() {
+        let now = Instant::now();
+        let s = EndpointState::new(now);
+        assert!(!s.is_ejected(now));
+        s.eject_until(now + Duration::from_secs(5));
+        assert!(s.is_ejected(now + Duration::from_secs(4)));
+        assert!(!s.is_ejected(now + Duration::from_secs(6)));
+    }
+
+    #[test]
+    fn fields_are_parsed_once() {
+        assert_eq!(Health::parse("passing"), Health::Passing);
+        assert_eq!(Health::parse("ejected"), Health::Ejected);
+        assert_eq!(Health::parse("critical?"), Health::Failing);
+        assert!(!Health::Failing.routable());
+        assert_eq!(Protocol::parse("tcp"), Some(Protocol::Tcp));
+        assert_eq!(Protocol::parse("udp"), None);
+    }
+}
