@@ -34,6 +34,9 @@
 # against redis-server directly, through an nginx `stream` two-hop chain and
 # through a weft TCP upstream across the two nodes, interleaved, REPS times.
 #
+# WEFT_BIN_BEFORE=path adds `before-2node`: weft-2node with that (older)
+# binary, on a cluster of its own, interleaved with the rest.
+#
 # STREAM_1G=1 (default) then starts a fresh 2-node cluster, streams a 1 GiB
 # body (nginx, sparse file) from n2 through n1's proxy with curl, and prints
 # both nodes' VmRSS before/after and VmHWM (peak).
@@ -60,7 +63,7 @@ STREAM_1G=${STREAM_1G:-1} # 1: also the 1 GiB streaming memory check
 H2C=${H2C:-1}             # 1: also the h2c rows (h2load)
 TCP=${TCP:-1}             # 1: also the TCP request/response rows (redis-benchmark)
 TCP_REQS=${TCP_REQS:-200000} # redis-benchmark requests per test
-MAX_WALL=${MAX_WALL:-330} # hard bound on the measured window (seconds)
+MAX_WALL=${MAX_WALL:-720} # hard bound on the measured window (seconds)
 KEEP=${KEEP:-0}           # 1: keep the temp dir (configs, raw outputs, node logs)
 WEFT_LOG=${WEFT_LOG:-warn} # RUST_LOG of the weft nodes
 SCEN_LIST=${SCEN_LIST:-"direct nginx2 nginx2-mtls haproxy2 weft-local weft-2node"}
@@ -276,9 +279,9 @@ wait_until() { # timeout_s description cmd...
 }
 dump_logs() { local f; for f in "$T"/*.err "$T"/*.out; do [ -s "$f" ] && { log "---- $f"; tail -n 40 "$f" >&2; }; done; }
 
-# weft cluster: start_cluster k -> nodes c<k>n1 (proxy for 2-node), c<k>n2 (holds `up`)
-start_cluster() {
-  local k=$1 i
+# weft cluster: start_cluster k [bin] -> nodes c<k>n1 (proxy for 2-node), c<k>n2 (holds `up`)
+start_cluster() { # k [weft binary]
+  local k=$1 i WEFT_BIN=${2:-$WEFT_BIN}
   "$WEFT_BIN" init --dir "$T/cluster$k" >"$T/init$k.out" 2>&1 || { log "weft init failed"; cat "$T/init$k.out" >&2; return 1; }
   for i in 1 2; do
     mkdir -p "$T/c${k}n$i"
@@ -304,12 +307,16 @@ haproxy_conf ha "$HA" "$HB" http; haproxy_conf hb "$HB" "$UP" http
 for n in up na nb ta tb h2f; do start "$n" nginx -p "$T" -e "$T/$n.err" -c "$T/$n.conf" -g 'daemon off;'; done
 for n in ha hb; do start "$n" haproxy -db -f "$T/$n.cfg"; done
 start_cluster 1 || { dump_logs; exit 1; }
+if [ -n "${WEFT_BIN_BEFORE:-}" ]; then # an older build, side by side in the same run
+  start_cluster 3 "$WEFT_BIN_BEFORE" || { dump_logs; exit 1; }
+  [[ " $SCEN_LIST " == *" before-2node "* ]] || SCEN_LIST+=" before-2node"
+fi
 
 read -r -a SCEN <<<"$SCEN_LIST"
-declare -A PORT=([direct]=$UP [nginx2]=$NA [nginx2-mtls]=$TA [haproxy2]=$HA [weft-local]=$(wport 1 2 2) [weft-2node]=$(wport 1 1 2))
-declare -A PROX=([direct]="" [nginx2]="na nb" [nginx2-mtls]="ta tb" [haproxy2]="ha hb" [weft-local]="c1n1 c1n2" [weft-2node]="c1n1 c1n2")
-declare -A HOPS=([direct]=0 [nginx2]=2 [nginx2-mtls]=2 [haproxy2]=2 [weft-local]=1 [weft-2node]=2)
-declare -A HOST=([direct]="" [nginx2]="" [nginx2-mtls]="" [haproxy2]="" [weft-local]=up [weft-2node]=up)
+declare -A PORT=([direct]=$UP [nginx2]=$NA [nginx2-mtls]=$TA [haproxy2]=$HA [weft-local]=$(wport 1 2 2) [weft-2node]=$(wport 1 1 2) [before-2node]=$(wport 3 1 2))
+declare -A PROX=([direct]="" [nginx2]="na nb" [nginx2-mtls]="ta tb" [haproxy2]="ha hb" [weft-local]="c1n1 c1n2" [weft-2node]="c1n1 c1n2" [before-2node]="c3n1 c3n2")
+declare -A HOPS=([direct]=0 [nginx2]=2 [nginx2-mtls]=2 [haproxy2]=2 [weft-local]=1 [weft-2node]=2 [before-2node]=2)
+declare -A HOST=([direct]="" [nginx2]="" [nginx2-mtls]="" [haproxy2]="" [weft-local]=up [weft-2node]=up [before-2node]=up)
 hdr() { [ -n "${HOST[$1]}" ] && printf '%s\n' -H "Host: ${HOST[$1]}"; }
 for s in "${SCEN[@]}"; do
   [ -n "${PORT[$s]:-}" ] || { log "unknown scenario $s"; exit 64; }

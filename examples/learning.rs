@@ -4,7 +4,7 @@
 //! (hedging on and off) and a total outage called by five nodes. Prints a
 //! Markdown table (the README's).
 //!
-//! `cargo build --release && cargo run --release --example learning [-- --short] [--runs N]`
+//! `cargo build --release && cargo run --release --example learning [-- --short] [--runs N] [--only SHAPE]...`
 //! (with `--runs N`, each run's table and then the medians of the N runs)
 
 #[path = "../tests/common/mod.rs"]
@@ -18,13 +18,14 @@ async fn main() {
     } else {
         common::learning::Lengths::long()
     };
-    if let Some(shape) = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-    {
-        let shape: &'static str = Box::leak(shape.clone().into_boxed_str());
-        lengths.only = Box::leak(vec![shape].into_boxed_slice());
+    // `--only SHAPE`, repeatable: run just those shapes.
+    let only: Vec<&'static str> = args
+        .windows(2)
+        .filter(|w| w[0] == "--only")
+        .map(|w| &*Box::leak(w[1].clone().into_boxed_str()))
+        .collect();
+    if !only.is_empty() {
+        lengths.only = Box::leak(only.into_boxed_slice());
     }
     let runs = args
         .iter()

@@ -204,6 +204,7 @@ struct Row {
     dead_first: Option<Duration>,
     dead_all: Option<Duration>,
     bytes_per_node: f64,
+    datagram_bytes: f64,
     vcpu: f64,
     false_deaths: usize,
 }
@@ -225,10 +226,16 @@ async fn measure(n: usize, args: &Args) -> Row {
         .and_then(|t| t.into_iter().max());
 
     // At rest: bytes, CPU and false deaths over a quiet window.
-    let sent0: u64 = nodes
-        .iter()
-        .map(|x| x.stats.bytes_sent.load(Ordering::Relaxed))
-        .sum();
+    let sent = |nodes: &[Node]| -> (u64, u64) {
+        nodes.iter().fold((0, 0), |(b, d), x| {
+            let bytes = x.stats.bytes_sent.load(Ordering::Relaxed);
+            (
+                b + bytes,
+                d + x.stats.datagrams_sent.load(Ordering::Relaxed),
+            )
+        })
+    };
+    let (sent0, datagrams0) = sent(&nodes);
     let (cpu0, rest0) = (cpu_time(), Instant::now());
     // Nodes that saw a live node as not alive at some point.
     let mut doubting: HashSet<usize> = HashSet::new();
@@ -243,11 +250,9 @@ async fn measure(n: usize, args: &Args) -> Row {
     let false_deaths = doubting.len();
     let secs = rest0.elapsed().as_secs_f64();
     let vcpu = (cpu_time().saturating_sub(cpu0)).as_secs_f64() / secs;
-    let sent1: u64 = nodes
-        .iter()
-        .map(|x| x.stats.bytes_sent.load(Ordering::Relaxed))
-        .sum();
+    let (sent1, datagrams1) = sent(&nodes);
     let bytes_per_node = (sent1 - sent0) as f64 / secs / n as f64;
+    let datagram_bytes = (sent1 - sent0) as f64 / (datagrams1 - datagrams0).max(1) as f64;
 
     // Registration propagation.
     let mut reg = Vec::new();
@@ -308,6 +313,7 @@ async fn measure(n: usize, args: &Args) -> Row {
         dead_first,
         dead_all,
         bytes_per_node,
+        datagram_bytes,
         vcpu,
         false_deaths,
     }
@@ -336,8 +342,8 @@ async fn main() {
         args.trials,
         args.rest.as_secs()
     );
-    println!("| nodes | formed | reg p50 ms | reg p99 ms | reg all ms | kill: first dead ms | kill: all dead ms | sent per node at rest | CPU at rest | nodes that saw a false death |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| nodes | formed | reg p50 ms | reg p99 ms | reg all ms | kill: first dead ms | kill: all dead ms | sent per node at rest | mean datagram | CPU at rest | nodes that saw a false death |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (k, &n) in args.sizes.iter().enumerate() {
         // A fresh port range per size, so sockets of the last size that
         // are still closing never collide.
@@ -346,7 +352,7 @@ async fn main() {
         let r = measure(n, &this).await;
         let all = r.reg.last().copied();
         println!(
-            "| {} | {} | {} | {} | {}{} | {} | {} | {:.1} KB/s | {:.2} vCPU ({:.1} mCPU per node) | {} |",
+            "| {} | {} | {} | {} | {}{} | {} | {} | {:.1} KB/s | {:.0} B | {:.2} vCPU ({:.1} mCPU per node) | {} |",
             r.n,
             r.formed.map_or("not within 180 s".into(), |d| format!("{:.1} s", d.as_secs_f64())),
             ms(quantile(&r.reg, 0.5)),
@@ -356,6 +362,7 @@ async fn main() {
             r.dead_first.map_or("-".into(), ms),
             r.dead_all.map_or("not within 60 s".into(), ms),
             r.bytes_per_node / 1000.0,
+            r.datagram_bytes,
             r.vcpu,
             r.vcpu * 1000.0 / r.n as f64,
             r.false_deaths,

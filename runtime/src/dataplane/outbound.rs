@@ -143,12 +143,9 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
     if trace.on {
         trace.service = Some(fwd.service.clone());
     }
-    let mut endpoint = {
-        let snap = dp.router.load();
-        match dp.pick(&snap, &fwd.service, Protocol::Http, &[]) {
-            Ok(e) => e,
-            Err(error) => return error.response(&format!("service {:?}", fwd.service)),
-        }
+    let mut endpoint = match pick_http(dp, &fwd.service) {
+        Ok(e) => e,
+        Err(error) => return no_instance(error, &fwd.service),
     };
     // A configured timeout bounds the whole request; a learned one each
     // attempt (retry waits come on top, inside the default).
@@ -176,10 +173,9 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
     let held = dp.hold_in_outage(&service, retry_policy, deadline).await;
     if !held.is_zero() {
         trace.waited += held;
-        let snap = dp.router.load();
-        endpoint = match dp.pick(&snap, &service, Protocol::Http, &[]) {
+        endpoint = match pick_http(dp, &service) {
             Ok(e) => e,
-            Err(error) => return error.response(&format!("service {service:?}")),
+            Err(error) => return no_instance(error, &service),
         };
     }
     let mut tried: Vec<Endpoint> = Vec::new();
@@ -306,6 +302,17 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
         }
         endpoint = next;
     }
+}
+
+/// An HTTP instance of `service`, or why there is none.
+fn pick_http(dp: &DataPlane, service: &str) -> Result<Endpoint, MeshError> {
+    let snap = dp.router.load();
+    dp.pick(&snap, service, Protocol::Http, &[])
+}
+
+/// The answer when [`pick_http`] found no instance.
+fn no_instance(error: MeshError, service: &str) -> Response<ProxyBody> {
+    error.response(&format!("service {service:?}"))
 }
 
 /// A request the proxy refuses before any instance is picked.
