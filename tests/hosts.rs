@@ -45,7 +45,9 @@ impl Hosts {
         for i in 1..=count {
             let (ns, outside, inside) = (hosts.ns(i), hosts.veth(i, 'o'), hosts.veth(i, 'i'));
             ip(&["netns", "add", &ns])?;
-            ip(&["link", "add", &outside, "type", "veth", "peer", "name", &inside])?;
+            ip(&[
+                "link", "add", &outside, "type", "veth", "peer", "name", &inside,
+            ])?;
             ip(&["link", "set", &outside, "master", &bridge])?;
             ip(&["link", "set", &outside, "up"])?;
             ip(&["link", "set", &inside, "netns", &ns])?;
@@ -83,8 +85,8 @@ impl Hosts {
         c
     }
 
-    /// Starts a long-running process on host `i`, stopped on drop.
-    fn spawn(&mut self, i: usize, mut command: Command, log: &Path) {
+    /// Starts a long-running process made by [`Hosts::on`], stopped on drop.
+    fn spawn(&mut self, mut command: Command, log: &Path) {
         let out = std::fs::File::create(log).expect("log file");
         let child = command
             .stdin(Stdio::null())
@@ -168,7 +170,7 @@ async fn nodes_on_separate_hosts_use_the_default_ports_and_find_their_addresses(
             .arg("--socket")
             .arg(&sockets[i - 1])
             .env("RUST_LOG", "info");
-        hosts.spawn(i, node, &dir.path().join(format!("h{i}.log")));
+        hosts.spawn(node, &dir.path().join(format!("h{i}.log")));
     }
     // Each node found its own address and advertises the default ports.
     for socket in &sockets {
@@ -198,9 +200,16 @@ async fn nodes_on_separate_hosts_use_the_default_ports_and_find_their_addresses(
     std::fs::write(www.join("hello.txt"), &token).expect("file");
     let mut server = hosts.on(3, "python3");
     server
-        .args(["-m", "http.server", "8080", "--bind", "127.0.0.1", "--directory"])
+        .args([
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
         .arg(&www);
-    hosts.spawn(3, server, &dir.path().join("http.log"));
+    hosts.spawn(server, &dir.path().join("http.log"));
     let (status, reply) = put_json(
         &sockets[2],
         "/v1/services",
@@ -209,16 +218,28 @@ async fn nodes_on_separate_hosts_use_the_default_ports_and_find_their_addresses(
     .await
     .expect("register");
     assert_eq!(status, 200, "{reply}");
-    let answer = wait_for(Duration::from_secs(30), "h1's proxy answers for web", || async {
-        let out = hosts
-            .on(1, "curl")
-            .args(["-s", "-f", "-m", "5", "-H", "Host: web", "http://127.0.0.1:4140/hello.txt"])
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    })
+    let answer = wait_for(
+        Duration::from_secs(30),
+        "h1's proxy answers for web",
+        || async {
+            let out = hosts
+                .on(1, "curl")
+                .args([
+                    "-s",
+                    "-f",
+                    "-m",
+                    "5",
+                    "-H",
+                    "Host: web",
+                    "http://127.0.0.1:4140/hello.txt",
+                ])
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        },
+    )
     .await;
     assert_eq!(answer, token);
     // The admin port is the default one, on the host's own loopback.

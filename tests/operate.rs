@@ -114,15 +114,21 @@ async fn every_client_command_works_against_live_nodes() {
     // services: the table and JSON, seen from the other node once gossip
     // and the checks have run.
     let web_id = format!("web-n1-{port}");
-    let table = wait_for(Duration::from_secs(15), "n2 lists web passing", || {
-        let n2 = n2.clone();
-        let web_id = web_id.clone();
-        async move {
-            let (code, out, _) = weft_cli(&n2, &["services"]);
-            let row = out.lines().find(|l| l.contains(&web_id))?.to_string();
-            (code == 0 && row.contains("passing")).then_some(out)
-        }
-    })
+    let table = wait_for(
+        Duration::from_secs(15),
+        "n2 lists web passing, batch-1 and db",
+        || {
+            let n2 = n2.clone();
+            let web_id = web_id.clone();
+            async move {
+                let (code, out, _) = weft_cli(&n2, &["services"]);
+                let row = out.lines().find(|l| l.contains(&web_id))?.to_string();
+                // Every registration of n1 has reached n2, not only web's.
+                let all = out.contains("batch-1") && out.contains("db-n1-");
+                (code == 0 && row.contains("passing") && all).then_some(out)
+            }
+        },
+    )
     .await;
     assert!(table.starts_with("SERVICE"), "{table}");
     assert!(

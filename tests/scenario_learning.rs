@@ -30,6 +30,13 @@ async fn the_learned_policy_recovers_more_with_fewer_retries() {
         "{exponential:?} vs {none:?}"
     );
     assert!(learned.success() >= 0.99, "{learned:?}");
+    // Requests that arrive during an outage wait for its end instead of
+    // failing into it: the failing instance is left mostly alone.
+    let quiet = |r: &Row| r.failing_load.expect("failing load");
+    assert!(
+        quiet(learned) < 0.5 * quiet(exponential),
+        "{learned:?} vs {exponential:?}"
+    );
     assert!((none.attempts_per_request() - 1.0).abs() < 0.01, "{none:?}");
     // n5 never called the service yet knows how long its outages last.
     let delay = learned
