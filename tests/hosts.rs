@@ -148,13 +148,7 @@ async fn nodes_on_separate_hosts_use_the_default_ports_and_find_their_addresses(
         }
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let cluster = dir.path().join("cluster");
-    let init = Command::new(weft_bin())
-        .args(["init", "--dir"])
-        .arg(&cluster)
-        .output()
-        .expect("weft init");
-    assert!(init.status.success(), "{init:?}");
+    let cluster = init_cluster(dir.path());
     let seed = format!("{}:7946", hosts.addr(1));
     let sockets: Vec<PathBuf> = (1..=3)
         .map(|i| dir.path().join(format!("h{i}")).join("weft.sock"))

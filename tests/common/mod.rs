@@ -34,6 +34,18 @@ pub fn weft_bin() -> PathBuf {
 
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
+/// `weft init` of a cluster dir `cluster` under `parent`; returns its path.
+pub fn init_cluster(parent: &Path) -> PathBuf {
+    let cluster_dir = parent.join("cluster");
+    let out = Command::new(weft_bin())
+        .args(["init", "--dir"])
+        .arg(&cluster_dir)
+        .output()
+        .expect("weft init");
+    assert!(out.status.success(), "weft init failed: {out:?}");
+    cluster_dir
+}
+
 /// A port free for both TCP and UDP on 127.0.0.1, unique within this process.
 pub fn free_port() -> u16 {
     let base = 20_000 + (std::process::id() % 400) as u16 * 100;
@@ -112,13 +124,7 @@ impl TestCluster {
     /// An initialised cluster dir without nodes.
     pub fn new() -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cluster_dir = dir.path().join("cluster");
-        let out = Command::new(weft_bin())
-            .args(["init", "--dir"])
-            .arg(&cluster_dir)
-            .output()
-            .expect("weft init");
-        assert!(out.status.success(), "weft init failed: {out:?}");
+        let cluster_dir = init_cluster(dir.path());
         TestCluster {
             dir,
             cluster_dir,
