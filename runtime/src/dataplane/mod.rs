@@ -412,7 +412,6 @@ impl DataPlane {
         if self.retry_policy(service_policy) != RetryPolicy::Learned {
             return Duration::ZERO;
         }
-        let mut published = self.stats.subscribe();
         let (merged, start, _) = self.stats.episodes(service);
         let began = Instant::now();
         let Some(hold) = outage_hold(start, began, &merged, &mut rand::thread_rng()) else {
@@ -422,6 +421,9 @@ impl DataPlane {
         if until >= deadline {
             return Duration::ZERO;
         }
+        // Subscribed before the outage is checked again below, so its end
+        // cannot slip between the check and the wait.
+        let mut published = self.stats.subscribe();
         metrics::counter!("weft_outage_holds_total", "service" => service.to_string()).increment(1);
         while self.stats.in_outage(service) {
             tokio::select! {
