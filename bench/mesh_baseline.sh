@@ -152,7 +152,7 @@ make_certs() {
   for who in server client; do
     openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$who" \
       -keyout "$d/$who.key" -out "$d/$who.csr" 2>/dev/null || return 1
-    printf 'subjectAltName=IP:127.0.0.1\n' > "$d/$who.ext"
+    printf 'subjectAltName=DNS:bench-b,IP:127.0.0.1\n' > "$d/$who.ext"
     openssl x509 -req -in "$d/$who.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
       -extfile "$d/$who.ext" -out "$d/$who.pem" 2>/dev/null || return 1
   done
@@ -177,7 +177,7 @@ nginx_mtls_conf() { # nginx2-mtls: A (plain in, TLS with a client cert out) and 
   upstream b { server 127.0.0.1:$TB; keepalive 64; keepalive_requests 100000000; }
   server { listen 127.0.0.1:$TA;
     location / { proxy_pass https://b; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on; proxy_ssl_name 127.0.0.1;
+      proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on; proxy_ssl_name bench-b;
       proxy_ssl_certificate $d/client.pem; proxy_ssl_certificate_key $d/client.key;
       proxy_ssl_trusted_certificate $d/ca.pem; proxy_ssl_verify on; } }
 }
