@@ -51,8 +51,9 @@ pub struct NodeKeys {
 #[derive(Debug, Default)]
 struct Parsed {
     info: Option<NodeInfo>,
-    /// Well-formed `svc/<id>` records whose id matches their key.
-    records: Vec<ServiceRecord>,
+    /// Well-formed `svc/<id>` records whose id matches their key, with the
+    /// health their owner concluded (`health/<id>`, in the same keys).
+    records: Vec<(ServiceRecord, &'static str)>,
     /// `eject/<owner>/<id>` votes, as (owner, id).
     votes: Vec<(String, String)>,
 }
@@ -72,7 +73,8 @@ impl NodeKeys {
                     Some(Key::Svc(id)) => {
                         if let Ok(record) = serde_json::from_str::<ServiceRecord>(value) {
                             if record.id == id {
-                                parsed.records.push(record);
+                                let health = instance_health(&self.map, &record);
+                                parsed.records.push((record, health));
                             }
                         }
                     }
@@ -313,15 +315,16 @@ impl ClusterView {
             {
                 continue;
             }
-            for record in &parsed.records {
-                let mut health = instance_health(node, record);
+            for (record, own_health) in &parsed.records {
                 let votes = observers
                     .get(&(node.name.as_str(), record.id.as_str()))
                     .copied()
                     .unwrap_or(0);
-                if votes >= 2 && health != "failing" {
-                    health = "ejected".to_string();
-                }
+                let health = if votes >= 2 && *own_health != "failing" {
+                    "ejected"
+                } else {
+                    own_health
+                };
                 services
                     .entry(record.name.clone())
                     .or_default()
@@ -330,7 +333,7 @@ impl ClusterView {
                         node: node.name.clone(),
                         port: record.port,
                         protocol: record.protocol.as_str().to_string(),
-                        health,
+                        health: health.to_string(),
                         tags: record.tags.clone(),
                         tunnel_addr: info.map(|i| i.tunnel.clone()),
                         timeout_ms: record.timeout_ms,
@@ -366,11 +369,15 @@ fn member_state(
 }
 
 /// Health of an instance from its owner's own conclusion (`health/<id>`).
-fn instance_health(node: &NodeSnapshot, record: &ServiceRecord) -> String {
-    match node.kv.get(&Key::Health(record.id.clone()).encode()) {
-        Some(v) if matches!(v.as_str(), "passing" | "failing") => v.clone(),
-        _ if record.check.is_none() => "passing".to_string(),
-        _ => "unknown".to_string(),
+fn instance_health(keys: &BTreeMap<String, String>, record: &ServiceRecord) -> &'static str {
+    match keys
+        .get(&Key::Health(record.id.clone()).encode())
+        .map(String::as_str)
+    {
+        Some("passing") => "passing",
+        Some("failing") => "failing",
+        _ if record.check.is_none() => "passing",
+        _ => "unknown",
     }
 }
 

@@ -3,7 +3,6 @@
 //! second under `stats/<service>`, merges every node's summaries, and
 //! publishes the cluster view (including the learned retry delay) for readers.
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -161,13 +160,10 @@ impl StatsAggregator {
 
     fn record(&mut self, o: Outcome, now: Instant) {
         let success = o.class == OutcomeClass::Success;
-        let local = match self.local.entry(o.service) {
-            Entry::Occupied(known) => known.into_mut(),
-            Entry::Vacant(new) => {
-                let local = Local::new(new.key());
-                new.insert(local)
-            }
-        };
+        let local = self
+            .local
+            .entry(o.service)
+            .or_insert_with_key(|service| Local::new(service));
         local.metrics.record(o.class, o.latency);
         local
             .attempts

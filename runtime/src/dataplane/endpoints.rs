@@ -170,6 +170,12 @@ impl Endpoint {
         (self.instance.node.clone(), self.instance.id.clone())
     }
 
+    /// Whether it is ejected at `now`: by gossip (two callers' votes) or by
+    /// this node's own outlier detection.
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        self.health == Health::Ejected || self.state.is_ejected(now)
+    }
+
     /// Whether `self` and `other` are the same instance.
     pub fn same(&self, other: &Endpoint) -> bool {
         Arc::ptr_eq(&self.state, &other.state)

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use weft_gossip::Instance;
 
-use super::endpoints::{Endpoint, Protocol};
-use super::outbound::{Attempt, Failure};
+use super::endpoints::Endpoint;
+use super::outbound::{pick_http, Attempt, Failure};
 use super::{DataPlane, ProxyBody};
 use crate::policy::retry;
 use crate::policy::stats::MAX_MS;
@@ -67,15 +67,7 @@ pub(super) async fn race(
         result = &mut sent => return Raced { endpoint: primary.clone(), result },
         () = tokio::time::sleep(after) => {}
     }
-    let other = {
-        let snap = dp.router.load();
-        dp.pick(
-            &snap,
-            service,
-            Protocol::Http,
-            std::slice::from_ref(primary),
-        )
-    };
+    let other = pick_http(dp, service, std::slice::from_ref(primary));
     let other = match other {
         Ok(other) if !other.same(primary) && dp.try_retry(service) => other,
         _ => {

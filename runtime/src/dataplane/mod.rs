@@ -37,7 +37,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use weft_gossip::{Key, MemberState};
 
-use self::endpoints::{Endpoint, Health, Protocol};
+use self::endpoints::{Endpoint, Protocol};
 use crate::access_log::AccessLog;
 use crate::gossip_writer::GossipWriter;
 use crate::outcome::OutcomeSink;
@@ -487,8 +487,7 @@ impl DataPlane {
             .iter()
             .filter(|e| e.health.routable())
             .peekable();
-        routable.peek().is_some()
-            && routable.all(|e| e.health == Health::Ejected || e.state.is_ejected(now))
+        routable.peek().is_some() && routable.all(|e| e.is_ejected(now))
     }
 
     /// Chooses an instance of `service` speaking `protocol`, or says why
@@ -508,8 +507,7 @@ impl DataPlane {
         }
         let now = Instant::now();
         let usable = |e: &Endpoint| e.protocol == Some(protocol) && e.health.routable();
-        let fresh =
-            |e: &Endpoint| usable(e) && e.health != Health::Ejected && !e.state.is_ejected(now);
+        let fresh = |e: &Endpoint| usable(e) && !e.is_ejected(now);
         let panic = !all.iter().any(fresh);
         let eligible = |e: &Endpoint| if panic { usable(e) } else { fresh(e) };
         let untried = |e: &Endpoint| !tried.iter().any(|t| t.same(e));

@@ -143,7 +143,7 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
     if trace.on {
         trace.service = Some(fwd.service.clone());
     }
-    let mut endpoint = match pick_http(dp, &fwd.service) {
+    let mut endpoint = match pick_http(dp, &fwd.service, &[]) {
         Ok(e) => e,
         Err(error) => return no_instance(error, &fwd.service),
     };
@@ -173,7 +173,7 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
     let held = dp.hold_in_outage(&service, retry_policy, deadline).await;
     if !held.is_zero() {
         trace.waited += held;
-        endpoint = match pick_http(dp, &service) {
+        endpoint = match pick_http(dp, &service, &[]) {
             Ok(e) => e,
             Err(error) => return no_instance(error, &service),
         };
@@ -285,11 +285,9 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
             Verdict::Retry => {}
         }
         tried.push(endpoint.clone());
-        let next = {
-            let snap = dp.router.load();
-            dp.pick(&snap, &service, Protocol::Http, &tried)
+        let Ok(next) = pick_http(dp, &service, &tried) else {
+            return resp;
         };
-        let Ok(next) = next else { return resp };
         drop(resp);
         attempt += 1;
         // Another instance: go now. The same one again: wait as long as this
@@ -304,10 +302,15 @@ async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Res
     }
 }
 
-/// An HTTP instance of `service`, or why there is none.
-fn pick_http(dp: &DataPlane, service: &str) -> Result<Endpoint, MeshError> {
+/// An HTTP instance of `service` from the current routing table, not one
+/// of `tried` when another exists, or why there is none.
+pub(super) fn pick_http(
+    dp: &DataPlane,
+    service: &str,
+    tried: &[Endpoint],
+) -> Result<Endpoint, MeshError> {
     let snap = dp.router.load();
-    dp.pick(&snap, service, Protocol::Http, &[])
+    dp.pick(&snap, service, Protocol::Http, tried)
 }
 
 /// The answer when [`pick_http`] found no instance.

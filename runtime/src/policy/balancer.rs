@@ -155,21 +155,14 @@ impl<K: Eq + Hash + Clone> Balancer<K> {
         now: Instant,
         rng: &mut R,
     ) -> Option<K> {
-        let (default_rtt, decay) = (self.default_rtt, self.decay);
-        let endpoints = &mut self.endpoints;
-        let chosen = pick_preferring(
+        pick_preferring(
             candidates,
             |_| true,
             |k| !exclude.contains(k),
-            |k| {
-                endpoints
-                    .entry((*k).clone())
-                    .or_insert_with(|| PeakEwma::new(default_rtt, decay, now))
-                    .cost(now)
-            },
+            |k| self.entry(k, now).cost(now),
             rng,
-        );
-        chosen.cloned()
+        )
+        .cloned()
     }
 
     /// Records a measured round trip to `key` (registering it if new).
