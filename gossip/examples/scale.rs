@@ -13,10 +13,16 @@
 //!   each survivor's view has it not alive (first survivor and last);
 //! - rest: gossip bytes sent per node per second, and the CPU of the whole
 //!   process per node, over a quiet window; false deaths (a live node seen
-//!   not alive by anyone) during it.
+//!   not alive by anyone) during it; the process's resident memory;
+//! - catalog: at one node, the derivation of the catalog from its view (as
+//!   the router does on a change) and its JSON encoding (as `GET
+//!   /v1/services` does), median of 20.
+//!
+//! `--instances K` gives every node K instances instead of one (100 nodes
+//! with 100 each is a 10,000-instance catalog).
 //!
 //! `ulimit -n 16384; cargo run --release -p weft-gossip --example scale --
-//! --nodes 50,200 [--trials 10] [--rest 10] [--port 30000]`
+//! --nodes 50,200 [--trials 10] [--rest 10] [--instances 1] [--port 30000]`
 //!
 //! Prints one table row per N. On a 2-core machine the larger N saturate
 //! the CPU; the rest CPU column says how much.
@@ -39,6 +45,7 @@ struct Args {
     sizes: Vec<usize>,
     trials: usize,
     rest: Duration,
+    instances: usize,
     port: u16,
 }
 
@@ -61,6 +68,7 @@ fn args() -> Args {
         rest: Duration::from_secs(
             value("--rest").map_or(10, |t| t.parse().expect("--rest SECONDS")),
         ),
+        instances: value("--instances").map_or(1, |k| k.parse().expect("--instances K")),
         port: value("--port").map_or(30_000, |p| p.parse().expect("--port P")),
     }
 }
@@ -73,7 +81,7 @@ struct Node {
     stats: Arc<SealStats>,
 }
 
-async fn start_node(i: usize, port0: u16, key: [u8; 32]) -> Node {
+async fn start_node(i: usize, port0: u16, instances: usize, key: [u8; 32]) -> Node {
     let name = format!("n{i}");
     let addr: SocketAddr = ([127, 0, 0, 1], port0 + i as u16).into();
     let config = ClusterConfig {
@@ -93,14 +101,15 @@ async fn start_node(i: usize, port0: u16, key: [u8; 32]) -> Node {
     });
     let transport = SealedTransport::new(key).with_advertised(addr);
     let stats = transport.stats();
-    // Each node hosts one instance, as most hosts do.
-    let id = format!("web-{i}");
-    let record = serde_json::json!({"name": "web", "id": id, "port": 8080});
-    let initial = vec![
-        (Key::Node, info.to_string()),
-        (Key::svc(&id).expect("instance id"), record.to_string()),
-        (Key::Health(id), "passing".to_string()),
-    ];
+    // One instance per node by default, as most hosts have; `--instances`
+    // for a large catalog (services of 100 instances, one on each node).
+    let mut initial = vec![(Key::Node, info.to_string())];
+    for k in 0..instances {
+        let id = format!("s{k}-{i}");
+        let record = serde_json::json!({"name": format!("svc{k}"), "id": id, "port": 8080 + k});
+        initial.push((Key::svc(&id).expect("instance id"), record.to_string()));
+        initial.push((Key::Health(id), "passing".to_string()));
+    }
     let cluster = Cluster::start(&config, initial, &transport)
         .await
         .unwrap_or_else(|e| {
@@ -207,12 +216,17 @@ struct Row {
     datagram_bytes: f64,
     vcpu: f64,
     false_deaths: usize,
+    rss_mb: f64,
+    instances: usize,
+    derive: Duration,
+    encode: Duration,
 }
 
 async fn measure(n: usize, args: &Args) -> Row {
     let key: [u8; 32] = rand::thread_rng().gen();
     let t0 = Instant::now();
-    let started = futures_join_all((0..n).map(|i| start_node(i, args.port, key))).await;
+    let started =
+        futures_join_all((0..n).map(|i| start_node(i, args.port, args.instances, key))).await;
     let mut nodes = started;
     let all: Vec<usize> = (0..n).collect();
     let formed = each_until(&nodes, &all, t0, Duration::from_secs(180), move |v| {
@@ -248,6 +262,12 @@ async fn measure(n: usize, args: &Args) -> Row {
         }
     }
     let false_deaths = doubting.len();
+    let rss_mb = rss_bytes() as f64 / 1e6;
+    let (derive, encode) = catalog_costs(&nodes[0].views.borrow());
+    let instances: usize = {
+        let view = nodes[0].views.borrow();
+        view.catalog().services.values().map(Vec::len).sum()
+    };
     let secs = rest0.elapsed().as_secs_f64();
     let vcpu = (cpu_time().saturating_sub(cpu0)).as_secs_f64() / secs;
     let (sent1, datagrams1) = sent(&nodes);
@@ -316,7 +336,38 @@ async fn measure(n: usize, args: &Args) -> Row {
         datagram_bytes,
         vcpu,
         false_deaths,
+        rss_mb,
+        instances,
+        derive,
+        encode,
     }
+}
+
+/// The process's resident memory, from /proc.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Median of 20: deriving the catalog from `view`, and encoding it as JSON.
+fn catalog_costs(view: &ClusterView) -> (Duration, Duration) {
+    let mut derive = Vec::new();
+    let mut encode = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let catalog = std::hint::black_box(view.catalog());
+        derive.push(t.elapsed());
+        let t = Instant::now();
+        std::hint::black_box(serde_json::to_vec(&catalog.services).expect("json"));
+        encode.push(t.elapsed());
+    }
+    derive.sort();
+    encode.sort();
+    (quantile(&derive, 0.5), quantile(&encode, 0.5))
 }
 
 /// Starts all futures at once and collects their outputs in order.
@@ -342,8 +393,8 @@ async fn main() {
         args.trials,
         args.rest.as_secs()
     );
-    println!("| nodes | formed | reg p50 ms | reg p99 ms | reg all ms | kill: first dead ms | kill: all dead ms | sent per node at rest | mean datagram | CPU at rest | nodes that saw a false death |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| nodes | instances | formed | reg p50 ms | reg p99 ms | reg all ms | kill: first dead ms | kill: all dead ms | sent per node at rest | mean datagram | CPU at rest | nodes that saw a false death | RSS | catalog derive / JSON |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (k, &n) in args.sizes.iter().enumerate() {
         // A fresh port range per size, so sockets of the last size that
         // are still closing never collide.
@@ -352,8 +403,9 @@ async fn main() {
         let r = measure(n, &this).await;
         let all = r.reg.last().copied();
         println!(
-            "| {} | {} | {} | {} | {}{} | {} | {} | {:.1} KB/s | {:.0} B | {:.2} vCPU ({:.1} mCPU per node) | {} |",
+            "| {} | {} | {} | {} | {} | {}{} | {} | {} | {:.1} KB/s | {:.0} B | {:.2} vCPU ({:.1} mCPU per node) | {} | {:.0} MB | {:.2} / {:.2} ms |",
             r.n,
+            r.instances,
             r.formed.map_or("not within 180 s".into(), |d| format!("{:.1} s", d.as_secs_f64())),
             ms(quantile(&r.reg, 0.5)),
             ms(quantile(&r.reg, 0.99)),
@@ -366,6 +418,9 @@ async fn main() {
             r.vcpu,
             r.vcpu * 1000.0 / r.n as f64,
             r.false_deaths,
+            r.rss_mb,
+            r.derive.as_secs_f64() * 1000.0,
+            r.encode.as_secs_f64() * 1000.0,
         );
     }
 }

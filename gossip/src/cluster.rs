@@ -2,8 +2,9 @@
 //!
 //! The node writes only its own keys, through [`Cluster::set`] and
 //! [`Cluster::delete`]. A refresher task rebuilds the view whenever chitchat's
-//! live set or versions move, and at least once per gossip interval so that
-//! "last heard" ages and suspicion stay current.
+//! live set or versions move, when a node's liveness or suspicion moves
+//! (checked every gossip interval), and at least once a second so that
+//! "last heard" ages stay current.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -207,7 +208,14 @@ fn current_keys(
     kv
 }
 
-/// Rebuilds the view on every chitchat change and at least once per interval.
+/// A view is republished at least this often at rest, so "last heard"
+/// ages in the members list stay current.
+const VIEW_REFRESH: Duration = Duration::from_secs(1);
+
+/// Rebuilds the view on every chitchat change (live set or versions) and,
+/// at each gossip interval, when a node's liveness or suspicion moved or
+/// [`VIEW_REFRESH`] has passed. At rest that is once a second, not every
+/// interval: each view costs every consumer a catalog derivation.
 async fn refresh_views(
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
     tx: watch::Sender<Arc<ClusterView>>,
@@ -215,51 +223,133 @@ async fn refresh_views(
     self_name: String,
 ) {
     let mut changes = chitchat.lock().await.live_nodes_watcher();
-    let mut heard: HashMap<ChitchatId, (Heartbeat, Instant)> = HashMap::new();
-    // Each node's keys as of its max version: copied again only when it moved.
-    let mut keys: HashMap<ChitchatId, (u64, Arc<NodeKeys>)> = HashMap::new();
-    // Four silent rounds make a live node suspect; phi 8 declares it dead later.
-    let suspect_after = interval * 4;
+    let mut refresher = Refresher::new(interval, self_name);
+    let mut chitchat_moved = true;
     loop {
         let view = {
             let guard = chitchat.lock().await;
-            let now = Instant::now();
-            let live: HashSet<&ChitchatId> = guard.live_nodes().collect();
-            let dead: HashSet<&ChitchatId> = guard.dead_nodes().collect();
-            let nodes = guard
-                .node_states()
-                .iter()
-                .map(|(id, state)| {
-                    let beat = state.heartbeat();
-                    let entry = heard.entry(id.clone()).or_insert((beat, now));
+            refresher.next_view(&guard, Instant::now(), chitchat_moved)
+        };
+        if let Some(view) = view {
+            if tx.send(Arc::new(view)).is_err() {
+                return;
+            }
+        }
+        chitchat_moved = tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return } else { true },
+            _ = tokio::time::sleep(interval) => false,
+        };
+    }
+}
+
+/// What the refresher remembers between views.
+struct Refresher {
+    self_name: String,
+    /// Four silent rounds make a live node suspect; phi 8 declares it dead later.
+    suspect_after: Duration,
+    /// When each node's heartbeat last moved.
+    heard: HashMap<ChitchatId, (Heartbeat, Instant)>,
+    /// Each node's keys as of its max version: copied again only when it moved.
+    keys: HashMap<ChitchatId, (u64, Arc<NodeKeys>)>,
+    /// What the last view said of every node, hashed.
+    last_signature: u64,
+    last_published: Option<Instant>,
+}
+
+impl Refresher {
+    fn new(interval: Duration, self_name: String) -> Self {
+        Refresher {
+            self_name,
+            suspect_after: interval * 4,
+            heard: HashMap::new(),
+            keys: HashMap::new(),
+            last_signature: 0,
+            last_published: None,
+        }
+    }
+
+    /// The next view, or `None` when nothing a consumer acts on moved
+    /// since the last one (and it is younger than [`VIEW_REFRESH`]).
+    fn next_view(
+        &mut self,
+        chitchat: &chitchat::Chitchat,
+        now: Instant,
+        chitchat_moved: bool,
+    ) -> Option<ClusterView> {
+        let live: HashSet<&ChitchatId> = chitchat.live_nodes().collect();
+        let dead: HashSet<&ChitchatId> = chitchat.dead_nodes().collect();
+        let signature = self.signature(chitchat, &live, &dead, now);
+        let fresh = self
+            .last_published
+            .is_some_and(|at| now.duration_since(at) < VIEW_REFRESH);
+        if !chitchat_moved && fresh && signature == self.last_signature {
+            return None;
+        }
+        self.last_signature = signature;
+        self.last_published = Some(now);
+        let nodes = chitchat
+            .node_states()
+            .iter()
+            .map(|(id, state)| NodeSnapshot {
+                name: id.node_id.to_string(),
+                generation: id.generation_id,
+                gossip_addr: id.gossip_advertise_addr,
+                live: live.contains(id),
+                dead: dead.contains(id),
+                last_heard: self
+                    .heard
+                    .get(id)
+                    .map_or(Duration::ZERO, |(_, at)| now.duration_since(*at)),
+                kv: current_keys(&mut self.keys, id, state),
+            })
+            .collect();
+        self.keys
+            .retain(|id, _| chitchat.node_states().contains_key(id));
+        Some(ClusterView {
+            self_name: self.self_name.clone(),
+            nodes,
+            suspect_after: self.suspect_after,
+        })
+    }
+
+    /// Notes every node's heartbeat and hashes what a view says of it:
+    /// identity, key version, liveness and suspicion. Allocates only for
+    /// a node heard of for the first time.
+    fn signature(
+        &mut self,
+        chitchat: &chitchat::Chitchat,
+        live: &HashSet<&ChitchatId>,
+        dead: &HashSet<&ChitchatId>,
+        now: Instant,
+    ) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for (id, state) in chitchat.node_states() {
+            let beat = state.heartbeat();
+            let heard_at = match self.heard.get_mut(id) {
+                Some(entry) => {
                     if entry.0 != beat {
                         *entry = (beat, now);
                     }
-                    NodeSnapshot {
-                        name: id.node_id.to_string(),
-                        generation: id.generation_id,
-                        gossip_addr: id.gossip_advertise_addr,
-                        live: live.contains(id),
-                        dead: dead.contains(id),
-                        last_heard: now.duration_since(entry.1),
-                        kv: current_keys(&mut keys, id, state),
-                    }
-                })
-                .collect();
-            heard.retain(|id, _| guard.node_states().contains_key(id));
-            keys.retain(|id, _| guard.node_states().contains_key(id));
-            ClusterView {
-                self_name: self_name.clone(),
-                nodes,
-                suspect_after,
-            }
-        };
-        if tx.send(Arc::new(view)).is_err() {
-            return;
+                    entry.1
+                }
+                None => {
+                    self.heard.insert(id.clone(), (beat, now));
+                    now
+                }
+            };
+            let suspect = now.duration_since(heard_at) > self.suspect_after;
+            (
+                id,
+                state.max_version(),
+                live.contains(id),
+                dead.contains(id),
+                suspect,
+            )
+                .hash(&mut hasher);
         }
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(interval) => {}
-        }
+        self.heard
+            .retain(|id, _| chitchat.node_states().contains_key(id));
+        hasher.finish()
     }
 }

@@ -13,10 +13,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use rand::Rng;
 use weft_gossip::{Catalog, Instance};
 
-use super::RetryPolicy;
-use crate::policy::balancer::{PeakEwma, DEFAULT_DECAY, DEFAULT_RTT};
+use super::{MeshError, RetryPolicy};
+use crate::policy::balancer::{pick_preferring, PeakEwma, DEFAULT_DECAY, DEFAULT_RTT};
 
 /// An instance's health as routing sees it (the catalog's string, parsed
 /// once per catalog change).
@@ -224,6 +225,32 @@ impl Endpoints {
     /// The endpoints of `service` (empty when unknown).
     pub fn service(&self, service: &str) -> &[Endpoint] {
         self.services.get(service).map_or(&[], |e| e)
+    }
+
+    /// Chooses an instance of `service` speaking `protocol`, or says why
+    /// none: the power of two choices by peak-EWMA cost among the routable
+    /// instances that are not ejected (all routable ones when every one
+    /// is: panic routing), avoiding those in `tried` when another exists.
+    /// Allocates nothing.
+    pub fn pick<R: Rng + ?Sized>(
+        &self,
+        service: &str,
+        protocol: Protocol,
+        tried: &[Endpoint],
+        now: Instant,
+        rng: &mut R,
+    ) -> Result<&Endpoint, MeshError> {
+        let all = self.service(service);
+        if all.is_empty() {
+            return Err(MeshError::UnknownService);
+        }
+        let usable = |e: &Endpoint| e.protocol == Some(protocol) && e.health.routable();
+        let fresh = |e: &Endpoint| usable(e) && !e.is_ejected(now);
+        let panic = !all.iter().any(fresh);
+        let eligible = |e: &Endpoint| if panic { usable(e) } else { fresh(e) };
+        let untried = |e: &Endpoint| !tried.iter().any(|t| t.same(e));
+        pick_preferring(all, eligible, untried, |e| e.state.cost(now), rng)
+            .ok_or(MeshError::NoHealthyInstance)
     }
 }
 

@@ -41,7 +41,6 @@ use self::endpoints::{Endpoint, Protocol};
 use crate::access_log::AccessLog;
 use crate::gossip_writer::GossipWriter;
 use crate::outcome::OutcomeSink;
-use crate::policy::balancer::pick_preferring;
 use crate::policy::episodes::{exponential_delay, learned_delay, outage_hold};
 use crate::policy::outlier::{Change, OutlierConfig, OutlierDetector};
 use crate::policy::retry::ServiceBudgets;
@@ -490,10 +489,8 @@ impl DataPlane {
         routable.peek().is_some() && routable.all(|e| e.is_ejected(now))
     }
 
-    /// Chooses an instance of `service` speaking `protocol`, or says why
-    /// none: the power of two choices by peak-EWMA cost among the routable
-    /// instances that are not ejected (all routable ones when every one
-    /// is: panic routing), avoiding those in `tried` when another exists.
+    /// Chooses an instance of `service` speaking `protocol` in `snap`
+    /// ([`Endpoints::pick`](endpoints::Endpoints::pick)).
     pub fn pick(
         &self,
         snap: &RouterSnapshot,
@@ -501,20 +498,15 @@ impl DataPlane {
         protocol: Protocol,
         tried: &[Endpoint],
     ) -> Result<Endpoint, MeshError> {
-        let all = snap.endpoints.service(service);
-        if all.is_empty() {
-            return Err(MeshError::UnknownService);
-        }
-        let now = Instant::now();
-        let usable = |e: &Endpoint| e.protocol == Some(protocol) && e.health.routable();
-        let fresh = |e: &Endpoint| usable(e) && !e.is_ejected(now);
-        let panic = !all.iter().any(fresh);
-        let eligible = |e: &Endpoint| if panic { usable(e) } else { fresh(e) };
-        let untried = |e: &Endpoint| !tried.iter().any(|t| t.same(e));
-        let mut rng = rand::thread_rng();
-        pick_preferring(all, eligible, untried, |e| e.state.cost(now), &mut rng)
+        snap.endpoints
+            .pick(
+                service,
+                protocol,
+                tried,
+                Instant::now(),
+                &mut rand::thread_rng(),
+            )
             .cloned()
-            .ok_or(MeshError::NoHealthyInstance)
     }
 
     /// Marks the start of a request to an instance (raises its load).
