@@ -55,6 +55,7 @@ WRK_THREADS=${WRK_THREADS:-1} # wrk threads (1 leaves the most CPU to the server
 RATE=${RATE:-2000}        # fixed request rate (req/s)
 REPS=${REPS:-2}           # repetitions (interleaved) to show noise
 WORKERS=${WORKERS:-1}     # nginx worker_processes / haproxy nbthread, per process
+WEFT_THREADS=${WEFT_THREADS:-$WORKERS} # weft --worker-threads, per node (the same threads as the others)
 BODY=${BODY:-1024}        # upstream response body bytes (Istio's perf tests use 1 kB)
 PORT0=${PORT0:-18080}     # upstream; peers use PORT0+1.., weft PORT0+20..+39
 BUILD_OHA=${BUILD_OHA:-1} # 1: cargo install oha if missing
@@ -288,7 +289,8 @@ start_cluster() { # k [weft binary]
     start "c${k}n$i" env RUST_LOG="$WEFT_LOG" "$WEFT_BIN" node --name "n$i" --cluster "$T/cluster$k" \
       --gossip "127.0.0.1:$(wport "$k" "$i" 0)" --tunnel "127.0.0.1:$(wport "$k" "$i" 1)" \
       --proxy "127.0.0.1:$(wport "$k" "$i" 2)" --admin "127.0.0.1:$(wport "$k" "$i" 3)" \
-      --data-dir "$T/c${k}n$i" --socket "$T/c${k}n$i/weft.sock" --seeds "127.0.0.1:$(wport "$k" 1 0)"
+      --data-dir "$T/c${k}n$i" --socket "$T/c${k}n$i/weft.sock" --seeds "127.0.0.1:$(wport "$k" 1 0)" \
+      --worker-threads "$WEFT_THREADS"
   done
   local s1="$T/c${k}n1/weft.sock" s2="$T/c${k}n2/weft.sock"
   two_alive() { [ "$("$WEFT_BIN" --socket "$1" members --json | jq '[.members[] | select(.state=="alive")] | length')" = 2 ]; }
@@ -404,7 +406,7 @@ BG=$(busy_pct 1)
   echo "# mesh_baseline $(date -u +%FT%TZ)  host: ${NCPU} cpu, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
   echo "# background CPU busy before start: ${BG}% (idle machine ~0-2%)"
   echo "# wrk: $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}') | fixed-rate: $FIXED_TOOL $( [ "$FIXED_TOOL" = oha ] && "$OHA" --version | awk '{print $2}' || h2load --version | awk '{print $2}') | $(nginx -v 2>&1 | awk '{print $3}') | haproxy $(haproxy -v | awk 'NR==1{print $3}') | $("$WEFT_BIN" --version) ($WEFT_REV)"
-  echo "# conns=$CONNS dur=${DUR}s rate=${RATE}/s body=${BODY}B workers/proc=$WORKERS reps=$REPS (interleaved) weft RUST_LOG=$WEFT_LOG"
+  echo "# conns=$CONNS dur=${DUR}s rate=${RATE}/s body=${BODY}B workers/proc=$WORKERS weft --worker-threads $WEFT_THREADS reps=$REPS (interleaved) weft RUST_LOG=$WEFT_LOG"
   if [ "$FIXED_TOOL" = oha ]; then fx="oha -q $RATE --latency-correction (open loop, coordinated-omission corrected)"
   else fx="h2load --rps (bursty per-connection pacing, NOT CO-corrected; not comparable with oha rows)"; fi
   echo "# max: wrk -t$WRK_THREADS closed loop (p50/p99 at saturation) | fixed: $fx"

@@ -265,6 +265,22 @@ impl ClusterView {
         newest.into_values()
     }
 
+    /// True when this view's catalog is `earlier`'s, known without deriving
+    /// either: every node has the same incarnation, liveness and keys (the
+    /// refresher shares a node's keys between views until they change, so
+    /// they compare by identity). At rest that is every view, and the
+    /// router derives nothing.
+    pub fn same_catalog_inputs(&self, earlier: &ClusterView) -> bool {
+        self.nodes.len() == earlier.nodes.len()
+            && self.nodes.iter().zip(&earlier.nodes).all(|(a, b)| {
+                a.name == b.name
+                    && a.generation == b.generation
+                    && a.live == b.live
+                    && a.dead == b.dead
+                    && Arc::ptr_eq(&a.kv, &b.kv)
+            })
+    }
+
     /// Members with their user-facing state.
     pub fn members(&self) -> Vec<Member> {
         self.current_incarnations()
@@ -473,6 +489,28 @@ mod tests {
         assert!(diff.removed.is_empty());
         assert_eq!(after.catalog().instances("web").len(), 2);
         assert_eq!(after.catalog().instances("db")[0].node, "n2");
+    }
+
+    #[test]
+    fn catalog_inputs_compare_keys_by_identity_and_liveness() {
+        let n1 = node("n1", 1, true, &[("web", "w1", 8080)]);
+        let earlier = view(vec![n1.clone()]);
+        let mut aged = n1.clone();
+        aged.last_heard = Duration::from_secs(9);
+        assert!(
+            view(vec![aged]).same_catalog_inputs(&earlier),
+            "only the age moved"
+        );
+        let mut down = n1.clone();
+        down.live = false;
+        assert!(!view(vec![down]).same_catalog_inputs(&earlier));
+        let rewritten = node("n1", 1, true, &[("web", "w1", 8080)]);
+        assert!(
+            !view(vec![rewritten]).same_catalog_inputs(&earlier),
+            "keys copied again after a version moved are new keys"
+        );
+        let joined = view(vec![n1, node("n2", 1, true, &[])]);
+        assert!(!joined.same_catalog_inputs(&earlier));
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct Router {
     dataplane: Option<Arc<DataPlane>>,
     /// Each member's incarnation, as of the last upkeep.
     generations: HashMap<String, u64>,
+    /// The view the published catalog was derived from.
+    catalog_view: Option<Arc<ClusterView>>,
 }
 
 impl Router {
@@ -86,6 +88,7 @@ impl Router {
             forwarding: false,
             dataplane: None,
             generations: HashMap::new(),
+            catalog_view: None,
         }
     }
 
@@ -95,22 +98,33 @@ impl Router {
         self
     }
 
-    /// Publishes the routing table of `view`. Gossip produces a view every
-    /// round; when its catalog did not change, the catalog and endpoints of
-    /// the previous snapshot are kept as they are, and only the members
-    /// (whose last-heard ages move) are new.
-    fn apply(&mut self, view: &ClusterView) {
-        let catalog = view.catalog();
+    /// Publishes the routing table of `view`. When no node's incarnation,
+    /// liveness or keys moved since the view the catalog came from, the
+    /// catalog is not derived again; when it is derived and comes out the
+    /// same, the previous snapshot's catalog and endpoints are kept as they
+    /// are. Either way only the members (whose last-heard ages move) are
+    /// new.
+    fn apply(&mut self, view: &Arc<ClusterView>) {
         let members = view.members();
         let previous = self.handle.load();
         export_member_gauges(&members);
-        let (catalog, endpoints) = if catalog == *previous.catalog {
+        let unchanged = self
+            .catalog_view
+            .as_ref()
+            .is_some_and(|earlier| view.same_catalog_inputs(earlier));
+        let (catalog, endpoints) = if unchanged {
             (previous.catalog.clone(), previous.endpoints.clone())
         } else {
-            log_diff(&catalog.diff(&previous.catalog));
-            export_instance_gauges(&catalog, &previous.catalog);
-            let endpoints = Endpoints::build(&catalog, &previous.endpoints);
-            (Arc::new(catalog), Arc::new(endpoints))
+            self.catalog_view = Some(Arc::clone(view));
+            let catalog = view.catalog();
+            if catalog == *previous.catalog {
+                (previous.catalog.clone(), previous.endpoints.clone())
+            } else {
+                log_diff(&catalog.diff(&previous.catalog));
+                export_instance_gauges(&catalog, &previous.catalog);
+                let endpoints = Endpoints::build(&catalog, &previous.endpoints);
+                (Arc::new(catalog), Arc::new(endpoints))
+            }
         };
         self.handle.current.store(Arc::new(RouterSnapshot {
             members,
