@@ -28,7 +28,8 @@
 #
 # H2C=1 (default) then runs h2load (h2c prior knowledge, CONNS connections,
 # 10 streams each) through nginx (an h2c front before the same two hops) and
-# through weft-2node, interleaved, REPS times.
+# through weft-2node (h2 end to end: weft calls the instance in h2, at the
+# upstream nginx's h2c port), interleaved, REPS times.
 #
 # TCP=1 (default) then runs redis-benchmark (GET and SET, CONNS clients)
 # against redis-server directly, through an nginx `stream` two-hop chain and
@@ -137,6 +138,7 @@ trap 'log "# interrupted / watchdog fired"; exit 124' INT TERM
 UP=$PORT0; NA=$((PORT0+1)); NB=$((PORT0+2)); HA=$((PORT0+11)); HB=$((PORT0+12))
 TA=$((PORT0+3)); TB=$((PORT0+4)); H2F=$((PORT0+5))             # nginx2-mtls, h2c front
 RD=$((PORT0+6)); SA=$((PORT0+7)); SB=$((PORT0+8)); WUP=$((PORT0+9)) # redis, nginx stream, weft upstream
+UPH2=$((PORT0+10)) # the upstream's h2c port: weft calls an instance in h2 when its caller spoke h2
 # weft node n<i> of cluster c<k>: gossip/tunnel (UDP), proxy, admin (TCP)
 wport() { echo $((PORT0 + 20 + 10*($1-1) + 4*($2-1) + $3)); } # cluster node kind(0..3)
 mkdir -p "$T/www" "$T/tmp"; head -c "$BODY" /dev/zero | tr '\0' 'x' > "$T/www/body"
@@ -230,7 +232,7 @@ EOF
     if [ -z "$upp" ]; then
       cat <<EOF
   sendfile on; tcp_nopush on; open_file_cache max=16;
-  server { listen 127.0.0.1:$port;
+  server { listen 127.0.0.1:$port;$( [ "$name" = up ] && echo " listen 127.0.0.1:$UPH2 http2;")
     location = /big { root $T/www; default_type application/octet-stream; }
     location / { root $T/www; try_files /body =404; default_type text/plain; } }
 }
@@ -298,6 +300,8 @@ start_cluster() { # k [weft binary]
   wait_until 30 "cluster $k: n2 sees 2 alive members" two_alive "$s2" || return 1
   "$WEFT_BIN" --socket "$s2" register up --port "$UP" >"$T/register$k.out" 2>&1 \
     || { log "weft register failed"; cat "$T/register$k.out" >&2; return 1; }
+  "$WEFT_BIN" --socket "$s2" register uph2 --port "$UPH2" >>"$T/register$k.out" 2>&1 \
+    || { log "weft register uph2 failed"; cat "$T/register$k.out" >&2; return 1; }
   up_listed() { "$WEFT_BIN" --socket "$1" services --json | jq -e '.services.up // [] | any(.node=="n2")'; }
   wait_until 30 "cluster $k: n1 lists up@n2" up_listed "$s1" || return 1
   wait_until 30 "cluster $k: n2 lists up@n2" up_listed "$s2" || return 1
@@ -476,11 +480,11 @@ run_h2() { # url [authority] -> "rps mean sd"
     END{printf "%.0f%s %s %s\n", r, f, m, sd}' <<<"$out"
 }
 if [ "$H2C" = 1 ]; then
-  echo "# h2c: h2load -c $CONNS -m 10 -D $DUR (prior knowledge); nginx2-h2c = an nginx h2c front before nginx2's two hops (3 nginx)" | tee -a "$T/table.txt"
+  echo "# h2c: h2load -c $CONNS -m 10 -D $DUR (prior knowledge); nginx2-h2c = an nginx h2c front before nginx2's two hops (3 nginx, HTTP/1.1 behind the front); weft-2node = h2 end to end, to the upstream's h2c port" | tee -a "$T/table.txt"
   printf "%-15s %3s | %8s %10s %10s\n" scenario rep h2RPS mean sd | tee -a "$T/table.txt"
   for rep in $(seq "$REPS"); do
     for s in nginx2-h2c weft-2node; do
-      if [ "$s" = weft-2node ]; then r=$(run_h2 "http://127.0.0.1:$(wport 1 1 2)/" up); else r=$(run_h2 "http://127.0.0.1:$H2F/"); fi
+      if [ "$s" = weft-2node ]; then r=$(run_h2 "http://127.0.0.1:$(wport 1 1 2)/" uph2); else r=$(run_h2 "http://127.0.0.1:$H2F/"); fi
       read -r rps mean sd <<<"$r"
       printf "%-15s %3s | %8s %10s %10s\n" "h2c:$s" "$rep" "$rps" "$mean" "$sd" | tee -a "$T/table.txt"
     done

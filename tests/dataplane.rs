@@ -178,6 +178,30 @@ async fn http_reaches_an_instance_on_another_node() {
     assert!(body.starts_with(b"hello from n2-web"));
 }
 
+/// The first requests to a peer arrive together (a client opening its
+/// pool, a deploy's first burst): they share one handshake rather than
+/// each dialing the peer, which would refuse all but a few.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_on_a_cold_tunnel_pool_shares_one_connection() {
+    let c = TestCluster::start(2).await;
+    let port = upstream("n2-web").await;
+    register_everywhere(&c, 1, "web", port, "http").await;
+    let proxy = c.nodes[0].proxy;
+    let burst: Vec<_> = (0..64)
+        .map(|_| tokio::spawn(async move { send(proxy, get("http://web/hello", None)).await }))
+        .collect();
+    for request in burst {
+        let (status, headers, body) = request.await.unwrap();
+        assert_eq!(status, 200, "{headers:?} {body:?}");
+    }
+    let text = metrics_text(c.nodes[0].admin).await;
+    assert_eq!(
+        metric_sum(&text, "weft_tunnel_connections_total", &[]),
+        1.0,
+        "one handshake for the whole burst"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h2c_round_trips_through_the_tunnel() {
     let c = TestCluster::start(2).await;

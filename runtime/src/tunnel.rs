@@ -48,9 +48,21 @@ pub struct TunnelPool {
     /// Whom peers must be; connections of both directions are checked
     /// against it again when it changes.
     trust: tokio::sync::watch::Sender<Arc<PeerTrust>>,
-    connections: Mutex<HashMap<(String, SocketAddr), Connection>>,
+    connections: Mutex<HashMap<PeerKey, Connection>>,
+    /// One dial at a time per peer: requests that find no connection wait
+    /// for the handshake in flight rather than each starting their own (a
+    /// burst on a cold pool would exceed the peer's limit on connections
+    /// per node). Each slot remembers its last failed dial, so the waiters
+    /// share its outcome instead of dialing a dead peer one after another.
+    dialing: Mutex<HashMap<PeerKey, Arc<tokio::sync::Mutex<Option<DialFailure>>>>>,
     connect_timeout: Duration,
 }
+
+/// A peer node and its tunnel address.
+type PeerKey = (String, SocketAddr);
+
+/// When a dial failed, and why.
+type DialFailure = (std::time::Instant, String);
 
 impl TunnelPool {
     /// A pool dialing from `endpoint` with `client` TLS.
@@ -65,6 +77,7 @@ impl TunnelPool {
             client: ArcSwap::from_pointee(client),
             trust: tokio::sync::watch::Sender::new(Arc::new(trust)),
             connections: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
             connect_timeout,
         }
     }
@@ -105,18 +118,59 @@ impl TunnelPool {
         &self.endpoint
     }
 
+    /// The pooled connection to `key`, if it is still open.
+    fn pooled(&self, key: &PeerKey) -> Option<Connection> {
+        self.lock()
+            .get(key)
+            .filter(|conn| conn.close_reason().is_none())
+            .cloned()
+    }
+
     async fn connection(&self, node: &str, addr: SocketAddr) -> Result<Connection, TunnelError> {
         let key = (node.to_string(), addr);
-        if let Some(conn) = self.lock().get(&key) {
-            if conn.close_reason().is_none() {
-                return Ok(conn.clone());
-            }
+        if let Some(conn) = self.pooled(&key) {
+            return Ok(conn);
+        }
+        let slot = Arc::clone(
+            self.dialing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key.clone())
+                .or_default(),
+        );
+        let waited_from = std::time::Instant::now();
+        let mut last_failure = slot.lock().await;
+        // Whoever dialed while we waited either connected or failed: share
+        // the outcome.
+        if let Some(conn) = self.pooled(&key) {
+            return Ok(conn);
         }
         let err = |reason: String| TunnelError::Connect {
             node: node.to_string(),
             addr,
             reason,
         };
+        if let Some((at, reason)) = &*last_failure {
+            if *at >= waited_from {
+                return Err(err(reason.clone()));
+            }
+        }
+        match self.dial(node, addr).await {
+            Ok(conn) => {
+                *last_failure = None;
+                metrics::counter!("weft_tunnel_connections_total").increment(1);
+                self.lock().insert(key, conn.clone());
+                Ok(conn)
+            }
+            Err(reason) => {
+                *last_failure = Some((std::time::Instant::now(), reason.clone()));
+                Err(err(reason))
+            }
+        }
+    }
+
+    /// One handshake with `node` at `addr`, bounded by the connect timeout.
+    async fn dial(&self, node: &str, addr: SocketAddr) -> Result<Connection, String> {
         let connecting = self
             .endpoint
             .connect_with(
@@ -124,15 +178,11 @@ impl TunnelPool {
                 addr,
                 &crate::tls::node_server_name(node),
             )
-            .map_err(|e| err(e.to_string()))?;
-        let conn = tokio::time::timeout(self.connect_timeout, connecting)
+            .map_err(|e| e.to_string())?;
+        tokio::time::timeout(self.connect_timeout, connecting)
             .await
-            .map_err(|_| err(format!("no handshake within {:?}", self.connect_timeout)))?
-            .map_err(|e| err(e.to_string()))?;
-        metrics::counter!("weft_tunnel_connections_total").increment(1);
-        // Two tasks may race to connect; either connection works, keep the last.
-        self.lock().insert(key, conn.clone());
-        Ok(conn)
+            .map_err(|_| format!("no handshake within {:?}", self.connect_timeout))?
+            .map_err(|e| e.to_string())
     }
 
     /// Opens one bidirectional stream to `node`, reconnecting if the pooled
@@ -163,6 +213,10 @@ impl TunnelPool {
     /// restarted, and a connection to its old process would hang until idle
     /// timeout (a new process cannot reset a connection it never knew).
     pub fn evict(&self, node: &str) {
+        self.dialing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(n, _), _| n != node);
         let mut pool = self.lock();
         pool.retain(|(n, _), conn| {
             let keep = n != node;
@@ -173,7 +227,7 @@ impl TunnelPool {
         });
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, SocketAddr), Connection>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerKey, Connection>> {
         self.connections.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
