@@ -222,7 +222,7 @@ async fn refresh_views(
     interval: Duration,
     self_name: String,
 ) {
-    let mut changes = chitchat.lock().await.live_nodes_watcher();
+    let mut changes = chitchat.lock().await.live_nodes_changes();
     let mut refresher = Refresher::new(interval, self_name);
     let mut chitchat_moved = true;
     loop {

@@ -86,6 +86,8 @@ pub struct Chitchat {
     previous_live_nodes: HashMap<ChitchatId, Version>,
     live_nodes_watcher_tx: watch::Sender<BTreeMap<ChitchatId, NodeState>>,
     live_nodes_watcher_rx: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    /// Bumped on every change `live_nodes_watcher_tx` reports.
+    live_nodes_changes_tx: watch::Sender<u64>,
 }
 
 impl Chitchat {
@@ -104,6 +106,7 @@ impl Chitchat {
             previous_live_nodes,
             live_nodes_watcher_tx,
             live_nodes_watcher_rx,
+            live_nodes_changes_tx: watch::Sender::new(0),
         };
 
         let self_node_state = chitchat.self_node_state();
@@ -257,26 +260,34 @@ impl Chitchat {
             .collect::<HashMap<_, _>>();
 
         if self.previous_live_nodes != current_live_nodes {
-            let live_nodes = current_live_nodes
-                .keys()
-                .cloned()
-                .flat_map(|chitchat_id| {
-                    let node_state = self.node_state(&chitchat_id)?;
-                    if let Some(liveness_extra_predicate) = &self.config.extra_liveness_predicate {
-                        if !liveness_extra_predicate(node_state) {
-                            return None;
-                        }
-                    }
-                    Some((chitchat_id, node_state.clone()))
-                })
-                .collect::<BTreeMap<_, _>>();
             self.previous_live_nodes = current_live_nodes;
-
-            if self.live_nodes_watcher_tx.send(live_nodes).is_err() {
-                error!(current_node = ?self.self_chitchat_id(), "error while reporting membership change event.")
+            self.live_nodes_changes_tx.send_modify(|changes| *changes += 1);
+            // Cloning every live node's state is the costliest thing a round
+            // does while keys move: do it only for a receiver other than our
+            // own (`live_nodes_watcher` catches up a late subscriber).
+            if self.live_nodes_watcher_tx.receiver_count() > 1 {
+                self.publish_live_nodes();
             }
         }
         self.garbage_collect_nodes();
+    }
+
+    /// Sends the states of the live nodes last reported to the watchers.
+    fn publish_live_nodes(&self) {
+        let live_nodes = self
+            .previous_live_nodes
+            .keys()
+            .flat_map(|chitchat_id| {
+                let node_state = self.node_state(chitchat_id)?;
+                if let Some(liveness_extra_predicate) = &self.config.extra_liveness_predicate {
+                    if !liveness_extra_predicate(node_state) {
+                        return None;
+                    }
+                }
+                Some((chitchat_id.clone(), node_state.clone()))
+            })
+            .collect::<BTreeMap<_, _>>();
+        self.live_nodes_watcher_tx.send_replace(live_nodes);
     }
 
     /// Whether the live nodes with a state, and their max versions, are
@@ -348,11 +359,19 @@ impl Chitchat {
     ///
     /// Heartbeats are not notified.
     pub fn live_nodes_watch_stream(&self) -> WatchStream<BTreeMap<ChitchatId, NodeState>> {
-        WatchStream::new(self.live_nodes_watcher_rx.clone())
+        WatchStream::new(self.live_nodes_watcher())
     }
 
     pub fn live_nodes_watcher(&self) -> watch::Receiver<BTreeMap<ChitchatId, NodeState>> {
+        // Nobody may have listened since the last change: catch up first.
+        self.publish_live_nodes();
         self.live_nodes_watcher_rx.clone()
+    }
+
+    /// Changes when `live_nodes_watcher` would: a counter of the changes
+    /// to the live set and its max versions, without the node states.
+    pub fn live_nodes_changes(&self) -> watch::Receiver<u64> {
+        self.live_nodes_changes_tx.subscribe()
     }
 
     /// Returns the set of nodes considered dead by the failure detector.

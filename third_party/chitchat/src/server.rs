@@ -219,7 +219,13 @@ struct Server {
     chitchat: Arc<Mutex<Chitchat>>,
     transport: Box<dyn Socket>,
     rng: SmallRng,
+    /// When tombstones were last collected.
+    last_gc: Option<std::time::Instant>,
 }
+
+/// Tombstones are collected at most this often (and at least ten times per
+/// grace period): each collection walks every key of every node.
+const GC_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Server {
     async fn new(
@@ -233,6 +239,7 @@ impl Server {
             command_rx,
             transport,
             rng,
+            last_gc: None,
         }
     }
 
@@ -321,7 +328,11 @@ impl Server {
         );
 
         chitchat_guard.update_self_heartbeat();
-        chitchat_guard.gc_keys_marked_for_deletion();
+        let gc_every = GC_EVERY.min(chitchat_guard.config.marked_for_deletion_grace_period / 10);
+        if self.last_gc.is_none_or(|at| at.elapsed() >= gc_every) {
+            chitchat_guard.gc_keys_marked_for_deletion();
+            self.last_gc = Some(std::time::Instant::now());
+        }
 
         // Drop lock to prevent deadlock in [`UdpSocket::gossip`].
         drop(chitchat_guard);
