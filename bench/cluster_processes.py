@@ -4,7 +4,11 @@ cluster forms, spreads a registration, sees a kill -9, and what it costs at
 rest. Python standard library only.
 
     python3 bench/cluster_processes.py --nodes 200 [--weft target/release/weft]
-        [--rest 20] [--trials 3] [--port 21000]
+        [--rest 20] [--trials 3] [--port 21000] [--threads N]
+
+Ports: four ranges of 1000 from --port (gossip, tunnel, proxy, admin); keep
+them below the kernel's ephemeral range (32768 up), where the nodes' own
+outgoing sockets would take some of them.
 
 Prints one markdown table row:
 
@@ -135,6 +139,7 @@ def main():
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--port", type=int, default=21000)
     p.add_argument("--formation-limit", type=float, default=300)
+    p.add_argument("--threads", type=int, help="--worker-threads of every node (default: the node's)")
     a = p.parse_args()
     n, weft = a.nodes, os.path.abspath(a.weft)
     if n > 999:
@@ -165,6 +170,8 @@ def main():
                    "--gossip", f"127.0.0.1:{port(0, i)}", "--tunnel", f"127.0.0.1:{port(1, i)}",
                    "--proxy", f"127.0.0.1:{port(2, i)}", "--admin", f"127.0.0.1:{port(3, i)}",
                    "--data-dir", d, "--socket", f"{d}/s", "--seeds", f"127.0.0.1:{port(0, 1)}"]
+            if a.threads:
+                cmd += ["--worker-threads", str(a.threads)]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                           stderr=open(f"{d}/log", "w")))
         admins = [Admin(port(3, i)) for i in range(1, n + 1)]
