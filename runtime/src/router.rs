@@ -98,28 +98,17 @@ impl Router {
         self
     }
 
-    /// Publishes the routing table of `view`. When no node's incarnation,
-    /// liveness or keys moved since the view the catalog came from, the
-    /// catalog is not derived again; when it is derived and comes out the
-    /// same, the previous snapshot's catalog and endpoints are kept as they
-    /// are. Either way only the members (whose last-heard ages move) are
-    /// new.
+    /// Publishes the routing table of `view`. Only the members (whose
+    /// last-heard ages move) are always new; the catalog and endpoints of
+    /// the previous snapshot are kept unless [`Router::changed_catalog`]
+    /// says the catalog moved.
     fn apply(&mut self, view: &Arc<ClusterView>) {
         let members = view.members();
         let previous = self.handle.load();
         export_member_gauges(&members);
-        let unchanged = self
-            .catalog_view
-            .as_ref()
-            .is_some_and(|earlier| view.same_catalog_inputs(earlier));
-        let (catalog, endpoints) = if unchanged {
-            (previous.catalog.clone(), previous.endpoints.clone())
-        } else {
-            self.catalog_view = Some(Arc::clone(view));
-            let catalog = view.catalog();
-            if catalog == *previous.catalog {
-                (previous.catalog.clone(), previous.endpoints.clone())
-            } else {
+        let (catalog, endpoints) = match self.changed_catalog(view, &previous.catalog) {
+            None => (previous.catalog.clone(), previous.endpoints.clone()),
+            Some(catalog) => {
                 log_diff(&catalog.diff(&previous.catalog));
                 export_instance_gauges(&catalog, &previous.catalog);
                 let endpoints = Endpoints::build(&catalog, &previous.endpoints);
@@ -132,6 +121,19 @@ impl Router {
             endpoints,
             taken_at: Instant::now(),
         }));
+    }
+
+    /// `view`'s catalog when it differs from `published`. It is not derived
+    /// at all when no node's incarnation, liveness or keys moved since the
+    /// view the published catalog came from.
+    fn changed_catalog(&mut self, view: &Arc<ClusterView>, published: &Catalog) -> Option<Catalog> {
+        if let Some(earlier) = &self.catalog_view {
+            if view.same_catalog_inputs(earlier) {
+                return None;
+            }
+        }
+        self.catalog_view = Some(Arc::clone(view));
+        Some(view.catalog()).filter(|catalog| catalog != published)
     }
 }
 

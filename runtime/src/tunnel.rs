@@ -9,7 +9,7 @@ use crate::tls::PeerTrust;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -62,7 +62,7 @@ pub struct TunnelPool {
 type PeerKey = (String, SocketAddr);
 
 /// When a dial failed, and why.
-type DialFailure = (std::time::Instant, String);
+type DialFailure = (Instant, String);
 
 impl TunnelPool {
     /// A pool dialing from `endpoint` with `client` TLS.
@@ -138,7 +138,7 @@ impl TunnelPool {
                 .entry(key.clone())
                 .or_default(),
         );
-        let waited_from = std::time::Instant::now();
+        let waited_from = Instant::now();
         let mut last_failure = slot.lock().await;
         // Whoever dialed while we waited either connected or failed: share
         // the outcome.
@@ -163,7 +163,7 @@ impl TunnelPool {
                 Ok(conn)
             }
             Err(reason) => {
-                *last_failure = Some((std::time::Instant::now(), reason.clone()));
+                *last_failure = Some((Instant::now(), reason.clone()));
                 Err(err(reason))
             }
         }
