@@ -10,7 +10,11 @@
 //!
 //! - [`fault`]: pure link-fault policy (loss, delay, jitter, duplication,
 //!   reordering, partitions); no IO.
-//! - [`relay`]: the UDP relay that applies it per direction.
+//! - [`links`]: the rules in force and per-link counters.
+//! - [`relay`]: the UDP relay that applies them per direction between
+//!   loopback nodes.
+//! - [`hosts`]: separate hosts (network namespaces, default ports) and the
+//!   packet switch between them that applies the same rules.
 //! - [`process`]: spawning, `kill -9`, SIGSTOP/SIGCONT, restart; children die
 //!   with their handles.
 //! - [`api`]: a deadline-bound client for a node's local socket.
@@ -22,6 +26,8 @@
 
 pub mod api;
 pub mod fault;
+pub mod hosts;
+pub mod links;
 pub mod load;
 pub mod process;
 pub mod relay;

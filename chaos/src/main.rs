@@ -39,6 +39,12 @@ enum Command {
         /// Keep the work dir even when everything passed.
         #[arg(long)]
         keep: bool,
+        /// Run every node on a host of its own: a network namespace with its
+        /// own address and the default ports (7946, 7947, 4140, 9646),
+        /// joined through this process, which applies the link faults.
+        /// Needs root and `ip`.
+        #[arg(long)]
+        hosts: bool,
         /// Multiply every load rate (e.g. 0.2 against debug builds).
         #[arg(long, default_value_t = 1.0, value_name = "X")]
         rate_scale: f64,
@@ -95,6 +101,7 @@ fn main() -> ExitCode {
             demo_service,
             work_dir,
             keep,
+            hosts,
             rate_scale,
         } => {
             let scenario = match Scenario::load(&scenario) {
@@ -110,6 +117,7 @@ fn main() -> ExitCode {
                 long,
                 work_root: work_dir,
                 keep,
+                hosts,
                 rate_scale,
                 report_path: Some(report.unwrap_or_else(|| {
                     PathBuf::from(format!("chaos-report-{}.json", scenario.name))

@@ -13,18 +13,18 @@
 //! Nothing a datagram contains can panic the relay: it never parses payloads,
 //! ignores receive errors, and caps the number of peers per front.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use serde::Serialize;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
-use crate::fault::{Channel, FaultTable, Verdict};
+use crate::fault::Channel;
+use crate::links::Links;
 
 /// Largest datagram relayed (gossip fills up to the UDP maximum).
 const MAX_DATAGRAM: usize = 65_536;
@@ -44,34 +44,15 @@ pub struct Front {
     pub target: SocketAddr,
 }
 
-/// Counters of one directed link.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct LinkStats {
-    /// Datagrams forwarded (copies included).
-    pub forwarded: u64,
-    /// Datagrams dropped by a fault.
-    pub dropped: u64,
-    /// Datagrams sent twice.
-    pub duplicated: u64,
-    /// Datagrams held back to be overtaken.
-    pub reordered: u64,
-    /// Datagrams delayed by more than zero.
-    pub delayed: u64,
-}
-
-type StatsMap = BTreeMap<(Channel, String, String), LinkStats>;
-
 /// A running relay; dropping it stops every task and frees the ports.
 #[derive(Debug)]
 pub struct Relay {
-    table: Arc<Mutex<FaultTable>>,
-    stats: Arc<Mutex<StatsMap>>,
+    links: Arc<Links>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 struct Shared {
-    table: Arc<Mutex<FaultTable>>,
-    stats: Arc<Mutex<StatsMap>>,
+    links: Arc<Links>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
     sources: HashMap<SocketAddr, String>,
 }
@@ -87,12 +68,10 @@ impl Relay {
         fronts: Vec<Front>,
         sources: HashMap<SocketAddr, String>,
     ) -> std::io::Result<Relay> {
-        let table = Arc::new(Mutex::new(FaultTable::default()));
-        let stats = Arc::new(Mutex::new(StatsMap::new()));
+        let links = Arc::new(Links::default());
         let tasks = Arc::new(Mutex::new(Vec::new()));
         let shared = Arc::new(Shared {
-            table: table.clone(),
-            stats: stats.clone(),
+            links: links.clone(),
             tasks: tasks.clone(),
             sources,
         });
@@ -108,29 +87,12 @@ impl Relay {
             ));
             lock(&tasks).push(task);
         }
-        Ok(Relay {
-            table,
-            stats,
-            tasks,
-        })
+        Ok(Relay { links, tasks })
     }
 
-    /// The fault table, to add or remove rules (on command or by schedule).
-    pub fn faults(&self) -> MutexGuard<'_, FaultTable> {
-        lock(&self.table)
-    }
-
-    /// Per-link counters so far.
-    pub fn stats(&self) -> Vec<LinkStatsRow> {
-        lock(&self.stats)
-            .iter()
-            .map(|((channel, from, to), s)| LinkStatsRow {
-                channel: *channel,
-                from: from.clone(),
-                to: to.clone(),
-                stats: s.clone(),
-            })
-            .collect()
+    /// The rules in force and the per-link counters.
+    pub fn links(&self) -> &Arc<Links> {
+        &self.links
     }
 }
 
@@ -142,38 +104,7 @@ impl Drop for Relay {
     }
 }
 
-/// One row of [`Relay::stats`].
-#[derive(Debug, Clone, Serialize)]
-pub struct LinkStatsRow {
-    /// Channel.
-    pub channel: Channel,
-    /// Sender node (`?` for an unknown source).
-    pub from: String,
-    /// Receiver node.
-    pub to: String,
-    /// Counters.
-    #[serde(flatten)]
-    pub stats: LinkStats,
-}
-
 impl Shared {
-    fn decide(&self, channel: Channel, from: &str, to: &str, rng: &mut StdRng) -> Verdict {
-        let verdict = lock(&self.table).decide(channel, from, to, rng);
-        let mut stats = lock(&self.stats);
-        let s = stats
-            .entry((channel, from.to_string(), to.to_string()))
-            .or_default();
-        if verdict.dropped() {
-            s.dropped += 1;
-        } else {
-            s.forwarded += verdict.sends.len() as u64;
-            s.duplicated += u64::from(verdict.duplicated);
-            s.reordered += u64::from(verdict.reordered);
-            s.delayed += u64::from(verdict.sends.iter().any(|d| !d.is_zero()));
-        }
-        verdict
-    }
-
     fn spawn(&self, task: JoinHandle<()>) {
         let mut tasks = lock(&self.tasks);
         tasks.retain(|t| !t.is_finished());
@@ -225,7 +156,7 @@ async fn run_front(
             .get(&src)
             .cloned()
             .unwrap_or_else(|| "?".to_string());
-        let verdict = shared.decide(channel, &from, &node, &mut rng);
+        let verdict = shared.links.decide(channel, &from, &node, &mut rng);
         if verdict.dropped() {
             continue;
         }
@@ -284,7 +215,7 @@ async fn run_back(
         if from != target {
             continue;
         }
-        let verdict = shared.decide(channel, &node, &peer_name, &mut rng);
+        let verdict = shared.links.decide(channel, &node, &peer_name, &mut rng);
         for delay in verdict.sends {
             deliver(&shared, &front, &buf[..n], src, delay).await;
         }
@@ -346,19 +277,19 @@ mod tests {
             Some(front_addr)
         );
         // Only the reply direction is cut: requests still arrive, answers do not.
-        let id = relay.faults().add(
+        let id = relay.links().faults().add(
             vec![Channel::Gossip],
             NodeSet::of(["b"]),
             NodeSet::of(["a"]),
             LinkFault::partition(),
         );
         assert_eq!(roundtrip(&client, front_addr, b"two").await, None);
-        assert!(relay.faults().remove(id));
+        assert!(relay.links().faults().remove(id));
         assert_eq!(
             roundtrip(&client, front_addr, b"three").await,
             Some(front_addr)
         );
-        let stats = relay.stats();
+        let stats = relay.links().stats();
         let back = stats.iter().find(|r| r.from == "b").unwrap();
         assert_eq!(back.stats.dropped, 1);
         assert_eq!(back.stats.forwarded, 2);
@@ -391,6 +322,6 @@ mod tests {
             roundtrip(&stranger, front_addr, b"hi").await,
             Some(front_addr)
         );
-        assert!(relay.stats().iter().any(|r| r.from == "?"));
+        assert!(relay.links().stats().iter().any(|r| r.from == "?"));
     }
 }

@@ -10,8 +10,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::links::LinkStatsRow;
 use crate::load::Record;
-use crate::relay::LinkStatsRow;
 use crate::scenario::{Invariants, LoadSpec};
 
 /// Service -> instance ids.

@@ -18,6 +18,8 @@ use tokio::time::Instant;
 
 use crate::api;
 use crate::fault::{Channel, NodeSet};
+use crate::hosts::{self, Hosts};
+use crate::links::Links;
 use crate::load::{self, Record};
 use crate::process::{free_port, spawn_demo, Proc};
 use crate::relay::{Front, Relay};
@@ -45,6 +47,9 @@ pub struct Options {
     pub keep: bool,
     /// Where to write the JSON report.
     pub report_path: Option<PathBuf>,
+    /// Run every node on a host of its own (network namespaces, default
+    /// ports); needs root.
+    pub hosts: bool,
     /// Multiplies every load stream's rate (1.0: as written). Debug builds
     /// of weft cannot carry 500 rps on two cores; the report says the scale.
     pub rate_scale: f64,
@@ -56,6 +61,157 @@ struct NodeRun {
     socket: PathBuf,
     proxy: SocketAddr,
     proc: Proc,
+}
+
+/// How the nodes reach each other, and where link faults act.
+enum Network {
+    /// Every node on 127.0.0.1 with ports of its own; with a relay in
+    /// front of each node's gossip and tunnel addresses when link faults
+    /// are wanted.
+    Loopback {
+        ports: HashMap<String, LoopbackPorts>,
+        relay: Option<Relay>,
+    },
+    /// Every node on a host of its own with the default ports.
+    Hosts(Hosts),
+}
+
+/// One loopback node's ports: where it binds, what it advertises (the
+/// relay's front, or the bind address without a relay).
+struct LoopbackPorts {
+    gossip: SocketAddr,
+    advertise_gossip: SocketAddr,
+    tunnel: SocketAddr,
+    advertise_tunnel: SocketAddr,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Network {
+    /// Picks ports for every node and starts the relay if asked for.
+    fn loopback(names: &[String], with_relay: bool) -> Result<Network, ChaosError> {
+        let port =
+            || -> Result<SocketAddr, ChaosError> { Ok(([127, 0, 0, 1], free_port()?).into()) };
+        let mut fronts = Vec::new();
+        let mut sources = HashMap::new();
+        let mut ports = HashMap::new();
+        for name in names {
+            let (gossip, tunnel) = (port()?, port()?);
+            let mut advertised = [gossip, tunnel];
+            if with_relay {
+                for (slot, (channel, target)) in
+                    [(Channel::Gossip, gossip), (Channel::Tunnel, tunnel)]
+                        .into_iter()
+                        .enumerate()
+                {
+                    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+                        .map_err(|e| ChaosError::Io(format!("relay front: {e}")))?;
+                    advertised[slot] = socket
+                        .local_addr()
+                        .map_err(|e| ChaosError::Io(e.to_string()))?;
+                    fronts.push(Front {
+                        node: name.clone(),
+                        channel,
+                        socket,
+                        target,
+                    });
+                }
+                sources.insert(gossip, name.clone());
+                sources.insert(tunnel, name.clone());
+            }
+            let [advertise_gossip, advertise_tunnel] = advertised;
+            ports.insert(
+                name.clone(),
+                LoopbackPorts {
+                    gossip,
+                    advertise_gossip,
+                    tunnel,
+                    advertise_tunnel,
+                    proxy: port()?,
+                    admin: port()?,
+                },
+            );
+        }
+        let relay = if with_relay {
+            Some(Relay::start(fronts, sources).map_err(|e| ChaosError::Io(format!("relay: {e}")))?)
+        } else {
+            None
+        };
+        Ok(Network::Loopback { ports, relay })
+    }
+
+    fn ports<'a>(
+        ports: &'a HashMap<String, LoopbackPorts>,
+        node: &str,
+    ) -> Result<&'a LoopbackPorts, ChaosError> {
+        ports
+            .get(node)
+            .ok_or_else(|| ChaosError::Scenario(format!("unknown node {node}")))
+    }
+
+    /// The addresses and seeds `node` is started with: explicit ports on
+    /// loopback; on hosts only the seeds (every port is the default and
+    /// the node finds the address it advertises).
+    fn node_args(&self, node: &str, names: &[String]) -> Result<Vec<String>, ChaosError> {
+        let others = names.iter().filter(|n| *n != node);
+        match self {
+            Network::Loopback { ports, .. } => {
+                let own = Self::ports(ports, node)?;
+                let mut seeds = Vec::new();
+                for other in others {
+                    seeds.push(Self::ports(ports, other)?.advertise_gossip.to_string());
+                }
+                Ok([
+                    ("--gossip", own.gossip),
+                    ("--advertise-gossip", own.advertise_gossip),
+                    ("--tunnel", own.tunnel),
+                    ("--advertise-tunnel", own.advertise_tunnel),
+                    ("--proxy", own.proxy),
+                    ("--admin", own.admin),
+                ]
+                .into_iter()
+                .flat_map(|(flag, addr)| [flag.to_string(), addr.to_string()])
+                .chain(["--seeds".to_string(), seeds.join(",")])
+                .collect())
+            }
+            Network::Hosts(h) => {
+                let mut seeds = Vec::new();
+                for other in others {
+                    seeds.push(format!("{}:{}", h.addr(other)?, hosts::GOSSIP_PORT));
+                }
+                Ok(vec!["--seeds".to_string(), seeds.join(",")])
+            }
+        }
+    }
+
+    /// The program and arguments that run `program args` where `node` lives.
+    fn command(
+        &self,
+        node: &str,
+        program: &Path,
+        args: Vec<String>,
+    ) -> Result<(PathBuf, Vec<String>), ChaosError> {
+        match self {
+            Network::Loopback { .. } => Ok((program.to_path_buf(), args)),
+            Network::Hosts(h) => h.command(node, program, args),
+        }
+    }
+
+    /// Where the load generator reaches `node`'s proxy.
+    async fn proxy(&self, node: &str) -> Result<SocketAddr, ChaosError> {
+        match self {
+            Network::Loopback { ports, .. } => Ok(Self::ports(ports, node)?.proxy),
+            Network::Hosts(h) => h.forward(node, hosts::PROXY_PORT).await,
+        }
+    }
+
+    /// The fault table and counters, when link faults can be applied.
+    fn links(&self) -> Option<&Arc<Links>> {
+        match self {
+            Network::Loopback { relay, .. } => relay.as_ref().map(Relay::links),
+            Network::Hosts(h) => Some(h.links()),
+        }
+    }
 }
 
 /// Aborts tasks when dropped (the monitor must not outlive the run).
@@ -99,7 +255,18 @@ pub async fn run(scenario: &Scenario, opts: &Options) -> Result<Report, ChaosErr
     let dir = tmp.path().to_path_buf();
 
     let outcome = drive(scenario, &profile, profile_name, opts, &dir).await;
-    let mut report = outcome?;
+    let mut report = match outcome {
+        Ok(report) => report,
+        // The nodes' logs say why the run could not happen: keep them.
+        Err(e) => {
+            let kept = tmp.keep();
+            eprintln!(
+                "weft-chaos: logs of the failed run are in {}",
+                kept.display()
+            );
+            return Err(e);
+        }
+    };
     report.rate_scale = opts.rate_scale;
     if !report.passed || opts.keep {
         let kept = tmp.keep();
@@ -129,88 +296,36 @@ async fn drive(
     let cluster_dir = dir.join("cluster");
     init_cluster(&opts.weft_bin, &cluster_dir).await?;
 
-    // Addresses: bind ports for the nodes, and relay fronts as the advertised ones.
-    let mut fronts = Vec::new();
-    let mut sources = HashMap::new();
-    let mut plans = Vec::new();
-    for name in &names {
-        let gossip: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-        let tunnel: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-        let (adv_gossip, adv_tunnel) = if scenario.cluster.relay {
-            let mut adv = Vec::new();
-            for (channel, target) in [(Channel::Gossip, gossip), (Channel::Tunnel, tunnel)] {
-                let socket = std::net::UdpSocket::bind("127.0.0.1:0")
-                    .map_err(|e| ChaosError::Io(format!("relay front: {e}")))?;
-                adv.push(
-                    socket
-                        .local_addr()
-                        .map_err(|e| ChaosError::Io(e.to_string()))?,
-                );
-                fronts.push(Front {
-                    node: name.clone(),
-                    channel,
-                    socket,
-                    target,
-                });
-            }
-            sources.insert(gossip, name.clone());
-            sources.insert(tunnel, name.clone());
-            (adv[0], adv[1])
-        } else {
-            (gossip, tunnel)
-        };
-        plans.push((name.clone(), gossip, adv_gossip, tunnel, adv_tunnel));
-    }
-    let relay = if scenario.cluster.relay {
-        Some(Relay::start(fronts, sources).map_err(|e| ChaosError::Io(format!("relay: {e}")))?)
+    let network = if opts.hosts {
+        Network::Hosts(Hosts::create(&names).await?)
     } else {
-        None
+        Network::loopback(&names, scenario.cluster.relay)?
     };
-
     let mut nodes = Vec::new();
-    for (name, gossip, adv_gossip, tunnel, adv_tunnel) in &plans {
+    for name in &names {
         let data_dir = dir.join(name);
         let socket = data_dir.join("weft.sock");
-        let proxy: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-        let admin: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-        let seeds: Vec<String> = plans
-            .iter()
-            .filter(|p| &p.0 != name)
-            .map(|p| p.2.to_string())
-            .collect();
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "node".into(),
             "--name".into(),
             name.clone(),
             "--cluster".into(),
             cluster_dir.display().to_string(),
-            "--gossip".into(),
-            gossip.to_string(),
-            "--advertise-gossip".into(),
-            adv_gossip.to_string(),
-            "--tunnel".into(),
-            tunnel.to_string(),
-            "--advertise-tunnel".into(),
-            adv_tunnel.to_string(),
-            "--proxy".into(),
-            proxy.to_string(),
-            "--admin".into(),
-            admin.to_string(),
             "--data-dir".into(),
             data_dir.display().to_string(),
             "--socket".into(),
             socket.display().to_string(),
-            "--seeds".into(),
-            seeds.join(","),
             "--gossip-interval".into(),
             format!("{}ms", scenario.cluster.gossip_interval_ms),
         ];
+        args.extend(network.node_args(name, &names)?);
+        let (program, args) = network.command(name, &opts.weft_bin, args)?;
         let log = dir.join(format!("{name}.log"));
-        let proc = Proc::spawn(name, &opts.weft_bin, args, &log)?;
+        let proc = Proc::spawn(name, &program, args, &log)?;
         nodes.push(NodeRun {
             name: name.clone(),
             socket,
-            proxy,
+            proxy: network.proxy(name).await?,
             proc,
         });
     }
@@ -234,7 +349,8 @@ async fn drive(
             spec.flap_period_ms.to_string(),
         ];
         let log = dir.join(format!("{label}.log"));
-        let (proc, addr) = spawn_demo(&label, &opts.demo_bin, args, &log, Duration::from_secs(10))?;
+        let (program, args) = network.command(&spec.node, &opts.demo_bin, args)?;
+        let (proc, addr) = spawn_demo(&label, &program, args, &log, Duration::from_secs(10))?;
         services.push(proc);
         let node = node_by_name(&nodes, &spec.node)?;
         let body = json!({"name": spec.service, "port": addr.port(), "protocol": "http"});
@@ -300,7 +416,7 @@ async fn drive(
         let ev = apply(
             &action,
             &mut nodes,
-            relay.as_ref(),
+            network.links(),
             &mut rule_ids,
             &mut partitions,
         )?;
@@ -321,8 +437,8 @@ async fn drive(
             .map_err(|e| ChaosError::Cluster(format!("load task failed: {e}")))?;
         loads.push((spec, records));
     }
-    if let Some(relay) = &relay {
-        let mut faults = relay.faults();
+    if let Some(links) = network.links() {
+        let mut faults = links.faults();
         if !faults.rules().is_empty() {
             faults.clear();
             events.push(Event {
@@ -369,8 +485,7 @@ async fn drive(
             crashes.push(format!("service {} exited on its own: {status}", s.label));
         }
     }
-    let relay_stats = relay.as_ref().map(Relay::stats).unwrap_or_default();
-    drop(relay);
+    let link_stats = network.links().map(|l| l.stats()).unwrap_or_default();
     let obs = lock(&timeline).clone();
     let report = report::analyse(&Inputs {
         scenario: &scenario.name,
@@ -384,14 +499,16 @@ async fn drive(
         loads: &loads,
         registrations: &registrations,
         crashes: &crashes,
-        relay: relay_stats,
+        relay: link_stats,
     });
     // Timeline for later reading, beside the logs.
     if let Ok(text) = serde_json::to_string(&obs) {
         let _ = std::fs::write(dir.join("timeline.json"), text);
     }
+    // Processes first: the network (and its namespaces) outlives them.
     drop(services);
     drop(nodes);
+    drop(network);
     Ok(report)
 }
 
@@ -598,12 +715,14 @@ type Applied = Option<(EventKind, Option<String>, String)>;
 fn apply(
     action: &Action,
     nodes: &mut [NodeRun],
-    relay: Option<&Relay>,
+    links: Option<&Arc<Links>>,
     rule_ids: &mut HashMap<usize, Vec<u64>>,
     partitions: &mut Vec<Vec<Vec<String>>>,
 ) -> Result<Applied, ChaosError> {
-    let need_relay = || {
-        relay.ok_or_else(|| ChaosError::Scenario("link faults need cluster.relay = true".into()))
+    let need_links = || {
+        links.ok_or_else(|| {
+            ChaosError::Scenario("link faults need cluster.relay = true or --hosts".into())
+        })
     };
     Ok(match action {
         Action::Kill(n) => {
@@ -627,7 +746,7 @@ fn apply(
             Some((EventKind::Resume, Some(n.clone()), format!("SIGCONT {n}")))
         }
         Action::LinkOn(i, spec) => {
-            let relay = need_relay()?;
+            let links = need_links()?;
             let FaultSpec::Link {
                 channel,
                 from,
@@ -640,7 +759,7 @@ fn apply(
             };
             let fault = spec.link_fault().unwrap_or_default();
             let (from_set, to_set) = (NodeSet::of(from.clone()), NodeSet::of(to.clone()));
-            let mut faults = relay.faults();
+            let mut faults = links.faults();
             let mut ids = vec![faults.add(
                 channel.channels(),
                 from_set.clone(),
@@ -676,20 +795,20 @@ fn apply(
             ))
         }
         Action::LinkOff(i) | Action::PartitionOff(i) => {
-            let relay = need_relay()?;
-            let mut faults = relay.faults();
+            let links = need_links()?;
+            let mut faults = links.faults();
             for id in rule_ids.remove(i).unwrap_or_default() {
                 faults.remove(id);
             }
             Some((EventKind::Heal, None, "heal".into()))
         }
         Action::PartitionOn(i, groups) => {
-            let relay = need_relay()?;
+            let links = need_links()?;
             let (a, b) = (
                 NodeSet::of(groups[0].clone()),
                 NodeSet::of(groups[1].clone()),
             );
-            let ids = relay.faults().partition(&a, &b);
+            let ids = links.faults().partition(&a, &b);
             rule_ids.insert(*i, ids.to_vec());
             partitions.push(groups.clone());
             Some((
@@ -703,8 +822,8 @@ fn apply(
             ))
         }
         Action::HealAll => {
-            let relay = need_relay()?;
-            relay.faults().clear();
+            let links = need_links()?;
+            links.faults().clear();
             rule_ids.clear();
             Some((EventKind::Heal, None, "heal all link faults".into()))
         }

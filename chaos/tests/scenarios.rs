@@ -62,22 +62,58 @@ fn rate_scale() -> f64 {
     }
 }
 
+/// Where the nodes run: all on loopback, or each on a host of its own.
+#[derive(Clone, Copy, PartialEq)]
+enum Network {
+    Loopback,
+    Hosts,
+}
+
+/// Why this machine cannot run separate hosts (network namespaces need root
+/// and `ip`), if it cannot.
+fn hosts_unavailable() -> Option<String> {
+    let uid = std::process::Command::new("id").arg("-u").output();
+    if !uid.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0") {
+        return Some("not root".into());
+    }
+    let ip = std::process::Command::new("ip").arg("-V").output();
+    if !ip.is_ok_and(|o| o.status.success()) {
+        return Some("no `ip` (iproute2)".into());
+    }
+    None
+}
+
 fn run(name: &str, long: bool) {
+    run_on(name, long, Network::Loopback);
+}
+
+fn run_on(name: &str, long: bool, network: Network) {
+    if network == Network::Hosts {
+        if let Some(why) = hosts_unavailable() {
+            eprintln!("skipped: {name} on separate hosts needs root and `ip` ({why})");
+            return;
+        }
+    }
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("scenarios")
         .join(format!("{name}.toml"));
     let scenario = Scenario::load(&path).expect("scenario file is valid");
     let profile = if long { "long" } else { "short" };
+    let on = match network {
+        Network::Loopback => "",
+        Network::Hosts => "-hosts",
+    };
     let report_path = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("chaos")
-        .join(format!("{name}-{profile}.json"));
+        .join(format!("{name}-{profile}{on}.json"));
     let opts = Options {
         weft_bin: binary("WEFT_BIN", "weft"),
         demo_bin: binary("DEMO_SERVICE_BIN", "demo-service"),
         long,
         work_root: None,
         keep: false,
+        hosts: network == Network::Hosts,
         report_path: Some(report_path.clone()),
         rate_scale: rate_scale(),
     };
@@ -144,6 +180,18 @@ fn slow_instance() {
 #[test]
 fn flapping() {
     run("flapping", false);
+}
+
+/// The same scenario with every node on a host of its own (default ports,
+/// advertise detection), the faults applied by the switch between hosts.
+#[test]
+fn partition_heal_on_separate_hosts() {
+    run_on("partition-heal", false, Network::Hosts);
+}
+
+#[test]
+fn gossip_loss_on_separate_hosts() {
+    run_on("gossip-loss", false, Network::Hosts);
 }
 
 #[test]

@@ -152,13 +152,13 @@ pub struct NodeArgs {
     /// Gossip UDP address to bind [default: 0.0.0.0:7946].
     #[arg(long, env = "WEFT_GOSSIP", value_name = "ADDR")]
     pub gossip: Option<String>,
-    /// Gossip address other nodes use to reach this one [default: the bound address].
+    /// Gossip address other nodes use to reach this one [default: the bound address; bound to 0.0.0.0, this host's address on the route to the first seed given as an IP, else the default route's].
     #[arg(long, env = "WEFT_ADVERTISE_GOSSIP", value_name = "ADDR")]
     pub advertise_gossip: Option<String>,
     /// QUIC tunnel UDP address [default: 0.0.0.0:7947].
     #[arg(long, env = "WEFT_TUNNEL", value_name = "ADDR")]
     pub tunnel: Option<String>,
-    /// Tunnel address other nodes use to reach this one [default: the bound address].
+    /// Tunnel address other nodes use to reach this one [default: the bound address; bound to 0.0.0.0, the gossip address's IP].
     #[arg(long, env = "WEFT_ADVERTISE_TUNNEL", value_name = "ADDR")]
     pub advertise_tunnel: Option<String>,
     /// This node's certificate (from `weft cert issue`) [default: issued at start from the cluster's ca.key].

@@ -66,7 +66,7 @@ async fn serve(
 ) -> Result<(), NodeError> {
     let advertise = match cfg.advertise_gossip {
         Some(a) => a,
-        None => SocketAddr::new(primary_ip(), cfg.gossip.port()),
+        None => SocketAddr::new(detect_ip(&cfg.seeds), cfg.gossip.port()),
     };
     let advertise_tunnel = match cfg.advertise_tunnel {
         Some(a) => a,
@@ -597,16 +597,29 @@ fn cluster_id(cluster_dir: &Path) -> Result<String, NodeError> {
     Ok(format!("weft-{hex}"))
 }
 
-/// The address of the interface that routes outward (no packet is sent), for
-/// a node bound to 0.0.0.0 without `--advertise-gossip`.
-fn primary_ip() -> std::net::IpAddr {
-    std::net::UdpSocket::bind("0.0.0.0:0")
-        .and_then(|s| {
-            s.connect("192.0.2.1:9")?;
-            s.local_addr()
-        })
-        .map(|a| a.ip())
+/// The address this host is reached at, for a node bound to 0.0.0.0 without
+/// `--advertise-gossip`: the source address of the route to the first seed
+/// given as an address off loopback (on a host with several networks, the
+/// one the cluster is on), else of the default route, else loopback. The
+/// kernel picks the route; no packet is sent.
+fn detect_ip(seeds: &[String]) -> std::net::IpAddr {
+    let seed = seeds
+        .iter()
+        .filter_map(|s| s.parse::<SocketAddr>().ok())
+        .find(|a| !a.ip().is_loopback() && !a.ip().is_unspecified());
+    let outward = SocketAddr::from(([192, 0, 2, 1], 9));
+    [seed, Some(outward)]
+        .into_iter()
+        .flatten()
+        .find_map(|to| route_source(to).ok())
         .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
+}
+
+/// The local address the kernel would send from to reach `to`.
+fn route_source(to: SocketAddr) -> std::io::Result<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect(to)?;
+    Ok(socket.local_addr()?.ip())
 }
 
 fn cluster_dir(cfg: &NodeConfig) -> Result<PathBuf, NodeError> {
