@@ -7,11 +7,14 @@
 //! - [`records`]: the JSON values stored under those keys; [`registration`]:
 //!   the registration request a service sends, validated into a record.
 //! - [`view`]: a plain, owned picture of the cluster (members, their keys,
-//!   liveness) and the pure derivation of members and the service catalog from it.
+//!   liveness) and the derivation of members from it.
+//! - [`catalog`]: the service catalog, derived from views at the cost of
+//!   what changed.
 //! - [`cluster`]: starts chitchat with weft's configuration, keeps the node's own
 //!   keys, and publishes a fresh [`view::ClusterView`] on every change.
 //! - [`seal`]: the authenticated gossip transport (AEAD-sealed datagrams) and its keyring.
 
+pub mod catalog;
 pub mod cluster;
 pub mod keys;
 pub mod records;

@@ -1,12 +1,12 @@
-//! A plain picture of the cluster and the pure derivation of members and catalog.
+//! A plain picture of the cluster and the pure derivation of members from
+//! it (the catalog's is in [`crate::catalog`]).
 //!
-//! chitchat fires no event when a key is deleted, so weft never maintains the
-//! catalog from events: every change produces a fresh [`ClusterView`] and the
-//! catalog is derived from it whole. [`Catalog::diff`] tells what moved. The
-//! derivation is cheap where nothing moved: a node's keys are copied out of
-//! chitchat only when its version changes, and parsed once ([`NodeKeys`]).
+//! chitchat fires no event when a key is deleted, so weft never maintains
+//! state from events: every change produces a fresh [`ClusterView`]. A
+//! node's keys are copied out of chitchat only when its version changes,
+//! shared by every view until then, and parsed once ([`NodeKeys`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, OnceLock};
@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use crate::catalog::{Catalog, CatalogDeriver, CatalogDiff, Instance};
 use crate::keys::Key;
 use crate::records::{NodeInfo, NodeStatus, ServiceRecord};
 
@@ -49,17 +50,17 @@ pub struct NodeKeys {
 }
 
 #[derive(Debug, Default)]
-struct Parsed {
-    info: Option<NodeInfo>,
+pub(crate) struct Parsed {
+    pub(crate) info: Option<NodeInfo>,
     /// Well-formed `svc/<id>` records whose id matches their key, with the
     /// health their owner concluded (`health/<id>`, in the same keys).
-    records: Vec<(ServiceRecord, &'static str)>,
+    pub(crate) records: Vec<(ServiceRecord, &'static str)>,
     /// `eject/<owner>/<id>` votes, as (owner, id).
-    votes: Vec<(String, String)>,
+    pub(crate) votes: Vec<(String, String)>,
 }
 
 impl NodeKeys {
-    fn parsed(&self) -> &Parsed {
+    pub(crate) fn parsed(&self) -> &Parsed {
         self.parsed.get_or_init(|| {
             let mut parsed = Parsed {
                 info: self
@@ -191,67 +192,9 @@ pub struct Member {
     pub generation: u64,
 }
 
-/// One instance of a service, as the catalog lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, PartialOrd, Ord)]
-pub struct Instance {
-    /// Instance id.
-    pub id: String,
-    /// Node hosting it.
-    pub node: String,
-    /// Port on that node's loopback.
-    pub port: u16,
-    /// "http" or "tcp".
-    pub protocol: String,
-    /// "passing", "failing", "unknown" or "ejected".
-    pub health: String,
-    /// Tags given at registration.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub tags: Vec<String>,
-    /// The hosting node's tunnel address.
-    #[serde(skip)]
-    pub tunnel_addr: Option<String>,
-    /// Request timeout override (ms).
-    #[serde(skip)]
-    pub timeout_ms: Option<u64>,
-    /// Retry wait policy override.
-    #[serde(skip)]
-    pub retry: Option<String>,
-    /// Non-idempotent methods may be retried.
-    #[serde(skip)]
-    pub retry_non_idempotent: bool,
-    /// Idempotent requests are hedged.
-    #[serde(skip)]
-    pub hedge: bool,
-}
-
-/// Service name -> instances, ordered for stable output.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Catalog {
-    /// Instances per service.
-    pub services: BTreeMap<String, Vec<Instance>>,
-}
-
-/// What changed between two catalogs, for logs and events.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CatalogDiff {
-    /// (service, node, id) that appeared.
-    pub added: Vec<(String, String, String)>,
-    /// (service, node, id) that disappeared.
-    pub removed: Vec<(String, String, String)>,
-    /// (service, node, id) whose record changed.
-    pub changed: Vec<(String, String, String)>,
-}
-
-impl CatalogDiff {
-    /// True when nothing moved.
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
-    }
-}
-
 impl ClusterView {
     /// The newest incarnation of every node name.
-    fn current_incarnations(&self) -> impl Iterator<Item = &NodeSnapshot> {
+    pub(crate) fn current_incarnations(&self) -> impl Iterator<Item = &NodeSnapshot> {
         let mut newest: BTreeMap<&str, &NodeSnapshot> = BTreeMap::new();
         for node in &self.nodes {
             let replace = match newest.get(node.name.as_str()) {
@@ -263,22 +206,6 @@ impl ClusterView {
             }
         }
         newest.into_values()
-    }
-
-    /// True when this view's catalog is `earlier`'s, known without deriving
-    /// either: every node has the same incarnation, liveness and keys (the
-    /// refresher shares a node's keys between views until they change, so
-    /// they compare by identity). At rest that is every view, and the
-    /// router derives nothing.
-    pub fn same_catalog_inputs(&self, earlier: &ClusterView) -> bool {
-        self.nodes.len() == earlier.nodes.len()
-            && self.nodes.iter().zip(&earlier.nodes).all(|(a, b)| {
-                a.name == b.name
-                    && a.generation == b.generation
-                    && a.live == b.live
-                    && a.dead == b.dead
-                    && Arc::ptr_eq(&a.kv, &b.kv)
-            })
     }
 
     /// Members with their user-facing state.
@@ -305,64 +232,11 @@ impl ClusterView {
             .collect()
     }
 
-    /// The catalog: instances registered on live, non-leaving nodes.
-    ///
-    /// An instance is `ejected` cluster-wide only when two or more other live
-    /// nodes' outlier detectors say so (each writes `eject/<owner>/<id>`), so
-    /// one sick or partitioned caller cannot take it out of the whole mesh.
+    /// The catalog: instances registered on live, non-leaving nodes
+    /// (derived whole; a [`CatalogDeriver`] kept across views derives only
+    /// what changed).
     pub fn catalog(&self) -> Catalog {
-        let mut observers: BTreeMap<(&str, &str), usize> = BTreeMap::new();
-        for node in self.current_incarnations().filter(|n| n.live) {
-            for (owner, id) in &node.kv.parsed().votes {
-                if *owner != node.name {
-                    *observers.entry((owner, id)).or_default() += 1;
-                }
-            }
-        }
-        let mut services: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
-        for node in self.current_incarnations() {
-            let parsed = node.kv.parsed();
-            let info = parsed.info.as_ref();
-            if !node.live
-                || matches!(
-                    member_state(node, info, self.suspect_after),
-                    MemberState::Left | MemberState::Dead | MemberState::Draining
-                )
-            {
-                continue;
-            }
-            for (record, own_health) in &parsed.records {
-                let votes = observers
-                    .get(&(node.name.as_str(), record.id.as_str()))
-                    .copied()
-                    .unwrap_or(0);
-                let health = if votes >= 2 && *own_health != "failing" {
-                    "ejected"
-                } else {
-                    own_health
-                };
-                services
-                    .entry(record.name.clone())
-                    .or_default()
-                    .push(Instance {
-                        id: record.id.clone(),
-                        node: node.name.clone(),
-                        port: record.port,
-                        protocol: record.protocol.as_str().to_string(),
-                        health: health.to_string(),
-                        tags: record.tags.clone(),
-                        tunnel_addr: info.map(|i| i.tunnel.clone()),
-                        timeout_ms: record.timeout_ms,
-                        retry: record.retry.clone(),
-                        retry_non_idempotent: record.retry_non_idempotent,
-                        hedge: record.hedge,
-                    });
-            }
-        }
-        for instances in services.values_mut() {
-            instances.sort();
-        }
-        Catalog { services }
+        CatalogDeriver::default().update(self).0.as_ref().clone()
     }
 }
 
@@ -370,7 +244,7 @@ fn node_info(node: &NodeSnapshot) -> Option<&NodeInfo> {
     node.kv.parsed().info.as_ref()
 }
 
-fn member_state(
+pub(crate) fn member_state(
     node: &NodeSnapshot,
     info: Option<&NodeInfo>,
     suspect_after: Duration,
@@ -394,38 +268,6 @@ fn instance_health(keys: &BTreeMap<String, String>, record: &ServiceRecord) -> &
         Some("failing") => "failing",
         _ if record.check.is_none() => "passing",
         _ => "unknown",
-    }
-}
-
-impl Catalog {
-    /// Instances of one service.
-    pub fn instances(&self, service: &str) -> &[Instance] {
-        self.services.get(service).map(Vec::as_slice).unwrap_or(&[])
-    }
-
-    /// What moved from `old` to `self`.
-    pub fn diff(&self, old: &Catalog) -> CatalogDiff {
-        let index = |c: &Catalog| -> BTreeMap<(String, String, String), Instance> {
-            c.services
-                .iter()
-                .flat_map(|(svc, list)| {
-                    list.iter()
-                        .map(move |i| ((svc.clone(), i.node.clone(), i.id.clone()), i.clone()))
-                })
-                .collect()
-        };
-        let (new, old) = (index(self), index(old));
-        let keys: BTreeSet<_> = new.keys().chain(old.keys()).cloned().collect();
-        let mut diff = CatalogDiff::default();
-        for key in keys {
-            match (old.get(&key), new.get(&key)) {
-                (None, Some(_)) => diff.added.push(key),
-                (Some(_), None) => diff.removed.push(key),
-                (Some(a), Some(b)) if a != b => diff.changed.push(key),
-                _ => {}
-            }
-        }
-        diff
     }
 }
 
@@ -491,26 +333,108 @@ mod tests {
         assert_eq!(after.catalog().instances("db")[0].node, "n2");
     }
 
+    fn vote(mut voter: NodeSnapshot, owner: &str, id: &str) -> NodeSnapshot {
+        Arc::make_mut(&mut voter.kv).insert(format!("eject/{owner}/{id}"), "1".into());
+        voter
+    }
+
+    fn key(service: &str, node: &str, id: &str) -> (String, String, String) {
+        (service.into(), node.into(), id.into())
+    }
+
+    /// Fed views in turn, a deriver gives each view's whole catalog, shares
+    /// the lists that did not move, and says what moved.
     #[test]
-    fn catalog_inputs_compare_keys_by_identity_and_liveness() {
+    fn the_deriver_redoes_only_what_moved() {
         let n1 = node("n1", 1, true, &[("web", "w1", 8080)]);
-        let earlier = view(vec![n1.clone()]);
-        let mut aged = n1.clone();
+        let n2 = node("n2", 1, true, &[("db", "d1", 5432)]);
+        let mut deriver = CatalogDeriver::default();
+        let v0 = view(vec![n1.clone(), n2.clone()]);
+        let (c0, diff) = deriver.update(&v0);
+        assert_eq!(*c0, v0.catalog());
+        assert_eq!(diff.added.len(), 2);
+
+        // Only an age moved: the same catalog, and nothing to say.
+        let mut aged = n2.clone();
         aged.last_heard = Duration::from_secs(9);
-        assert!(
-            view(vec![aged]).same_catalog_inputs(&earlier),
-            "only the age moved"
+        let (c1, diff) = deriver.update(&view(vec![n1.clone(), aged]));
+        assert!(Arc::ptr_eq(&c0, &c1) && diff.is_empty());
+
+        // New keys that list the same instances (a stats key): the same.
+        let mut restated = n2.clone();
+        Arc::make_mut(&mut restated.kv).insert("stats/db".into(), "{}".into());
+        let (c2, diff) = deriver.update(&view(vec![n1.clone(), restated]));
+        assert!(Arc::ptr_eq(&c0, &c2) && diff.is_empty());
+
+        // n2 registers another db: db is rebuilt, web's list is shared.
+        let n2 = node("n2", 1, true, &[("db", "d1", 5432), ("db", "d2", 5433)]);
+        let v3 = view(vec![n1.clone(), n2.clone()]);
+        let (c3, diff) = deriver.update(&v3);
+        assert_eq!(*c3, v3.catalog());
+        assert!(Arc::ptr_eq(&c0.services["web"], &c3.services["web"]));
+        assert_eq!(diff.added, vec![key("db", "n2", "d2")]);
+
+        // Two observers vote n1's w1 out: it changes though n1's keys did not.
+        let n3 = vote(node("n3", 1, true, &[]), "n1", "w1");
+        let n4 = vote(node("n4", 1, true, &[]), "n1", "w1");
+        let v4 = view(vec![n1.clone(), n2.clone(), n3, n4]);
+        let (c4, diff) = deriver.update(&v4);
+        assert_eq!(*c4, v4.catalog());
+        assert_eq!(c4.instances("web")[0].health, "ejected");
+        assert_eq!(diff.changed, vec![key("web", "n1", "w1")]);
+        assert!(Arc::ptr_eq(&c3.services["db"], &c4.services["db"]));
+
+        // n2 dies and the voters leave the view: db goes, w1 is back.
+        let mut dead = n2;
+        (dead.live, dead.dead) = (false, true);
+        let v5 = view(vec![n1, dead]);
+        let (c5, diff) = deriver.update(&v5);
+        assert_eq!(*c5, v5.catalog());
+        assert!(!c5.services.contains_key("db"));
+        assert_eq!(
+            diff.removed,
+            vec![key("db", "n2", "d1"), key("db", "n2", "d2")]
         );
-        let mut down = n1.clone();
-        down.live = false;
-        assert!(!view(vec![down]).same_catalog_inputs(&earlier));
-        let rewritten = node("n1", 1, true, &[("web", "w1", 8080)]);
-        assert!(
-            !view(vec![rewritten]).same_catalog_inputs(&earlier),
-            "keys copied again after a version moved are new keys"
-        );
-        let joined = view(vec![n1, node("n2", 1, true, &[])]);
-        assert!(!joined.same_catalog_inputs(&earlier));
+        assert_eq!(diff.changed, vec![key("web", "n1", "w1")]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Whatever sequence of views it is fed, the deriver's catalog is
+        /// the one derived whole from the latest view.
+        #[test]
+        fn the_deriver_agrees_with_a_whole_derivation(
+            steps in proptest::collection::vec(
+                proptest::collection::vec((0u8..4, 0u8..2, proptest::bool::ANY, 0u8..2), 2..8),
+                1..12,
+            )
+        ) {
+            let mut deriver = CatalogDeriver::default();
+            // A node state seen again is the same snapshot (shared keys),
+            // as chitchat's unchanged nodes are from view to view.
+            let mut known = std::collections::HashMap::new();
+            for step in steps {
+                // (node, service, live, vote target) per entry.
+                let nodes: Vec<NodeSnapshot> = step
+                    .iter()
+                    .map(|&(n, svc, live, target)| {
+                        known
+                            .entry((n, svc, live, target))
+                            .or_insert_with(|| {
+                                let (name, service) = (format!("n{n}"), format!("s{svc}"));
+                                let id = format!("i{n}{svc}");
+                                let snap = node(&name, 1, live, &[(&service, &id, 8000)]);
+                                vote(snap, &format!("n{target}"), &format!("i{target}0"))
+                            })
+                            .clone()
+                    })
+                    .collect();
+                let v = view(nodes);
+                let (catalog, _) = deriver.update(&v);
+                proptest::prop_assert_eq!(&*catalog, &v.catalog());
+            }
+        }
     }
 
     #[test]

@@ -40,8 +40,8 @@ fn instance(service: usize, node: usize) -> Instance {
 fn catalog(services: usize, per_service: usize) -> Catalog {
     let mut c = Catalog::default();
     for s in 0..services {
-        let list = (0..per_service).map(|n| instance(s, n)).collect();
-        c.services.insert(format!("svc{s}"), list);
+        let list: Vec<Instance> = (0..per_service).map(|n| instance(s, n)).collect();
+        c.services.insert(format!("svc{s}"), list.into());
     }
     c
 }
@@ -86,9 +86,18 @@ fn service_lookup(c: &mut Criterion) {
 fn endpoints_build(c: &mut Criterion) {
     let big = catalog(100, 100);
     let previous = Endpoints::build(&big, &Endpoints::default());
-    c.bench_function("endpoints_build: 10,000 instances", |b| {
-        b.iter(|| black_box(Endpoints::build(&big, &previous)))
+    c.bench_function("endpoints_build: 10,000 instances, all new", |b| {
+        b.iter(|| black_box(Endpoints::build(&big, &Endpoints::default())))
     });
+    // What a registration costs: one service's list is new.
+    let mut changed = big.clone();
+    let mut list = changed.services["svc7"].to_vec();
+    list.push(instance(7, 100));
+    changed.services.insert("svc7".into(), list.into());
+    c.bench_function(
+        "endpoints_build: 10,000 instances, 1 service changed",
+        |b| b.iter(|| black_box(Endpoints::build(&changed, &previous))),
+    );
 }
 
 fn request_head() -> RequestHead {

@@ -3,17 +3,16 @@
 //! Readers (API handlers, and the data plane later) call [`RouterHandle::load`]
 //! and get an `Arc` of the latest snapshot: no lock, no actor round trip.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::dataplane::endpoints::Endpoints;
-use crate::dataplane::DataPlane;
+use crate::dataplane::{DataPlane, Upkeep};
 use crate::supervision::{guard, Named};
 use actix::prelude::*;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
-use weft_gossip::view::CatalogDiff;
+use weft_gossip::view::{CatalogDeriver, CatalogDiff};
 use weft_gossip::{Catalog, ClusterView, Member, MemberState};
 
 /// One immutable routing table.
@@ -66,10 +65,11 @@ pub struct Router {
     forwarding: bool,
     /// The data plane routing from this table, kept up by the router.
     dataplane: Option<Arc<DataPlane>>,
-    /// Each member's incarnation, as of the last upkeep.
-    generations: HashMap<String, u64>,
-    /// The view the published catalog was derived from.
-    catalog_view: Option<Arc<ClusterView>>,
+    /// The data plane's upkeep memory.
+    upkeep: Upkeep,
+    /// Derives each view's catalog from the last one's, redoing only the
+    /// nodes whose keys or state moved.
+    catalog: CatalogDeriver,
 }
 
 impl Router {
@@ -87,8 +87,8 @@ impl Router {
             views,
             forwarding: false,
             dataplane: None,
-            generations: HashMap::new(),
-            catalog_view: None,
+            upkeep: Upkeep::default(),
+            catalog: CatalogDeriver::default(),
         }
     }
 
@@ -100,20 +100,20 @@ impl Router {
 
     /// Publishes the routing table of `view`. Only the members (whose
     /// last-heard ages move) are always new; the catalog and endpoints of
-    /// the previous snapshot are kept unless [`Router::changed_catalog`]
-    /// says the catalog moved.
+    /// the previous snapshot are kept while the catalog does not move, and
+    /// only the services that moved are rebuilt when it does.
     fn apply(&mut self, view: &Arc<ClusterView>) {
         let members = view.members();
         let previous = self.handle.load();
         export_member_gauges(&members);
-        let (catalog, endpoints) = match self.changed_catalog(view, &previous.catalog) {
-            None => (previous.catalog.clone(), previous.endpoints.clone()),
-            Some(catalog) => {
-                log_diff(&catalog.diff(&previous.catalog));
-                export_instance_gauges(&catalog, &previous.catalog);
-                let endpoints = Endpoints::build(&catalog, &previous.endpoints);
-                (Arc::new(catalog), Arc::new(endpoints))
-            }
+        let (catalog, diff) = self.catalog.update(view);
+        let (catalog, endpoints) = if Arc::ptr_eq(&catalog, &previous.catalog) {
+            (catalog, previous.endpoints.clone())
+        } else {
+            log_diff(&diff);
+            export_instance_gauges(&catalog, &previous.catalog);
+            let endpoints = Endpoints::build(&catalog, &previous.endpoints);
+            (catalog, Arc::new(endpoints))
         };
         self.handle.current.store(Arc::new(RouterSnapshot {
             members,
@@ -121,19 +121,6 @@ impl Router {
             endpoints,
             taken_at: Instant::now(),
         }));
-    }
-
-    /// `view`'s catalog when it differs from `published`. It is not derived
-    /// at all when no node's incarnation, liveness or keys moved since the
-    /// view the published catalog came from.
-    fn changed_catalog(&mut self, view: &Arc<ClusterView>, published: &Catalog) -> Option<Catalog> {
-        if let Some(earlier) = &self.catalog_view {
-            if view.same_catalog_inputs(earlier) {
-                return None;
-            }
-        }
-        self.catalog_view = Some(Arc::clone(view));
-        Some(view.catalog()).filter(|catalog| catalog != published)
     }
 }
 
@@ -163,11 +150,18 @@ fn export_member_gauges(members: &[Member]) {
     }
 }
 
-/// `weft_instances{service,health}`; series of services that disappeared
-/// drop to zero rather than keep a stale value.
+/// `weft_instances{service,health}` of the services whose instances moved;
+/// series of services that disappeared drop to zero rather than keep a
+/// stale value.
 fn export_instance_gauges(catalog: &Catalog, previous: &Catalog) {
     const HEALTH: [&str; 4] = ["passing", "failing", "unknown", "ejected"];
-    for (service, instances) in &catalog.services {
+    let moved = |(service, instances): &(&String, &Arc<[weft_gossip::Instance]>)| {
+        !previous
+            .services
+            .get(*service)
+            .is_some_and(|before| Arc::ptr_eq(before, instances))
+    };
+    for (service, instances) in catalog.services.iter().filter(moved) {
         for health in HEALTH {
             let n = instances.iter().filter(|i| i.health == health).count();
             metrics::gauge!("weft_instances", "service" => service.clone(), "health" => health)
@@ -194,7 +188,7 @@ impl Actor for Router {
         ctx.run_interval(MAINTENANCE, |this, ctx| {
             guard(this, ctx, |this, _| {
                 if let Some(dp) = &this.dataplane {
-                    dp.maintain(&mut this.generations);
+                    dp.maintain(&mut this.upkeep);
                 }
             });
         });

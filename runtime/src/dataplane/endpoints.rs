@@ -186,37 +186,39 @@ impl Endpoint {
 /// Every service's endpoints, built from a catalog.
 #[derive(Debug, Clone, Default)]
 pub struct Endpoints {
-    services: HashMap<String, Arc<[Endpoint]>>,
+    services: HashMap<String, ServiceEndpoints>,
+}
+
+/// One service's endpoints and the catalog list they were built from.
+#[derive(Debug, Clone)]
+struct ServiceEndpoints {
+    /// Compared by identity: the catalog shares a service's list until one
+    /// of its instances changes.
+    instances: Arc<[Instance]>,
+    endpoints: Arc<[Endpoint]>,
 }
 
 impl Endpoints {
-    /// The endpoints of `catalog`; instances already in `previous` keep
-    /// their state (load, latency, ejection), new ones start fresh.
+    /// The endpoints of `catalog`. A service whose catalog list is the one
+    /// `previous` was built from keeps its endpoints as they are; in the
+    /// others, instances already in `previous` keep their state (load,
+    /// latency, ejection) and new ones start fresh. The cost is the size of
+    /// the services that changed.
     pub fn build(catalog: &Catalog, previous: &Endpoints) -> Endpoints {
-        let known: HashMap<(&str, &str), &Arc<EndpointState>> = previous
-            .services
-            .values()
-            .flat_map(|eps| eps.iter())
-            .map(|e| ((e.instance.node.as_str(), e.instance.id.as_str()), &e.state))
-            .collect();
         let now = Instant::now();
         let services = catalog
             .services
             .iter()
             .map(|(name, instances)| {
-                let endpoints: Arc<[Endpoint]> = instances
-                    .iter()
-                    .map(|i| Endpoint {
-                        instance: Arc::new(i.clone()),
-                        health: Health::parse(&i.health),
-                        protocol: Protocol::parse(&i.protocol),
-                        retry: i.retry.as_deref().and_then(RetryPolicy::parse),
-                        state: known
-                            .get(&(i.node.as_str(), i.id.as_str()))
-                            .map_or_else(|| Arc::new(EndpointState::new(now)), |s| Arc::clone(s)),
-                    })
-                    .collect();
-                (name.clone(), endpoints)
+                let before = previous.services.get(name);
+                let service = match before {
+                    Some(b) if Arc::ptr_eq(&b.instances, instances) => b.clone(),
+                    _ => ServiceEndpoints {
+                        instances: Arc::clone(instances),
+                        endpoints: endpoints_of(instances, before, now),
+                    },
+                };
+                (name.clone(), service)
             })
             .collect();
         Endpoints { services }
@@ -224,7 +226,7 @@ impl Endpoints {
 
     /// The endpoints of `service` (empty when unknown).
     pub fn service(&self, service: &str) -> &[Endpoint] {
-        self.services.get(service).map_or(&[], |e| e)
+        self.services.get(service).map_or(&[], |s| &s.endpoints)
     }
 
     /// Chooses an instance of `service` speaking `protocol`, or says why
@@ -254,6 +256,32 @@ impl Endpoints {
     }
 }
 
+/// Typed endpoints of one service's `instances`, sharing the state of the
+/// ones `before` already had.
+fn endpoints_of(
+    instances: &[Instance],
+    before: Option<&ServiceEndpoints>,
+    now: Instant,
+) -> Arc<[Endpoint]> {
+    let known: HashMap<(&str, &str), &Arc<EndpointState>> = before
+        .map_or(&[][..], |b| &b.endpoints)
+        .iter()
+        .map(|e| ((e.instance.node.as_str(), e.instance.id.as_str()), &e.state))
+        .collect();
+    instances
+        .iter()
+        .map(|i| Endpoint {
+            instance: Arc::new(i.clone()),
+            health: Health::parse(&i.health),
+            protocol: Protocol::parse(&i.protocol),
+            retry: i.retry.as_deref().and_then(RetryPolicy::parse),
+            state: known
+                .get(&(i.node.as_str(), i.id.as_str()))
+                .map_or_else(|| Arc::new(EndpointState::new(now)), |s| Arc::clone(s)),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,7 +304,7 @@ mod tests {
 
     fn catalog(instances: Vec<Instance>) -> Catalog {
         let mut c = Catalog::default();
-        c.services.insert("api".into(), instances);
+        c.services.insert("api".into(), instances.into());
         c
     }
 

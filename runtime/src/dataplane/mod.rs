@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use weft_gossip::{Key, MemberState};
+use weft_gossip::{Catalog, Key, MemberState};
 
 use self::endpoints::{Endpoint, Protocol};
 use crate::access_log::AccessLog;
@@ -249,6 +249,15 @@ pub struct DataPlaneParts {
     pub policy: RetryPolicy,
 }
 
+/// What [`DataPlane::maintain`] remembers between runs.
+#[derive(Debug, Default)]
+pub struct Upkeep {
+    /// Each member's incarnation, as of the last run.
+    generations: HashMap<String, u64>,
+    /// The catalog departed instances were last forgotten against.
+    catalog: Option<Arc<Catalog>>,
+}
+
 impl DataPlane {
     /// A data plane from its parts.
     pub fn new(parts: DataPlaneParts) -> Arc<Self> {
@@ -285,18 +294,33 @@ impl DataPlane {
 
     /// The data plane's upkeep, run by the router every
     /// [`crate::router::MAINTENANCE`]: pooled tunnels to nodes that died,
-    /// left or restarted are closed (`generations` is the router's memory of
-    /// each member's incarnation), state of departed instances is forgotten,
-    /// and when an ejection ends this node's gossip vote is withdrawn.
-    pub fn maintain(&self, generations: &mut HashMap<String, u64>) {
-        for m in &self.router.load().members {
+    /// left or restarted are closed, state of departed instances is
+    /// forgotten when the catalog moved, and when an ejection ends this
+    /// node's gossip vote is withdrawn. `upkeep` is the router's memory
+    /// between runs.
+    pub fn maintain(&self, upkeep: &mut Upkeep) {
+        let snap = self.router.load();
+        for m in &snap.members {
             let gone = matches!(m.state, MemberState::Dead | MemberState::Left);
-            let previous = generations.insert(m.name.clone(), m.generation);
-            if gone || previous.is_some_and(|g| g != m.generation) {
+            let restarted = match upkeep.generations.get_mut(&m.name) {
+                Some(g) => std::mem::replace(g, m.generation) != m.generation,
+                None => {
+                    upkeep.generations.insert(m.name.clone(), m.generation);
+                    false
+                }
+            };
+            if gone || restarted {
                 self.tunnels.evict(&m.name);
             }
         }
-        self.forget_departed();
+        let catalog_moved = !upkeep
+            .catalog
+            .as_ref()
+            .is_some_and(|seen| Arc::ptr_eq(seen, &snap.catalog));
+        if catalog_moved {
+            self.forget_departed(&snap.catalog);
+            upkeep.catalog = Some(Arc::clone(&snap.catalog));
+        }
         let expired = self.outliers().expired(Instant::now());
         for (node, id) in expired {
             tracing::info!(node, id, "outlier ejection ended");
@@ -306,22 +330,20 @@ impl DataPlane {
         }
     }
 
-    /// Forgets the outlier state of instances that left the catalog, so the
+    /// Forgets the outlier state of instances that left `catalog`, so the
     /// map does not grow with instance churn (their load and latency go
     /// with the last snapshot that lists them).
-    fn forget_departed(&self) {
-        let snap = self.router.load();
-        let live: std::collections::HashSet<(&str, &str)> = snap
-            .catalog
+    fn forget_departed(&self, catalog: &Catalog) {
+        let live: std::collections::HashSet<(&str, &str)> = catalog
             .services
             .values()
-            .flatten()
+            .flat_map(|list| list.iter())
             .map(|i| (i.node.as_str(), i.id.as_str()))
             .collect();
         let known = |k: &(String, String)| live.contains(&(k.0.as_str(), k.1.as_str()));
         self.outliers().retain(known);
         self.budgets()
-            .retain(|service| snap.catalog.services.contains_key(service));
+            .retain(|service| catalog.services.contains_key(service));
     }
 
     fn budgets(&self) -> std::sync::MutexGuard<'_, ServiceBudgets> {
