@@ -58,14 +58,25 @@ pub struct Catalog {
     /// Instances per service, sorted; a service's list is shared with the
     /// catalogs before it until one of its instances changes.
     #[serde(serialize_with = "shared_lists")]
-    pub services: BTreeMap<String, Arc<[Instance]>>,
+    pub services: BTreeMap<String, Instances>,
 }
 
+/// One service's instances, sorted. The list and each instance in it are
+/// shared: with earlier catalogs while they do not change, and with the
+/// data plane's endpoints.
+pub type Instances = Arc<[Arc<Instance>]>;
+
 fn shared_lists<S: serde::Serializer>(
-    services: &BTreeMap<String, Arc<[Instance]>>,
+    services: &BTreeMap<String, Instances>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
-    serializer.collect_map(services.iter().map(|(name, list)| (name, &**list)))
+    struct List<'a>(&'a [Arc<Instance>]);
+    impl Serialize for List<'_> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(self.0.iter().map(|i| &**i))
+        }
+    }
+    serializer.collect_map(services.iter().map(|(name, list)| (name, List(list))))
 }
 
 /// What changed between two catalogs, for logs and events.
@@ -88,13 +99,13 @@ impl CatalogDiff {
 
 impl Catalog {
     /// Instances of one service.
-    pub fn instances(&self, service: &str) -> &[Instance] {
+    pub fn instances(&self, service: &str) -> &[Arc<Instance>] {
         self.services.get(service).map_or(&[], |list| list)
     }
 
     /// What moved from `old` to `self`.
     pub fn diff(&self, old: &Catalog) -> CatalogDiff {
-        let index = |c: &Catalog| -> BTreeMap<(String, String, String), Instance> {
+        let index = |c: &Catalog| -> BTreeMap<(String, String, String), Arc<Instance>> {
             c.services
                 .iter()
                 .flat_map(|(svc, list)| {
@@ -121,17 +132,22 @@ impl Catalog {
 /// Derives catalogs from successive views, redoing only what changed.
 #[derive(Debug, Default)]
 pub struct CatalogDeriver {
-    nodes: BTreeMap<String, Contribution>,
+    /// Each node's inputs, and the services it has instances of.
+    nodes: BTreeMap<String, Known>,
+    /// Service -> node -> that node's instances of it, sorted.
+    parts: BTreeMap<String, BTreeMap<String, Vec<Arc<Instance>>>>,
     catalog: Arc<Catalog>,
 }
 
-/// One node's part of the catalog and what it was derived from.
+/// What the deriver knows of one node.
 #[derive(Debug)]
-struct Contribution {
+struct Known {
     inputs: Inputs,
-    /// Its instances per service, in catalog order.
-    services: BTreeMap<String, Vec<Instance>>,
+    services: Vec<String>,
 }
+
+/// One node's instances per service.
+type Part = BTreeMap<String, Vec<Arc<Instance>>>;
 
 /// Everything a node's part of the catalog depends on.
 #[derive(Debug)]
@@ -198,8 +214,8 @@ impl Inputs {
     /// An instance is `ejected` cluster-wide only when two or more other
     /// live nodes' outlier detectors say so, so one sick or partitioned
     /// caller cannot take it out of the whole mesh.
-    fn instances(&self, node: &str) -> BTreeMap<String, Vec<Instance>> {
-        let mut services: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+    fn instances(&self, node: &str) -> Part {
+        let mut services = Part::new();
         if !self.serving {
             return services;
         }
@@ -219,7 +235,7 @@ impl Inputs {
             services
                 .entry(record.name.clone())
                 .or_default()
-                .push(Instance {
+                .push(Arc::new(Instance {
                     id: record.id.clone(),
                     node: node.to_string(),
                     port: record.port,
@@ -231,7 +247,7 @@ impl Inputs {
                     retry: record.retry.clone(),
                     retry_non_idempotent: record.retry_non_idempotent,
                     hedge: record.hedge,
-                });
+                }));
         }
         for list in services.values_mut() {
             list.sort();
@@ -244,8 +260,18 @@ impl CatalogDeriver {
     /// The catalog of `view` and what moved since the previous call (the
     /// same `Arc` when nothing did).
     pub fn update(&mut self, view: &ClusterView) -> (Arc<Catalog>, CatalogDiff) {
-        let votes = votes(view);
         let mut diff = CatalogDiff::default();
+        let catalog = self.derive(view, Some(&mut diff));
+        (catalog, diff)
+    }
+
+    /// [`CatalogDeriver::update`], saying what moved only into `diff`.
+    pub(crate) fn derive(
+        &mut self,
+        view: &ClusterView,
+        mut diff: Option<&mut CatalogDiff>,
+    ) -> Arc<Catalog> {
+        let votes = votes(view);
         let mut dirty = BTreeSet::new();
         let mut present = BTreeSet::new();
         for node in view.current_incarnations() {
@@ -258,12 +284,10 @@ impl CatalogDeriver {
             {
                 continue;
             }
-            let services = inputs.instances(&node.name);
-            let before = self.nodes.remove(&node.name).map(|c| c.services);
-            let before = before.unwrap_or_default();
-            compare(&before, &services, &mut diff, &mut dirty);
+            let part = inputs.instances(&node.name);
+            let services = self.replace(&node.name, part, diff.as_deref_mut(), &mut dirty);
             self.nodes
-                .insert(node.name.clone(), Contribution { inputs, services });
+                .insert(node.name.clone(), Known { inputs, services });
         }
         let gone: Vec<String> = self
             .nodes
@@ -272,14 +296,70 @@ impl CatalogDeriver {
             .cloned()
             .collect();
         for name in gone {
-            if let Some(c) = self.nodes.remove(&name) {
-                compare(&c.services, &BTreeMap::new(), &mut diff, &mut dirty);
-            }
+            self.replace(&name, Part::new(), diff.as_deref_mut(), &mut dirty);
+            self.nodes.remove(&name);
         }
         if !dirty.is_empty() {
             self.catalog = Arc::new(self.rebuilt(dirty));
         }
-        (Arc::clone(&self.catalog), diff)
+        Arc::clone(&self.catalog)
+    }
+
+    /// Makes `part` `node`'s part of the catalog, adding what moved to
+    /// `diff` and the services whose instances moved to `dirty`; returns
+    /// the services it has instances of.
+    fn replace(
+        &mut self,
+        node: &str,
+        part: Part,
+        mut diff: Option<&mut CatalogDiff>,
+        dirty: &mut BTreeSet<String>,
+    ) -> Vec<String> {
+        let before = self
+            .nodes
+            .get(node)
+            .map_or(&[][..], |known| known.services.as_slice());
+        for service in before.iter().filter(|s| !part.contains_key(*s)) {
+            let Some(nodes) = self.parts.get_mut(service) else {
+                continue;
+            };
+            if let Some(old) = nodes.remove(node) {
+                if let Some(diff) = diff.as_deref_mut() {
+                    compare(service, &old, &[], diff);
+                }
+                mark(dirty, service);
+            }
+            if nodes.is_empty() {
+                self.parts.remove(service);
+            }
+        }
+        let mut has = Vec::with_capacity(part.len());
+        for (service, new) in part {
+            if !self.parts.contains_key(&service) {
+                self.parts.insert(service.clone(), BTreeMap::new());
+            }
+            let nodes = self.parts.get_mut(&service).expect("inserted above");
+            let old = nodes.get_mut(node);
+            if old.as_deref() != Some(&new) {
+                if let Some(diff) = diff.as_deref_mut() {
+                    compare(
+                        &service,
+                        old.as_deref().map_or(&[][..], Vec::as_slice),
+                        &new,
+                        diff,
+                    );
+                }
+                mark(dirty, &service);
+                match old {
+                    Some(slot) => *slot = new,
+                    None => {
+                        nodes.insert(node.to_string(), new);
+                    }
+                }
+            }
+            has.push(service);
+        }
+        has
     }
 
     /// The current catalog with the `dirty` services' lists made again
@@ -287,54 +367,42 @@ impl CatalogDeriver {
     fn rebuilt(&self, dirty: BTreeSet<String>) -> Catalog {
         let mut services = self.catalog.services.clone();
         for service in dirty {
-            let mut list: Vec<Instance> = self
-                .nodes
-                .values()
-                .filter_map(|c| c.services.get(&service))
-                .flatten()
-                .cloned()
-                .collect();
-            if list.is_empty() {
-                services.remove(&service);
-            } else {
-                list.sort();
-                services.insert(service, list.into());
+            match self.parts.get(&service) {
+                None => {
+                    services.remove(&service);
+                }
+                Some(nodes) => {
+                    let mut list: Vec<Arc<Instance>> = nodes.values().flatten().cloned().collect();
+                    list.sort();
+                    services.insert(service, list.into());
+                }
             }
         }
         Catalog { services }
     }
 }
 
-/// Adds what moved between one node's parts `before` and `after` to
-/// `diff`, and the services whose instances moved to `dirty`.
-fn compare(
-    before: &BTreeMap<String, Vec<Instance>>,
-    after: &BTreeMap<String, Vec<Instance>>,
-    diff: &mut CatalogDiff,
-    dirty: &mut BTreeSet<String>,
-) {
-    let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
-    for service in names {
-        let (old, new) = (
-            before.get(service).map_or(&[][..], Vec::as_slice),
-            after.get(service).map_or(&[][..], Vec::as_slice),
-        );
-        if old == new {
-            continue;
+/// Notes that `service`'s list must be made again.
+fn mark(dirty: &mut BTreeSet<String>, service: &str) {
+    if !dirty.contains(service) {
+        dirty.insert(service.to_string());
+    }
+}
+
+/// Adds what moved in `service` between one node's instances `old` and
+/// `new` to `diff`.
+fn compare(service: &str, old: &[Arc<Instance>], new: &[Arc<Instance>], diff: &mut CatalogDiff) {
+    let key = |i: &Instance| (service.to_string(), i.node.clone(), i.id.clone());
+    for i in new {
+        match old.iter().find(|o| o.id == i.id) {
+            None => diff.added.push(key(i)),
+            Some(o) if o != i => diff.changed.push(key(i)),
+            Some(_) => {}
         }
-        dirty.insert(service.clone());
-        let key = |i: &Instance| (service.clone(), i.node.clone(), i.id.clone());
-        for i in new {
-            match old.iter().find(|o| o.id == i.id) {
-                None => diff.added.push(key(i)),
-                Some(o) if o != i => diff.changed.push(key(i)),
-                Some(_) => {}
-            }
-        }
-        for o in old {
-            if !new.iter().any(|i| i.id == o.id) {
-                diff.removed.push(key(o));
-            }
+    }
+    for o in old {
+        if !new.iter().any(|i| i.id == o.id) {
+            diff.removed.push(key(o));
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use crate::catalog::{Catalog, CatalogDeriver, CatalogDiff, Instance};
+pub use crate::catalog::{Catalog, CatalogDeriver, CatalogDiff, Instance, Instances};
 use crate::keys::Key;
 use crate::records::{NodeInfo, NodeStatus, ServiceRecord};
 
@@ -236,7 +236,10 @@ impl ClusterView {
     /// (derived whole; a [`CatalogDeriver`] kept across views derives only
     /// what changed).
     pub fn catalog(&self) -> Catalog {
-        CatalogDeriver::default().update(self).0.as_ref().clone()
+        CatalogDeriver::default()
+            .derive(self, None)
+            .as_ref()
+            .clone()
     }
 }
 

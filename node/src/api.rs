@@ -441,7 +441,7 @@ fn services_json(state: &ApiState) -> serde_json::Map<String, Value> {
         .map(|(name, list)| {
             (
                 name.clone(),
-                Value::Array(list.iter().map(instance_json).collect()),
+                Value::Array(list.iter().map(|i| instance_json(i)).collect()),
             )
         })
         .collect()
@@ -486,7 +486,7 @@ fn get_health(state: &ApiState) -> Reply {
             (
                 name.clone(),
                 json!({
-                    "instances": list.iter().map(instance_json).collect::<Vec<_>>(),
+                    "instances": list.iter().map(|i| instance_json(i)).collect::<Vec<_>>(),
                     "healthy": passing,
                     "ejected": ejected,
                     "total": list.len(),

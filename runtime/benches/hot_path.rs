@@ -11,6 +11,7 @@
 //!   them merged, as the stats aggregator does every second.
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -40,8 +41,8 @@ fn instance(service: usize, node: usize) -> Instance {
 fn catalog(services: usize, per_service: usize) -> Catalog {
     let mut c = Catalog::default();
     for s in 0..services {
-        let list: Vec<Instance> = (0..per_service).map(|n| instance(s, n)).collect();
-        c.services.insert(format!("svc{s}"), list.into());
+        let list = (0..per_service).map(|n| Arc::new(instance(s, n))).collect();
+        c.services.insert(format!("svc{s}"), list);
     }
     c
 }
@@ -92,7 +93,7 @@ fn endpoints_build(c: &mut Criterion) {
     // What a registration costs: one service's list is new.
     let mut changed = big.clone();
     let mut list = changed.services["svc7"].to_vec();
-    list.push(instance(7, 100));
+    list.push(Arc::new(instance(7, 100)));
     changed.services.insert("svc7".into(), list.into());
     c.bench_function(
         "endpoints_build: 10,000 instances, 1 service changed",

@@ -155,7 +155,7 @@ fn export_member_gauges(members: &[Member]) {
 /// stale value.
 fn export_instance_gauges(catalog: &Catalog, previous: &Catalog) {
     const HEALTH: [&str; 4] = ["passing", "failing", "unknown", "ejected"];
-    let moved = |(service, instances): &(&String, &Arc<[weft_gossip::Instance]>)| {
+    let moved = |(service, instances): &(&String, &weft_gossip::view::Instances)| {
         !previous
             .services
             .get(*service)

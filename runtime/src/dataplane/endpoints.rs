@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use weft_gossip::view::Instances;
 use weft_gossip::{Catalog, Instance};
 
 use super::{MeshError, RetryPolicy};
@@ -194,7 +195,7 @@ pub struct Endpoints {
 struct ServiceEndpoints {
     /// Compared by identity: the catalog shares a service's list until one
     /// of its instances changes.
-    instances: Arc<[Instance]>,
+    instances: Instances,
     endpoints: Arc<[Endpoint]>,
 }
 
@@ -259,7 +260,7 @@ impl Endpoints {
 /// Typed endpoints of one service's `instances`, sharing the state of the
 /// ones `before` already had.
 fn endpoints_of(
-    instances: &[Instance],
+    instances: &[Arc<Instance>],
     before: Option<&ServiceEndpoints>,
     now: Instant,
 ) -> Arc<[Endpoint]> {
@@ -271,7 +272,7 @@ fn endpoints_of(
     instances
         .iter()
         .map(|i| Endpoint {
-            instance: Arc::new(i.clone()),
+            instance: Arc::clone(i),
             health: Health::parse(&i.health),
             protocol: Protocol::parse(&i.protocol),
             retry: i.retry.as_deref().and_then(RetryPolicy::parse),
@@ -304,7 +305,8 @@ mod tests {
 
     fn catalog(instances: Vec<Instance>) -> Catalog {
         let mut c = Catalog::default();
-        c.services.insert("api".into(), instances.into());
+        let list: Instances = instances.into_iter().map(Arc::new).collect();
+        c.services.insert("api".into(), list);
         c
     }
 
