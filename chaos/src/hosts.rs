@@ -22,7 +22,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -30,10 +30,10 @@ use rand::SeedableRng;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 use crate::fault::Channel;
 use crate::links::Links;
+use crate::tasks::Tasks;
 use crate::ChaosError;
 
 /// The node's default gossip port.
@@ -59,7 +59,7 @@ pub struct Hosts {
     subnet: [u8; 3],
     names: Vec<String>,
     links: Arc<Links>,
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    tasks: Tasks,
 }
 
 /// One host's end of the wire.
@@ -92,7 +92,7 @@ impl Hosts {
             subnet: [10, 150 + (pid % 50) as u8, (pid % 250) as u8],
             names: names.to_vec(),
             links: Arc::new(Links::default()),
-            tasks: Arc::new(Mutex::new(Vec::new())),
+            tasks: Tasks::default(),
         };
         let mut ports = Vec::new();
         for (i, name) in names.iter().enumerate() {
@@ -100,14 +100,13 @@ impl Hosts {
         }
         let ports = Arc::new(ports);
         for from in 0..ports.len() {
-            let task = tokio::spawn(carry(
+            hosts.tasks.spawn(carry(
                 from,
                 ports.clone(),
                 hosts.links.clone(),
                 hosts.subnet,
                 hosts.tasks.clone(),
             ));
-            spawned(&hosts.tasks, task);
         }
         Ok(hosts)
     }
@@ -186,7 +185,7 @@ impl Hosts {
         let addr = listener
             .local_addr()
             .map_err(|e| ChaosError::Io(e.to_string()))?;
-        let task = tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((client, _)) => {
@@ -197,7 +196,6 @@ impl Hosts {
                 }
             }
         });
-        spawned(&self.tasks, task);
         Ok(addr)
     }
 
@@ -209,24 +207,11 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
-        for task in lock(&self.tasks).drain(..) {
-            task.abort();
-        }
+        self.tasks.abort_all();
         for i in 0..self.names.len() {
             let _ = ip(&["netns", "del", &self.ns(i)]);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Keeps `task` to abort on drop, forgetting the ones that ended.
-fn spawned(tasks: &Mutex<Vec<JoinHandle<()>>>, task: JoinHandle<()>) {
-    let mut tasks = lock(tasks);
-    tasks.retain(|t| !t.is_finished());
-    tasks.push(task);
 }
 
 fn ip(args: &[&str]) -> Result<(), ChaosError> {
@@ -366,7 +351,7 @@ async fn carry(
     ports: Arc<Vec<Port>>,
     links: Arc<Links>,
     subnet: [u8; 3],
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    tasks: Tasks,
 ) {
     let mut rng = StdRng::from_entropy();
     let mut buf = vec![0u8; 65_536];
@@ -395,11 +380,10 @@ async fn carry(
                 write(&ports[route.to], &buf[..n]).await;
             } else {
                 let (ports, packet, to) = (ports.clone(), buf[..n].to_vec(), route.to);
-                let task = tokio::spawn(async move {
+                tasks.spawn(async move {
                     tokio::time::sleep(delay).await;
                     write(&ports[to], &packet).await;
                 });
-                spawned(&tasks, task);
             }
         }
     }

@@ -15,6 +15,7 @@
 //!   loopback nodes.
 //! - [`hosts`]: separate hosts (network namespaces, default ports) and the
 //!   packet switch between them that applies the same rules.
+//! - [`tasks`]: background tasks that end with their owner.
 //! - [`process`]: spawning, `kill -9`, SIGSTOP/SIGCONT, restart; children die
 //!   with their handles.
 //! - [`api`]: a deadline-bound client for a node's local socket.
@@ -34,6 +35,7 @@ pub mod relay;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod tasks;
 
 pub use report::Report;
 pub use runner::{run, Options};

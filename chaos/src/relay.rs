@@ -15,16 +15,16 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::net::UdpSocket;
-use tokio::task::JoinHandle;
 
 use crate::fault::Channel;
 use crate::links::Links;
+use crate::tasks::Tasks;
 
 /// Largest datagram relayed (gossip fills up to the UDP maximum).
 const MAX_DATAGRAM: usize = 65_536;
@@ -48,17 +48,13 @@ pub struct Front {
 #[derive(Debug)]
 pub struct Relay {
     links: Arc<Links>,
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    tasks: Tasks,
 }
 
 struct Shared {
     links: Arc<Links>,
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    tasks: Tasks,
     sources: HashMap<SocketAddr, String>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Relay {
@@ -69,7 +65,7 @@ impl Relay {
         sources: HashMap<SocketAddr, String>,
     ) -> std::io::Result<Relay> {
         let links = Arc::new(Links::default());
-        let tasks = Arc::new(Mutex::new(Vec::new()));
+        let tasks = Tasks::default();
         let shared = Arc::new(Shared {
             links: links.clone(),
             tasks: tasks.clone(),
@@ -78,14 +74,13 @@ impl Relay {
         for front in fronts {
             front.socket.set_nonblocking(true)?;
             let socket = Arc::new(UdpSocket::from_std(front.socket)?);
-            let task = tokio::spawn(run_front(
+            tasks.spawn(run_front(
                 shared.clone(),
                 socket,
                 front.node,
                 front.channel,
                 front.target,
             ));
-            lock(&tasks).push(task);
         }
         Ok(Relay { links, tasks })
     }
@@ -98,17 +93,7 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        for task in lock(&self.tasks).drain(..) {
-            task.abort();
-        }
-    }
-}
-
-impl Shared {
-    fn spawn(&self, task: JoinHandle<()>) {
-        let mut tasks = lock(&self.tasks);
-        tasks.retain(|t| !t.is_finished());
-        tasks.push(task);
+        self.tasks.abort_all();
     }
 }
 
@@ -126,10 +111,10 @@ async fn deliver(
     }
     let socket = socket.clone();
     let data = data.to_vec();
-    shared.spawn(tokio::spawn(async move {
+    shared.tasks.spawn(async move {
         tokio::time::sleep(delay).await;
         let _ = socket.send_to(&data, to).await;
-    }));
+    });
 }
 
 async fn run_front(
@@ -170,7 +155,7 @@ async fn run_front(
                     continue;
                 };
                 let sock = Arc::new(sock);
-                shared.spawn(tokio::spawn(run_back(
+                shared.tasks.spawn(run_back(
                     shared.clone(),
                     sock.clone(),
                     front.clone(),
@@ -179,7 +164,7 @@ async fn run_front(
                     channel,
                     target,
                     src,
-                )));
+                ));
                 peers.insert(src, sock.clone());
                 sock
             }

@@ -215,9 +215,9 @@ impl Network {
 }
 
 /// Aborts tasks when dropped (the monitor must not outlive the run).
-struct Tasks(Vec<JoinHandle<()>>);
+struct AbortOnDrop(Vec<JoinHandle<()>>);
 
-impl Drop for Tasks {
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         for t in &self.0 {
             t.abort();
@@ -381,7 +381,7 @@ async fn drive(
     let start = Instant::now() + Duration::from_millis(500);
     let duration = Duration::from_secs_f64(profile.duration_s);
     let timeline = Arc::new(Mutex::new(Vec::<Obs>::new()));
-    let monitor = Tasks(
+    let monitor = AbortOnDrop(
         nodes
             .iter()
             .map(|n| {
