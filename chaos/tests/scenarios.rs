@@ -70,16 +70,35 @@ enum Network {
 }
 
 /// Why this machine cannot run separate hosts (network namespaces need root
-/// and `ip`), if it cannot.
+/// and `ip`), if it cannot; probed once per test run.
 fn hosts_unavailable() -> Option<String> {
+    static PROBED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    PROBED.get_or_init(probe_hosts).clone()
+}
+
+fn probe_hosts() -> Option<String> {
     let uid = std::process::Command::new("id").arg("-u").output();
     if !uid.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0") {
         return Some("not root".into());
     }
-    let ip = std::process::Command::new("ip").arg("-V").output();
-    if !ip.is_ok_and(|o| o.status.success()) {
+    let ip = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !ip(&["-V"]) {
         return Some("no `ip` (iproute2)".into());
     }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("no /dev/net/tun".into());
+    }
+    // Root in a container may still be denied namespaces.
+    let probe = format!("wcprobe{}", std::process::id());
+    if !ip(&["netns", "add", &probe]) {
+        return Some("`ip netns add` is not permitted here".into());
+    }
+    ip(&["netns", "del", &probe]);
     None
 }
 
