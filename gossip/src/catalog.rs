@@ -137,6 +137,11 @@ pub struct CatalogDeriver {
     /// Service -> node -> that node's instances of it, sorted.
     parts: BTreeMap<String, BTreeMap<String, Vec<Arc<Instance>>>>,
     catalog: Arc<Catalog>,
+    /// What the last view said of each node that the catalog reads
+    /// without parsing: keys (held, so compared by identity), incarnation
+    /// and liveness. A view that says the same (every view at rest) is
+    /// answered without looking further.
+    last: Vec<(Arc<NodeKeys>, u64, bool, bool)>,
 }
 
 /// What the deriver knows of one node.
@@ -271,6 +276,18 @@ impl CatalogDeriver {
         view: &ClusterView,
         mut diff: Option<&mut CatalogDiff>,
     ) -> Arc<Catalog> {
+        let same = |(last, node): (&(Arc<NodeKeys>, u64, bool, bool), &NodeSnapshot)| {
+            Arc::ptr_eq(&last.0, &node.kv)
+                && (last.1, last.2, last.3) == (node.generation, node.live, node.dead)
+        };
+        if self.last.len() == view.nodes.len() && self.last.iter().zip(&view.nodes).all(same) {
+            return Arc::clone(&self.catalog);
+        }
+        self.last = view
+            .nodes
+            .iter()
+            .map(|n| (Arc::clone(&n.kv), n.generation, n.live, n.dead))
+            .collect();
         let votes = votes(view);
         let mut dirty = BTreeSet::new();
         let mut present = BTreeSet::new();
