@@ -137,11 +137,35 @@ pub struct CatalogDeriver {
     /// Service -> node -> that node's instances of it, sorted.
     parts: BTreeMap<String, BTreeMap<String, Vec<Arc<Instance>>>>,
     catalog: Arc<Catalog>,
-    /// What the last view said of each node that the catalog reads
-    /// without parsing: keys (held, so compared by identity), incarnation
-    /// and liveness. A view that says the same (every view at rest) is
-    /// answered without looking further.
-    last: Vec<(Arc<NodeKeys>, u64, bool, bool)>,
+    /// What the last view said of each node. A view that says the same
+    /// (every view at rest) is answered without looking further.
+    last: Vec<Seen>,
+}
+
+/// What a view says of one node that the catalog reads without parsing.
+#[derive(Debug)]
+struct Seen {
+    /// Held, so compared by identity: no other keys can take its address.
+    keys: Arc<NodeKeys>,
+    generation: u64,
+    live: bool,
+    dead: bool,
+}
+
+impl Seen {
+    fn of(node: &NodeSnapshot) -> Seen {
+        Seen {
+            keys: Arc::clone(&node.kv),
+            generation: node.generation,
+            live: node.live,
+            dead: node.dead,
+        }
+    }
+
+    fn still(&self, node: &NodeSnapshot) -> bool {
+        Arc::ptr_eq(&self.keys, &node.kv)
+            && (self.generation, self.live, self.dead) == (node.generation, node.live, node.dead)
+    }
 }
 
 /// What the deriver knows of one node.
@@ -276,18 +300,16 @@ impl CatalogDeriver {
         view: &ClusterView,
         mut diff: Option<&mut CatalogDiff>,
     ) -> Arc<Catalog> {
-        let same = |(last, node): (&(Arc<NodeKeys>, u64, bool, bool), &NodeSnapshot)| {
-            Arc::ptr_eq(&last.0, &node.kv)
-                && (last.1, last.2, last.3) == (node.generation, node.live, node.dead)
-        };
-        if self.last.len() == view.nodes.len() && self.last.iter().zip(&view.nodes).all(same) {
+        let unmoved = self.last.len() == view.nodes.len()
+            && self
+                .last
+                .iter()
+                .zip(&view.nodes)
+                .all(|(seen, node)| seen.still(node));
+        if unmoved {
             return Arc::clone(&self.catalog);
         }
-        self.last = view
-            .nodes
-            .iter()
-            .map(|n| (Arc::clone(&n.kv), n.generation, n.live, n.dead))
-            .collect();
+        self.last = view.nodes.iter().map(Seen::of).collect();
         let votes = votes(view);
         let mut dirty = BTreeSet::new();
         let mut present = BTreeSet::new();
