@@ -23,6 +23,8 @@
 //! - [`scenario`]: scenario files (TOML) and their validation.
 //! - [`report`]: pure analysis of what was observed into invariants, the
 //!   table and the JSON report.
+//! - [`network`]: where the nodes run (loopback or separate hosts) and how
+//!   they reach each other.
 //! - [`runner`]: starts everything, applies the schedule, collects.
 
 pub mod api;
@@ -30,6 +32,7 @@ pub mod fault;
 pub mod hosts;
 pub mod links;
 pub mod load;
+pub mod network;
 pub mod process;
 pub mod relay;
 pub mod report;

@@ -17,12 +17,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::api;
-use crate::fault::{Channel, NodeSet};
-use crate::hosts::{self, Hosts};
+use crate::fault::NodeSet;
 use crate::links::Links;
 use crate::load::{self, Record};
-use crate::process::{free_port, spawn_demo, Proc};
-use crate::relay::{Front, Relay};
+use crate::network::Network;
+use crate::process::{spawn_demo, Proc};
 use crate::report::{self, Event, EventKind, Inputs, Obs, Registration, Report};
 use crate::scenario::{FaultSpec, LoadSpec, Scenario};
 use crate::ChaosError;
@@ -61,157 +60,6 @@ struct NodeRun {
     socket: PathBuf,
     proxy: SocketAddr,
     proc: Proc,
-}
-
-/// How the nodes reach each other, and where link faults act.
-enum Network {
-    /// Every node on 127.0.0.1 with ports of its own; with a relay in
-    /// front of each node's gossip and tunnel addresses when link faults
-    /// are wanted.
-    Loopback {
-        ports: HashMap<String, LoopbackPorts>,
-        relay: Option<Relay>,
-    },
-    /// Every node on a host of its own with the default ports.
-    Hosts(Hosts),
-}
-
-/// One loopback node's ports: where it binds, what it advertises (the
-/// relay's front, or the bind address without a relay).
-struct LoopbackPorts {
-    gossip: SocketAddr,
-    advertise_gossip: SocketAddr,
-    tunnel: SocketAddr,
-    advertise_tunnel: SocketAddr,
-    proxy: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Network {
-    /// Picks ports for every node and starts the relay if asked for.
-    fn loopback(names: &[String], with_relay: bool) -> Result<Network, ChaosError> {
-        let port =
-            || -> Result<SocketAddr, ChaosError> { Ok(([127, 0, 0, 1], free_port()?).into()) };
-        let mut fronts = Vec::new();
-        let mut sources = HashMap::new();
-        let mut ports = HashMap::new();
-        for name in names {
-            let (gossip, tunnel) = (port()?, port()?);
-            let mut advertised = [gossip, tunnel];
-            if with_relay {
-                for (slot, (channel, target)) in
-                    [(Channel::Gossip, gossip), (Channel::Tunnel, tunnel)]
-                        .into_iter()
-                        .enumerate()
-                {
-                    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
-                        .map_err(|e| ChaosError::Io(format!("relay front: {e}")))?;
-                    advertised[slot] = socket
-                        .local_addr()
-                        .map_err(|e| ChaosError::Io(e.to_string()))?;
-                    fronts.push(Front {
-                        node: name.clone(),
-                        channel,
-                        socket,
-                        target,
-                    });
-                }
-                sources.insert(gossip, name.clone());
-                sources.insert(tunnel, name.clone());
-            }
-            let [advertise_gossip, advertise_tunnel] = advertised;
-            ports.insert(
-                name.clone(),
-                LoopbackPorts {
-                    gossip,
-                    advertise_gossip,
-                    tunnel,
-                    advertise_tunnel,
-                    proxy: port()?,
-                    admin: port()?,
-                },
-            );
-        }
-        let relay = if with_relay {
-            Some(Relay::start(fronts, sources).map_err(|e| ChaosError::Io(format!("relay: {e}")))?)
-        } else {
-            None
-        };
-        Ok(Network::Loopback { ports, relay })
-    }
-
-    fn ports<'a>(
-        ports: &'a HashMap<String, LoopbackPorts>,
-        node: &str,
-    ) -> Result<&'a LoopbackPorts, ChaosError> {
-        ports
-            .get(node)
-            .ok_or_else(|| ChaosError::Scenario(format!("unknown node {node}")))
-    }
-
-    /// The addresses and seeds `node` is started with: explicit ports on
-    /// loopback; on hosts only the seeds (every port is the default and
-    /// the node finds the address it advertises).
-    fn node_args(&self, node: &str, names: &[String]) -> Result<Vec<String>, ChaosError> {
-        let others = names.iter().filter(|n| *n != node);
-        match self {
-            Network::Loopback { ports, .. } => {
-                let own = Self::ports(ports, node)?;
-                let mut seeds = Vec::new();
-                for other in others {
-                    seeds.push(Self::ports(ports, other)?.advertise_gossip.to_string());
-                }
-                Ok([
-                    ("--gossip", own.gossip),
-                    ("--advertise-gossip", own.advertise_gossip),
-                    ("--tunnel", own.tunnel),
-                    ("--advertise-tunnel", own.advertise_tunnel),
-                    ("--proxy", own.proxy),
-                    ("--admin", own.admin),
-                ]
-                .into_iter()
-                .flat_map(|(flag, addr)| [flag.to_string(), addr.to_string()])
-                .chain(["--seeds".to_string(), seeds.join(",")])
-                .collect())
-            }
-            Network::Hosts(h) => {
-                let mut seeds = Vec::new();
-                for other in others {
-                    seeds.push(format!("{}:{}", h.addr(other)?, hosts::GOSSIP_PORT));
-                }
-                Ok(vec!["--seeds".to_string(), seeds.join(",")])
-            }
-        }
-    }
-
-    /// The program and arguments that run `program args` where `node` lives.
-    fn command(
-        &self,
-        node: &str,
-        program: &Path,
-        args: Vec<String>,
-    ) -> Result<(PathBuf, Vec<String>), ChaosError> {
-        match self {
-            Network::Loopback { .. } => Ok((program.to_path_buf(), args)),
-            Network::Hosts(h) => h.command(node, program, args),
-        }
-    }
-
-    /// Where the load generator reaches `node`'s proxy.
-    async fn proxy(&self, node: &str) -> Result<SocketAddr, ChaosError> {
-        match self {
-            Network::Loopback { ports, .. } => Ok(Self::ports(ports, node)?.proxy),
-            Network::Hosts(h) => h.forward(node, hosts::PROXY_PORT).await,
-        }
-    }
-
-    /// The fault table and counters, when link faults can be applied.
-    fn links(&self) -> Option<&Arc<Links>> {
-        match self {
-            Network::Loopback { relay, .. } => relay.as_ref().map(Relay::links),
-            Network::Hosts(h) => Some(h.links()),
-        }
-    }
 }
 
 /// Aborts tasks when dropped (the monitor must not outlive the run).
@@ -297,7 +145,7 @@ async fn drive(
     init_cluster(&opts.weft_bin, &cluster_dir).await?;
 
     let network = if opts.hosts {
-        Network::Hosts(Hosts::create(&names).await?)
+        Network::hosts(&names).await?
     } else {
         Network::loopback(&names, scenario.cluster.relay)?
     };
