@@ -200,8 +200,11 @@ impl TestCluster {
         i
     }
 
-    /// Starts node `i` again with the same flags and data dir.
+    /// Starts node `i` again with the same flags and data dir, after a
+    /// SIGKILL if it still runs (a second process would find its ports
+    /// taken while the first one went on serving).
     pub fn restart(&mut self, i: usize) {
+        self.kill9(i);
         self.nodes[i].spawn();
     }
 
