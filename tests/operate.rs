@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
+use hyper::Method;
 use serde_json::Value;
 
 /// `weft` with `args` against node `socket`; (exit code, stdout, stderr).
@@ -439,7 +440,11 @@ async fn a_panicking_actor_is_restarted_and_the_node_keeps_serving() {
             || async { (health_of(&n1.socket, &name, &new_id).await? == "passing").then_some(()) },
         )
         .await;
-        assert_eq!(proxy_get(n1.proxy, &name).await, 200);
+        let (status, weft_error) = proxy_call(n1.proxy, Method::GET, &name).await;
+        assert_eq!(
+            status, 200,
+            "after crashing {actor}: weft-error {weft_error:?}"
+        );
         // Outcomes are still counted (stats aggregator), and an upstream
         // port still opens (listener).
         wait_for(
