@@ -16,7 +16,7 @@ use chitchat::{
     spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, Heartbeat,
     ProtocolVersion,
 };
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::keys::{validate_value, Key};
@@ -84,6 +84,11 @@ pub struct Cluster {
     handle: ChitchatHandle,
     views: watch::Receiver<Arc<ClusterView>>,
     refresher: JoinHandle<()>,
+    /// Wakes the refresher when this node wrote its own keys, so its own
+    /// view has them before any peer can (a peer may route to a new
+    /// instance as soon as gossip brings it, and this node checks its own
+    /// catalog before serving it).
+    own_change: Arc<Notify>,
     interval: Duration,
 }
 
@@ -114,11 +119,19 @@ impl Cluster {
         let chitchat = handle.chitchat();
         let interval = config.interval;
         let self_name = config.node_name.clone();
-        let refresher = tokio::spawn(refresh_views(chitchat, tx, interval, self_name));
+        let own_change = Arc::new(Notify::new());
+        let refresher = tokio::spawn(refresh_views(
+            chitchat,
+            tx,
+            interval,
+            self_name,
+            own_change.clone(),
+        ));
         Ok(Cluster {
             handle,
             views,
             refresher,
+            own_change,
             interval,
         })
     }
@@ -130,6 +143,7 @@ impl Cluster {
         self.handle
             .with_chitchat(|c| c.self_node_state().set(&key, value))
             .await;
+        self.own_change.notify_one();
         Ok(())
     }
 
@@ -143,6 +157,7 @@ impl Cluster {
                 }
             })
             .await;
+        self.own_change.notify_one();
     }
 
     /// This node's own keys that start with `prefix`.
@@ -212,7 +227,8 @@ fn current_keys(
 /// ages in the members list stay current.
 const VIEW_REFRESH: Duration = Duration::from_secs(1);
 
-/// Rebuilds the view on every chitchat change (live set or versions) and,
+/// Rebuilds the view on every chitchat change (live set or versions) or
+/// write of this node's own keys and,
 /// at each gossip interval, when a node's liveness or suspicion moved or
 /// [`VIEW_REFRESH`] has passed. At rest that is once a second, not every
 /// interval: each view costs every consumer a catalog derivation.
@@ -221,6 +237,7 @@ async fn refresh_views(
     tx: watch::Sender<Arc<ClusterView>>,
     interval: Duration,
     self_name: String,
+    own_change: Arc<Notify>,
 ) {
     let mut changes = chitchat.lock().await.live_nodes_changes();
     let mut refresher = Refresher::new(interval, self_name);
@@ -237,6 +254,7 @@ async fn refresh_views(
         }
         chitchat_moved = tokio::select! {
             changed = changes.changed() => if changed.is_err() { return } else { true },
+            _ = own_change.notified() => true,
             _ = tokio::time::sleep(interval) => false,
         };
     }
