@@ -102,31 +102,6 @@ impl Catalog {
     pub fn instances(&self, service: &str) -> &[Arc<Instance>] {
         self.services.get(service).map_or(&[], |list| list)
     }
-
-    /// What moved from `old` to `self`.
-    pub fn diff(&self, old: &Catalog) -> CatalogDiff {
-        let index = |c: &Catalog| -> BTreeMap<(String, String, String), Arc<Instance>> {
-            c.services
-                .iter()
-                .flat_map(|(svc, list)| {
-                    list.iter()
-                        .map(move |i| ((svc.clone(), i.node.clone(), i.id.clone()), i.clone()))
-                })
-                .collect()
-        };
-        let (new, old) = (index(self), index(old));
-        let keys: BTreeSet<_> = new.keys().chain(old.keys()).cloned().collect();
-        let mut diff = CatalogDiff::default();
-        for key in keys {
-            match (old.get(&key), new.get(&key)) {
-                (None, Some(_)) => diff.added.push(key),
-                (Some(_), None) => diff.removed.push(key),
-                (Some(a), Some(b)) if a != b => diff.changed.push(key),
-                _ => {}
-            }
-        }
-        diff
-    }
 }
 
 /// Derives catalogs from successive views, redoing only what changed.

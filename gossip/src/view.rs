@@ -329,11 +329,18 @@ mod tests {
             node("n1", 1, true, &[("web", "w1", 8080)]),
             node("n2", 1, true, &[("web", "w2", 8081), ("db", "d1", 5432)]),
         ]);
-        let diff = after.catalog().diff(&before.catalog());
+        let diff = diff(&before, &after);
         assert_eq!(diff.added.len(), 2);
         assert!(diff.removed.is_empty());
         assert_eq!(after.catalog().instances("web").len(), 2);
         assert_eq!(after.catalog().instances("db")[0].node, "n2");
+    }
+
+    /// What the router's deriver says moved from `before` to `after`.
+    fn diff(before: &ClusterView, after: &ClusterView) -> CatalogDiff {
+        let mut deriver = CatalogDeriver::default();
+        deriver.update(before);
+        deriver.update(after).1
     }
 
     fn vote(mut voter: NodeSnapshot, owner: &str, id: &str) -> NodeSnapshot {
@@ -450,7 +457,7 @@ mod tests {
             node("n1", 1, true, &[("web", "w1", 8080)]),
             node("n2", 1, false, &[("web", "w2", 8081)]),
         ]);
-        let diff = after.catalog().diff(&before.catalog());
+        let diff = diff(&before, &after);
         assert_eq!(diff.removed, vec![("web".into(), "n2".into(), "w2".into())]);
         let members = after.members();
         assert_eq!(members[1].state, MemberState::Dead);
@@ -465,7 +472,7 @@ mod tests {
             &[("web", "w1", 8080), ("web", "w2", 8081)],
         )]);
         let after = view(vec![node("n1", 1, true, &[("web", "w1", 8080)])]);
-        let diff = after.catalog().diff(&before.catalog());
+        let diff = diff(&before, &after);
         assert_eq!(diff.removed, vec![("web".into(), "n1".into(), "w2".into())]);
         assert!(diff.added.is_empty());
     }
@@ -474,7 +481,7 @@ mod tests {
     fn replaced_registration_is_a_change() {
         let before = view(vec![node("n1", 1, true, &[("web", "w1", 8080)])]);
         let after = view(vec![node("n1", 1, true, &[("web", "w1", 9090)])]);
-        let diff = after.catalog().diff(&before.catalog());
+        let diff = diff(&before, &after);
         assert_eq!(diff.changed, vec![("web".into(), "n1".into(), "w1".into())]);
         assert_eq!(after.catalog().instances("web")[0].port, 9090);
     }
