@@ -604,16 +604,24 @@ async fn the_serving_node_counts_inbound_requests() {
     )
     .await;
     assert_eq!(inbound, 5.0);
-    // The caller counts them as outbound; the server does not double them.
-    let text = metrics_text(c.nodes[1].admin).await;
-    assert_eq!(
-        metric_sum(
-            &text,
-            "weft_requests_total",
-            &["direction=\"outbound\"", "service=\"web\""]
-        ),
-        5.0
-    );
+    // The caller counts them as outbound (its stats aggregator takes
+    // outcomes in batches); the server does not double them.
+    let caller = c.nodes[1].admin;
+    let outbound = wait_for(
+        Duration::from_secs(10),
+        "n2 counts outbound requests",
+        || async move {
+            let text = metrics_text(caller).await;
+            let n = metric_sum(
+                &text,
+                "weft_requests_total",
+                &["direction=\"outbound\"", "service=\"web\""],
+            );
+            (n >= 5.0).then_some(n)
+        },
+    )
+    .await;
+    assert_eq!(outbound, 5.0);
     let text = metrics_text(admin).await;
     assert_eq!(
         metric_sum(

@@ -80,7 +80,7 @@ async fn serve(
         .await
         .map_err(|e| NodeError::Config(format!("--proxy {}: {e}", cfg.proxy)))?;
     let tunnel_tls = tunnel_tls(&cfg, &cluster_dir)?;
-    let endpoint = quinn::Endpoint::server(tunnel_tls.server, cfg.tunnel)
+    let endpoint = tunnel_endpoint(tunnel_tls.server, cfg.tunnel)
         .map_err(|e| NodeError::Config(format!("--tunnel {}: {e}", cfg.tunnel)))?;
 
     let generation = SystemTime::now()
@@ -251,6 +251,44 @@ async fn serve(
 /// The tunnel's TLS: this node's identity (issued from the cluster CA, or
 /// the operator's files), as server and client configs.
 /// The tunnel's TLS, both ends, and whom it trusts.
+/// The tunnel's QUIC endpoint, bound to `addr`, accepting datagrams up to
+/// the tunnel's largest payload, with socket buffers that hold a burst of
+/// segmentation-offload sends (the kernel's 208 KiB default drops them).
+fn tunnel_endpoint(
+    server: quinn::ServerConfig,
+    addr: SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(tls::MAX_UDP_PAYLOAD)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    size_socket_buffers(&socket)?;
+    quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
+}
+
+/// Bytes asked of the kernel for the tunnel socket's send and receive
+/// buffers; it grants at most `net.core.rmem_max` / `wmem_max`.
+const TUNNEL_SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+
+fn size_socket_buffers(socket: &std::net::UdpSocket) -> std::io::Result<()> {
+    let state = quinn::udp::UdpSocketState::new(socket.into())?;
+    state.set_recv_buffer_size(socket.into(), TUNNEL_SOCKET_BUFFER)?;
+    state.set_send_buffer_size(socket.into(), TUNNEL_SOCKET_BUFFER)?;
+    let recv = state.recv_buffer_size(socket.into())?;
+    // Linux reports twice what it grants (the other half is its bookkeeping).
+    if recv < TUNNEL_SOCKET_BUFFER {
+        tracing::warn!(
+            granted = recv,
+            wanted = TUNNEL_SOCKET_BUFFER,
+            "the tunnel's UDP receive buffer is smaller than asked; raise \
+             net.core.rmem_max and net.core.wmem_max (sysctl) to at least {TUNNEL_SOCKET_BUFFER} \
+             for fewer drops under load"
+        );
+    }
+    Ok(())
+}
+
 struct TunnelTls {
     server: quinn::ServerConfig,
     client: quinn::ClientConfig,

@@ -44,6 +44,11 @@ const MAX_BIDI_STREAMS: u32 = 4096;
 const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Bytes a peer may have in flight on one connection, all streams together.
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// The largest UDP payload the tunnel sends or accepts, found per path by
+/// MTU discovery: above Ethernet's 1452 where the path allows (jumbo frames,
+/// loopback), and small enough that a batch of quinn's 10 segments stays
+/// under the 64 KiB a UDP segmentation offload send may carry.
+pub const MAX_UDP_PAYLOAD: u16 = 6500;
 /// Upper bound on the PEM files we read; a certificate or key is a few KiB.
 const MAX_PEM_BYTES: u64 = 1 << 20;
 
@@ -598,6 +603,9 @@ fn transport() -> Result<quinn::TransportConfig, TlsError> {
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW));
     t.send_window(u64::from(CONNECTION_WINDOW));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     Ok(t)
 }
 
@@ -736,4 +744,4 @@ pub fn peer_node(conn: &quinn::Connection) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -263,31 +263,77 @@ pub async fn read_frame<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Writes body data, as chunks of at most [`body::MAX_CHUNK`] bytes.
-pub async fn write_data(send: &mut SendStream, mut data: Bytes) -> Result<(), TunnelError> {
-    while !data.is_empty() {
-        let piece = data.split_to(data.len().min(body::MAX_CHUNK));
-        let prefix = body::data_prefix(piece.len())?;
-        let mut chunks = [Bytes::copy_from_slice(&prefix), piece];
-        send.write_all_chunks(&mut chunks)
-            .await
-            .map_err(|e| TunnelError::Stream(e.to_string()))?;
-    }
-    Ok(())
+/// Bytes for one stream write. quinn packs what one write hands it into as
+/// few packets as fit, where each separate write may leave in a packet of
+/// its own: a small response framed in one batch is one packet.
+#[derive(Debug, Default)]
+pub struct Batch {
+    chunks: Vec<Bytes>,
+    len: usize,
 }
 
-/// Ends a body, with optional trailers.
-pub async fn write_end(
-    send: &mut SendStream,
-    trailers: Option<body::Headers>,
-) -> Result<(), TunnelError> {
-    let bytes = match trailers {
-        Some(t) => body::encode_trailers(t)?,
-        None => body::end_marker().to_vec(),
-    };
-    send.write_all(&bytes)
-        .await
-        .map_err(|e| TunnelError::Stream(e.to_string()))
+impl Batch {
+    /// A batch that starts with `msg`'s wire frame (a stream's head).
+    pub fn with_frame<T: serde::Serialize>(msg: &T) -> Result<Batch, TunnelError> {
+        let mut batch = Batch::default();
+        batch.push(Bytes::from(wire::encode(msg)?));
+        Ok(batch)
+    }
+
+    /// Adds body data, as chunks of at most [`body::MAX_CHUNK`] bytes.
+    pub fn data(&mut self, mut data: Bytes) -> Result<(), TunnelError> {
+        while !data.is_empty() {
+            let piece = data.split_to(data.len().min(body::MAX_CHUNK));
+            self.push(Bytes::copy_from_slice(&body::data_prefix(piece.len())?));
+            self.push(piece);
+        }
+        Ok(())
+    }
+
+    /// Adds the end of a body, with optional trailers.
+    pub fn end(&mut self, trailers: Option<body::Headers>) -> Result<(), TunnelError> {
+        let bytes = match trailers {
+            Some(t) => body::encode_trailers(t)?,
+            None => body::end_marker().to_vec(),
+        };
+        self.push(Bytes::from(bytes));
+        Ok(())
+    }
+
+    /// Bytes in the batch.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the batch holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes the whole batch to `send` and empties it.
+    pub async fn write(&mut self, send: &mut SendStream) -> Result<(), TunnelError> {
+        send.write_all_chunks(&mut self.chunks)
+            .await
+            .map_err(|e| TunnelError::Stream(e.to_string()))?;
+        self.chunks.clear();
+        self.len = 0;
+        Ok(())
+    }
+
+    fn push(&mut self, bytes: Bytes) {
+        self.len += bytes.len();
+        self.chunks.push(bytes);
+    }
+}
+
+/// Lets go of a stream whose data has all been read. The FIN usually comes
+/// with the last data: taking it here spares the peer the STOP_SENDING (and
+/// its acknowledgement) that quinn sends for a stream dropped unfinished.
+pub fn close_read(mut recv: RecvStream) {
+    use futures::FutureExt as _;
+    // Anything but "finished, now" leaves the drop to stop the stream, which
+    // is right: the peer is still sending, and nothing more is wanted.
+    let _ = recv.read_chunk(1, true).now_or_never();
 }
 
 /// Reads the next body event, taking no byte that follows the body.

@@ -258,7 +258,10 @@ impl Inbound<'_> {
                 *req.body_mut() = read_whole_body(&mut recv).await?;
                 Some(recv)
             }
-            (false, true) => None,
+            (false, true) => {
+                tunnel::close_read(recv);
+                None
+            }
             (false, false) => {
                 *req.body_mut() = body::from_tunnel(recv);
                 None
@@ -292,18 +295,20 @@ impl Inbound<'_> {
             error: None,
             end_stream,
         };
+        let mut head = tunnel::Batch::with_frame(&head)?;
         if let (Some(recv), hyper::StatusCode::SWITCHING_PROTOCOLS) = (recv, status) {
             let upgraded = hyper::upgrade::on(&mut resp);
-            tunnel::write_frame(&mut send, &head).await?;
+            head.write(&mut send).await?;
             let io = upgraded
                 .await
                 .map_err(|e| TunnelError::Stream(format!("upgrade: {e}")))?;
             splice(hyper_util::rt::TokioIo::new(io), send, recv).await;
             return Ok(());
         }
-        tunnel::write_frame(&mut send, &head).await?;
-        if !end_stream {
-            body::to_tunnel(resp.into_body(), &mut send).await?;
+        if end_stream {
+            head.write(&mut send).await?;
+        } else {
+            body::to_tunnel(resp.into_body(), &mut send, head).await?;
         }
         let _ = send.finish();
         Ok(())

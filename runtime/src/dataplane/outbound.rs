@@ -464,23 +464,29 @@ impl Attempt<'_> {
             .unwrap_or(u32::MAX)
             .max(1);
         let end_stream = hyper::body::Body::is_end_stream(&body);
-        let head = self
-            .fwd
-            .wire_head(&self.instance.id, deadline_ms, self.attempt, end_stream);
-        tunnel::write_frame(&mut send, &head).await?;
+        let mut head = tunnel::Batch::with_frame(&self.fwd.wire_head(
+            &self.instance.id,
+            deadline_ms,
+            self.attempt,
+            end_stream,
+        ))?;
         if upgrade.is_some() {
             // After a 101 the stream carries raw bytes: any body goes first.
-            if !end_stream {
-                body::to_tunnel(body, &mut send).await?;
+            if end_stream {
+                head.write(&mut send).await?;
+            } else {
+                body::to_tunnel(body, &mut send, head).await?;
             }
         } else if end_stream {
             // No body (most GETs): the head and the FIN, no task.
+            head.write(&mut send).await?;
             let _ = send.finish();
             return response(node, tunnel::read_frame(&mut recv).await?, recv);
         } else {
-            // The request body streams while we wait for the response head.
+            // The request body streams while we wait for the response head;
+            // what of it is ready goes with the head.
             tokio::spawn(async move {
-                if let Err(e) = body::to_tunnel(body, &mut send).await {
+                if let Err(e) = body::to_tunnel(body, &mut send, head).await {
                     tracing::debug!(error = %e, "request body to tunnel failed");
                     let _ = send.reset(quinn::VarInt::from_u32(1));
                     return;
@@ -523,7 +529,11 @@ fn response(
     }
     let body = match body.into() {
         Some(recv) if !head.end_stream => body::from_tunnel(recv),
-        _ => body::empty(),
+        Some(recv) => {
+            tunnel::close_read(recv);
+            body::empty()
+        }
+        None => body::empty(),
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);

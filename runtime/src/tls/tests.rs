@@ -79,6 +79,31 @@ fn roots_of(ca_pem: &str) -> Arc<RootCertStore> {
     Arc::new(roots)
 }
 
+/// Two nodes' tunnel connection over loopback, with weft's own TLS and
+/// transport settings: `(caller's side, server's side)`, and the endpoints
+/// to keep alive for as long as the connection is used.
+pub(crate) async fn connected_pair() -> (quinn::Connection, quinn::Connection, [quinn::Endpoint; 2])
+{
+    let dir = TempDir::new("pair");
+    let ca = make_ca();
+    let n1 = identity(&dir.0, &ca, "n1");
+    let n2 = identity(&dir.0, &ca, "n2");
+    let server =
+        quinn::Endpoint::server(server_config(&n2).unwrap(), "127.0.0.1:0".parse().unwrap())
+            .unwrap();
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dialed = client
+        .connect_with(
+            client_config(&n1).unwrap(),
+            server.local_addr().unwrap(),
+            &node_server_name("n2"),
+        )
+        .unwrap();
+    let accepted = async { server.accept().await.unwrap().await.unwrap() };
+    let (caller, served) = tokio::join!(dialed, accepted);
+    (caller.unwrap(), served, [client, server])
+}
+
 /// A test server: answers "ping" with "pong" on every bidi stream, and reports
 /// the node name of each peer it served.
 struct Server {
