@@ -49,6 +49,9 @@ const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// loopback), and small enough that a batch of quinn's 10 segments stays
 /// under the 64 KiB a UDP segmentation offload send may carry.
 pub const MAX_UDP_PAYLOAD: u16 = 6500;
+/// Packets a peer may take before it must acknowledge them (within its
+/// 25 ms ACK delay all the same).
+const ACK_ELICITING_THRESHOLD: u32 = 9;
 /// Upper bound on the PEM files we read; a certificate or key is a few KiB.
 const MAX_PEM_BYTES: u64 = 1 << 20;
 
@@ -603,6 +606,12 @@ fn transport() -> Result<quinn::TransportConfig, TlsError> {
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW));
     t.send_window(u64::from(CONNECTION_WINDOW));
+    // Both ends are weft, so each asks the other (QUIC's ACK frequency
+    // extension) to acknowledge every tenth packet, not every second: most
+    // acknowledgements then ride on a response, not in a packet of their own.
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    t.ack_frequency_config(Some(acks));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
