@@ -581,6 +581,25 @@ async fn tcp_resets_arrive_as_resets_and_fins_as_fins() {
     }
 }
 
+/// `weft_requests_total` of service web in `direction` on the node at
+/// `admin`, once it has reached `at_least` (counters lag their requests).
+async fn requests_counted(admin: SocketAddr, direction: &'static str, at_least: f64) -> f64 {
+    let label = format!("direction=\"{direction}\"");
+    wait_for(
+        Duration::from_secs(10),
+        "the node counts the requests",
+        || {
+            let label = label.clone();
+            async move {
+                let text = metrics_text(admin).await;
+                let n = metric_sum(&text, "weft_requests_total", &[&label, "service=\"web\""]);
+                (n >= at_least).then_some(n)
+            }
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_serving_node_counts_inbound_requests() {
     let (c, _) = two_nodes_with_mirror().await;
@@ -589,39 +608,13 @@ async fn the_serving_node_counts_inbound_requests() {
         assert_eq!(status, 200);
     }
     let admin = c.nodes[0].admin;
-    let inbound = wait_for(
-        Duration::from_secs(10),
-        "n1 counts inbound requests",
-        || async move {
-            let text = metrics_text(admin).await;
-            let n = metric_sum(
-                &text,
-                "weft_requests_total",
-                &["direction=\"inbound\"", "service=\"web\""],
-            );
-            (n >= 5.0).then_some(n)
-        },
-    )
-    .await;
-    assert_eq!(inbound, 5.0);
+    assert_eq!(requests_counted(admin, "inbound", 5.0).await, 5.0);
     // The caller counts them as outbound (its stats aggregator takes
     // outcomes in batches); the server does not double them.
-    let caller = c.nodes[1].admin;
-    let outbound = wait_for(
-        Duration::from_secs(10),
-        "n2 counts outbound requests",
-        || async move {
-            let text = metrics_text(caller).await;
-            let n = metric_sum(
-                &text,
-                "weft_requests_total",
-                &["direction=\"outbound\"", "service=\"web\""],
-            );
-            (n >= 5.0).then_some(n)
-        },
-    )
-    .await;
-    assert_eq!(outbound, 5.0);
+    assert_eq!(
+        requests_counted(c.nodes[1].admin, "outbound", 5.0).await,
+        5.0
+    );
     let text = metrics_text(admin).await;
     assert_eq!(
         metric_sum(
