@@ -46,15 +46,19 @@ pub fn init_cluster(parent: &Path) -> PathBuf {
     cluster_dir
 }
 
+/// Ports handed out lie in `[FIRST_PORT, FIRST_PORT + PORTS)`: below Linux's
+/// ephemeral range (32768 up), so no connection's or client socket's port
+/// taken by the kernel between our check and the node's bind can clash.
+const FIRST_PORT: u16 = 20_000;
+const PORTS: u16 = 12_700;
+
 /// A port free for both TCP and UDP on 127.0.0.1, unique within this process.
+/// Each test process starts at its own offset, so concurrent ones rarely meet.
 pub fn free_port() -> u16 {
-    let base = 20_000 + (std::process::id() % 400) as u16 * 100;
+    let offset = (std::process::id() % 127) as u16 * 100;
     loop {
         let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
-        let port = base.wrapping_add(n % 4_000);
-        if port < 20_000 {
-            continue;
-        }
+        let port = FIRST_PORT + (offset + n % PORTS) % PORTS;
         let tcp = TcpListener::bind(("127.0.0.1", port)).is_ok();
         let udp = UdpSocket::bind(("127.0.0.1", port)).is_ok();
         if tcp && udp {
