@@ -237,10 +237,7 @@ pub async fn write_frame<T: serde::Serialize>(
     send: &mut SendStream,
     msg: &T,
 ) -> Result<(), TunnelError> {
-    let bytes = wire::encode(msg)?;
-    send.write_all(&bytes)
-        .await
-        .map_err(|e| TunnelError::Stream(e.to_string()))
+    Batch::with_frame(msg)?.write(send).await
 }
 
 /// Reads one wire frame (bounded by the wire limit).
