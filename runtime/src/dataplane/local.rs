@@ -1,6 +1,7 @@
 //! Calling an instance on this host: pooled keep-alive clients, the URI
 //! built from parts, the response head checked against the mesh's limit.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
@@ -10,8 +11,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::error::MeshError;
+use super::pool::Http1Pool;
 use super::request::{header_bytes, strip_hop_by_hop};
-use super::ProxyBody;
+use super::{BoxError, ProxyBody};
 use crate::wire::{MAX_HEADERS, MAX_HEAD_BYTES};
 
 /// The h2 header list limit that admits a head of [`MAX_HEAD_BYTES`] (HPACK
@@ -30,7 +32,7 @@ pub enum LocalFailure {
 /// Keep-alive clients to this node's own instances.
 #[derive(Debug, Clone)]
 pub struct LocalClients {
-    http1: Client<HttpConnector, ProxyBody>,
+    http1: Arc<Http1Pool>,
     h2: Client<HttpConnector, ProxyBody>,
 }
 
@@ -40,15 +42,14 @@ impl LocalClients {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector.clone());
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .http2_max_header_list_size(H2_MAX_HEADER_LIST)
             .build(connector);
-        LocalClients { http1, h2 }
+        LocalClients {
+            http1: Http1Pool::new(connect_timeout),
+            h2,
+        }
     }
 
     /// Sends `req` (origin-form target, forwarded headers) to the instance on
@@ -59,28 +60,12 @@ impl LocalClients {
         port: u16,
         req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, LocalFailure> {
-        let (mut parts, body) = req.into_parts();
-        let target = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        parts.uri = http::Uri::builder()
-            .scheme("http")
-            .authority(format!("127.0.0.1:{port}"))
-            .path_and_query(target)
-            .build()
-            .map_err(|e| LocalFailure::Mesh(MeshError::BadRequest, format!("target: {e}")))?;
-        let http2 = parts.version == http::Version::HTTP_2;
-        if http2 {
-            // The authority of an h2 request is its URI.
-            parts.headers.remove(http::header::HOST);
-        }
-        let client = if http2 { &self.h2 } else { &self.http1 };
-        let resp = client
-            .request(Request::from_parts(parts, body))
-            .await
-            .map_err(|e| failure(port, &e))?;
+        let resp = if req.version() == http::Version::HTTP_2 {
+            self.call_h2(port, req).await
+        } else {
+            self.call_http1(port, req).await
+        };
+        let resp = resp.map_err(|e| failure(port, &*e))?;
         let size = header_bytes(resp.headers());
         if size > MAX_HEAD_BYTES {
             return Err(LocalFailure::Mesh(
@@ -91,27 +76,58 @@ impl LocalClients {
         let upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(Into::into).boxed(),
-        ))
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// An HTTP/1.1 request, on a pooled connection.
+    async fn call_http1(
+        &self,
+        port: u16,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, BoxError> {
+        if !req.headers().contains_key(http::header::HOST) {
+            let host = http::HeaderValue::from_str(&format!("127.0.0.1:{port}"))?;
+            req.headers_mut().insert(http::header::HOST, host);
+        }
+        let resp = self.http1.send(port, req).await?;
+        Ok(resp.map(|body| body.map_err(Into::into).boxed()))
+    }
+
+    /// An h2 request (the app spoke h2), whose authority is its URI.
+    async fn call_h2(
+        &self,
+        port: u16,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, BoxError> {
+        let (mut parts, body) = req.into_parts();
+        let target = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        parts.uri = http::Uri::builder()
+            .scheme("http")
+            .authority(format!("127.0.0.1:{port}"))
+            .path_and_query(target)
+            .build()?;
+        parts.headers.remove(http::header::HOST);
+        let resp = self.h2.request(Request::from_parts(parts, body)).await?;
+        Ok(resp.map(|body| body.map_err(Into::into).boxed()))
     }
 }
 
 /// A response head hyper would not read is over the mesh's limit, not the
 /// instance's failure.
-fn failure(port: u16, e: &hyper_util::client::legacy::Error) -> LocalFailure {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            if h.is_parse_too_large() {
-                return LocalFailure::Mesh(
-                    MeshError::ResponseHeadersTooLarge,
-                    format!("127.0.0.1:{port} sent a response head over the limit"),
-                );
-            }
-        }
-        source = err.source();
+fn failure(port: u16, e: &(dyn std::error::Error + 'static)) -> LocalFailure {
+    let too_large = std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse_too_large)
+    });
+    if too_large {
+        return LocalFailure::Mesh(
+            MeshError::ResponseHeadersTooLarge,
+            format!("127.0.0.1:{port} sent a response head over the limit"),
+        );
     }
     LocalFailure::Unreachable(format!("127.0.0.1:{port}: {e}"))
 }

@@ -19,6 +19,7 @@ mod hedge;
 pub mod inbound;
 pub mod local;
 pub mod outbound;
+mod pool;
 pub mod request;
 pub mod splice;
 pub mod tcp;
