@@ -261,7 +261,12 @@ fn tunnel_endpoint(
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let socket = std::net::UdpSocket::bind(addr)?;
     size_socket_buffers(&socket)?;
-    quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
+    quinn::Endpoint::new(
+        config,
+        Some(server),
+        socket,
+        Arc::new(weft_runtime::tunnel::TunnelRuntime),
+    )
 }
 
 /// Bytes asked of the kernel for the tunnel socket's send and receive

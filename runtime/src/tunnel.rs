@@ -1,5 +1,6 @@
-//! QUIC tunnels between nodes: one pooled connection per peer, and the reads
-//! and writes of a stream's frames.
+//! QUIC tunnels between nodes: one pooled connection per peer, the reads
+//! and writes of a stream's frames, and the runtime quinn's drivers run on
+//! ([`TunnelRuntime`]).
 //!
 //! A stream starts with a [`wire`](crate::wire) header frame. HTTP bodies then
 //! travel in the framing of [`wire::body`] (this file only does the IO); TCP
@@ -7,8 +8,11 @@
 
 use crate::tls::PeerTrust;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -351,5 +355,141 @@ pub async fn read_body(
         if let Some(event) = decoder.feed(chunk.bytes)? {
             return Ok(event);
         }
+    }
+}
+
+/// quinn on tokio, with one change: a connection's driver, when woken,
+/// lets the tasks already queued run before it does. Every stream write
+/// wakes the driver; tokio would run it right after the writer (its LIFO
+/// slot), so each request left in a datagram of its own. Behind the queue,
+/// one driver poll sends what a whole round of requests wrote: fewer
+/// packets, each carrying several streams' frames, and fewer `sendmsg`s.
+#[derive(Debug)]
+pub struct TunnelRuntime;
+
+impl quinn::Runtime for TunnelRuntime {
+    fn new_timer(&self, at: Instant) -> Pin<Box<dyn quinn::AsyncTimer>> {
+        quinn::TokioRuntime.new_timer(at)
+    }
+
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        tokio::spawn(BehindTheQueue {
+            inner: future,
+            yielded: false,
+        });
+    }
+
+    fn wrap_udp_socket(
+        &self,
+        socket: std::net::UdpSocket,
+    ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        quinn::TokioRuntime.wrap_udp_socket(socket)
+    }
+
+    fn now(&self) -> Instant {
+        quinn::TokioRuntime.now()
+    }
+}
+
+/// A future that answers each wake-up by first going to the back of the
+/// run queue, then polling `inner`.
+struct BehindTheQueue {
+    inner: Pin<Box<dyn Future<Output = ()> + Send>>,
+    yielded: bool,
+}
+
+impl Future for BehindTheQueue {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if !std::mem::replace(&mut self.yielded, true) {
+            return step_back(cx);
+        }
+        self.yielded = false;
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+/// Lets the tasks already queued on this worker run before the caller goes
+/// on. A task that wakes itself is queued behind the others (not in tokio's
+/// LIFO slot), and unlike `tokio::task::yield_now` it does not wait for a
+/// turn of the IO driver, which costs an `epoll_wait` when nothing else is
+/// due.
+pub async fn let_queued_tasks_run() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if std::mem::replace(&mut yielded, true) {
+            Poll::Ready(())
+        } else {
+            step_back(cx)
+        }
+    })
+    .await
+}
+
+/// Pending, with this task woken again: it goes to the back of the queue.
+fn step_back(cx: &mut Context<'_>) -> Poll<()> {
+    cx.waker().wake_by_ref();
+    Poll::Pending
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Requests written in one round of tasks leave together: the driver,
+    /// woken by the first write, runs after the other writers, so their
+    /// frames share packets instead of taking a datagram each. (Counted
+    /// with the caller's ACKs of the peer's packets: 4-6 here, against 16-21
+    /// with quinn's own tokio runtime.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn writes_of_one_round_share_datagrams() {
+        const STREAMS: usize = 16;
+        let (caller, served, _endpoints) =
+            crate::tls::tests::connected_pair_on(Arc::new(TunnelRuntime)).await;
+        let mut streams = Vec::new();
+        for _ in 0..STREAMS {
+            streams.push(caller.open_bi().await.unwrap().0);
+        }
+        // Each writer waits for one signal, as connection tasks wait for
+        // their sockets; the signal, given on the worker as the IO driver's
+        // wake-ups are, queues them all at once.
+        let go = Arc::new(tokio::sync::Notify::new());
+        let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writers: Vec<_> = streams
+            .into_iter()
+            .map(|mut send| {
+                let (go, waiting) = (go.clone(), waiting.clone());
+                tokio::spawn(async move {
+                    let signal = go.notified();
+                    waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    signal.await;
+                    send.write_all(&[7u8; 100]).await.unwrap();
+                    send.finish().unwrap();
+                    send
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while waiting.load(std::sync::atomic::Ordering::SeqCst) < STREAMS {
+            assert!(Instant::now() < deadline, "the writers never started");
+            tokio::task::yield_now().await;
+        }
+        let before = caller.stats().udp_tx.datagrams;
+        tokio::spawn(async move { go.notify_waiters() });
+        for writer in writers {
+            let _kept_open = writer.await.unwrap();
+        }
+        let mut received = 0;
+        while received < STREAMS {
+            let (_send, mut recv) = served.accept_bi().await.unwrap();
+            assert_eq!(recv.read_to_end(1024).await.unwrap().len(), 100);
+            received += 1;
+        }
+        let sent = caller.stats().udp_tx.datagrams - before;
+        assert!(
+            sent as usize <= STREAMS / 2,
+            "{STREAMS} streams written in one round left in {sent} datagrams"
+        );
     }
 }

@@ -174,7 +174,7 @@ where
             Some(next) => next,
             None if !yielded && !batch.is_empty() => {
                 yielded = true;
-                tokio::task::yield_now().await;
+                tunnel::let_queued_tasks_run().await;
                 continue;
             }
             None => {

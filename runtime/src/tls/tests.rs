@@ -84,14 +84,27 @@ fn roots_of(ca_pem: &str) -> Arc<RootCertStore> {
 /// to keep alive for as long as the connection is used.
 pub(crate) async fn connected_pair() -> (quinn::Connection, quinn::Connection, [quinn::Endpoint; 2])
 {
+    connected_pair_on(Arc::new(quinn::TokioRuntime)).await
+}
+
+/// [`connected_pair`], with both endpoints driven by `runtime`.
+pub(crate) async fn connected_pair_on(
+    runtime: Arc<dyn quinn::Runtime>,
+) -> (quinn::Connection, quinn::Connection, [quinn::Endpoint; 2]) {
     let dir = TempDir::new("pair");
     let ca = make_ca();
     let n1 = identity(&dir.0, &ca, "n1");
     let n2 = identity(&dir.0, &ca, "n2");
-    let server =
-        quinn::Endpoint::server(server_config(&n2).unwrap(), "127.0.0.1:0".parse().unwrap())
-            .unwrap();
-    let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let bind = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let config = quinn::EndpointConfig::default;
+    let server = quinn::Endpoint::new(
+        config(),
+        Some(server_config(&n2).unwrap()),
+        bind(),
+        runtime.clone(),
+    )
+    .unwrap();
+    let client = quinn::Endpoint::new(config(), None, bind(), runtime).unwrap();
     let dialed = client
         .connect_with(
             client_config(&n1).unwrap(),
