@@ -122,8 +122,9 @@ impl Http1Pool {
         Ok(sender)
     }
 
-    /// `resp`, whose body hands `sender` back when it ends; a response with
-    /// no body hands it back now, an upgrade keeps it.
+    /// `resp`, whose body hands `sender` back when it ends. A response with
+    /// no body hands it back now; after a 101 the connection belongs to the
+    /// upgrade, and the sender goes.
     fn give_back_after(
         self: &Arc<Self>,
         port: u16,
