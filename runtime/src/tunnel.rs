@@ -445,8 +445,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn writes_of_one_round_share_datagrams() {
         const STREAMS: usize = 16;
-        let (caller, served, _endpoints) =
-            crate::tls::tests::connected_pair_on(Arc::new(TunnelRuntime)).await;
+        let (caller, served, _endpoints) = crate::tls::tests::connected_pair().await;
         let mut streams = Vec::new();
         for _ in 0..STREAMS {
             streams.push(caller.open_bi().await.unwrap().0);

@@ -154,7 +154,10 @@ impl Http1Pool {
         let now = Instant::now();
         let mut idle = self.lock();
         let list = idle.entry(port).or_default();
-        list.retain(|conn| conn.usable(now));
+        // Checkouts drop the dead; a full list is swept before it refuses.
+        if list.len() >= MAX_IDLE_PER_PORT {
+            list.retain(|conn| conn.usable(now));
+        }
         if list.len() < MAX_IDLE_PER_PORT {
             list.push(Idle { sender, since: now });
         }

@@ -79,32 +79,22 @@ fn roots_of(ca_pem: &str) -> Arc<RootCertStore> {
     Arc::new(roots)
 }
 
-/// Two nodes' tunnel connection over loopback, with weft's own TLS and
-/// transport settings: `(caller's side, server's side)`, and the endpoints
-/// to keep alive for as long as the connection is used.
+/// Two nodes' tunnel connection over loopback, with weft's own TLS,
+/// transport settings and runtime: `(caller's side, server's side)`, and the
+/// endpoints to keep alive for as long as the connection is used.
 pub(crate) async fn connected_pair() -> (quinn::Connection, quinn::Connection, [quinn::Endpoint; 2])
 {
-    connected_pair_on(Arc::new(quinn::TokioRuntime)).await
-}
-
-/// [`connected_pair`], with both endpoints driven by `runtime`.
-pub(crate) async fn connected_pair_on(
-    runtime: Arc<dyn quinn::Runtime>,
-) -> (quinn::Connection, quinn::Connection, [quinn::Endpoint; 2]) {
     let dir = TempDir::new("pair");
     let ca = make_ca();
     let n1 = identity(&dir.0, &ca, "n1");
     let n2 = identity(&dir.0, &ca, "n2");
-    let bind = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let config = quinn::EndpointConfig::default;
-    let server = quinn::Endpoint::new(
-        config(),
-        Some(server_config(&n2).unwrap()),
-        bind(),
-        runtime.clone(),
-    )
-    .unwrap();
-    let client = quinn::Endpoint::new(config(), None, bind(), runtime).unwrap();
+    let endpoint = |server: Option<quinn::ServerConfig>| {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let runtime = Arc::new(crate::tunnel::TunnelRuntime);
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime).unwrap()
+    };
+    let server = endpoint(Some(server_config(&n2).unwrap()));
+    let client = endpoint(None);
     let dialed = client
         .connect_with(
             client_config(&n1).unwrap(),
