@@ -15,7 +15,7 @@ cd "$(dirname "$0")"
 RUNS="${RUNS:-10000000}"
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-    TARGETS=(wire_head body_framing sealed_open api_registration)
+    TARGETS=(wire_head body_framing sealed_open api_registration chitchat_delta)
 fi
 
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal

@@ -177,7 +177,7 @@ async fn bad_input_is_refused_and_the_node_keeps_serving() {
             .unwrap();
     tokio::spawn(conn);
     let req = hyper::Request::put("/v1/services")
-        .header("host", "weft")
+        .header("host", "localhost")
         .body(http_body_util::Full::new(bytes::Bytes::from_static(
             br#"{"name":"web","port":80}"#,
         )))
@@ -192,10 +192,16 @@ async fn bad_input_is_refused_and_the_node_keeps_serving() {
             .unwrap();
     tokio::spawn(conn);
     let req = hyper::Request::get("/v1/members")
-        .header("host", "weft")
+        .header("host", "localhost")
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
     assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+    // A page whose DNS name was rebound to the admin address reads nothing.
+    let req = hyper::Request::get("/v1/members")
+        .header("host", "weft.attacker.example")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 421);
 
     // Still serving, and nothing invalid was registered.
     let (status, body) = get(s, "/v1/services").await.unwrap();

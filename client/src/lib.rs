@@ -72,7 +72,7 @@ pub async fn request_raw(
     let req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "weft")
+        .header("host", "localhost")
         .header("content-type", "application/json")
         .body(Full::new(body))
         .map_err(|e| exchange(e.to_string()))?;

@@ -173,6 +173,15 @@ impl Cluster {
             .await
     }
 
+    /// How many times a peer spoke of this node itself (its own id, or a
+    /// newer incarnation of its name) and gossip ignored it: only this
+    /// node writes its own state.
+    pub async fn claims_about_self_ignored(&self) -> u64 {
+        self.handle
+            .with_chitchat(|c| c.claims_about_self_ignored())
+            .await
+    }
+
     /// A stream of fresh views.
     pub fn views(&self) -> watch::Receiver<Arc<ClusterView>> {
         self.views.clone()

@@ -121,6 +121,30 @@ fn reply(status: StatusCode, body: &Value) -> Reply {
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
+/// Whether the admin address may answer a request with this `Host`: an
+/// IP literal, `localhost` or the node's own name, with any port, or none
+/// (HTTP/1.0). A web page whose DNS name an attacker rebinds to this
+/// address (DNS rebinding) sends its own name, and reads nothing.
+fn admin_host_allowed(host: Option<&hyper::header::HeaderValue>, node: &str) -> bool {
+    let Some(host) = host else { return true };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((v6, _port)) => return v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.eq_ignore_ascii_case(node)
+        || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
 fn error(status: StatusCode, msg: impl std::fmt::Display) -> Reply {
     reply(status, &json!({ "error": msg.to_string() }))
 }
@@ -130,6 +154,13 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let read_only = origin == Origin::Admin;
+    if read_only && !admin_host_allowed(req.headers().get(hyper::header::HOST), &state.node) {
+        metrics::counter!("weft_limit_refused_total", "limit" => "admin_host").increment(1);
+        return error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "the admin address answers only to localhost, an IP address or the node's name",
+        );
+    }
     match (&method, segments.as_slice()) {
         (&Method::GET, [""]) if read_only => dashboard(),
         (&Method::GET, ["v1", "services"]) => get_services(state),
@@ -552,5 +583,33 @@ mod tests {
         assert!(parse_upstream(&public).is_ok());
         let bad = json!({"service": "db", "listen": "127.0.0.1:1", "public": "yes"});
         assert!(parse_upstream(&bad).unwrap_err().contains("\"public\""));
+    }
+
+    #[test]
+    fn the_admin_address_answers_only_its_own_names() {
+        let allowed = |host: &str| {
+            let value = hyper::header::HeaderValue::from_str(host).unwrap();
+            admin_host_allowed(Some(&value), "n1")
+        };
+        for host in [
+            "localhost",
+            "LOCALHOST:9646",
+            "127.0.0.1:9646",
+            "10.0.0.7",
+            "[::1]:9646",
+            "n1:9646",
+        ] {
+            assert!(allowed(host), "{host}");
+        }
+        for host in [
+            "attacker.example",
+            "attacker.example:9646",
+            "n2",
+            "[evil]:1",
+            "127.0.0.1.nip.io",
+        ] {
+            assert!(!allowed(host), "{host}");
+        }
+        assert!(admin_host_allowed(None, "n1"));
     }
 }

@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use weft_gossip::{Cluster, ClusterConfig, Key, NodeInfo, NodeStatus};
 use weft_runtime::access_log::AccessLog;
+use weft_runtime::dataplane::inbound::Registered;
 use weft_runtime::dataplane::{DataPlane, DataPlaneParts, InFlight, Limits, Timeouts};
 use weft_runtime::gossip_writer::GossipWriter;
 use weft_runtime::health_checker::HealthChecker;
@@ -109,28 +110,11 @@ async fn serve(
     };
     let transport =
         weft_gossip::seal::SealedTransport::with_keyring(keys.ring()).with_advertised(advertise);
-    let seal_stats = transport.stats();
-    tokio::spawn(async move {
-        loop {
-            for (reason, n) in seal_stats.rejected_by_reason() {
-                metrics::counter!("weft_gossip_rejected_total", "reason" => reason).absolute(n);
-            }
-            let sent = seal_stats
-                .bytes_sent
-                .load(std::sync::atomic::Ordering::Relaxed);
-            let received = seal_stats
-                .bytes_received
-                .load(std::sync::atomic::Ordering::Relaxed);
-            metrics::counter!("weft_gossip_bytes_total", "direction" => "sent").absolute(sent);
-            metrics::counter!("weft_gossip_bytes_total", "direction" => "received")
-                .absolute(received);
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
     let cluster = Cluster::start(&cluster_cfg, initial, &transport)
         .await
         .map_err(|e| NodeError::Config(format!("--gossip {}: {e}", cfg.gossip)))?;
     let cluster = Arc::new(cluster);
+    export_gossip_counters(transport.stats(), cluster.clone());
 
     let metrics = install_metrics();
     let writer = GossipWriter::spawn(cluster.clone());
@@ -175,6 +159,7 @@ async fn serve(
         writer: Some(writer.clone()),
         stats: stats.clone(),
         policy: cfg.retry_policy,
+        registered: Registered::new(registry.subscribe()),
     });
     let router = {
         let (views, handle, dp) = (cluster.views(), router_handle.clone(), dataplane.clone());
@@ -526,6 +511,7 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
     match builder.install_recorder() {
         Ok(handle) => {
             describe_metrics();
+            export_alert_counters();
             let upkeep = handle.clone();
             tokio::spawn(async move {
                 loop {
@@ -539,6 +525,92 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
             tracing::warn!(error = %e, "metrics disabled");
             None
         }
+    }
+}
+
+/// Copies the gossip layer's counters into metrics once a second:
+/// datagrams and messages refused by reason, claims about this node that
+/// peers made and gossip ignored, and bytes each way.
+fn export_gossip_counters(seal: Arc<weft_gossip::seal::SealStats>, cluster: Arc<Cluster>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    tokio::spawn(async move {
+        loop {
+            for (reason, n) in seal.rejected_by_reason() {
+                metrics::counter!("weft_gossip_rejected_total", "reason" => reason).absolute(n);
+            }
+            let claims = cluster.claims_about_self_ignored().await;
+            metrics::counter!("weft_gossip_rejected_total", "reason" => "claims_about_self")
+                .absolute(claims);
+            let sent = seal.bytes_sent.load(Relaxed);
+            let received = seal.bytes_received.load(Relaxed);
+            metrics::counter!("weft_gossip_bytes_total", "direction" => "sent").absolute(sent);
+            metrics::counter!("weft_gossip_bytes_total", "direction" => "received")
+                .absolute(received);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+/// Every series an alert watches, at 0 from the start: `increase(...)`
+/// over a series that appears with its first event at 1 sees no increase,
+/// so the first actor restart or refusal would never fire an alert.
+fn export_alert_counters() {
+    use weft_runtime::supervision::Named;
+    let counters: [(&str, &str, &[&str]); 4] = [
+        (
+            "weft_actor_restarts_total",
+            "actor",
+            &[
+                <weft_runtime::listener::Listener as Named>::NAME,
+                <weft_runtime::router::Router as Named>::NAME,
+                <HealthChecker as Named>::NAME,
+                <StatsAggregator as Named>::NAME,
+            ],
+        ),
+        (
+            "weft_tunnel_refused_total",
+            "reason",
+            &[
+                "handshake",
+                "revoked",
+                "untrusted",
+                "no_node_name",
+                "not_a_member",
+                "too_many_connections",
+                "unregistered_instance",
+                "protocol_mismatch",
+            ],
+        ),
+        (
+            "weft_gossip_rejected_total",
+            "reason",
+            weft_gossip::seal::SealStats::REASONS,
+        ),
+        (
+            "weft_limit_refused_total",
+            "limit",
+            &[
+                "proxy_connections",
+                "upstream_connections",
+                "tunnel_connections",
+                "request_head",
+                "response_head",
+                "hops",
+                "bad_request",
+                "admin_host",
+            ],
+        ),
+    ];
+    for (name, label, values) in counters {
+        for &value in values {
+            metrics::counter!(name, label => value).increment(0);
+        }
+    }
+    for name in [
+        "weft_outcomes_dropped_total",
+        "weft_access_log_dropped_total",
+    ] {
+        metrics::counter!(name).increment(0);
     }
 }
 
@@ -594,7 +666,7 @@ fn describe_metrics() {
     );
     describe_counter!(
         "weft_tunnel_refused_total",
-        "Tunnel connections refused, by reason: handshake (no valid cluster certificate), revoked, untrusted, no_node_name, not_a_member, too_many_connections"
+        "Tunnel connections and streams refused, by reason: handshake (no valid cluster certificate), revoked, untrusted, no_node_name, not_a_member, too_many_connections, unregistered_instance, protocol_mismatch"
     );
     describe_counter!(
         "weft_actor_restarts_total",

@@ -167,7 +167,7 @@ fn summaries(c: &mut Criterion) {
     });
     let fifty: Vec<(usize, Summary)> = (0..50).map(|i| (i, summary(i as u64))).collect();
     c.bench_function("summary: merge 50 nodes", |b| {
-        b.iter(|| black_box(merge(black_box(&fifty))))
+        b.iter(|| black_box(merge(black_box(&fifty), Some(&0))))
     });
 }
 

@@ -237,7 +237,10 @@ impl StatsAggregator {
             if services.contains_key(name) {
                 continue;
             }
-            let cluster = by_service.get(name).map(|s| merge(s)).unwrap_or_default();
+            let cluster = by_service
+                .get(name)
+                .map(|s| merge(s, Some(&self.node)))
+                .unwrap_or_default();
             let (local, effective, episode_start, explore) = self
                 .local
                 .get(name)

@@ -324,22 +324,24 @@ pub fn issue_node_cert(
 
 /// Writes `bytes` to `path` through a temporary file and a rename, with
 /// `mode` set explicitly (not filtered by the umask), so a reader never sees a
-/// half-written key or state file.
+/// half-written key or state file. The temporary name is random and created
+/// new (`O_EXCL`), so another local user cannot plant a file or link there
+/// to be written through; the directory is synced after the rename, so the
+/// new file survives a power loss.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
             .open(&tmp)
             .map_err(io_err(&tmp))?;
-        // The mode above is filtered by the umask and ignored for an existing file.
+        // The mode above is filtered by the umask.
         f.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(io_err(&tmp))?;
         f.write_all(bytes)
@@ -349,8 +351,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        return result;
     }
-    result
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
 }
 
 /// Writes `<dir>/<node>.pem` (0644) and `<dir>/<node>.key` (0600), each via a

@@ -575,7 +575,7 @@ pub async fn metrics_text(admin: SocketAddr) -> String {
         .expect("handshake");
     tokio::spawn(conn);
     let req = Request::get("/metrics")
-        .header("host", "weft")
+        .header("host", "localhost")
         .body(Full::new(Bytes::new()))
         .expect("request");
     let resp = sender.send_request(req).await.expect("metrics");

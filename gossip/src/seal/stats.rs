@@ -42,20 +42,35 @@ pub struct SealStats {
 }
 
 impl SealStats {
-    /// Rejections by reason, as `(reason, count)` with reasons `bad_seal`,
-    /// `stale`, `replay`, `malformed`, `wrong_recipient` (the
-    /// `weft_gossip_rejected_total{reason}` label).
+    /// The `weft_gossip_rejected_total{reason}` labels, in the order of
+    /// [`SealStats::rejected_by_reason`].
+    pub const REASONS: &'static [&'static str] = &[
+        "bad_seal",
+        "stale",
+        "replay",
+        "malformed",
+        "wrong_recipient",
+        "undecodable",
+    ];
+
+    /// Rejections by reason, as `(reason, count)`: datagrams that failed
+    /// authentication, came too late or twice, were malformed or sealed
+    /// for another node, and authentic messages that gossip refused to
+    /// decode (a delta that breaks its rules; see `third_party/chitchat`).
     pub fn rejected_by_reason(&self) -> Vec<(&'static str, u64)> {
-        vec![
-            ("bad_seal", self.rejected_bad_seal.load(Ordering::Relaxed)),
-            ("stale", self.rejected_stale.load(Ordering::Relaxed)),
-            ("replay", self.rejected_replay.load(Ordering::Relaxed)),
-            ("malformed", self.rejected_malformed.load(Ordering::Relaxed)),
-            (
-                "wrong_recipient",
-                self.rejected_recipient.load(Ordering::Relaxed),
-            ),
-        ]
+        let counts = [
+            &self.rejected_bad_seal,
+            &self.rejected_stale,
+            &self.rejected_replay,
+            &self.rejected_malformed,
+            &self.rejected_recipient,
+            &self.decode_failures,
+        ];
+        Self::REASONS
+            .iter()
+            .zip(counts)
+            .map(|(reason, n)| (*reason, n.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// Sum of all rejections.
@@ -115,7 +130,8 @@ mod tests {
                 ("stale", 1),
                 ("replay", 1),
                 ("malformed", 1),
-                ("wrong_recipient", 0)
+                ("wrong_recipient", 0),
+                ("undecodable", 0)
             ]
         );
         assert_eq!(stats.rejected_total(), 5);

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use quinn::{Endpoint, RecvStream, SendStream};
 use tokio::net::TcpStream;
-use weft_gossip::MemberState;
+use tokio::sync::watch;
+use weft_gossip::{MemberState, Protocol, ServiceRecord};
 
 use super::error::MeshError;
 use super::local::LocalFailure;
@@ -215,21 +216,82 @@ async fn handle_stream(
         refuse(&mut send, MeshError::BadRequest).await?;
         return Err(e.into());
     }
-    // Only instances this node hosts, as the catalog says, are reachable.
-    let port = {
-        let snap = dp.router.load();
-        snap.catalog
-            .instances(&head.service)
-            .iter()
-            .find(|i| i.node == dp.node && i.id == head.instance)
-            .map(|i| i.port)
-    };
-    let Some(port) = port else {
-        return refuse(&mut send, MeshError::NoHealthyInstance).await;
+    let port = match dp.registered.authorize(&head) {
+        Ok(port) => port,
+        Err(refusal) => {
+            count_refused(refusal.reason());
+            tracing::warn!(service = head.service, instance = head.instance,
+                kind = ?head.kind, reason = refusal.reason(), "refused a tunnel stream");
+            return refuse(&mut send, refusal.answer()).await;
+        }
     };
     match head.kind {
         StreamKind::Http => Inbound { dp, head, port }.http(send, recv).await,
         StreamKind::Tcp => tcp(dp, port, send, recv).await,
+    }
+}
+
+/// This node's own registrations, as its registry last published them: the
+/// only instances a peer may reach through this node. The gossip catalog is
+/// never asked, since any member can write a record that names this node
+/// (a forged incarnation with a port of its choosing).
+#[derive(Debug, Clone)]
+pub struct Registered(watch::Receiver<Vec<ServiceRecord>>);
+
+/// Why a stream was refused before any instance was called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No local registration has that service and instance id.
+    Unregistered,
+    /// The instance is registered with the other protocol (a raw TCP stream
+    /// to an HTTP instance, or the reverse).
+    ProtocolMismatch,
+}
+
+impl Refusal {
+    /// The `weft_tunnel_refused_total{reason}` label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::Unregistered => "unregistered_instance",
+            Refusal::ProtocolMismatch => "protocol_mismatch",
+        }
+    }
+
+    fn answer(self) -> MeshError {
+        match self {
+            Refusal::Unregistered => MeshError::NoHealthyInstance,
+            Refusal::ProtocolMismatch => MeshError::BadRequest,
+        }
+    }
+}
+
+impl Registered {
+    /// Follows the registry's published registrations.
+    pub fn new(registrations: watch::Receiver<Vec<ServiceRecord>>) -> Self {
+        Registered(registrations)
+    }
+
+    /// A node with no registrations (tests of the outbound side alone).
+    pub fn none() -> Self {
+        Registered(watch::channel(Vec::new()).1)
+    }
+
+    /// The local port of the instance `head` names, when this node
+    /// registered it under that service with the stream's protocol.
+    pub fn authorize(&self, head: &RequestHead) -> Result<u16, Refusal> {
+        let registrations = self.0.borrow();
+        let record = registrations
+            .iter()
+            .find(|r| r.id == head.instance && r.name == head.service)
+            .ok_or(Refusal::Unregistered)?;
+        let speaks = match head.kind {
+            StreamKind::Http => Protocol::Http,
+            StreamKind::Tcp => Protocol::Tcp,
+        };
+        if record.protocol != speaks {
+            return Err(Refusal::ProtocolMismatch);
+        }
+        Ok(record.port)
     }
 }
 
@@ -398,5 +460,78 @@ impl InboundMetrics {
             .unwrap_or_else(|p| p.into_inner())
             .insert(service.to_string(), handles.clone());
         handles
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::WIRE_VERSION;
+
+    fn record(name: &str, id: &str, port: u16, protocol: Protocol) -> ServiceRecord {
+        ServiceRecord {
+            name: name.into(),
+            id: id.into(),
+            port,
+            protocol,
+            check: None,
+            tags: vec![],
+            timeout_ms: None,
+            retry: None,
+            retry_non_idempotent: false,
+            hedge: false,
+        }
+    }
+
+    fn head(kind: StreamKind, service: &str, instance: &str) -> RequestHead {
+        RequestHead {
+            version: WIRE_VERSION,
+            kind,
+            service: service.into(),
+            instance: instance.into(),
+            method: String::new(),
+            uri: String::new(),
+            headers: vec![],
+            deadline_ms: 1000,
+            attempt: 0,
+            http2: false,
+            end_stream: true,
+        }
+    }
+
+    /// Only what this node registered is reachable, with the protocol it
+    /// was registered with; the registrations are read as they change.
+    #[test]
+    fn a_stream_reaches_only_a_registered_instance_of_its_protocol() {
+        let (tx, rx) = watch::channel(vec![
+            record("web", "web-1", 8080, Protocol::Http),
+            record("db", "db-1", 5432, Protocol::Tcp),
+        ]);
+        let registered = Registered::new(rx);
+        let ok = |kind, service, id| registered.authorize(&head(kind, service, id));
+        assert_eq!(ok(StreamKind::Http, "web", "web-1"), Ok(8080));
+        assert_eq!(ok(StreamKind::Tcp, "db", "db-1"), Ok(5432));
+        assert_eq!(
+            ok(StreamKind::Tcp, "web", "web-1"),
+            Err(Refusal::ProtocolMismatch)
+        );
+        assert_eq!(
+            ok(StreamKind::Http, "db", "db-1"),
+            Err(Refusal::ProtocolMismatch)
+        );
+        // An id under another service's name, or one never registered.
+        assert_eq!(
+            ok(StreamKind::Tcp, "db", "web-1"),
+            Err(Refusal::Unregistered)
+        );
+        assert_eq!(
+            ok(StreamKind::Tcp, "ssh", "ssh-1"),
+            Err(Refusal::Unregistered)
+        );
+        tx.send_replace(vec![]);
+        assert_eq!(
+            ok(StreamKind::Http, "web", "web-1"),
+            Err(Refusal::Unregistered)
+        );
     }
 }

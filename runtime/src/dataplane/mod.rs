@@ -218,6 +218,8 @@ pub struct DataPlane {
     pub access: AccessLog,
     /// The serving side's metrics, handles resolved per service.
     pub inbound_metrics: inbound::InboundMetrics,
+    /// This node's own registrations: what peers may reach here.
+    pub registered: inbound::Registered,
     outliers: Mutex<OutlierDetector<(String, String)>>,
     writer: Option<GossipWriter>,
     budgets: Mutex<ServiceBudgets>,
@@ -248,6 +250,9 @@ pub struct DataPlaneParts {
     pub stats: StatsHandle,
     /// Default retry wait policy.
     pub policy: RetryPolicy,
+    /// This node's own registrations (`Registered::none()` for a node
+    /// that serves no instances).
+    pub registered: inbound::Registered,
 }
 
 /// What [`DataPlane::maintain`] remembers between runs.
@@ -273,6 +278,7 @@ impl DataPlane {
             writer,
             stats,
             policy,
+            registered,
         } = parts;
         Arc::new(DataPlane {
             node,
@@ -285,6 +291,7 @@ impl DataPlane {
             in_flight: InFlight::default(),
             access,
             inbound_metrics: inbound::InboundMetrics::default(),
+            registered,
             outliers: Mutex::new(OutlierDetector::new(OutlierConfig::default())),
             writer,
             budgets: Mutex::new(ServiceBudgets::default()),

@@ -558,104 +558,159 @@ pub struct ClusterStats {
     pub retries: u64,
     /// Total requests per second.
     pub rps: f64,
-    /// Requests-weighted success rate, `None` without requests.
+    /// The nodes' success rates' median, weighted by (capped) requests;
+    /// `None` without requests.
     pub success_rate: Option<f64>,
-    /// Requests-weighted mean of the nodes' medians (see [`merge`]).
+    /// The nodes' medians' weighted median (see [`merge`]).
     pub p50_ms: Option<f64>,
-    /// Requests-weighted mean of the nodes' p95s: when a hedged request
-    /// sends its second attempt.
+    /// The nodes' p95s' weighted median: when a hedged request sends its
+    /// second attempt.
     pub p95_ms: Option<f64>,
-    /// Requests-weighted mean of the nodes' p99s (see [`merge`]).
+    /// The nodes' p99s' weighted median (see [`merge`]).
     pub p99_ms: Option<f64>,
-    /// Successful attempts, all nodes.
+    /// Successful attempts, all nodes, each peer's count capped (see
+    /// [`merge`]).
     pub successes: u64,
     /// Nodes whose summary had successful attempts.
     pub latency_nodes: usize,
-    /// Successes-weighted mean of the nodes' p99.9 of successful attempts:
-    /// the input of [`learned_timeout`].
+    /// The nodes' p99.9s of successful attempts' weighted median: the
+    /// input of [`learned_timeout`].
     pub p999_ok_ms: Option<f64>,
     /// Nodes whose summary had outage episodes.
     pub episode_nodes: usize,
-    /// Episode quantiles weighted by episode samples, and the total samples:
+    /// Episode quantiles (weighted medians) and the capped total samples:
     /// the input of [`super::episodes::learned_delay`].
     pub episodes: EpisodeStats,
 }
 
-/// Sums of `weight * value` and `weight` for a weighted mean.
+/// One quantity as every node reported it: (value, claimed weight, is
+/// this node's own), for a robust merge.
 #[derive(Default)]
-struct Mean {
-    sum: f64,
-    weight: f64,
-}
+struct Votes(Vec<(f64, u64, bool)>);
 
-impl Mean {
-    fn add(&mut self, value: Option<f64>, weight: u64) {
-        if let Some(v) = value {
+impl Votes {
+    fn add(&mut self, value: Option<f64>, weight: u64, own: bool) {
+        if let Some(v) = value.filter(|v| v.is_finite()) {
             if weight > 0 {
-                self.sum += v * weight as f64;
-                self.weight += weight as f64;
+                self.0.push((v, weight, own));
             }
         }
     }
 
-    fn get(&self) -> Option<f64> {
-        (self.weight > 0.0).then(|| self.sum / self.weight)
+    /// The most a peer's vote weighs: the lower median of the claimed
+    /// weights. One node claiming a huge count weighs no more than a
+    /// typical node, so it cannot outvote the others.
+    fn cap(&self) -> u64 {
+        let mut weights: Vec<u64> = self.0.iter().map(|&(_, w, _)| w).collect();
+        weights.sort_unstable();
+        weights
+            .get(weights.len().saturating_sub(1) / 2)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Each vote with its weight capped; this node's own is believed whole.
+    fn capped(&self) -> Vec<(f64, u64)> {
+        let cap = self.cap();
+        self.0
+            .iter()
+            .map(|&(v, w, own)| (v, if own { w } else { w.min(cap) }))
+            .collect()
+    }
+
+    /// The sum of the capped weights: the count a learned number waits for.
+    fn weight(&self) -> u64 {
+        self.capped()
+            .iter()
+            .fold(0u64, |sum, &(_, w)| sum.saturating_add(w))
+    }
+
+    /// The weighted median of the values by capped weight (the mean of the
+    /// two middle values when the weight splits exactly in half).
+    fn median(&self) -> Option<f64> {
+        let mut votes = self.capped();
+        votes.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let total: u128 = votes.iter().map(|&(_, w)| u128::from(w)).sum();
+        let mut below = 0u128;
+        for (i, &(v, w)) in votes.iter().enumerate() {
+            below += u128::from(w);
+            if below * 2 > total {
+                return Some(v);
+            }
+            if below * 2 == total {
+                return Some(votes.get(i + 1).map_or(v, |next| (v + next.0) / 2.0));
+            }
+        }
+        None
+    }
+
+    /// The median, when it may teach this node something: it saw the
+    /// quantity itself, or at least two nodes report it.
+    fn learned(&self) -> Option<f64> {
+        let trusted = self.0.len() >= 2 || self.0.iter().any(|&(_, _, own)| own);
+        self.median().filter(|_| trusted)
     }
 }
 
-/// Merges the summaries of one service from all nodes (`N` is whatever
-/// identifies a node; it is not used beyond the pairing).
+/// Merges the summaries of one service from all nodes (`N` identifies a
+/// node; `own` is this node's, whose observations it trusts).
 ///
-/// Counts and rps are summed; the success rate is weighted by requests.
-/// Summaries carry quantiles, not sketches, so the merged quantiles are
-/// weighted means of the nodes' quantiles: latency by requests, episode
-/// durations by episode samples. That is exact when nodes see the same
-/// distribution and otherwise a smooth approximation (a weighted mean of p99s
-/// is not the p99 of the union; it understates a tail seen by one small
-/// node). Nodes without requests (or without episodes) weigh nothing in the
+/// Counts and rps are summed as claimed; they are only shown. What this
+/// node acts on is robust to one lying node: each merged quantile is the
+/// weighted median of the nodes' quantiles (latency weighted by requests,
+/// p99.9 by successes, episode durations by episode samples), every peer's
+/// weight is capped at the median claimed weight, the sample counts that
+/// learning waits for are the capped sums, and the learned timeout, hedge
+/// point and retry delay need two nodes or this node's own observations.
+/// Nodes without requests (or without episodes) weigh nothing in the
 /// corresponding quantiles. Invalid summaries are skipped.
-pub fn merge<N>(summaries: &[(N, Summary)]) -> ClusterStats {
+pub fn merge<N: PartialEq>(summaries: &[(N, Summary)], own: Option<&N>) -> ClusterStats {
     let mut out = ClusterStats::default();
+    let mut requests = Votes::default();
     let (mut l50, mut l95, mut l99, mut l999) = (
-        Mean::default(),
-        Mean::default(),
-        Mean::default(),
-        Mean::default(),
+        Votes::default(),
+        Votes::default(),
+        Votes::default(),
+        Votes::default(),
     );
-    let (mut e50, mut e90, mut e99) = (Mean::default(), Mean::default(), Mean::default());
-    for s in summaries.iter().filter_map(|(_, s)| s.normalized()) {
+    let (mut e50, mut e90, mut e99) = (Votes::default(), Votes::default(), Votes::default());
+    for (node, s) in summaries {
+        let Some(s) = s.normalized() else { continue };
+        let own = own == Some(node);
         out.nodes += 1;
         out.requests = out.requests.saturating_add(s.requests);
         out.failures = out.failures.saturating_add(s.failures);
         out.retries = out.retries.saturating_add(s.retries);
         out.rps += s.rps;
-        l50.add(s.p50_ms, s.requests);
-        l95.add(s.p95_ms, s.requests);
-        l99.add(s.p99_ms, s.requests);
         let successes = s.requests - s.failures;
-        out.successes = out.successes.saturating_add(successes);
+        if s.requests > 0 {
+            requests.add(Some(successes as f64 / s.requests as f64), s.requests, own);
+        }
+        l50.add(s.p50_ms, s.requests, own);
+        l95.add(s.p95_ms, s.requests, own);
+        l99.add(s.p99_ms, s.requests, own);
         if successes > 0 {
             out.latency_nodes += 1;
         }
-        l999.add(s.p999_ok_ms, successes);
+        l999.add(s.p999_ok_ms, successes, own);
         let e = &s.episodes;
         if e.samples > 0 {
             out.episode_nodes += 1;
         }
-        out.episodes.samples = out.episodes.samples.saturating_add(e.samples);
-        e50.add(e.p50_ms, e.samples);
-        e90.add(e.p90_ms, e.samples);
-        e99.add(e.p99_ms, e.samples);
+        e50.add(e.p50_ms, e.samples, own);
+        e90.add(e.p90_ms, e.samples, own);
+        e99.add(e.p99_ms, e.samples, own);
     }
-    out.success_rate = (out.requests > 0)
-        .then(|| out.requests.saturating_sub(out.failures) as f64 / out.requests as f64);
-    out.p50_ms = l50.get();
-    out.p95_ms = l95.get();
-    out.p99_ms = l99.get();
-    out.p999_ok_ms = l999.get();
-    out.episodes.p50_ms = e50.get();
-    out.episodes.p90_ms = e90.get();
-    out.episodes.p99_ms = e99.get();
+    out.success_rate = requests.median();
+    out.p50_ms = l50.median();
+    out.p95_ms = l95.learned();
+    out.p99_ms = l99.median();
+    out.successes = l999.weight();
+    out.p999_ok_ms = l999.learned();
+    out.episodes.samples = e90.weight();
+    out.episodes.p50_ms = e50.learned();
+    out.episodes.p90_ms = e90.learned();
+    out.episodes.p99_ms = e99.learned();
     out
 }
 

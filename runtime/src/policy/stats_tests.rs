@@ -335,7 +335,7 @@ fn decode_clamps_absurd_magnitudes_and_normalizes() {
 // === merge ===
 
 #[test]
-fn merge_weights_by_requests_and_samples() {
+fn merge_takes_weighted_medians_with_capped_peers() {
     let mut a = summary(300, 30, 10.0, 100.0);
     a.retries = 4;
     a.episodes = episodes(10, 100.0, 200.0, 300.0);
@@ -344,36 +344,117 @@ fn merge_weights_by_requests_and_samples() {
     b.episodes = episodes(30, 200.0, 400.0, 700.0);
     // An idle node: no requests, no episodes; it must not drag latency down.
     let idle = summary(0, 0, 0.0, 0.0);
-    let m = merge(&[("a", a), ("b", b), ("idle", idle)]);
+    let nodes = [("a", a), ("b", b), ("idle", idle)];
+    let m = merge(&nodes, None);
+    // Counts are shown as claimed.
     assert_eq!(m.nodes, 3);
     assert_eq!(m.requests, 400);
     assert_eq!(m.failures, 30);
     assert_eq!(m.retries, 5);
     assert!(close(m.rps, 40.0));
-    assert_eq!(m.success_rate, Some(370.0 / 400.0));
-    assert!(close(m.p50_ms.unwrap(), 15.0), "{m:?}");
-    assert!(close(m.p99_ms.unwrap(), 125.0), "{m:?}");
-    assert_eq!(m.episodes.samples, 40);
-    assert!(close(m.episodes.p50_ms.unwrap(), 175.0), "{m:?}");
-    assert!(close(m.episodes.p90_ms.unwrap(), 350.0), "{m:?}");
-    assert!(close(m.episodes.p99_ms.unwrap(), 600.0), "{m:?}");
+    // Each peer weighs at most the lower median claim (100 requests, 10
+    // episodes): a and b weigh the same, and the median is their mean.
+    assert_eq!(m.success_rate, Some(0.95));
+    assert!(close(m.p50_ms.unwrap(), 20.0), "{m:?}");
+    assert!(close(m.p99_ms.unwrap(), 150.0), "{m:?}");
+    assert_eq!(m.episodes.samples, 20);
+    assert!(close(m.episodes.p50_ms.unwrap(), 150.0), "{m:?}");
+    assert!(close(m.episodes.p90_ms.unwrap(), 300.0), "{m:?}");
+    assert!(close(m.episodes.p99_ms.unwrap(), 500.0), "{m:?}");
+    // This node's own observations weigh what they are.
+    let m = merge(&nodes, Some(&"a"));
+    assert!(close(m.p50_ms.unwrap(), 10.0), "{m:?}");
+    assert_eq!(m.episodes.samples, 20);
+    assert!(close(m.episodes.p90_ms.unwrap(), 300.0), "{m:?}");
 }
 
 #[test]
-fn a_node_that_never_called_still_learns_from_others() {
+fn a_node_that_never_called_learns_once_two_others_agree() {
     let mut caller = summary(50, 5, 1.0, 2.0);
     caller.episodes = episodes(25, 100.0, 300.0, 500.0);
     let me = summary(0, 0, 0.0, 0.0);
-    let m = merge(&[("me".to_string(), me), ("caller".to_string(), caller)]);
+    // One node's word alone teaches nothing: it could be lying.
+    let m = merge(&[("me", me), ("caller", caller)], Some(&"me"));
+    assert_eq!(m.episodes.p90_ms, None);
+    let m = merge(&[("me", me), ("c1", caller), ("c2", caller)], Some(&"me"));
+    assert_eq!(m.episodes.samples, 50);
+    assert_eq!(m.episodes.p90_ms, caller.episodes.p90_ms);
+    // The caller trusts its own observations.
+    let m = merge(&[("me", me), ("caller", caller)], Some(&"caller"));
     assert_eq!(m.episodes, caller.episodes);
+}
+
+/// Three honest nodes, one liar: whatever the liar claims (a huge count
+/// with extreme values, or modest counts with extreme values), no number
+/// this node learns or acts on moves by more than a fifth.
+#[test]
+fn one_lying_node_moves_no_learned_number_by_more_than_a_fifth() {
+    let honest = |requests: u64, p999: f64, p90: f64| {
+        let mut s = summary(requests, requests / 50, 10.0, 40.0);
+        s.p95_ms = Some(30.0);
+        s.p999_ok_ms = Some(p999);
+        s.episodes = episodes(requests / 20, p90 * 0.6, p90, p90 * 1.3);
+        s
+    };
+    let liar = |requests: u64, ms: f64| {
+        let mut s = summary(requests, 0, ms, ms);
+        s.p95_ms = Some(ms);
+        s.p999_ok_ms = Some(ms);
+        s.episodes = episodes(requests, ms, ms, ms);
+        s
+    };
+    let nodes = vec![
+        ("me", honest(1000, 80.0, 300.0)),
+        ("n2", honest(1200, 90.0, 320.0)),
+        ("n3", honest(800, 85.0, 280.0)),
+    ];
+    let truth = merge(&nodes, Some(&"me"));
+    let timeout = learned_timeout(&truth).unwrap();
+    let liars = [
+        liar(MAX_COUNT, 0.0),
+        liar(MAX_COUNT, MAX_MS),
+        liar(1000, 0.0),
+        liar(1000, MAX_MS),
+    ];
+    for lie in liars {
+        let mut with_liar = nodes.clone();
+        with_liar.push(("liar", lie));
+        let m = merge(&with_liar, Some(&"me"));
+        let moved = |a: Option<f64>, b: Option<f64>| {
+            let (a, b) = (a.unwrap(), b.unwrap());
+            (a - b).abs() / b
+        };
+        for (what, by) in [
+            ("p99.9", moved(m.p999_ok_ms, truth.p999_ok_ms)),
+            ("p95", moved(m.p95_ms, truth.p95_ms)),
+            ("p99", moved(m.p99_ms, truth.p99_ms)),
+            (
+                "episode p90",
+                moved(m.episodes.p90_ms, truth.episodes.p90_ms),
+            ),
+            (
+                "episode p99",
+                moved(m.episodes.p99_ms, truth.episodes.p99_ms),
+            ),
+            ("success rate", moved(m.success_rate, truth.success_rate)),
+        ] {
+            assert!(by <= 0.2, "{what} moved by {by:.2} with {lie:?}");
+        }
+        let learned = learned_timeout(&m).unwrap();
+        let ratio = learned.as_secs_f64() / timeout.as_secs_f64();
+        assert!(
+            (0.8..=1.2).contains(&ratio),
+            "timeout {learned:?} vs {timeout:?}"
+        );
+    }
 }
 
 #[test]
 fn merge_of_nothing_and_of_invalid_is_empty() {
-    assert_eq!(merge::<&str>(&[]), ClusterStats::default());
+    assert_eq!(merge::<&str>(&[], None), ClusterStats::default());
     let mut bad = summary(10, 20, 1.0, 2.0);
     bad.rps = f64::NAN;
-    let m = merge(&[(1u32, bad)]);
+    let m = merge(&[(1u32, bad)], None);
     assert_eq!(m, ClusterStats::default());
 }
 
@@ -467,14 +548,14 @@ proptest! {
     #[test]
     fn merge_is_bounded(list in proptest::collection::vec(any_summary(), 0..20)) {
         let pairs: Vec<(usize, Summary)> = list.into_iter().enumerate().collect();
-        let m = merge(&pairs);
+        let m = merge(&pairs, Some(&0));
         prop_assert!(m.rps.is_finite());
         if let Some(r) = m.success_rate {
             prop_assert!((0.0..=1.0).contains(&r));
         }
         let e = m.episodes;
         if let (Some(a), Some(b), Some(c)) = (e.p50_ms, e.p90_ms, e.p99_ms) {
-            // Weighted means of ordered triples stay ordered (up to rounding).
+            // Weighted medians of ordered triples stay ordered.
             prop_assert!(a <= b + 1e-6 && b <= c + 1e-6 && c <= MAX_MS + 1e-6);
         }
     }
@@ -499,7 +580,7 @@ fn a_timeout_is_learned_from_successes_once_there_are_enough() {
     let summary = Summary::new(&window, &EpisodeStats::default());
     let decoded = Summary::decode(&summary.encode()).unwrap();
     assert_eq!(decoded.p999_ok_ms.map(f64::round), Some(p999.round()));
-    let merged = merge(&[("n1", decoded), ("n2", decoded)]);
+    let merged = merge(&[("n1", decoded), ("n2", decoded)], None);
     assert_eq!(merged.latency_nodes, 2);
     let timeout = learned_timeout(&merged).unwrap();
     assert!(

@@ -246,6 +246,19 @@ impl Deserializable for Delta {
     }
 }
 
+impl Delta {
+    /// A delta from ops encoded one after the other with no compressed
+    /// stream around them (the fuzz entry point's input).
+    pub(crate) fn from_plain_ops(mut buf: &[u8]) -> anyhow::Result<Self> {
+        let len = buf.len();
+        let mut delta_builder = DeltaBuilder::default();
+        while !buf.is_empty() {
+            delta_builder.apply_op(DeltaOp::deserialize(&mut buf)?)?;
+        }
+        Ok(delta_builder.finish(len))
+    }
+}
+
 #[cfg(test)]
 impl Delta {
     pub(crate) fn num_tuples(&self) -> usize {
@@ -396,6 +409,7 @@ impl DeltaBuilder {
                     current_node_delta.max_version < key_value_mutation.version,
                     "kv version should be striclty increasing"
                 );
+                crate::validate::key(&key_value_mutation.key)?;
                 current_node_delta.max_version = key_value_mutation.version;
                 current_node_delta.key_values.push(key_value_mutation);
             }
@@ -403,6 +417,12 @@ impl DeltaBuilder {
                 let Some(current_node_delta) = self.current_node_delta.as_mut() else {
                     anyhow::bail!("received a key-value op without a node op before.");
                 };
+                // Applying a node delta asserts that its max version covers
+                // its key-values: refuse a delta that would trip it.
+                anyhow::ensure!(
+                    max_version >= current_node_delta.max_version,
+                    "max version below the delta's key-values"
+                );
                 current_node_delta.max_version = max_version;
             }
         }

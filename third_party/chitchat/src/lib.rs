@@ -5,6 +5,8 @@ mod configuration;
 mod delta;
 mod digest;
 mod failure_detector;
+#[doc(hidden)]
+pub mod fuzz;
 mod listener;
 mod message;
 mod message_serialize;
@@ -13,6 +15,7 @@ mod server;
 mod state;
 pub mod transport;
 mod types;
+mod validate;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::iter::once;
@@ -88,6 +91,17 @@ pub struct Chitchat {
     live_nodes_watcher_rx: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
     /// Bumped on every change `live_nodes_watcher_tx` reports.
     live_nodes_changes_tx: watch::Sender<u64>,
+    /// Digest entries and deltas about this node's own name that were
+    /// ignored (see [`Chitchat::claims_about_self_ignored`]).
+    claims_about_self: u64,
+}
+
+/// What a peer's message says of this node (a weft patch, PATCHES.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AboutSelf {
+    Own,
+    Claim,
+    No,
 }
 
 impl Chitchat {
@@ -107,6 +121,7 @@ impl Chitchat {
             live_nodes_watcher_tx,
             live_nodes_watcher_rx,
             live_nodes_changes_tx: watch::Sender::new(0),
+            claims_about_self: 0,
         };
 
         let self_node_state = chitchat.self_node_state();
@@ -134,11 +149,50 @@ impl Chitchat {
     /// the cluster.
     fn report_heartbeats_in_digest(&mut self, digest: &Digest) {
         for (chitchat_id, node_digest) in &digest.node_digests {
-            self.report_heartbeat(chitchat_id, node_digest.heartbeat);
+            match self.about_self(chitchat_id) {
+                // Every peer's digest lists this node; its heartbeat is ours.
+                AboutSelf::Own => continue,
+                AboutSelf::Claim => {
+                    self.claims_about_self += 1;
+                    continue;
+                }
+                AboutSelf::No => self.report_heartbeat(chitchat_id, node_digest.heartbeat),
+            }
         }
     }
 
-    fn process_delta(&mut self, delta: Delta) {
+    /// Whether `chitchat_id` is this node's own id, a claim to be this node
+    /// (a newer incarnation of its name, or its incarnation at another
+    /// address), or another node. Older incarnations of its name are its
+    /// past, and other nodes.
+    fn about_self(&self, chitchat_id: &ChitchatId) -> AboutSelf {
+        let own = &self.config.chitchat_id;
+        if chitchat_id == own {
+            AboutSelf::Own
+        } else if chitchat_id.node_id == own.node_id
+            && chitchat_id.generation_id >= own.generation_id
+        {
+            AboutSelf::Claim
+        } else {
+            AboutSelf::No
+        }
+    }
+
+    /// How many digest entries and node deltas about this node itself
+    /// peers sent and this node ignored. Only this node writes its own
+    /// state: a delta about its id would have a peer's keys gossiped as
+    /// ours, and a newer incarnation of its name would replace it in every
+    /// view.
+    pub fn claims_about_self_ignored(&self) -> u64 {
+        self.claims_about_self
+    }
+
+    fn process_delta(&mut self, mut delta: Delta) {
+        let before = delta.node_deltas.len();
+        delta
+            .node_deltas
+            .retain(|node_delta| self.about_self(&node_delta.chitchat_id) == AboutSelf::No);
+        self.claims_about_self += (before - delta.node_deltas.len()) as u64;
         let was_reset_triggered = self.cluster_state.apply_delta(delta);
         if was_reset_triggered {
             if let Some(catchup_callback) = &self.config.catchup_callback {

@@ -277,6 +277,7 @@ impl Serializable for ChitchatId {
 impl Deserializable for ChitchatId {
     fn deserialize(buf: &mut &[u8]) -> anyhow::Result<Self> {
         let node_id: Arc<str> = Arc::<str>::deserialize(buf)?;
+        crate::validate::node_id(&node_id)?;
         let generation_id = u64::deserialize(buf)?;
         let gossip_advertise_addr = SocketAddr::deserialize(buf)?;
         Ok(Self {
