@@ -94,6 +94,7 @@ async fn start_node(i: usize, port0: u16, instances: usize, key: [u8; 32]) -> No
         seeds: vec![format!("127.0.0.1:{port0}")],
         interval: INTERVAL,
         cluster_id: "scale".into(),
+        attestor: None,
     };
     let info = serde_json::json!({
         "tunnel": format!("127.0.0.1:{}", port0 + 20_000 + i as u16),

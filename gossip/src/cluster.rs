@@ -19,6 +19,7 @@ use chitchat::{
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
+use crate::attest::{self, Attestor, Incarnation, Rejections, StateCheck};
 use crate::keys::{validate_value, Key};
 use crate::view::{ClusterView, NodeKeys, NodeSnapshot};
 use crate::GossipError;
@@ -47,6 +48,10 @@ pub struct ClusterConfig {
     pub interval: Duration,
     /// Nodes with another cluster id ignore each other.
     pub cluster_id: String,
+    /// Signs this node's state and checks every other node's
+    /// ([`crate::attest`]); `None` believes every member about every node
+    /// (the scale harness and tests of the gossip layer alone).
+    pub attestor: Option<Arc<dyn Attestor>>,
 }
 
 impl ClusterConfig {
@@ -90,6 +95,8 @@ pub struct Cluster {
     /// catalog before serving it).
     own_change: Arc<Notify>,
     interval: Duration,
+    attestor: Option<Arc<dyn Attestor>>,
+    rejections: Arc<Rejections>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -107,41 +114,64 @@ impl Cluster {
         initial: Vec<(Key, String)>,
         transport: &dyn Transport,
     ) -> Result<Self, GossipError> {
-        let mut kvs = Vec::with_capacity(initial.len());
+        let mut kvs = Vec::with_capacity(initial.len() + 1);
         for (key, value) in initial {
             validate_value(&value)?;
             kvs.push((key.encode(), value));
         }
+        if let Some(attestor) = &config.attestor {
+            kvs.push((
+                Key::Cert.encode(),
+                attest::certificate_value(attestor.as_ref()),
+            ));
+        }
         let handle = spawn_chitchat(config.chitchat_config(), kvs, transport)
             .await
             .map_err(|e| GossipError::Start(format!("{e:#}")))?;
+        let attestor = config.attestor.clone();
+        if let Some(attestor) = &attestor {
+            handle
+                .with_chitchat(|c| sign_own_state(c, attestor.as_ref()))
+                .await;
+        }
+        let rejections = Arc::new(Rejections::default());
         let (tx, views) = watch::channel(Arc::new(ClusterView::default()));
         let chitchat = handle.chitchat();
         let interval = config.interval;
-        let self_name = config.node_name.clone();
         let own_change = Arc::new(Notify::new());
-        let refresher = tokio::spawn(refresh_views(
-            chitchat,
-            tx,
-            interval,
-            self_name,
-            own_change.clone(),
-        ));
+        let mut refresher = Refresher::new(interval, config.node_name.clone());
+        if let Some(attestor) = &attestor {
+            refresher.check = Some(StateCheck::new(attestor.clone(), rejections.clone()));
+        }
+        let refresher = tokio::spawn(refresh_views(chitchat, tx, refresher, own_change.clone()));
         Ok(Cluster {
             handle,
             views,
             refresher,
             own_change,
             interval,
+            attestor,
+            rejections,
         })
+    }
+
+    /// Node states not believed, by reason (zeros included).
+    pub fn rejections(&self) -> Arc<Rejections> {
+        self.rejections.clone()
     }
 
     /// Writes one of this node's keys.
     pub async fn set(&self, key: &Key, value: &str) -> Result<(), GossipError> {
         validate_value(value)?;
         let key = key.encode();
+        let attestor = self.attestor.as_deref();
         self.handle
-            .with_chitchat(|c| c.self_node_state().set(&key, value))
+            .with_chitchat(|c| {
+                c.self_node_state().set(&key, value);
+                if let Some(attestor) = attestor {
+                    sign_own_state(c, attestor);
+                }
+            })
             .await;
         self.own_change.notify_one();
         Ok(())
@@ -150,10 +180,14 @@ impl Cluster {
     /// Deletes one of this node's keys (peers learn it by diffing, not by event).
     pub async fn delete(&self, key: &Key) {
         let key = key.encode();
+        let attestor = self.attestor.as_deref();
         self.handle
             .with_chitchat(|c| {
                 if c.self_node_state().get(&key).is_some() {
-                    c.self_node_state().delete(&key)
+                    c.self_node_state().delete(&key);
+                    if let Some(attestor) = attestor {
+                        sign_own_state(c, attestor);
+                    }
                 }
             })
             .await;
@@ -209,6 +243,18 @@ impl Cluster {
     }
 }
 
+/// Writes this node's `sig` over its current keys: its newest version, so
+/// whoever holds it holds every key it covers.
+fn sign_own_state(chitchat: &mut chitchat::Chitchat, attestor: &dyn Attestor) {
+    let id = chitchat.self_chitchat_id().clone();
+    let sig = attest::sign(
+        attestor,
+        Incarnation::of(&id),
+        chitchat.self_node_state().key_values(),
+    );
+    chitchat.self_node_state().set(Key::Sig.encode(), sig);
+}
+
 /// `id`'s keys: the cached copy while its max version has not moved, else
 /// a fresh one (cached for the next views).
 fn current_keys(
@@ -244,12 +290,11 @@ const VIEW_REFRESH: Duration = Duration::from_secs(1);
 async fn refresh_views(
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
     tx: watch::Sender<Arc<ClusterView>>,
-    interval: Duration,
-    self_name: String,
+    mut refresher: Refresher,
     own_change: Arc<Notify>,
 ) {
+    let interval = refresher.interval;
     let mut changes = chitchat.lock().await.live_nodes_changes();
-    let mut refresher = Refresher::new(interval, self_name);
     let mut chitchat_moved = true;
     loop {
         let view = {
@@ -272,6 +317,9 @@ async fn refresh_views(
 /// What the refresher remembers between views.
 struct Refresher {
     self_name: String,
+    interval: Duration,
+    /// Which of each peer's keys to believe; `None` believes all.
+    check: Option<StateCheck>,
     /// Four silent rounds make a live node suspect; phi 8 declares it dead later.
     suspect_after: Duration,
     /// When each node's heartbeat last moved.
@@ -287,6 +335,8 @@ impl Refresher {
     fn new(interval: Duration, self_name: String) -> Self {
         Refresher {
             self_name,
+            interval,
+            check: None,
             suspect_after: interval * 4,
             heard: HashMap::new(),
             keys: HashMap::new(),
@@ -314,10 +364,21 @@ impl Refresher {
         }
         self.last_signature = signature;
         self.last_published = Some(now);
-        let nodes = chitchat
-            .node_states()
-            .iter()
-            .map(|(id, state)| NodeSnapshot {
+        let own = chitchat.self_chitchat_id();
+        let mut nodes = Vec::with_capacity(chitchat.node_states().len());
+        for (id, state) in chitchat.node_states() {
+            let keys = current_keys(&mut self.keys, id, state);
+            let kv = match &mut self.check {
+                Some(check) if id != own => {
+                    match check.believe(id, state.max_version(), &keys) {
+                        Some(believed) => believed,
+                        // Never verified: not a member as far as weft knows.
+                        None => continue,
+                    }
+                }
+                _ => keys,
+            };
+            nodes.push(NodeSnapshot {
                 name: id.node_id.to_string(),
                 generation: id.generation_id,
                 gossip_addr: id.gossip_advertise_addr,
@@ -327,11 +388,15 @@ impl Refresher {
                     .heard
                     .get(id)
                     .map_or(Duration::ZERO, |(_, at)| now.duration_since(*at)),
-                kv: current_keys(&mut self.keys, id, state),
-            })
-            .collect();
+                kv,
+            });
+        }
+        let known = self.keys.len();
         self.keys
             .retain(|id, _| chitchat.node_states().contains_key(id));
+        if let (Some(check), true) = (&mut self.check, self.keys.len() < known) {
+            check.retain(|id| chitchat.node_states().contains_key(id));
+        }
         Some(ClusterView {
             self_name: self.self_name.clone(),
             nodes,

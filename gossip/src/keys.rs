@@ -18,6 +18,11 @@ pub enum Key {
     Node,
     /// The gossip keyring this node holds (sealed like all gossip).
     Keyring,
+    /// The node's certificate (base64 DER), which signs its state.
+    Cert,
+    /// The node's signature over all its other keys ([`crate::attest`]),
+    /// rewritten after every change, so it is always its newest key.
+    Sig,
     /// An instance this node hosts.
     Svc(String),
     /// What this node's checker or outlier detector concluded about an instance.
@@ -47,6 +52,8 @@ impl Key {
         match self {
             Key::Node => "node".to_string(),
             Key::Keyring => "keyring".to_string(),
+            Key::Cert => "cert".to_string(),
+            Key::Sig => "sig".to_string(),
             Key::Svc(id) => format!("svc/{id}"),
             Key::Health(id) => format!("health/{id}"),
             Key::Stats(svc) => format!("stats/{svc}"),
@@ -59,6 +66,8 @@ impl Key {
         match raw {
             "node" => return Some(Key::Node),
             "keyring" => return Some(Key::Keyring),
+            "cert" => return Some(Key::Cert),
+            "sig" => return Some(Key::Sig),
             _ => {}
         }
         let (prefix, rest) = raw.split_once('/')?;

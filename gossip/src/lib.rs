@@ -12,8 +12,11 @@
 //!   what changed.
 //! - [`cluster`]: starts chitchat with weft's configuration, keeps the node's own
 //!   keys, and publishes a fresh [`view::ClusterView`] on every change.
+//! - [`attest`]: signed node state: each node signs its keys with its
+//!   certificate, and receivers believe only what verifies.
 //! - [`seal`]: the authenticated gossip transport (AEAD-sealed datagrams) and its keyring.
 
+pub mod attest;
 pub mod catalog;
 pub mod cluster;
 pub mod keys;

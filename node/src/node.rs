@@ -99,6 +99,14 @@ async fn serve(
     };
     let mut initial = vec![(Key::Node, to_json(&info)), (Key::Keyring, keys.record())];
     initial.extend(registry.initial_keys().await);
+    let tunnels = Arc::new(TunnelPool::new(
+        endpoint.clone(),
+        tunnel_tls.client,
+        tunnel_tls.trust,
+        Timeouts::default().connect,
+    ));
+    let attestor = tls::NodeAttestor::new(&tunnel_tls.identity, tunnels.trust())
+        .map_err(|e| NodeError::Config(e.to_string()))?;
     let cluster_cfg = ClusterConfig {
         node_name: cfg.name.clone(),
         generation,
@@ -107,6 +115,7 @@ async fn serve(
         seeds: cfg.seeds.clone(),
         interval: cfg.gossip_interval,
         cluster_id: cluster_id(&cluster_dir)?,
+        attestor: Some(Arc::new(attestor)),
     };
     let transport =
         weft_gossip::seal::SealedTransport::with_keyring(keys.ring()).with_advertised(advertise);
@@ -140,12 +149,6 @@ async fn serve(
         Supervisor::start(move |_| aggregator)
     };
     let access = AccessLog::start(cfg.access_log.clone());
-    let tunnels = Arc::new(TunnelPool::new(
-        endpoint.clone(),
-        tunnel_tls.client,
-        tunnel_tls.trust,
-        Timeouts::default().connect,
-    ));
     let dataplane = DataPlane::new(DataPlaneParts {
         node: cfg.name.clone(),
         router: router_handle.clone(),
@@ -284,6 +287,8 @@ struct TunnelTls {
     server: quinn::ServerConfig,
     client: quinn::ClientConfig,
     trust: tls::PeerTrust,
+    /// The identity the configs were built from (it also signs gossip).
+    identity: tls::Identity,
 }
 
 fn tunnel_tls(cfg: &NodeConfig, cluster_dir: &Path) -> Result<TunnelTls, NodeError> {
@@ -307,6 +312,7 @@ fn tunnel_tls(cfg: &NodeConfig, cluster_dir: &Path) -> Result<TunnelTls, NodeErr
         server: tls::server_config(&identity).map_err(config)?,
         client: tls::client_config(&identity).map_err(config)?,
         trust: tls::PeerTrust::new(&identity).map_err(config)?,
+        identity,
     })
 }
 
@@ -529,13 +535,17 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
 }
 
 /// Copies the gossip layer's counters into metrics once a second:
-/// datagrams and messages refused by reason, claims about this node that
-/// peers made and gossip ignored, and bytes each way.
+/// datagrams and messages refused by reason, node states not believed by
+/// reason, claims about this node that peers made and gossip ignored, and
+/// bytes each way.
 fn export_gossip_counters(seal: Arc<weft_gossip::seal::SealStats>, cluster: Arc<Cluster>) {
     use std::sync::atomic::Ordering::Relaxed;
     tokio::spawn(async move {
         loop {
             for (reason, n) in seal.rejected_by_reason() {
+                metrics::counter!("weft_gossip_rejected_total", "reason" => reason).absolute(n);
+            }
+            for (reason, n) in cluster.rejections().by_reason() {
                 metrics::counter!("weft_gossip_rejected_total", "reason" => reason).absolute(n);
             }
             let claims = cluster.claims_about_self_ignored().await;

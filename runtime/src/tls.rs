@@ -1,6 +1,9 @@
 //! Node identity: certificates signed by the cluster CA, and the mTLS configs of the QUIC tunnel.
 
+mod attestor;
 mod der;
+
+pub use attestor::NodeAttestor;
 
 use std::fmt;
 use std::io::Write;
