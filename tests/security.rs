@@ -4,73 +4,9 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
-
-/// A certificate for `names` signed by the cluster's CA (as anyone holding
-/// `ca.key` could make), PEM cert and key.
-fn ca_signed(cluster: &std::path::Path, names: &[&str], cn: &str) -> (String, String) {
-    let ca_key =
-        KeyPair::from_pem(&std::fs::read_to_string(cluster.join("ca.key")).unwrap()).unwrap();
-    let mut issuer = CertificateParams::default();
-    issuer
-        .distinguished_name
-        .push(DnType::CommonName, "weft cluster CA");
-    issuer.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    issuer.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let issuer = issuer.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.use_authority_key_identifier_extension = true;
-    let cert = params.signed_by(&key, &issuer, &ca_key).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-/// A QUIC connection to node `target` presenting `cert_pem`/`key_pem`
-/// (with its endpoint, which must outlive it).
-async fn connect_as(
-    c: &TestCluster,
-    target: usize,
-    cert_pem: &str,
-    key_pem: &str,
-) -> Result<(quinn::Endpoint, quinn::Connection), Box<dyn std::error::Error>> {
-    use rustls::pki_types::pem::PemObject;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca_pem = std::fs::read(c.cluster_dir.join("ca.pem"))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca_pem) {
-        roots.add(cert?)?;
-    }
-    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()?;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
-    let mut tls = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)?;
-    tls.alpn_protocols = vec![b"weft/1".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let name = format!("{}.node.weft", c.nodes[target].name);
-    let conn = endpoint.connect(c.nodes[target].tunnel, &name)?.await?;
-    Ok((endpoint, conn))
-}
 
 /// Dials node `target` with a client certificate and sends a well-formed
 /// request head; Ok(bytes) if the node answered anything.
@@ -276,7 +212,7 @@ async fn the_gossip_key_rotates_on_a_running_cluster_and_nothing_is_lost() {
 
     // Gossip traffic throughout: a registration every 100 ms on n1, and
     // every node's view of the members sampled for anything not alive.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let churn = {
         let (socket, stop) = (c.nodes[0].socket.clone(), stop.clone());
         tokio::spawn(async move {
