@@ -197,6 +197,7 @@ async fn bad_input_is_refused_and_the_node_keeps_serving() {
         .unwrap();
     assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
     // A page whose DNS name was rebound to the admin address reads nothing.
+    sender.ready().await.unwrap();
     let req = hyper::Request::get("/v1/members")
         .header("host", "weft.attacker.example")
         .body(http_body_util::Full::new(bytes::Bytes::new()))

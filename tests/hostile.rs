@@ -222,9 +222,16 @@ async fn a_compromised_member_can_lie_only_about_itself() {
     let (ssh_port, ssh_accepted) = unregistered_port().await;
     let h = Hostile::new(&c);
 
-    // evil, a member in its own right, votes n2's web out and claims a
-    // huge, instant window of web calls.
+    // evil, a member in its own right, votes n2's web out, claims a huge,
+    // instant window of web calls, and offers a keyring of the highest
+    // version that adds a key of its own (no operator granted it).
     let stats = r#"{"v":1,"r":1000000000000,"f":0,"t":0,"q":1e9,"l50":0.0,"l99":0.0,"l999":0.0,"n":0,"er":0}"#;
+    let cluster_key = std::fs::read_to_string(c.cluster_dir.join("gossip.key")).unwrap();
+    let keyring = json!({
+        "version": u64::MAX,
+        "primary": cluster_key.trim(),
+        "keys": [cluster_key.trim(), "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA="],
+    });
     let _evil = h
         .join(
             "evil",
@@ -239,6 +246,7 @@ async fn a_compromised_member_can_lie_only_about_itself() {
                     "1".into(),
                 ),
                 (Key::Stats("web".into()), stats.into()),
+                (Key::Keyring, keyring.to_string()),
             ],
             true,
         )
@@ -340,6 +348,17 @@ async fn a_compromised_member_can_lie_only_about_itself() {
             .find(|m| m["name"] == "n2")
             .unwrap();
         assert_eq!(n2_seen["generation"], n2_generation, "{members}");
+    }
+    // No node took the keyring no operator granted.
+    for node in [n1, n2] {
+        let keys = get(&node.socket, "/v1/keys").await.unwrap().1;
+        assert_eq!(keys["version"], 0, "{keys}");
+        let here = keys["keys"].as_array().unwrap().iter();
+        assert_eq!(
+            here.filter(|k| k["installed_here"] == true).count(),
+            1,
+            "{keys}"
+        );
     }
     // The victims keep serving, through the mesh and with a timeout the
     // liar's statistics did not teach.

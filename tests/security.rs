@@ -159,15 +159,61 @@ async fn an_authenticated_peer_is_held_to_the_tunnel_limits() {
     assert_eq!(proxy_get(c.nodes[1].proxy, "web").await, 200);
 }
 
-/// `weft keys ...` against one node's socket; stdout on success.
-fn keys_cli(socket: &std::path::Path, args: &[&str]) -> Result<String, String> {
-    let out = std::process::Command::new(weft_bin())
-        .arg("--socket")
-        .arg(socket)
+/// An operator certificate and key for the cluster (`weft cert issue
+/// --operator`), issued once per cluster dir.
+fn operator(c: &TestCluster) -> (std::path::PathBuf, std::path::PathBuf) {
+    let out = c.dir.path().join("operator");
+    let (cert, key) = (out.join("ops.pem"), out.join("ops.key"));
+    if !cert.exists() {
+        let done = std::process::Command::new(weft_bin())
+            .args(["cert", "issue", "ops", "--operator", "--cluster"])
+            .arg(&c.cluster_dir)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .expect("run weft cert issue --operator");
+        assert!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+    }
+    (cert, key)
+}
+
+/// `weft keys ...` against one node's socket, as the cluster's operator
+/// when `as_operator`, with `stdin` as standard input; stdout on success.
+fn keys_cli(
+    c: &TestCluster,
+    node: usize,
+    args: &[&str],
+    stdin: &str,
+    as_operator: bool,
+) -> Result<String, String> {
+    use std::io::Write as _;
+    let mut cmd = std::process::Command::new(weft_bin());
+    cmd.arg("--socket")
+        .arg(&c.nodes[node].socket)
         .arg("keys")
         .args(args)
-        .output()
-        .expect("run weft keys");
+        .env_remove("WEFT_OPERATOR_CERT")
+        .env_remove("WEFT_OPERATOR_KEY")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if as_operator {
+        let (cert, key) = operator(c);
+        cmd.env("WEFT_OPERATOR_CERT", cert)
+            .env("WEFT_OPERATOR_KEY", key);
+    }
+    let mut child = cmd.spawn().expect("run weft keys");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     if out.status.success() {
         Ok(text(&out.stdout))
@@ -247,31 +293,38 @@ async fn the_gossip_key_rotates_on_a_running_cluster_and_nothing_is_lost() {
         })
     };
 
-    // Install on n1, use on n2, remove on n3: each change reaches all.
+    // Install on n1, use on n2, remove on n3: each change reaches all. The
+    // key comes on standard input, never the command line; only an
+    // operator's grant changes the keyring.
     let new_key = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=";
-    let out = keys_cli(&c.nodes[0].socket, &["install", new_key]).unwrap();
+    let on_argv = keys_cli(&c, 0, &["install", new_key], "", true).unwrap_err();
+    assert!(on_argv.contains("unexpected argument"), "{on_argv}");
+    let not_operator = keys_cli(&c, 0, &["install"], new_key, false).unwrap_err();
+    assert!(not_operator.contains("operator"), "{not_operator}");
+    let out = keys_cli(&c, 0, &["install"], new_key, true).unwrap();
+    assert!(out.contains("granted by operator ops"), "{out}");
     let new_id = out.split_whitespace().nth(1).unwrap().to_string();
     keys_everywhere(&c, "the new key is installed on all 3", |l| {
         key_entry(l, &new_id).is_some_and(|k| k["installed_on"] == 3)
     })
     .await;
     // Removing the primary is refused, with the reason.
-    let refused = keys_cli(&c.nodes[2].socket, &["remove", &old_id]).unwrap_err();
+    let refused = keys_cli(&c, 2, &["remove", &old_id], "", true).unwrap_err();
     assert!(refused.contains("primary"), "{refused}");
 
-    keys_cli(&c.nodes[1].socket, &["use", &new_id]).unwrap();
+    keys_cli(&c, 1, &["use", &new_id], "", true).unwrap();
     keys_everywhere(&c, "every node seals under the new key", |l| {
         l["primary"] == new_id.as_str()
             && key_entry(l, &new_id).is_some_and(|k| k["primary_on"] == 3)
     })
     .await;
-    keys_cli(&c.nodes[2].socket, &["remove", &old_id]).unwrap();
+    keys_cli(&c, 2, &["remove", &old_id], "", true).unwrap();
     keys_everywhere(&c, "the old key is gone everywhere", |l| {
         l["keys"].as_array().is_some_and(|k| k.len() == 1)
             && key_entry(l, &new_id).is_some_and(|k| k["installed_on"] == 3)
     })
     .await;
-    let table = keys_cli(&c.nodes[0].socket, &["list"]).unwrap();
+    let table = keys_cli(&c, 0, &["list"], "", false).unwrap();
     assert!(table.contains(&new_id) && table.contains("3/3"), "{table}");
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

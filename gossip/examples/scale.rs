@@ -20,10 +20,12 @@
 //!   /v1/services` does), median of 20.
 //!
 //! `--instances K` gives every node K instances instead of one (100 nodes
-//! with 100 each is a 10,000-instance catalog).
+//! with 100 each is a 10,000-instance catalog). `--signed` gives every node
+//! a certificate of one CA and signs and checks node state as a real node
+//! does (`weft_gossip::attest`, with `weft_runtime::tls::NodeAttestor`).
 //!
 //! `ulimit -n 16384; cargo run --release -p weft-gossip --example scale --
-//! --nodes 50,200 [--trials 10] [--rest 10] [--instances 1] [--port 30000]`
+//! --nodes 50,200 [--trials 10] [--rest 10] [--instances 1] [--port 30000] [--signed]`
 //!
 //! Prints one table row per N. On a 2-core machine the larger N saturate
 //! the CPU; the rest CPU column says how much.
@@ -49,6 +51,7 @@ struct Args {
     rest: Duration,
     instances: usize,
     port: u16,
+    signed: bool,
 }
 
 fn args() -> Args {
@@ -72,6 +75,53 @@ fn args() -> Args {
         ),
         instances: value("--instances").map_or(1, |k| k.parse().expect("--instances K")),
         port: value("--port").map_or(30_000, |p| p.parse().expect("--port P")),
+        signed: argv.iter().any(|a| a == "--signed"),
+    }
+}
+
+/// A certificate of one CA for each node, as `weft cert issue` makes them,
+/// loaded as the node's signer of its gossip state.
+struct Signers {
+    dir: std::path::PathBuf,
+    ca: (String, String),
+}
+
+impl Signers {
+    fn new() -> Signers {
+        let dir = std::env::temp_dir().join(format!("weft-scale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "weft cluster CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).expect("CA cert");
+        std::fs::write(dir.join("ca.pem"), cert.pem()).expect("ca.pem");
+        Signers {
+            dir,
+            ca: (cert.pem(), key.serialize_pem()),
+        }
+    }
+
+    fn attestor(&self, name: &str) -> Arc<dyn weft_gossip::attest::Attestor> {
+        use weft_runtime::tls;
+        let (cert, key) = tls::issue_node_cert(&self.ca.0, &self.ca.1, name).expect("node cert");
+        let (cert, key) = tls::write_node_cert(&self.dir, name, &cert, &key).expect("write");
+        let id = tls::Identity::load(&self.dir.join("ca.pem"), &cert, &key).expect("identity");
+        let trust = watch::channel(Arc::new(tls::PeerTrust::new(&id).expect("trust"))).1;
+        Arc::new(tls::NodeAttestor::new(&id, trust).expect("attestor"))
+    }
+}
+
+impl Drop for Signers {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -83,7 +133,13 @@ struct Node {
     stats: Arc<SealStats>,
 }
 
-async fn start_node(i: usize, port0: u16, instances: usize, key: [u8; 32]) -> Node {
+async fn start_node(
+    i: usize,
+    port0: u16,
+    instances: usize,
+    key: [u8; 32],
+    attestor: Option<Arc<dyn weft_gossip::attest::Attestor>>,
+) -> Node {
     let name = format!("n{i}");
     let addr: SocketAddr = ([127, 0, 0, 1], port0 + i as u16).into();
     let config = ClusterConfig {
@@ -94,7 +150,7 @@ async fn start_node(i: usize, port0: u16, instances: usize, key: [u8; 32]) -> No
         seeds: vec![format!("127.0.0.1:{port0}")],
         interval: INTERVAL,
         cluster_id: "scale".into(),
-        attestor: None,
+        attestor,
     };
     let info = serde_json::json!({
         "tunnel": format!("127.0.0.1:{}", port0 + 20_000 + i as u16),
@@ -231,9 +287,15 @@ struct Row {
 
 async fn measure(n: usize, args: &Args) -> Row {
     let key: [u8; 32] = rand::thread_rng().gen();
+    let signers = args.signed.then(Signers::new);
+    let mut attestors: Vec<_> = (0..n)
+        .map(|i| signers.as_ref().map(|s| s.attestor(&format!("n{i}"))))
+        .collect();
     let t0 = Instant::now();
-    let started =
-        futures_join_all((0..n).map(|i| start_node(i, args.port, args.instances, key))).await;
+    let started = futures_join_all(
+        (0..n).map(|i| start_node(i, args.port, args.instances, key, attestors[i].take())),
+    )
+    .await;
     let mut nodes = started;
     let all: Vec<usize> = (0..n).collect();
     let formed = each_until(&nodes, &all, t0, Duration::from_secs(180), move |v| {
@@ -431,7 +493,8 @@ async fn main() {
     let args = args();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "# gossip scale: {cores} cores, one process, 250 ms rounds, sealed transport; {} registration trials, {} s at rest",
+        "# gossip scale: {cores} cores, one process, 250 ms rounds, sealed transport{}; {} registration trials, {} s at rest",
+        if args.signed { ", signed node state" } else { "" },
         args.trials,
         args.rest.as_secs()
     );

@@ -207,12 +207,19 @@ impl Cluster {
             .await
     }
 
-    /// How many times a peer spoke of this node itself (its own id, or a
-    /// newer incarnation of its name) and gossip ignored it: only this
-    /// node writes its own state.
-    pub async fn claims_about_self_ignored(&self) -> u64 {
+    /// What gossip ignored of its peers' word, by reason (the
+    /// `weft_gossip_rejected_total` label): `claims_about_self`, a peer
+    /// speaking of this node itself (its own id, or a newer incarnation of
+    /// its name: only this node writes its own state), and
+    /// `nodes_over_cap`, nodes not taken in past chitchat's cap.
+    pub async fn ignored(&self) -> [(&'static str, u64); 2] {
         self.handle
-            .with_chitchat(|c| c.claims_about_self_ignored())
+            .with_chitchat(|c| {
+                [
+                    ("claims_about_self", c.claims_about_self_ignored()),
+                    ("nodes_over_cap", c.nodes_over_cap()),
+                ]
+            })
             .await
     }
 

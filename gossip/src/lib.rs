@@ -14,11 +14,13 @@
 //!   keys, and publishes a fresh [`view::ClusterView`] on every change.
 //! - [`attest`]: signed node state: each node signs its keys with its
 //!   certificate, and receivers believe only what verifies.
+//! - [`grant`]: operator grants, the signatures that cluster config needs.
 //! - [`seal`]: the authenticated gossip transport (AEAD-sealed datagrams) and its keyring.
 
 pub mod attest;
 pub mod catalog;
 pub mod cluster;
+pub mod grant;
 pub mod keys;
 pub mod records;
 pub mod registration;

@@ -121,6 +121,17 @@ pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, Str
     })
 }
 
+/// A record another node gossips under `svc/<id>`, held to the rules of a
+/// local registration (names, ids, ports, checks, tags, timeouts), so
+/// nothing reaches the catalog that this node would refuse from its own
+/// clients; its id must be the key's.
+pub fn parse_gossiped(value: &str, id: &str) -> Option<ServiceRecord> {
+    let body: Value = serde_json::from_str(value).ok()?;
+    body.get("id")?;
+    let record = parse_registration(&body, "-").ok()?;
+    (record.id == id).then_some(record)
+}
+
 fn parse_check(v: &Value) -> Result<Check, String> {
     let obj = v.as_object().ok_or("field \"check\" must be an object")?;
     let kinds: Vec<(&String, &Value)> = obj
@@ -184,6 +195,45 @@ mod tests {
 
     fn parse(v: Value) -> Result<ServiceRecord, String> {
         parse_registration(&v, "n1")
+    }
+
+    /// What a node gossips reads back as it was; what a local client could
+    /// not register is refused from a peer too.
+    #[test]
+    fn a_gossiped_record_is_held_to_the_registration_rules() {
+        let r = parse(
+            json!({"name": "db", "port": 5432, "id": "db.1", "protocol": "tcp",
+            "check": {"tcp": true, "interval_ms": 500}, "tags": ["primary"], "timeout_ms": 900,
+            "retry": "exponential", "hedge": true}),
+        )
+        .unwrap();
+        let gossiped = serde_json::to_string(&r).unwrap();
+        assert_eq!(parse_gossiped(&gossiped, "db.1"), Some(r.clone()));
+        assert_eq!(parse_gossiped(&gossiped, "db.2"), None, "another key's id");
+        let mut bad = r;
+        bad.port = 0;
+        assert_eq!(
+            parse_gossiped(&serde_json::to_string(&bad).unwrap(), "db.1"),
+            None
+        );
+        bad.port = 1;
+        bad.name = "Not A Name".into();
+        assert_eq!(
+            parse_gossiped(&serde_json::to_string(&bad).unwrap(), "db.1"),
+            None
+        );
+        bad.name = "db".into();
+        bad.tags = vec!["t".into(); 33];
+        assert_eq!(
+            parse_gossiped(&serde_json::to_string(&bad).unwrap(), "db.1"),
+            None
+        );
+        assert_eq!(
+            parse_gossiped(r#"{"name":"db","port":1}"#, "db-n1-1"),
+            None,
+            "no id"
+        );
+        assert_eq!(parse_gossiped("not json", "db.1"), None);
     }
 
     #[test]

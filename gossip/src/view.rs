@@ -17,6 +17,7 @@ use serde::Serialize;
 pub use crate::catalog::{Catalog, CatalogDeriver, CatalogDiff, Instance, Instances};
 use crate::keys::Key;
 use crate::records::{NodeInfo, NodeStatus, ServiceRecord};
+use crate::registration::parse_gossiped;
 
 /// One node as seen in gossip, owned data only.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,7 +53,8 @@ pub struct NodeKeys {
 #[derive(Debug, Default)]
 pub(crate) struct Parsed {
     pub(crate) info: Option<NodeInfo>,
-    /// Well-formed `svc/<id>` records whose id matches their key, with the
+    /// `svc/<id>` records that pass a local registration's rules and whose
+    /// id matches their key, with the
     /// health their owner concluded (`health/<id>`, in the same keys).
     pub(crate) records: Vec<(ServiceRecord, &'static str)>,
     /// `eject/<owner>/<id>` votes, as (owner, id).
@@ -72,11 +74,9 @@ impl NodeKeys {
             for (raw_key, value) in &self.map {
                 match Key::decode(raw_key) {
                     Some(Key::Svc(id)) => {
-                        if let Ok(record) = serde_json::from_str::<ServiceRecord>(value) {
-                            if record.id == id {
-                                let health = instance_health(&self.map, &record);
-                                parsed.records.push((record, health));
-                            }
+                        if let Some(record) = parse_gossiped(value, &id) {
+                            let health = instance_health(&self.map, &record);
+                            parsed.records.push((record, health));
                         }
                     }
                     Some(Key::Eject { node, id }) => parsed.votes.push((node, id)),

@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
+use weft_gossip::grant::Grant;
 use weft_gossip::keys::validate_name;
 use weft_gossip::Cluster;
 use weft_runtime::listener::{HttpHandler, Origin};
@@ -205,20 +206,26 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             StatusCode::OK,
             &state.keys.list(&state.cluster.views().borrow()),
         ),
-        (&Method::PUT, ["v1", "keys"]) => match read_key_field(req).await {
-            Ok(key) => keys_reply(state.keys.install(&key), "installed"),
+        (&Method::PUT, ["v1", "keys"]) => match read_key_change(req, true).await {
+            Ok((key, grant)) => keys_reply(state.keys.install(&key, grant), "installed"),
             Err(reply) => reply,
         },
-        (&Method::PUT, ["v1", "keys", "primary"]) => match read_key_field(req).await {
-            Ok(key) => {
+        (&Method::PUT, ["v1", "keys", "primary"]) => match read_key_change(req, true).await {
+            Ok((key, grant)) => {
                 let view = state.cluster.views().borrow().clone();
-                keys_reply(state.keys.use_primary(&key, &view), "primary")
+                keys_reply(state.keys.use_primary(&key, &view, grant), "primary")
             }
             Err(reply) => reply,
         },
         (&Method::DELETE, ["v1", "keys", id]) => {
-            let view = state.cluster.views().borrow().clone();
-            keys_reply(state.keys.remove(id, &view), "removed")
+            let id = id.to_string();
+            match read_key_change(req, false).await {
+                Ok((_, grant)) => {
+                    let view = state.cluster.views().borrow().clone();
+                    keys_reply(state.keys.remove(&id, &view, grant), "removed")
+                }
+                Err(reply) => reply,
+            }
         }
         (
             _,
@@ -290,17 +297,31 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Reply> {
 }
 
 /// The `"key"` field of a keyring request.
-async fn read_key_field(req: Request<Incoming>) -> Result<String, Reply> {
+/// A keyring change's body: `{"key", "grant"}` (`key` only when `with_key`),
+/// the grant signed by an operator (`weft keys` makes it).
+async fn read_key_change(req: Request<Incoming>, with_key: bool) -> Result<(String, Grant), Reply> {
     let body = read_json(req).await?;
-    body.get("key")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .ok_or_else(|| {
-            error(
+    let key = match body.get("key").and_then(Value::as_str) {
+        Some(key) => key.to_string(),
+        None if !with_key => String::new(),
+        None => {
+            return Err(error(
                 StatusCode::BAD_REQUEST,
                 "field \"key\" (a base64 key or a key id) is required",
-            )
-        })
+            ))
+        }
+    };
+    let grant = match body.get("grant") {
+        Some(grant) => serde_json::from_value::<Grant>(grant.clone())
+            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("field \"grant\": {e}")))?,
+        None => {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "keyring changes need an operator's grant: run `weft keys` with --operator-cert and --operator-key (from `weft cert issue --operator NAME`)",
+            ))
+        }
+    };
+    Ok((key, grant))
 }
 
 fn keys_reply(result: Result<weft_gossip::seal::KeyId, KeysError>, done: &str) -> Reply {
@@ -312,6 +333,7 @@ fn keys_reply(result: Result<weft_gossip::seal::KeyId, KeysError>, done: &str) -
         Err(e) => {
             let status = match e {
                 KeysError::Bad(_) => StatusCode::BAD_REQUEST,
+                KeysError::Forbidden(_) => StatusCode::FORBIDDEN,
                 KeysError::Unknown(_) => StatusCode::NOT_FOUND,
                 KeysError::Conflict(_) => StatusCode::CONFLICT,
                 KeysError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,

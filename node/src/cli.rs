@@ -86,6 +86,8 @@ pub enum Command {
 }
 
 /// `weft keys ...`: each change made on one node reaches every node.
+/// Changes are signed by an operator certificate (`weft cert issue
+/// --operator NAME`), here where its key is; nodes adopt no other.
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Every key, by id, with how many live members hold it and seal with it.
@@ -95,32 +97,58 @@ pub enum KeysCommand {
         json: bool,
     },
     /// Install a new key (base64, 32 bytes; e.g. `openssl rand -base64 32`)
-    /// on every node: gossip opens under it from now on.
+    /// on every node: gossip opens under it from now on. The key is read
+    /// from --key-file, else from standard input (never from the command
+    /// line, where any local user could read it).
     Install {
-        /// The key, base64.
-        key: String,
+        /// A file holding the key, base64.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        operator: OperatorArgs,
     },
     /// Seal gossip under an installed key (refused until every live member
     /// holds it).
     Use {
-        /// The key, base64, or its id from `weft keys list`.
+        /// The key's id from `weft keys list`.
         key: String,
+        #[command(flatten)]
+        operator: OperatorArgs,
     },
     /// Remove a key (refused while it is the primary anywhere).
     Remove {
-        /// The key, base64, or its id from `weft keys list`.
+        /// The key's id from `weft keys list`.
         key: String,
+        #[command(flatten)]
+        operator: OperatorArgs,
     },
+}
+
+/// The operator certificate that signs a cluster config change.
+#[derive(Debug, Args, Clone)]
+pub struct OperatorArgs {
+    /// Operator certificate (from `weft cert issue --operator NAME`).
+    #[arg(long, env = "WEFT_OPERATOR_CERT", value_name = "FILE")]
+    pub operator_cert: PathBuf,
+    /// Its private key.
+    #[arg(long, env = "WEFT_OPERATOR_KEY", value_name = "FILE")]
+    pub operator_key: PathBuf,
 }
 
 /// `weft cert ...`
 #[derive(Debug, Subcommand)]
 pub enum CertCommand {
     /// Issue a certificate for node NAME (run where ca.key lives; hand the
-    /// node only ca.pem, gossip.key and its own cert and key).
+    /// node only ca.pem, gossip.key and its own cert and key), or with
+    /// --operator for operator NAME, whose key signs cluster config
+    /// changes (`weft keys`).
     Issue {
-        /// Node name.
+        /// Node (or operator) name.
         name: String,
+        /// Issue an operator certificate (`NAME.operator.weft`, client use
+        /// only) instead of a node's.
+        #[arg(long)]
+        operator: bool,
         /// Cluster directory holding ca.pem and ca.key.
         #[arg(long, value_name = "DIR")]
         cluster: PathBuf,

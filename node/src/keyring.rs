@@ -12,15 +12,23 @@
 //! Rotation is install, use, remove. The two steps that could cut a node
 //! off are refused until they are safe: `use` until every live member holds
 //! the key, `remove` until no live member seals with it.
+//!
+//! Only an operator changes the keyring: each version after the first
+//! carries an operator's [`Grant`] over its version and the ids of its keys
+//! (the CLI signs it where the operator's key lives). A node adopts a
+//! peer's keyring only when its grant verifies and matches it, its version
+//! is the next one or later (checked arithmetic), and it still opens what
+//! this node seals: a member without an operator key cannot push a keyring.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tracing::{info, warn};
+use weft_gossip::grant::{self, Authority, Grant};
 use weft_gossip::seal::{decode_key_base64, KeyId, Keyring, SharedKeyring};
 use weft_gossip::{ClusterView, Key};
 use weft_runtime::gossip_writer::GossipWriter;
@@ -32,6 +40,9 @@ pub const MAX_KEYS: usize = 8;
 /// The keyring's file in the data dir.
 const FILE: &str = "keyring.json";
 
+/// The grant's object name of the keyring.
+pub const OBJECT: &str = "keyring";
+
 /// The keyring as persisted and gossiped: base64 keys, primary included.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyringState {
@@ -41,6 +52,43 @@ pub struct KeyringState {
     pub primary: String,
     /// Every installed key.
     pub keys: Vec<String>,
+    /// The operator's grant of this version (none for version 0, the
+    /// cluster dir's `gossip.key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<Grant>,
+}
+
+/// One keyring change, as an operator asks for it and grants it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Add a key.
+    Install(KeyId),
+    /// Seal under an installed key.
+    Use(KeyId),
+    /// Drop a key.
+    Remove(KeyId),
+}
+
+impl Change {
+    /// The primary and key ids after this change to `primary` and `ids`.
+    pub fn apply(self, primary: KeyId, ids: &[KeyId]) -> (KeyId, Vec<KeyId>) {
+        let mut ids = ids.to_vec();
+        match self {
+            Change::Install(id) if !ids.contains(&id) => ids.push(id),
+            Change::Install(_) => {}
+            Change::Use(id) => return (id, ids),
+            Change::Remove(id) => ids.retain(|k| *k != id),
+        }
+        (primary, ids)
+    }
+}
+
+/// What a keyring grant covers: the primary's id and every key's id,
+/// sorted (keys themselves never leave the nodes' keyrings).
+pub fn digest(primary: KeyId, ids: &[KeyId]) -> String {
+    let mut ids: Vec<String> = ids.iter().map(KeyId::to_string).collect();
+    ids.sort();
+    grant::digest(format!("primary={primary};keys={}", ids.join(",")).as_bytes())
 }
 
 impl KeyringState {
@@ -50,7 +98,23 @@ impl KeyringState {
             version: 0,
             primary: key.clone(),
             keys: vec![key],
+            grant: None,
         }
+    }
+
+    /// What this version's grant must cover.
+    fn digest(&self) -> Option<String> {
+        Some(digest(self.primary_id()?, &self.ids()))
+    }
+
+    /// Whether `authority` grants this version as it is.
+    fn granted(&self, authority: &dyn Authority) -> Result<String, String> {
+        let grant = self.grant.as_ref().ok_or("it carries no operator grant")?;
+        let digest = self.digest().ok_or("its primary is not a key")?;
+        if !grant.covers(OBJECT, self.version, &digest) {
+            return Err("its grant is for another keyring".into());
+        }
+        authority.verify(grant)
     }
 
     /// The sealing keyring, if every key decodes, the primary is installed
@@ -106,6 +170,9 @@ fn id_of(encoded: &str) -> Option<KeyId> {
 /// Why a keyring change was refused; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
+    /// No operator grant, or one that does not verify (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// Not a base64 32-byte key or an 8-hex-digit id (400).
     #[error("{0}")]
     Bad(String),
@@ -128,6 +195,8 @@ pub struct ClusterKeys {
     ring: SharedKeyring,
     path: PathBuf,
     changes: watch::Sender<KeyringState>,
+    /// Who may grant changes; until set, nothing is granted.
+    authority: OnceLock<Arc<dyn Authority>>,
 }
 
 impl ClusterKeys {
@@ -160,7 +229,44 @@ impl ClusterKeys {
             ring: Arc::new(arc_swap::ArcSwap::from_pointee(ring)),
             path,
             changes,
+            authority: OnceLock::new(),
         })
+    }
+
+    /// Checks operator grants with `authority` from now on.
+    pub fn trust_operators(&self, authority: Arc<dyn Authority>) {
+        let _ = self.authority.set(authority);
+    }
+
+    /// The next version of `state`, changed by `change` as `grant` grants.
+    fn granted_change(
+        &self,
+        state: &KeyringState,
+        mut next: KeyringState,
+        grant: Grant,
+    ) -> Result<KeyringState, KeysError> {
+        next.version = state.version.checked_add(1).ok_or_else(|| {
+            KeysError::Conflict("the keyring's version cannot grow any further".into())
+        })?;
+        next.grant = Some(grant);
+        let authority = self.authority.get().ok_or_else(|| {
+            KeysError::Forbidden("this node checks no operator grants yet".into())
+        })?;
+        match next.granted(authority.as_ref()) {
+            Ok(operator) => {
+                info!(operator, version = next.version, "keyring change granted");
+                Ok(next)
+            }
+            Err(e) if next.grant.as_ref().is_some_and(|g| g.version != next.version) => {
+                Err(KeysError::Conflict(format!(
+                    "the keyring moved to version {} since the grant was made ({e}); run the command again",
+                    state.version
+                )))
+            }
+            Err(e) => Err(KeysError::Forbidden(format!(
+                "keyring changes need an operator's grant; this one is refused: {e}"
+            ))),
+        }
     }
 
     /// The keyring the gossip transport seals and opens with.
@@ -178,7 +284,7 @@ impl ClusterKeys {
     }
 
     /// Installs a base64 key (already installed: nothing changes).
-    pub fn install(&self, key: &str) -> Result<KeyId, KeysError> {
+    pub fn install(&self, key: &str, grant: Grant) -> Result<KeyId, KeysError> {
         let raw = decode_key_base64(key).map_err(|e| KeysError::Bad(e.to_string()))?;
         let id = KeyId::of(&raw);
         let mut state = self.lock();
@@ -191,15 +297,20 @@ impl ClusterKeys {
             )));
         }
         let mut next = state.clone();
-        next.version += 1;
         next.keys.push(encode(&raw));
+        let next = self.granted_change(&state, next, grant)?;
         self.apply(&mut state, next)?;
         info!(key = %id, "gossip key installed");
         Ok(id)
     }
 
     /// Makes an installed key the primary, once every live member holds it.
-    pub fn use_primary(&self, key: &str, view: &ClusterView) -> Result<KeyId, KeysError> {
+    pub fn use_primary(
+        &self,
+        key: &str,
+        view: &ClusterView,
+        grant: Grant,
+    ) -> Result<KeyId, KeysError> {
         let id = parse_key_or_id(key)?;
         let mut state = self.lock();
         let encoded = state.find(id).cloned().ok_or_else(|| not_installed(id))?;
@@ -217,15 +328,15 @@ impl ClusterKeys {
             )));
         }
         let mut next = state.clone();
-        next.version += 1;
         next.primary = encoded;
+        let next = self.granted_change(&state, next, grant)?;
         self.apply(&mut state, next)?;
         info!(key = %id, "gossip key is now the primary");
         Ok(id)
     }
 
     /// Removes a key no live member seals with any more.
-    pub fn remove(&self, key: &str, view: &ClusterView) -> Result<KeyId, KeysError> {
+    pub fn remove(&self, key: &str, view: &ClusterView, grant: Grant) -> Result<KeyId, KeysError> {
         let id = parse_key_or_id(key)?;
         let mut state = self.lock();
         let encoded = state.find(id).cloned().ok_or_else(|| not_installed(id))?;
@@ -245,18 +356,35 @@ impl ClusterKeys {
             )));
         }
         let mut next = state.clone();
-        next.version += 1;
         next.keys.retain(|k| *k != encoded);
+        let next = self.granted_change(&state, next, grant)?;
         self.apply(&mut state, next)?;
         info!(key = %id, "gossip key removed");
         Ok(id)
     }
 
-    /// Adopts the newest valid keyring among the live members' records.
+    /// Adopts the newest keyring among the live members' records that is
+    /// valid, granted by an operator, and still opens what this node seals
+    /// (it holds this node's primary, or its own primary is a key this
+    /// node holds): a keyring that would cut this node off is never taken.
     pub fn adopt_newest(&self, view: &ClusterView) {
+        let Some(authority) = self.authority.get() else {
+            return;
+        };
+        let current = self.lock().clone();
         let newest = member_keyrings(view)
             .filter_map(|(_, ring)| ring)
-            .filter(|ring| ring.keyring().is_ok())
+            .filter(|ring| ring.supersedes(&current) && ring.keyring().is_ok())
+            .filter(|ring| {
+                ring.keys.contains(&current.primary) || current.keys.contains(&ring.primary)
+            })
+            .filter(|ring| match ring.granted(authority.as_ref()) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::debug!(version = ring.version, reason = %e, "a member gossips a keyring no operator granted; not adopted");
+                    false
+                }
+            })
             .reduce(|a, b| if b.supersedes(&a) { b } else { a });
         let Some(newest) = newest else { return };
         let mut state = self.lock();
@@ -422,8 +550,49 @@ mod tests {
         }
     }
 
+    /// Grants signed by "the operator": a stand-in for the certificate
+    /// check (`tls::OperatorAuthority`, tested with real certificates).
+    #[derive(Debug)]
+    struct TestOperators;
+
+    fn stamp(object: &str, version: u64, digest: &str) -> String {
+        format!("{object}/{version}/{digest}")
+    }
+
+    impl Authority for TestOperators {
+        fn verify(&self, g: &Grant) -> Result<String, String> {
+            let signed = g.cert == "operator" && g.sig == stamp(&g.object, g.version, &g.digest);
+            signed.then(|| "ops".to_string()).ok_or("forged".into())
+        }
+    }
+
+    fn operator_grant(version: u64, digest: String) -> Grant {
+        Grant {
+            object: OBJECT.into(),
+            version,
+            sig: stamp(OBJECT, version, &digest),
+            digest,
+            cert: "operator".into(),
+        }
+    }
+
+    /// The operator's grant of `change` to what `keys` holds now.
+    fn grant(keys: &ClusterKeys, change: Change) -> Grant {
+        let state = keys.lock().clone();
+        let (primary, ids) = change.apply(state.primary_id().unwrap(), &state.ids());
+        operator_grant(state.version + 1, digest(primary, &ids))
+    }
+
+    /// `state` as an operator granted it.
+    fn granted(mut state: KeyringState) -> KeyringState {
+        state.grant = Some(operator_grant(state.version, state.digest().unwrap()));
+        state
+    }
+
     fn keys_in(dir: &Path) -> ClusterKeys {
-        ClusterKeys::load(dir, &OLD).unwrap()
+        let keys = ClusterKeys::load(dir, &OLD).unwrap();
+        keys.trust_operators(Arc::new(TestOperators));
+        keys
     }
 
     #[test]
@@ -431,7 +600,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let keys = keys_in(dir.path());
         let new = encode(&NEW);
-        keys.install(&new).unwrap();
+        let (old_id, new_id) = (KeyId::of(&OLD), KeyId::of(&NEW));
+        keys.install(&new, grant(&keys, Change::Install(new_id)))
+            .unwrap();
         let installed = keys.lock().clone();
         assert_eq!(installed.version, 1);
         let behind = KeyringState::initial(&OLD);
@@ -441,7 +612,9 @@ mod tests {
             member("n1", Some(&installed)),
             member("n2", Some(&behind)),
         ]);
-        let err = keys.use_primary(&new, &lagging).unwrap_err();
+        let err = keys
+            .use_primary(&new, &lagging, grant(&keys, Change::Use(new_id)))
+            .unwrap_err();
         assert!(
             matches!(err, KeysError::Conflict(ref m) if m.contains("n2")),
             "{err}"
@@ -452,7 +625,11 @@ mod tests {
             member("n2", Some(&installed)),
         ]);
         let id = keys
-            .use_primary(&KeyId::of(&NEW).to_string(), &everywhere)
+            .use_primary(
+                &new_id.to_string(),
+                &everywhere,
+                grant(&keys, Change::Use(new_id)),
+            )
             .unwrap();
         assert_eq!(keys.ring().load().primary_id(), id);
 
@@ -465,23 +642,27 @@ mod tests {
                     member("n1", Some(&used)),
                     member("n2", Some(&installed)),
                 ]),
+                grant(&keys, Change::Remove(old_id)),
             )
             .unwrap_err();
         assert!(
             matches!(err, KeysError::Conflict(ref m) if m.contains("n2")),
             "{err}"
         );
-        let err = keys.remove(&new, &everywhere).unwrap_err();
+        let err = keys
+            .remove(&new, &everywhere, grant(&keys, Change::Remove(new_id)))
+            .unwrap_err();
         assert!(
             matches!(err, KeysError::Conflict(ref m) if m.contains("primary")),
             "{err}"
         );
 
         let moved = view(vec![member("n1", Some(&used)), member("n2", Some(&used))]);
-        keys.remove(&encode(&OLD), &moved).unwrap();
+        keys.remove(&encode(&OLD), &moved, grant(&keys, Change::Remove(old_id)))
+            .unwrap();
         assert_eq!(keys.ring().load().ids().count(), 1);
         assert!(matches!(
-            keys.remove(&encode(&OLD), &moved),
+            keys.remove(&encode(&OLD), &moved, grant(&keys, Change::Remove(old_id))),
             Err(KeysError::Unknown(_))
         ));
 
@@ -492,28 +673,32 @@ mod tests {
     }
 
     #[test]
-    fn the_newest_valid_keyring_on_a_live_member_is_adopted() {
+    fn the_newest_granted_keyring_on_a_live_member_is_adopted() {
         let dir = tempfile::tempdir().unwrap();
         let keys = keys_in(dir.path());
         let mut newer = KeyringState::initial(&OLD);
         newer.version = 5;
         newer.keys.push(encode(&NEW));
         newer.primary = encode(&NEW);
+        let newer = granted(newer);
         let mut broken = newer.clone();
         broken.version = 9;
         broken.primary = "not a key".into();
+        // A member without an operator key: the highest version there is.
+        let mut forged = newer.clone();
+        forged.version = u64::MAX;
         let mut dead = member(
             "n4",
-            Some(&{
-                let mut s = newer.clone();
-                s.version = 50;
-                s
-            }),
+            Some(&granted(KeyringState {
+                version: 50,
+                ..newer.clone()
+            })),
         );
         dead.live = false;
         keys.adopt_newest(&view(vec![
             member("n2", Some(&newer)),
             member("n3", Some(&broken)),
+            member("evil", Some(&forged)),
             dead,
         ]));
         assert_eq!(keys.lock().version, 5);
@@ -524,31 +709,71 @@ mod tests {
             Some(&KeyringState::initial(&OLD)),
         )]));
         assert_eq!(keys.lock().version, 5);
+        // A granted keyring that drops the key this node seals with, for
+        // one it does not hold, would cut it off: not adopted.
+        let mut elsewhere = KeyringState::initial(&[7; 32]);
+        elsewhere.version = 6;
+        keys.adopt_newest(&view(vec![member("n2", Some(&granted(elsewhere)))]));
+        assert_eq!(keys.lock().version, 5);
+    }
+
+    #[test]
+    fn only_an_operator_changes_the_keyring() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = keys_in(dir.path());
+        let new_id = KeyId::of(&NEW);
+        let mut forged = grant(&keys, Change::Install(new_id));
+        forged.cert = "evil".into();
+        assert!(matches!(
+            keys.install(&encode(&NEW), forged),
+            Err(KeysError::Forbidden(_))
+        ));
+        // A grant for another change (here: another key) does not cover it.
+        let other = grant(&keys, Change::Install(KeyId::of(&[9; 32])));
+        assert!(keys.install(&encode(&NEW), other).is_err());
+        // A grant made before the keyring moved says so.
+        let stale = grant(&keys, Change::Install(new_id));
+        keys.install(
+            &encode(&[9; 32]),
+            grant(&keys, Change::Install(KeyId::of(&[9; 32]))),
+        )
+        .unwrap();
+        assert!(matches!(
+            keys.install(&encode(&NEW), stale),
+            Err(KeysError::Conflict(ref m)) if m.contains("run the command again")
+        ));
+        assert_eq!(keys.lock().version, 1);
     }
 
     #[test]
     fn bad_input_is_a_clear_refusal() {
         let dir = tempfile::tempdir().unwrap();
         let keys = keys_in(dir.path());
-        assert!(matches!(keys.install("AAAA"), Err(KeysError::Bad(_))));
+        let any = || operator_grant(1, String::new());
         assert!(matches!(
-            keys.use_primary("nope", &view(vec![])),
+            keys.install("AAAA", any()),
             Err(KeysError::Bad(_))
         ));
         assert!(matches!(
-            keys.use_primary("0badc0de", &view(vec![])),
+            keys.use_primary("nope", &view(vec![]), any()),
+            Err(KeysError::Bad(_))
+        ));
+        assert!(matches!(
+            keys.use_primary("0badc0de", &view(vec![]), any()),
             Err(KeysError::Unknown(_))
         ));
         for i in 2..=MAX_KEYS as u8 {
-            keys.install(&encode(&[i; 32])).unwrap();
+            let id = KeyId::of(&[i; 32]);
+            keys.install(&encode(&[i; 32]), grant(&keys, Change::Install(id)))
+                .unwrap();
         }
         assert!(matches!(
-            keys.install(&encode(&[99; 32])),
+            keys.install(&encode(&[99; 32]), any()),
             Err(KeysError::Conflict(_))
         ));
         // Installing twice changes nothing.
         let version = keys.lock().version;
-        keys.install(&encode(&[2; 32])).unwrap();
+        keys.install(&encode(&[2; 32]), any()).unwrap();
         assert_eq!(keys.lock().version, version);
         let listed = keys.list(&view(vec![]));
         assert_eq!(listed["keys"].as_array().unwrap().len(), MAX_KEYS);

@@ -91,10 +91,20 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
+            // One line: clap's first, with the list under it when it ends
+            // with a colon (the missing arguments, say).
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            let first = first.trim_start_matches("error: ");
-            eprintln!("weft: {first} (see weft --help)");
+            let mut lines = rendered.lines();
+            let first = lines.next().unwrap_or("invalid arguments");
+            let mut line = first.trim_start_matches("error: ").to_string();
+            if line.ends_with(':') {
+                let listed: Vec<&str> = lines
+                    .take_while(|l| l.starts_with(char::is_whitespace))
+                    .map(str::trim)
+                    .collect();
+                line = format!("{line} {}", listed.join(", "));
+            }
+            eprintln!("weft: {line} (see weft --help)");
             return ExitCode::from(64);
         }
     };
@@ -118,7 +128,12 @@ fn run(cli: Cli) -> Result<(), NodeError> {
             );
             Ok(())
         }
-        Command::Cert(cli::CertCommand::Issue { name, cluster, out }) => {
+        Command::Cert(cli::CertCommand::Issue {
+            name,
+            operator,
+            cluster,
+            out,
+        }) => {
             weft_gossip::keys::validate_name(&name)
                 .map_err(|e| NodeError::Config(e.to_string()))?;
             let read = |f: &str| {
@@ -129,23 +144,33 @@ fn run(cli: Cli) -> Result<(), NodeError> {
                     ))
                 })
             };
-            let (cert, key) = weft_runtime::tls::issue_node_cert(
-                &read(init::CA_CERT)?,
-                &read(init::CA_KEY)?,
-                &name,
-            )
-            .map_err(|e| NodeError::Config(e.to_string()))?;
+            let issue = if operator {
+                weft_runtime::tls::issue_operator_cert
+            } else {
+                weft_runtime::tls::issue_node_cert
+            };
+            let (cert, key) = issue(&read(init::CA_CERT)?, &read(init::CA_KEY)?, &name)
+                .map_err(|e| NodeError::Config(e.to_string()))?;
             std::fs::create_dir_all(&out)
                 .map_err(|e| NodeError::Config(format!("--out {}: {e}", out.display())))?;
             let (cert_path, key_path) =
                 weft_runtime::tls::write_node_cert(&out, &name, &cert, &key)
                     .map_err(|e| NodeError::Io(e.to_string()))?;
-            println!(
-                "issued {} and {} for node {name} ({}); start it with --cert and --key and a cluster dir holding only ca.pem and gossip.key",
-                cert_path.display(),
-                key_path.display(),
-                weft_runtime::tls::node_server_name(&name)
-            );
+            if operator {
+                println!(
+                    "issued {} and {} for operator {name} ({name}.{}); pass them to `weft keys` as --operator-cert and --operator-key, and keep the key off the nodes",
+                    cert_path.display(),
+                    key_path.display(),
+                    weft_runtime::tls::OPERATOR_DOMAIN
+                );
+            } else {
+                println!(
+                    "issued {} and {} for node {name} ({}); start it with --cert and --key and a cluster dir holding only ca.pem and gossip.key",
+                    cert_path.display(),
+                    key_path.display(),
+                    weft_runtime::tls::node_server_name(&name)
+                );
+            }
             Ok(())
         }
         Command::Cert(cli::CertCommand::Revoke { cert, cluster }) => {
@@ -264,31 +289,129 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
 }
 
 async fn keys_command(socket: &std::path::Path, cmd: cli::KeysCommand) -> Result<(), NodeError> {
-    let (method, path, key, done) = match cmd {
+    use weft_gossip::seal::KeyId;
+    let (change, operator, method, path, key, done) = match cmd {
         cli::KeysCommand::List { json } => {
             return show(socket, "/v1/keys", json, client::keys_table).await
         }
-        cli::KeysCommand::Install { key } => {
-            (Method::PUT, "/v1/keys".to_string(), Some(key), "installed")
+        cli::KeysCommand::Install { key_file, operator } => {
+            let key = read_secret_key(key_file.as_deref())?;
+            let id = weft_gossip::seal::decode_key_base64(&key)
+                .map(|k| KeyId::of(&k))
+                .map_err(|e| NodeError::Config(format!("the key: {e}")))?;
+            let change = keyring::Change::Install(id);
+            (
+                change,
+                operator,
+                Method::PUT,
+                "/v1/keys".to_string(),
+                Some(key),
+                "installed",
+            )
         }
-        cli::KeysCommand::Use { key } => (
-            Method::PUT,
-            "/v1/keys/primary".to_string(),
-            Some(key),
-            "is now the primary",
-        ),
-        cli::KeysCommand::Remove { key } => {
-            (Method::DELETE, format!("/v1/keys/{key}"), None, "removed")
+        cli::KeysCommand::Use { key, operator } => {
+            let id = parse_key_id(&key)?;
+            let path = "/v1/keys/primary".to_string();
+            let change = keyring::Change::Use(id);
+            (
+                change,
+                operator,
+                Method::PUT,
+                path,
+                Some(id.to_string()),
+                "is now the primary",
+            )
+        }
+        cli::KeysCommand::Remove { key, operator } => {
+            let id = parse_key_id(&key)?;
+            let path = format!("/v1/keys/{id}");
+            (
+                keyring::Change::Remove(id),
+                operator,
+                Method::DELETE,
+                path,
+                None,
+                "removed",
+            )
         }
     };
-    let body = key.map(|key| json!({ "key": key }));
-    let (status, reply) = client::call(socket, method, &path, body).await?;
+    let operator =
+        weft_runtime::tls::OperatorKey::load(&operator.operator_cert, &operator.operator_key)
+            .map_err(|e| NodeError::Config(e.to_string()))?;
+    let grant = keyring_grant(socket, &operator, change).await?;
+    let mut body = json!({ "grant": grant });
+    if let Some(key) = key {
+        body["key"] = json!(key);
+    }
+    let (status, reply) = client::call(socket, method, &path, Some(body)).await?;
     client::check(status, &reply)?;
     println!(
-        "key {} {done}; the change reaches every node by gossip (see `weft keys list`)",
-        reply["id"].as_str().unwrap_or("?")
+        "key {} {done}, granted by operator {}; the change reaches every node by gossip (see `weft keys list`)",
+        reply["id"].as_str().unwrap_or("?"),
+        operator.name
     );
     Ok(())
+}
+
+/// The operator's grant of `change` to the keyring the node now holds (its
+/// version, primary and keys, as `GET /v1/keys` lists them).
+async fn keyring_grant(
+    socket: &std::path::Path,
+    operator: &weft_runtime::tls::OperatorKey,
+    change: keyring::Change,
+) -> Result<weft_gossip::grant::Grant, NodeError> {
+    let (status, listed) = client::call(socket, Method::GET, "/v1/keys", None).await?;
+    client::check(status, &listed)?;
+    let id = |v: &serde_json::Value| v.as_str().and_then(|s| s.parse().ok());
+    let primary = id(&listed["primary"])
+        .ok_or_else(|| NodeError::Io("the node listed no primary key".into()))?;
+    let ids: Vec<weft_gossip::seal::KeyId> = listed["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|k| k["installed_here"] == true)
+        .filter_map(|k| id(&k["id"]))
+        .collect();
+    let version = listed["version"]
+        .as_u64()
+        .and_then(|v| v.checked_add(1))
+        .ok_or_else(|| NodeError::Io("the node listed no keyring version to follow".into()))?;
+    let (primary, ids) = change.apply(primary, &ids);
+    let digest = keyring::digest(primary, &ids);
+    Ok(operator.grant(keyring::OBJECT, version, &digest))
+}
+
+/// A gossip key from `file`, or from standard input.
+fn read_secret_key(file: Option<&std::path::Path>) -> Result<String, NodeError> {
+    let text = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| NodeError::Config(format!("--key-file {}: {e}", path.display())))?,
+        None => {
+            use std::io::Read as _;
+            let mut text = String::new();
+            std::io::stdin()
+                .take(4096)
+                .read_to_string(&mut text)
+                .map_err(|e| {
+                    NodeError::Config(format!("reading the key from standard input: {e}"))
+                })?;
+            text
+        }
+    };
+    Ok(text.trim().to_string())
+}
+
+/// A key id, or the id of a base64 key.
+fn parse_key_id(text: &str) -> Result<weft_gossip::seal::KeyId, NodeError> {
+    use weft_gossip::seal::{decode_key_base64, KeyId};
+    text.parse()
+        .or_else(|_| decode_key_base64(text).map(|k| KeyId::of(&k)))
+        .map_err(|_| {
+            NodeError::Config(format!(
+                "{:?} is neither a key id (8 hex digits, from `weft keys list`) nor a base64 key",
+                text.chars().take(16).collect::<String>()
+            ))
+        })
 }
 
 async fn show(

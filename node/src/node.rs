@@ -127,6 +127,7 @@ async fn serve(
 
     let metrics = install_metrics();
     let writer = GossipWriter::spawn(cluster.clone());
+    keys.trust_operators(Arc::new(tls::OperatorAuthority::new(tunnels.trust())));
     keys.clone().follow(cluster.views(), writer.clone());
     let checker = {
         let writer = writer.clone();
@@ -536,8 +537,8 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
 
 /// Copies the gossip layer's counters into metrics once a second:
 /// datagrams and messages refused by reason, node states not believed by
-/// reason, claims about this node that peers made and gossip ignored, and
-/// bytes each way.
+/// reason, what gossip ignored of its peers' word (claims about this node,
+/// nodes past its cap), and bytes each way.
 fn export_gossip_counters(seal: Arc<weft_gossip::seal::SealStats>, cluster: Arc<Cluster>) {
     use std::sync::atomic::Ordering::Relaxed;
     tokio::spawn(async move {
@@ -548,9 +549,9 @@ fn export_gossip_counters(seal: Arc<weft_gossip::seal::SealStats>, cluster: Arc<
             for (reason, n) in cluster.rejections().by_reason() {
                 metrics::counter!("weft_gossip_rejected_total", "reason" => reason).absolute(n);
             }
-            let claims = cluster.claims_about_self_ignored().await;
-            metrics::counter!("weft_gossip_rejected_total", "reason" => "claims_about_self")
-                .absolute(claims);
+            for (reason, n) in cluster.ignored().await {
+                metrics::counter!("weft_gossip_rejected_total", "reason" => reason).absolute(n);
+            }
             let sent = seal.bytes_sent.load(Relaxed);
             let received = seal.bytes_received.load(Relaxed);
             metrics::counter!("weft_gossip_bytes_total", "direction" => "sent").absolute(sent);

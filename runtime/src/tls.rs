@@ -2,8 +2,10 @@
 
 mod attestor;
 mod der;
+mod operator;
 
 pub use attestor::NodeAttestor;
+pub use operator::{operator_of_cert, OperatorAuthority, OperatorKey, OPERATOR_DOMAIN};
 
 use std::fmt;
 use std::io::Write;
@@ -291,19 +293,55 @@ pub fn issue_node_cert(
     ca_key_pem: &str,
     node: &str,
 ) -> Result<(String, String), TlsError> {
-    check_node_name(node)?;
-    let (issuer, ca_key, ca_subject) = ca_issuer(ca_cert_pem, ca_key_pem)?;
+    issue_cert(ca_cert_pem, ca_key_pem, node, Role::Node)
+}
 
-    let mut params = CertificateParams::new(vec![node_server_name(node)])
-        .map_err(|e| TlsError::Cert(format!("node certificate for {node:?}: {e}")))?;
+/// Issues an operator certificate for `name`, signed by the cluster CA:
+/// SAN `<name>.operator.weft`, CN `name`, usable as a TLS client only (it
+/// signs cluster config; no node accepts it as a node). Valid one year.
+pub fn issue_operator_cert(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    name: &str,
+) -> Result<(String, String), TlsError> {
+    issue_cert(ca_cert_pem, ca_key_pem, name, Role::Operator)
+}
+
+/// What a certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Node,
+    Operator,
+}
+
+fn issue_cert(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    name: &str,
+    role: Role,
+) -> Result<(String, String), TlsError> {
+    check_node_name(name)?;
+    let (issuer, ca_key, ca_subject) = ca_issuer(ca_cert_pem, ca_key_pem)?;
+    let (dns_name, usages) = match role {
+        Role::Node => (
+            node_server_name(name),
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        ),
+        Role::Operator => (
+            format!("{name}.{OPERATOR_DOMAIN}"),
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        ),
+    };
+    let mut params = CertificateParams::new(vec![dns_name])
+        .map_err(|e| TlsError::Cert(format!("certificate for {name:?}: {e}")))?;
     params.distinguished_name = DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, node);
+    params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages = usages;
     params.use_authority_key_identifier_extension = true;
     let now = SystemTime::now();
     params.not_before = now
@@ -311,10 +349,10 @@ pub fn issue_node_cert(
         .unwrap_or(SystemTime::UNIX_EPOCH)
         .into();
     params.not_after = (now + CERT_VALIDITY).into();
-    let key = KeyPair::generate().map_err(|e| TlsError::Cert(format!("node key: {e}")))?;
+    let key = KeyPair::generate().map_err(|e| TlsError::Cert(format!("key: {e}")))?;
     let cert = params
         .signed_by(&key, &issuer, &ca_key)
-        .map_err(|e| TlsError::Cert(format!("node certificate for {node:?}: {e}")))?;
+        .map_err(|e| TlsError::Cert(format!("certificate for {name:?}: {e}")))?;
 
     let same_name = der::cert_fields(cert.der()).map(|f| f.issuer.raw) == Some(&ca_subject[..]);
     if !same_name {

@@ -30,10 +30,13 @@ pub enum MeshError {
     LoopDetected,
     /// The request cannot be proxied as sent.
     BadRequest,
+    /// A limit of the serving node was reached (streams from one peer,
+    /// requests in flight to one instance): not the instance's fault.
+    Overloaded,
 }
 
 impl MeshError {
-    const ALL: [MeshError; 9] = [
+    const ALL: [MeshError; 10] = [
         MeshError::UnknownService,
         MeshError::NoHealthyInstance,
         MeshError::UpstreamTimeout,
@@ -43,6 +46,7 @@ impl MeshError {
         MeshError::ResponseHeadersTooLarge,
         MeshError::LoopDetected,
         MeshError::BadRequest,
+        MeshError::Overloaded,
     ];
 
     /// The `weft-error` value.
@@ -57,6 +61,7 @@ impl MeshError {
             MeshError::ResponseHeadersTooLarge => "response-headers-too-large",
             MeshError::LoopDetected => "loop-detected",
             MeshError::BadRequest => "bad-request",
+            MeshError::Overloaded => "overloaded",
         }
     }
 
@@ -70,7 +75,8 @@ impl MeshError {
         match self {
             MeshError::UnknownService
             | MeshError::NoHealthyInstance
-            | MeshError::RetryBudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
+            | MeshError::RetryBudgetExhausted
+            | MeshError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             MeshError::UpstreamUnreachable | MeshError::ResponseHeadersTooLarge => {
                 StatusCode::BAD_GATEWAY
@@ -91,6 +97,7 @@ impl MeshError {
                 | MeshError::ResponseHeadersTooLarge
                 | MeshError::LoopDetected
                 | MeshError::BadRequest
+                | MeshError::Overloaded
         )
     }
 

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use quinn::{Endpoint, RecvStream, SendStream};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use weft_gossip::{MemberState, Protocol, ServiceRecord};
 
 use super::error::MeshError;
 use super::local::LocalFailure;
 use super::request::{is_upgrade, wire_pairs, Forward};
-use super::splice::{reset_tcp, splice, SpliceEnd};
+use super::splice::{reset_tcp, splice};
 use super::{body, ConnectionLimit, DataPlane, ProxyBody};
 use crate::outcome::{OutcomeClass, RequestMetrics};
 use crate::tunnel::{self, TunnelError};
@@ -26,6 +26,14 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections one peer node may hold to this node at once (its pool keeps
 /// one; reconnects and races briefly make more).
 const MAX_CONNECTIONS_PER_PEER: usize = 8;
+
+/// Streams one peer node may have open here at once, over all its
+/// connections: each may dial a local connection.
+const MAX_STREAMS_PER_PEER: usize = 4096;
+
+/// Requests and connections in flight to one local instance at once, from
+/// all peers: the local pool caps idle connections, this caps active ones.
+const MAX_ACTIVE_PER_INSTANCE: usize = 2048;
 
 /// How long an unknown caller may take to appear in this node's view of the
 /// cluster (a node that just joined is heard of within a few gossip rounds).
@@ -78,8 +86,9 @@ pub async fn serve(endpoint: Endpoint, dp: Arc<DataPlane>) {
                     Ok((send, recv)) => {
                         let dp = dp.clone();
                         let caller = peer.name.clone();
+                        let slot = peer.streams.clone().try_acquire_owned().ok();
                         tokio::spawn(async move {
-                            if let Err(e) = handle_stream(&dp, send, recv).await {
+                            if let Err(e) = handle_stream(&dp, slot, send, recv).await {
                                 tracing::debug!(error = %e, caller, "inbound stream failed");
                             }
                         });
@@ -153,20 +162,24 @@ async fn wait_for_member(dp: &DataPlane, name: &str) -> bool {
     }
 }
 
-/// Connections held per peer node.
+/// Connections held per peer node, and the streams its connections share.
 #[derive(Debug, Default)]
-struct PeerCounts(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+struct PeerCounts(std::sync::Mutex<HashMap<String, (usize, Arc<Semaphore>)>>);
 
 /// One connection of a peer; gives its place back when dropped.
 struct PeerGuard {
     name: String,
     counts: Arc<PeerCounts>,
+    /// Stream slots of this peer, shared by all its connections.
+    streams: Arc<Semaphore>,
 }
 
 impl PeerCounts {
     fn enter(self: &Arc<Self>, name: &str) -> Option<PeerGuard> {
         let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let held = counts.entry(name.to_string()).or_default();
+        let (held, streams) = counts
+            .entry(name.to_string())
+            .or_insert_with(|| (0, Arc::new(Semaphore::new(MAX_STREAMS_PER_PEER))));
         if *held >= MAX_CONNECTIONS_PER_PEER {
             return None;
         }
@@ -174,6 +187,7 @@ impl PeerCounts {
         Some(PeerGuard {
             name: name.to_string(),
             counts: self.clone(),
+            streams: streams.clone(),
         })
     }
 }
@@ -181,13 +195,39 @@ impl PeerCounts {
 impl Drop for PeerGuard {
     fn drop(&mut self) {
         let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(held) = counts.get_mut(&self.name) {
+        if let Some((held, _)) = counts.get_mut(&self.name) {
             *held -= 1;
             if *held == 0 {
                 counts.remove(&self.name);
             }
         }
     }
+}
+
+/// Slots of active requests and connections per local instance port.
+#[derive(Debug, Default)]
+pub struct InstanceSlots(std::sync::Mutex<HashMap<u16, Arc<Semaphore>>>);
+
+impl InstanceSlots {
+    /// A slot for one more stream to the instance on `port`, or `None`
+    /// when it has [`MAX_ACTIVE_PER_INSTANCE`]. Ports are those of local
+    /// registrations, so the map stays as small as the registry.
+    fn admit(&self, port: u16) -> Option<OwnedSemaphorePermit> {
+        let slots = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(port)
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_ACTIVE_PER_INSTANCE)))
+            .clone();
+        slots.try_acquire_owned().ok()
+    }
+}
+
+/// Counts a stream refused at one of this node's limits
+/// (`weft_limit_refused_total{limit}`).
+fn count_limit(limit: &'static str) {
+    metrics::counter!("weft_limit_refused_total", "limit" => limit).increment(1);
 }
 
 /// Answers a stream with a mesh error instead of an instance's response.
@@ -205,10 +245,15 @@ async fn refuse(send: &mut SendStream, error: MeshError) -> Result<(), TunnelErr
 
 async fn handle_stream(
     dp: &DataPlane,
+    peer_slot: Option<OwnedSemaphorePermit>,
     mut send: SendStream,
     mut recv: RecvStream,
 ) -> Result<(), TunnelError> {
     let _busy = dp.in_flight.track();
+    let Some(_peer_slot) = peer_slot else {
+        count_limit("peer_streams");
+        return refuse(&mut send, MeshError::Overloaded).await;
+    };
     let head: RequestHead = tokio::time::timeout(HEAD_TIMEOUT, tunnel::read_frame(&mut recv))
         .await
         .map_err(|_| TunnelError::Stream("no header frame in time".into()))??;
@@ -216,8 +261,8 @@ async fn handle_stream(
         refuse(&mut send, MeshError::BadRequest).await?;
         return Err(e.into());
     }
-    let port = match dp.registered.authorize(&head) {
-        Ok(port) => port,
+    let admitted = match dp.registered.authorize(&head) {
+        Ok(admitted) => admitted,
         Err(refusal) => {
             count_refused(refusal.reason());
             tracing::warn!(service = head.service, instance = head.instance,
@@ -225,8 +270,26 @@ async fn handle_stream(
             return refuse(&mut send, refusal.answer()).await;
         }
     };
+    let Some(_instance_slot) = dp.instance_slots.admit(admitted.port) else {
+        count_limit("instance_active");
+        return refuse(&mut send, MeshError::Overloaded).await;
+    };
+    // The peer says how long its caller waits; this node works no longer
+    // than the instance's own timeout (or the node's default) allows.
+    let longest = admitted.timeout.unwrap_or(dp.timeouts.request);
+    let deadline = Duration::from_millis(u64::from(head.deadline_ms.max(1))).min(longest);
+    let port = admitted.port;
     match head.kind {
-        StreamKind::Http => Inbound { dp, head, port }.http(send, recv).await,
+        StreamKind::Http => {
+            Inbound {
+                dp,
+                head,
+                port,
+                deadline,
+            }
+            .http(send, recv)
+            .await
+        }
         StreamKind::Tcp => tcp(dp, port, send, recv).await,
     }
 }
@@ -237,6 +300,15 @@ async fn handle_stream(
 /// (a forged incarnation with a port of its choosing).
 #[derive(Debug, Clone)]
 pub struct Registered(watch::Receiver<Vec<ServiceRecord>>);
+
+/// A local instance a stream may reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// Its port on loopback.
+    pub port: u16,
+    /// Its registered request timeout, if it set one.
+    pub timeout: Option<Duration>,
+}
 
 /// Why a stream was refused before any instance was called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,9 +348,9 @@ impl Registered {
         Registered(watch::channel(Vec::new()).1)
     }
 
-    /// The local port of the instance `head` names, when this node
-    /// registered it under that service with the stream's protocol.
-    pub fn authorize(&self, head: &RequestHead) -> Result<u16, Refusal> {
+    /// The instance `head` names, when this node registered it under that
+    /// service with the stream's protocol.
+    pub fn authorize(&self, head: &RequestHead) -> Result<Admitted, Refusal> {
         let registrations = self.0.borrow();
         let record = registrations
             .iter()
@@ -291,7 +363,10 @@ impl Registered {
         if record.protocol != speaks {
             return Err(Refusal::ProtocolMismatch);
         }
-        Ok(record.port)
+        Ok(Admitted {
+            port: record.port,
+            timeout: record.timeout_ms.map(Duration::from_millis),
+        })
     }
 }
 
@@ -300,6 +375,8 @@ struct Inbound<'a> {
     dp: &'a DataPlane,
     head: RequestHead,
     port: u16,
+    /// How long the instance may take to answer.
+    deadline: Duration,
 }
 
 impl Inbound<'_> {
@@ -330,8 +407,7 @@ impl Inbound<'_> {
             }
         };
         let start = Instant::now();
-        let deadline = Duration::from_millis(u64::from(self.head.deadline_ms.max(1)));
-        let result = tokio::time::timeout(deadline, self.dp.local.call(self.port, req)).await;
+        let result = tokio::time::timeout(self.deadline, self.dp.local.call(self.port, req)).await;
         let mut resp = match result {
             Ok(Ok(resp)) => resp,
             Ok(Err(LocalFailure::Unreachable(detail))) => {
@@ -426,7 +502,7 @@ async fn tcp(
     )
     .await?;
     let (stream, end) = splice(stream, send, recv).await;
-    if end == SpliceEnd::PeerReset {
+    if end.resets_local() {
         reset_tcp(stream);
     }
     Ok(())
@@ -508,7 +584,11 @@ mod tests {
             record("db", "db-1", 5432, Protocol::Tcp),
         ]);
         let registered = Registered::new(rx);
-        let ok = |kind, service, id| registered.authorize(&head(kind, service, id));
+        let ok = |kind, service, id| {
+            registered
+                .authorize(&head(kind, service, id))
+                .map(|a| a.port)
+        };
         assert_eq!(ok(StreamKind::Http, "web", "web-1"), Ok(8080));
         assert_eq!(ok(StreamKind::Tcp, "db", "db-1"), Ok(5432));
         assert_eq!(

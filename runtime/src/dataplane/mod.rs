@@ -220,6 +220,8 @@ pub struct DataPlane {
     pub inbound_metrics: inbound::InboundMetrics,
     /// This node's own registrations: what peers may reach here.
     pub registered: inbound::Registered,
+    /// Active streams per local instance, capped.
+    pub instance_slots: inbound::InstanceSlots,
     outliers: Mutex<OutlierDetector<(String, String)>>,
     writer: Option<GossipWriter>,
     budgets: Mutex<ServiceBudgets>,
@@ -292,6 +294,7 @@ impl DataPlane {
             access,
             inbound_metrics: inbound::InboundMetrics::default(),
             registered,
+            instance_slots: inbound::InstanceSlots::default(),
             outliers: Mutex::new(OutlierDetector::new(OutlierConfig::default())),
             writer,
             budgets: Mutex::new(ServiceBudgets::default()),

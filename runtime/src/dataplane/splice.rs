@@ -3,8 +3,12 @@
 //! `finish`), a reset as a reset (`RESET_STREAM` / `STOP_SENDING`), both
 //! ways; the caller turns [`SpliceEnd::PeerReset`] into a TCP RST.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 
 /// The QUIC error code weft uses for a reset passed through.
 const RESET: VarInt = VarInt::from_u32(1);
@@ -13,6 +17,10 @@ const RESET: VarInt = VarInt::from_u32(1);
 /// a chatty connection stays small and a bulk one moves big writes.
 const FIRST_BUF: usize = 4 * 1024;
 const MAX_BUF: usize = 256 * 1024;
+
+/// A splice with no byte either way for this long is reset both ways, so
+/// a peer cannot hold connections open forever (Envoy's TCP proxy default).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 /// How a splice ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +31,46 @@ pub enum SpliceEnd {
     LocalReset,
     /// The far side reset the tunnel stream; the local side must be reset.
     PeerReset,
+    /// Nothing moved for [`IDLE_TIMEOUT`]: both sides are reset.
+    Idle,
+}
+
+impl SpliceEnd {
+    /// Whether the caller must reset the local connection too.
+    pub fn resets_local(self) -> bool {
+        matches!(self, SpliceEnd::PeerReset | SpliceEnd::Idle)
+    }
+}
+
+/// When bytes last moved either way, for the idle timeout.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            if last + idle <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(last + idle).await;
+        }
+    }
 }
 
 /// Copies until both directions are done or either side resets; returns the
@@ -32,10 +80,20 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut reader, mut writer) = tokio::io::split(io);
-    let result = tokio::try_join!(
-        to_tunnel(&mut reader, &mut send),
-        from_tunnel(&mut recv, &mut writer)
-    );
+    let activity = Activity::new();
+    let copy = async {
+        tokio::try_join!(
+            to_tunnel(&mut reader, &mut send, &activity),
+            from_tunnel(&mut recv, &mut writer, &activity)
+        )
+    };
+    let result = tokio::select! {
+        result = copy => result,
+        () = activity.idle_for(IDLE_TIMEOUT) => {
+            metrics::counter!("weft_limit_refused_total", "limit" => "splice_idle").increment(1);
+            Err(SpliceEnd::Idle)
+        }
+    };
     let end = match result {
         Ok(_) => {
             // Let the peer read everything we sent before the stream goes.
@@ -54,6 +112,7 @@ where
 async fn to_tunnel<R: AsyncRead + Unpin>(
     reader: &mut R,
     send: &mut SendStream,
+    activity: &Activity,
 ) -> Result<(), SpliceEnd> {
     let mut buf = vec![0u8; FIRST_BUF];
     loop {
@@ -65,6 +124,7 @@ async fn to_tunnel<R: AsyncRead + Unpin>(
             Ok(n) => n,
             Err(_) => return Err(SpliceEnd::LocalReset),
         };
+        activity.touch();
         if send.write_all(&buf[..n]).await.is_err() {
             // The far side stopped reading: it reset.
             return Err(SpliceEnd::PeerReset);
@@ -78,10 +138,12 @@ async fn to_tunnel<R: AsyncRead + Unpin>(
 async fn from_tunnel<W: AsyncWrite + Unpin>(
     recv: &mut RecvStream,
     writer: &mut W,
+    activity: &Activity,
 ) -> Result<(), SpliceEnd> {
     loop {
         match recv.read_chunk(MAX_BUF, true).await {
             Ok(Some(chunk)) => {
+                activity.touch();
                 if writer.write_all(&chunk.bytes).await.is_err() {
                     return Err(SpliceEnd::LocalReset);
                 }

@@ -12,11 +12,15 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::endpoints::Protocol;
-use super::splice::{reset_tcp, splice, SpliceEnd};
-use super::{ConnectionLimit, DataPlane};
+use super::splice::{reset_tcp, splice};
+use super::{ConnectionLimit, DataPlane, MeshError};
 use crate::outcome::{Outcome, OutcomeClass};
 use crate::tunnel;
 use crate::wire::{RequestHead, ResponseHead, StreamKind, WIRE_VERSION};
+
+/// How long the serving node may take to say it reached the instance (its
+/// connect is bounded by a second; the rest is the tunnel's round trip).
+const REPLY_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts connections for `service` until the task is aborted.
 pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
@@ -107,20 +111,29 @@ async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(),
     tunnel::write_frame(&mut send, &head)
         .await
         .map_err(|e| e.to_string())?;
-    let reply: ResponseHead = match tunnel::read_frame(&mut recv).await {
-        Ok(r) => r,
-        Err(e) => {
+    // The serving node answers once it reached the instance (a connect).
+    let reply = tokio::time::timeout(REPLY_HEAD_TIMEOUT, tunnel::read_frame(&mut recv)).await;
+    let reply: ResponseHead = match reply {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
             record(OutcomeClass::Unreachable);
             return Err(e.to_string());
         }
+        Err(_) => {
+            record(OutcomeClass::Timeout);
+            return Err(format!("no reply head within {REPLY_HEAD_TIMEOUT:?}"));
+        }
     };
     if let Some(code) = reply.error {
-        record(OutcomeClass::Unreachable);
+        let mesh_limit = MeshError::from_code(&code).is_some_and(MeshError::is_mesh_limit);
+        if !mesh_limit {
+            record(OutcomeClass::Unreachable);
+        }
         return Err(code);
     }
     record(OutcomeClass::Success);
     let (client, end) = splice(client, send, recv).await;
-    if end == SpliceEnd::PeerReset {
+    if end.resets_local() {
         reset_tcp(client);
     }
     Ok(())

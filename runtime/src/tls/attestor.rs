@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::sign::Signer;
 use rustls::SignatureScheme;
 use tokio::sync::watch;
@@ -54,13 +54,7 @@ impl NodeAttestor {
         identity: &Identity,
         trust: watch::Receiver<Arc<PeerTrust>>,
     ) -> Result<NodeAttestor, TlsError> {
-        let key = provider()
-            .key_provider
-            .load_private_key(identity.key.clone_key())
-            .map_err(|e| TlsError::Cert(format!("node key: {e}")))?;
-        let signer = key.choose_scheme(&SCHEMES).ok_or_else(|| {
-            TlsError::Cert("the node key cannot sign with Ed25519, ECDSA or RSA-PSS".into())
-        })?;
+        let signer = choose_signer(identity.key.clone_key())?;
         let certificate = identity
             .certs
             .first()
@@ -115,15 +109,8 @@ impl Attestor for NodeAttestor {
         &self.certificate
     }
 
-    /// The scheme (two bytes, big-endian) and the signature.
     fn sign(&self, message: &[u8]) -> Vec<u8> {
-        let mut out = u16::from(self.signer.scheme()).to_be_bytes().to_vec();
-        match self.signer.sign(message) {
-            Ok(signature) => out.extend_from_slice(&signature),
-            // Peers will refuse the state as badly signed, and say so.
-            Err(e) => tracing::error!(error = %e, "cannot sign this node's gossip state"),
-        }
-        out
+        sign_with(self.signer.as_ref(), message)
     }
 
     fn verify(
@@ -134,23 +121,51 @@ impl Attestor for NodeAttestor {
         signature: &[u8],
     ) -> Result<(), Rejection> {
         self.check_certificate(node, certificate)?;
-        let Some((scheme, signature)) = signature.split_first_chunk::<2>() else {
-            return Err(Rejection::BadSignature);
-        };
-        let scheme = SignatureScheme::from(u16::from_be_bytes(*scheme));
-        let der = CertificateDer::from(certificate);
-        let cert = webpki::EndEntityCert::try_from(&der).map_err(|_| Rejection::BadSignature)?;
-        let verifies = provider()
-            .signature_verification_algorithms
-            .mapping
-            .iter()
-            .filter(|(s, _)| *s == scheme)
-            .flat_map(|(_, algorithms)| algorithms.iter())
-            .any(|alg| cert.verify_signature(*alg, message, signature).is_ok());
-        if verifies {
+        if signature_verifies(certificate, message, signature) {
             Ok(())
         } else {
             Err(Rejection::BadSignature)
         }
     }
+}
+
+/// A signer for `key` with the first of [`SCHEMES`] it supports.
+pub(super) fn choose_signer(key: PrivateKeyDer<'static>) -> Result<Box<dyn Signer>, TlsError> {
+    let key = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::Cert(format!("signing key: {e}")))?;
+    key.choose_scheme(&SCHEMES)
+        .ok_or_else(|| TlsError::Cert("the key cannot sign with Ed25519, ECDSA or RSA-PSS".into()))
+}
+
+/// The scheme (two bytes, big-endian) and the signature of `message`.
+pub(super) fn sign_with(signer: &dyn Signer, message: &[u8]) -> Vec<u8> {
+    let mut out = u16::from(signer.scheme()).to_be_bytes().to_vec();
+    match signer.sign(message) {
+        Ok(signature) => out.extend_from_slice(&signature),
+        // The verifier refuses it as badly signed, and says so.
+        Err(e) => tracing::error!(error = %e, "cannot sign"),
+    }
+    out
+}
+
+/// Whether `certificate`'s key made `signature` (from [`sign_with`]) over
+/// `message`.
+pub(super) fn signature_verifies(certificate: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    let Some((scheme, signature)) = signature.split_first_chunk::<2>() else {
+        return false;
+    };
+    let scheme = SignatureScheme::from(u16::from_be_bytes(*scheme));
+    let der = CertificateDer::from(certificate);
+    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else {
+        return false;
+    };
+    provider()
+        .signature_verification_algorithms
+        .mapping
+        .iter()
+        .filter(|(s, _)| *s == scheme)
+        .flat_map(|(_, algorithms)| algorithms.iter())
+        .any(|alg| cert.verify_signature(*alg, message, signature).is_ok())
 }

@@ -500,3 +500,100 @@ fn revocation_lists_are_checked_before_they_are_used() {
         .to_string();
     assert!(err.contains("holds no PEM revocation list"), "{err}");
 }
+
+/// The trust `id` has, as a watch the signer and checkers read.
+fn trust_of(id: &Identity) -> tokio::sync::watch::Receiver<Arc<PeerTrust>> {
+    tokio::sync::watch::channel(Arc::new(PeerTrust::new(id).unwrap())).1
+}
+
+/// A node's state signature verifies only with that node's certificate
+/// and only over what it signed; another CA's, a revoked and a
+/// misnamed certificate are each refused with their reason.
+#[test]
+fn gossip_state_is_believed_only_from_its_own_node() {
+    use weft_gossip::attest::{Attestor, Rejection};
+    let dir = TempDir::new("attest");
+    let ca = make_ca();
+    let n1 = identity(&dir.0, &ca, "n1");
+    let n2 = identity(&dir.0, &ca, "n2");
+    let n2_pem = std::fs::read_to_string(dir.0.join("n2.pem")).unwrap();
+    let signer = NodeAttestor::new(&n2, trust_of(&n2)).unwrap();
+    let checker = NodeAttestor::new(&n1, trust_of(&n1)).unwrap();
+    let cert = signer.certificate().to_vec();
+    let signature = signer.sign(b"n2's keys");
+    assert_eq!(
+        checker.verify("n2", &cert, b"n2's keys", &signature),
+        Ok(())
+    );
+    assert_eq!(
+        checker.verify("n2", &cert, b"other keys", &signature),
+        Err(Rejection::BadSignature)
+    );
+    assert_eq!(
+        checker.verify("n3", &cert, b"n2's keys", &signature),
+        Err(Rejection::CertificateNameMismatch)
+    );
+    let elsewhere = TempDir::new("attest-stranger");
+    let stranger = identity(&elsewhere.0, &make_ca(), "n2");
+    let forged = NodeAttestor::new(&stranger, trust_of(&stranger)).unwrap();
+    assert_eq!(
+        checker.verify(
+            "n2",
+            forged.certificate(),
+            b"n2's keys",
+            &forged.sign(b"n2's keys")
+        ),
+        Err(Rejection::UntrustedCertificate)
+    );
+    // Once n1 reloads a list revoking n2, n2's state is not believed.
+    let list = dir.0.join("n2.crl");
+    std::fs::write(
+        &list,
+        revocation_list(&ca.0, &ca.1, &[Revoked::of(&n2_pem).unwrap()]).unwrap(),
+    )
+    .unwrap();
+    let revoking = identity(&dir.0, &ca, "n1").with_crl(&list).unwrap();
+    let checker = NodeAttestor::new(&revoking, trust_of(&revoking)).unwrap();
+    assert_eq!(
+        checker.verify("n2", &cert, b"n2's keys", &signature),
+        Err(Rejection::RevokedCertificate)
+    );
+}
+
+/// Grants verify only from an operator certificate of the cluster CA, over
+/// exactly what was granted; a node certificate cannot grant.
+#[test]
+fn only_an_operator_certificate_grants() {
+    use weft_gossip::grant::Authority;
+    let dir = TempDir::new("operator");
+    let ca = make_ca();
+    let n1 = identity(&dir.0, &ca, "n1");
+    let authority = OperatorAuthority::new(trust_of(&n1));
+    let (cert, key) = issue_operator_cert(&ca.0, &ca.1, "alice").unwrap();
+    let (cert, key) = write_node_cert(&dir.0, "alice", &cert, &key).unwrap();
+    let alice = OperatorKey::load(&cert, &key).unwrap();
+    assert_eq!(alice.name, "alice");
+    let grant = alice.grant("keyring", 7, "abc");
+    assert_eq!(authority.verify(&grant), Ok("alice".to_string()));
+    let mut moved = grant.clone();
+    moved.version = u64::MAX;
+    assert!(authority
+        .verify(&moved)
+        .unwrap_err()
+        .contains("does not verify"));
+    // A node's certificate and key are no operator's.
+    let err = OperatorKey::load(&dir.0.join("n1.pem"), &dir.0.join("n1.key")).unwrap_err();
+    assert!(
+        err.to_string().contains("not an operator certificate"),
+        "{err}"
+    );
+    // Another CA's operator is nobody here.
+    let other = make_ca();
+    let (cert, key) = issue_operator_cert(&other.0, &other.1, "mallory").unwrap();
+    let (cert, key) = write_node_cert(&dir.0, "mallory", &cert, &key).unwrap();
+    let mallory = OperatorKey::load(&cert, &key).unwrap();
+    assert!(authority
+        .verify(&mallory.grant("keyring", 7, "abc"))
+        .unwrap_err()
+        .contains("not trusted"));
+}

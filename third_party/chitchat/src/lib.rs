@@ -15,7 +15,7 @@ mod server;
 mod state;
 pub mod transport;
 mod types;
-mod validate;
+pub mod validate;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::iter::once;
@@ -94,6 +94,8 @@ pub struct Chitchat {
     /// Digest entries and deltas about this node's own name that were
     /// ignored (see [`Chitchat::claims_about_self_ignored`]).
     claims_about_self: u64,
+    /// Nodes not taken in because [`validate::MAX_NODES`] were known.
+    nodes_over_cap: u64,
 }
 
 /// What a peer's message says of this node (a weft patch, PATCHES.md).
@@ -122,6 +124,7 @@ impl Chitchat {
             live_nodes_watcher_rx,
             live_nodes_changes_tx: watch::Sender::new(0),
             claims_about_self: 0,
+            nodes_over_cap: 0,
         };
 
         let self_node_state = chitchat.self_node_state();
@@ -185,6 +188,12 @@ impl Chitchat {
     /// view.
     pub fn claims_about_self_ignored(&self) -> u64 {
         self.claims_about_self
+    }
+
+    /// How many times a peer spoke of a node this node did not take in,
+    /// because it already knew [`validate::MAX_NODES`] nodes.
+    pub fn nodes_over_cap(&self) -> u64 {
+        self.nodes_over_cap
     }
 
     fn process_delta(&mut self, mut delta: Delta) {
@@ -275,6 +284,12 @@ impl Chitchat {
             .map(|last_heartbeat| last_heartbeat < heartbeat)
             .unwrap_or(true);
 
+        let known = self.cluster_state.node_state(chitchat_id).is_some();
+        if !known && self.cluster_state.node_states().len() >= validate::MAX_NODES {
+            // A cap on what peers can make this node hold (a weft patch).
+            self.nodes_over_cap += 1;
+            return;
+        }
         let node_state = if should_init_if_absent {
             self.cluster_state.node_state_mut_or_init(chitchat_id)
         } else if let Some(node_state) = self.cluster_state.node_state_mut(chitchat_id) {
@@ -485,6 +500,12 @@ impl Chitchat {
             .last_heartbeat_if_deleted(chitchat_id)
             .is_none();
 
+        let known = self.cluster_state.node_state(chitchat_id).is_some();
+        if !known && self.cluster_state.node_states().len() >= validate::MAX_NODES {
+            // A cap on what peers can make this node hold (a weft patch).
+            self.nodes_over_cap += 1;
+            return;
+        }
         let node_state = if should_init_if_absent {
             self.cluster_state.node_state_mut_or_init(chitchat_id)
         } else if let Some(node_state) = self.cluster_state.node_state_mut(chitchat_id) {

@@ -226,6 +226,11 @@ impl NodeState {
                     continue;
                 }
             }
+            if self.key_values.len() >= crate::validate::MAX_KEYS_PER_NODE
+                && !self.key_values.contains_key(&key_value_mutation.key)
+            {
+                continue;
+            }
             let new_versioned_value = VersionedValue {
                 value: key_value_mutation.value,
                 version: key_value_mutation.version,

@@ -6,6 +6,12 @@
 pub const MAX_NODE_ID_LEN: usize = 253;
 /// Longest key accepted from a peer.
 pub const MAX_KEY_LEN: usize = 1024;
+/// Most node incarnations a node keeps (live, dead and not yet forgotten).
+pub const MAX_NODES: usize = 16_384;
+/// Most keys (deleted ones included) a node keeps for one peer: a key past
+/// it is not stored, so a peer cannot grow every node's memory without
+/// bound (its state is then incomplete, which a signature check notices).
+pub const MAX_KEYS_PER_NODE: usize = 8192;
 
 /// A node id is 1 to [`MAX_NODE_ID_LEN`] printable ASCII characters.
 pub(crate) fn node_id(id: &str) -> anyhow::Result<()> {
