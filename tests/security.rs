@@ -506,3 +506,154 @@ async fn a_revoked_node_exchanges_no_request_with_the_cluster() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("revokes this node's own certificate"), "{err}");
 }
+
+/// Eviction without visiting every host: n5's certificate is revoked where
+/// the CA key lives, the list is handed to one node, and one key rotation
+/// run on one node cuts n5 out of gossip. The list reaches every node by
+/// gossip, the new key reaches only the nodes the tunnel still trusts, the
+/// other four lose no request under steady load, n5's datagrams are
+/// dropped everywhere, and n5 sees no new registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_node_is_cut_out_of_gossip_by_one_rotation() {
+    let mut c = TestCluster::new();
+    let certs = c.dir.path().join("certs");
+    weft_cert(
+        &c,
+        &[
+            "issue".as_ref(),
+            "n5".as_ref(),
+            "--out".as_ref(),
+            certs.as_os_str(),
+        ],
+    );
+    for _ in 0..4 {
+        c.add_node();
+    }
+    let (n5_cert, n5_key) = (certs.join("n5.pem"), certs.join("n5.key"));
+    c.add_node_with(&[
+        "--cert",
+        n5_cert.to_str().unwrap(),
+        "--key",
+        n5_key.to_str().unwrap(),
+    ]);
+    c.wait_converged(5, Duration::from_secs(30)).await;
+    let upstream = Upstream::start(free_port(), 200).await;
+    register_everywhere(&c, 1, "api", upstream.port, "http").await;
+
+    // Steady load from n1, n3 and n4 to n2's instance throughout.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let proxies: Vec<_> = [0, 2, 3].iter().map(|&i| c.nodes[i].proxy).collect();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut sent, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for &proxy in &proxies {
+                    let (status, error) = proxy_call(proxy, hyper::Method::GET, "api").await;
+                    sent += 1;
+                    if status != 200 {
+                        failed.push(format!("{proxy}: {status} {error:?}"));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (sent, failed)
+        })
+    };
+
+    // Revoke n5 where the CA key lives; hand the list to n1 only.
+    weft_cert(&c, &["revoke".as_ref(), n5_cert.as_os_str()]);
+    let published = std::process::Command::new(weft_bin())
+        .arg("--socket")
+        .arg(&c.nodes[0].socket)
+        .args(["cert", "publish-crl"])
+        .arg(c.cluster_dir.join("crl.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    for node in &c.nodes[..4] {
+        let socket = node.socket.clone();
+        wait_for(
+            Duration::from_secs(15),
+            &format!("{} drops n5", node.name),
+            || {
+                let socket = socket.clone();
+                async move { member_state(&socket, "n5").await.is_none().then_some(()) }
+            },
+        )
+        .await;
+    }
+
+    // One rotation, from n1's socket, as the operator.
+    let before: Vec<f64> = {
+        let mut v = Vec::new();
+        for node in &c.nodes[..4] {
+            let text = metrics_text(node.admin).await;
+            v.push(metric_sum(
+                &text,
+                "weft_gossip_rejected_total",
+                &["reason=\"bad_seal\""],
+            ));
+        }
+        v
+    };
+    let rotated = keys_cli(&c, 0, &["rotate"], "", true).unwrap();
+    assert!(rotated.contains("rotated"), "{rotated}");
+    let removed_at = std::time::Instant::now();
+    for (node, before) in c.nodes[..4].iter().zip(before) {
+        let admin = node.admin;
+        wait_for(
+            Duration::from_secs(10),
+            &format!("{} drops n5's datagrams", node.name),
+            || async move {
+                let text = metrics_text(admin).await;
+                (metric_sum(
+                    &text,
+                    "weft_gossip_rejected_total",
+                    &["reason=\"bad_seal\""],
+                ) > before)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    let dropped_within = removed_at.elapsed();
+
+    // A registration made now reaches the four, never n5.
+    let body = serde_json::json!({"name": "fresh", "port": free_port()});
+    let (status, reply) = put_json(&c.nodes[2].socket, "/v1/services", &body)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{reply}");
+    for node in &c.nodes[..4] {
+        let socket = node.socket.clone();
+        wait_for(Duration::from_secs(10), "fresh reaches the four", || {
+            let socket = socket.clone();
+            async move {
+                let ids = instance_ids(&socket, "fresh").await?;
+                (!ids.is_empty()).then_some(())
+            }
+        })
+        .await;
+    }
+    let on_n5 = instance_ids(&c.nodes[4].socket, "fresh").await;
+    assert!(
+        on_n5.unwrap_or_default().is_empty(),
+        "n5 saw a new registration"
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed) = load.await.unwrap();
+    assert!(sent > 30, "too little load: {sent}");
+    assert!(
+        failed.is_empty(),
+        "requests lost during the rotation: {failed:?}"
+    );
+    eprintln!(
+        "n5's datagrams dropped by all four within {dropped_within:?}; {sent} requests, none lost"
+    );
+}

@@ -13,7 +13,9 @@
 //! ([`StateCheck`]): the certificate is the cluster CA's, not revoked, and
 //! names the node, and it signed exactly these keys for this incarnation.
 //! Otherwise it keeps the last keys of that node that verified, or leaves a
-//! node that never verified out of every view. The crypto (certificates,
+//! node that never verified out of every view. When the trust moves (a new
+//! CRL), every state is checked again, and a node whose certificate no
+//! longer verifies leaves every view. The crypto (certificates,
 //! the CRL, signatures) is an [`Attestor`] the node passes in, so this
 //! crate needs no TLS stack.
 
@@ -80,6 +82,11 @@ pub trait Attestor: Send + Sync + std::fmt::Debug {
     fn certificate(&self) -> &[u8];
     /// Signs `message` with this node's certificate key.
     fn sign(&self, message: &[u8]) -> Vec<u8>;
+    /// Which trust (CA roots and CRL) verdicts are made under; it moves
+    /// when the trust is reloaded, and every state is checked again.
+    fn epoch(&self) -> usize {
+        0
+    }
     /// Checks that `certificate` (DER) is a valid, unrevoked node
     /// certificate of the cluster naming `node`, and that its key made
     /// `signature` over `message`.
@@ -172,10 +179,26 @@ impl Rejections {
 /// What a receiver last concluded about one node incarnation.
 #[derive(Debug)]
 struct Checked {
-    /// The max version whose keys were checked (pass or fail).
+    /// The max version whose keys were checked (pass or fail), and the
+    /// trust they were checked under.
     version: u64,
+    epoch: usize,
     /// The newest keys that verified, if any ever did.
     keys: Option<Arc<NodeKeys>>,
+}
+
+impl Rejection {
+    /// Whether the rejection is of the node itself (its certificate), not
+    /// of one state: then none of its keys is believed any more, the last
+    /// verified ones included (a revoked node leaves every view).
+    fn of_the_node(self) -> bool {
+        matches!(
+            self,
+            Rejection::UntrustedCertificate
+                | Rejection::RevokedCertificate
+                | Rejection::CertificateNameMismatch
+        )
+    }
 }
 
 /// The receiving side: which of each node's keys to believe. Each state is
@@ -206,8 +229,9 @@ impl StateCheck {
         version: u64,
         keys: &Arc<NodeKeys>,
     ) -> Option<Arc<NodeKeys>> {
+        let epoch = self.attestor.epoch();
         if let Some(checked) = self.checked.get(id) {
-            if checked.version == version {
+            if checked.version == version && checked.epoch == epoch {
                 return checked.keys.clone();
             }
         }
@@ -215,17 +239,21 @@ impl StateCheck {
         let verdict = self.verify(who, keys);
         let checked = self.checked.entry(id.clone()).or_insert(Checked {
             version,
+            epoch,
             keys: None,
         });
-        checked.version = version;
+        (checked.version, checked.epoch) = (version, epoch);
         match verdict {
             Ok(()) => checked.keys = Some(Arc::clone(keys)),
             Err(rejection) => {
                 self.rejections.count(rejection);
+                if rejection.of_the_node() {
+                    checked.keys = None;
+                }
                 tracing::debug!(
                     node = who.name,
                     reason = rejection.reason(),
-                    "gossip state not believed; keeping the last that verified"
+                    "gossip state not believed"
                 );
             }
         }

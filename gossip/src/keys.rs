@@ -23,6 +23,8 @@ pub enum Key {
     /// The node's signature over all its other keys ([`crate::attest`]),
     /// rewritten after every change, so it is always its newest key.
     Sig,
+    /// The revocation list the node uses (base64 DER, signed by the CA).
+    Crl,
     /// An instance this node hosts.
     Svc(String),
     /// What this node's checker or outlier detector concluded about an instance.
@@ -54,6 +56,7 @@ impl Key {
             Key::Keyring => "keyring".to_string(),
             Key::Cert => "cert".to_string(),
             Key::Sig => "sig".to_string(),
+            Key::Crl => "crl".to_string(),
             Key::Svc(id) => format!("svc/{id}"),
             Key::Health(id) => format!("health/{id}"),
             Key::Stats(svc) => format!("stats/{svc}"),
@@ -68,6 +71,7 @@ impl Key {
             "keyring" => return Some(Key::Keyring),
             "cert" => return Some(Key::Cert),
             "sig" => return Some(Key::Sig),
+            "crl" => return Some(Key::Crl),
             _ => {}
         }
         let (prefix, rest) = raw.split_once('/')?;

@@ -40,6 +40,8 @@ pub struct ApiState {
     pub cluster: Arc<Cluster>,
     /// The gossip keyring (`/v1/keys`, socket only).
     pub keys: Arc<ClusterKeys>,
+    /// The revocation list in use (`PUT /v1/crl`, socket only).
+    pub crls: Arc<crate::crl::Crls>,
     /// Local registrations.
     pub registry: Arc<Registry>,
     /// The routing table.
@@ -202,6 +204,14 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             StatusCode::FORBIDDEN,
             "the keyring is served on the node's socket only",
         ),
+        (_, ["v1", "crl"]) if read_only => error(
+            StatusCode::FORBIDDEN,
+            "the revocation list is handed over the node's socket only",
+        ),
+        (&Method::PUT, ["v1", "crl"]) => match read_json(req).await {
+            Ok(body) => put_crl(state, &body),
+            Err(reply) => reply,
+        },
         (&Method::GET, ["v1", "keys"]) => reply(
             StatusCode::OK,
             &state.keys.list(&state.cluster.views().borrow()),
@@ -237,7 +247,8 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             | ["v1", "upstreams"]
             | ["v1", "upstreams", _]
             | ["v1", "keys"]
-            | ["v1", "keys", _],
+            | ["v1", "keys", _]
+            | ["v1", "crl"],
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}"),
@@ -322,6 +333,34 @@ async fn read_key_change(req: Request<Incoming>, with_key: bool) -> Result<(Stri
         }
     };
     Ok((key, grant))
+}
+
+/// `PUT /v1/crl {"crl": PEM}`: a revocation list of the cluster CA, adopted
+/// when it revokes more than the one in use, then passed on by gossip.
+fn put_crl(state: &ApiState, body: &Value) -> Reply {
+    let Some(pem) = body.get("crl").and_then(Value::as_str) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "field \"crl\" (a PEM revocation list from `weft cert revoke`) is required",
+        );
+    };
+    match state.crls.offer(pem.as_bytes()) {
+        Ok(adopted) => {
+            let revoked = weft_runtime::tls::crls_of_pem(pem.as_bytes())
+                .ok()
+                .and_then(|l| l.into_iter().next())
+                .and_then(|der| weft_runtime::tls::crl_serials(&der).ok())
+                .map_or(0, |s| s.len());
+            reply(
+                StatusCode::OK,
+                &json!({ "adopted": adopted, "revoked": revoked }),
+            )
+        }
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            format!("the list cannot be used: {e}"),
+        ),
+    }
 }
 
 fn keys_reply(result: Result<weft_gossip::seal::KeyId, KeysError>, done: &str) -> Reply {

@@ -122,6 +122,15 @@ pub enum KeysCommand {
         #[command(flatten)]
         operator: OperatorArgs,
     },
+    /// The whole rotation: a new random key installed on every member,
+    /// made the primary everywhere, and the old primary removed, each step
+    /// once the last reached every live member. After `weft cert
+    /// publish-crl`, a revoked node is no member: it never gets the new key
+    /// and its gossip is dropped everywhere once the old key is removed.
+    Rotate {
+        #[command(flatten)]
+        operator: OperatorArgs,
+    },
 }
 
 /// The operator certificate that signs a cluster config change.
@@ -156,9 +165,16 @@ pub enum CertCommand {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Hand a node a revocation list (from `weft cert revoke`): it adopts
+    /// it, closes the tunnels of the nodes it revokes, and passes it on by
+    /// gossip, so every node adopts it (no visit to each host).
+    PublishCrl {
+        /// The list (PEM), e.g. the cluster dir's crl.pem.
+        crl: PathBuf,
+    },
     /// Revoke a node certificate: adds it to the cluster's revoked.json and
-    /// rewrites crl.pem in the cluster dir, for every node's --crl (then
-    /// SIGHUP the nodes).
+    /// rewrites crl.pem in the cluster dir (then `weft cert publish-crl`,
+    /// or copy it to every node's --crl and SIGHUP them).
     Revoke {
         /// The certificate to revoke (PEM).
         cert: PathBuf,

@@ -1,11 +1,15 @@
 //! The gossip keyring, cluster-wide (DESIGN section 6, Consul's model).
 //!
 //! Every node keeps the installed keys in its data dir (`keyring.json`,
-//! mode 0600) and gossips them under its own `keyring` key, sealed like all
-//! gossip, so only key holders read them. A change anywhere (`weft keys
-//! install|use|remove` on any node) bumps the keyring's version; every node
-//! adopts the highest version it sees on a live member and republishes it,
-//! so the change reaches every node and survives its author leaving.
+//! mode 0600) and gossips what it holds under its own `keyring` key: the
+//! version, the ids of its keys and of its primary, and the operator's
+//! grant, never the keys themselves (every member reads gossip, a revoked
+//! one included). A change anywhere (`weft keys install|use|remove` on any
+//! node) bumps the keyring's version; every node adopts the highest granted
+//! version it sees on a live member and republishes it, so the change
+//! reaches every node and survives its author leaving. A key a node lacks
+//! it fetches from that member over the tunnel, whose mTLS checks the
+//! cluster CA and CRL: a revoked node gets no new key.
 //! Datagrams open under any installed key and are sealed under the primary
 //! ([`weft_gossip::seal::Keyring`]).
 //!
@@ -102,19 +106,9 @@ impl KeyringState {
         }
     }
 
-    /// What this version's grant must cover.
-    fn digest(&self) -> Option<String> {
-        Some(digest(self.primary_id()?, &self.ids()))
-    }
-
     /// Whether `authority` grants this version as it is.
     fn granted(&self, authority: &dyn Authority) -> Result<String, String> {
-        let grant = self.grant.as_ref().ok_or("it carries no operator grant")?;
-        let digest = self.digest().ok_or("its primary is not a key")?;
-        if !grant.covers(OBJECT, self.version, &digest) {
-            return Err("its grant is for another keyring".into());
-        }
-        authority.verify(grant)
+        KeyringRecord::of(self).granted(authority)
     }
 
     /// The sealing keyring, if every key decodes, the primary is installed
@@ -135,15 +129,9 @@ impl KeyringState {
         Ok(Keyring::new(&primary, &others))
     }
 
-    /// Newer: a higher version; at equal versions (two changes made at once
-    /// on two nodes) the same one wins everywhere.
-    fn supersedes(&self, other: &KeyringState) -> bool {
-        (self.version, &self.primary, &self.keys) > (other.version, &other.primary, &other.keys)
-    }
-
-    /// The gossip value: the state as JSON.
+    /// The gossip value: the version, ids and grant as JSON.
     fn record(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+        serde_json::to_string(&KeyringRecord::of(self)).unwrap_or_default()
     }
 
     fn ids(&self) -> Vec<KeyId> {
@@ -156,6 +144,64 @@ impl KeyringState {
 
     fn find(&self, id: KeyId) -> Option<&String> {
         self.keys.iter().find(|k| id_of(k) == Some(id))
+    }
+}
+
+/// What a node gossips of its keyring: ids, never keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct KeyringRecord {
+    version: u64,
+    /// The primary's id.
+    primary: String,
+    /// Every installed key's id.
+    keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    grant: Option<Grant>,
+}
+
+impl KeyringRecord {
+    fn of(state: &KeyringState) -> KeyringRecord {
+        KeyringRecord {
+            version: state.version,
+            primary: state
+                .primary_id()
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+            keys: state.ids().iter().map(KeyId::to_string).collect(),
+            grant: state.grant.clone(),
+        }
+    }
+
+    fn primary_id(&self) -> Option<KeyId> {
+        self.primary.parse().ok()
+    }
+
+    fn ids(&self) -> Vec<KeyId> {
+        self.keys.iter().filter_map(|k| k.parse().ok()).collect()
+    }
+
+    fn holds(&self, id: KeyId) -> bool {
+        self.ids().contains(&id)
+    }
+
+    /// Whether `authority` grants this version as it is.
+    fn granted(&self, authority: &dyn Authority) -> Result<String, String> {
+        let grant = self.grant.as_ref().ok_or("it carries no operator grant")?;
+        let primary = self.primary_id().ok_or("its primary is not a key id")?;
+        if self.keys.len() > MAX_KEYS || !self.holds(primary) {
+            return Err("it is not a valid keyring".into());
+        }
+        if !grant.covers(OBJECT, self.version, &digest(primary, &self.ids())) {
+            return Err("its grant is for another keyring".into());
+        }
+        authority.verify(grant)
+    }
+
+    /// Newer than `state`: a higher version; at equal versions (two changes
+    /// made at once on two nodes) the same one wins everywhere.
+    fn supersedes(&self, state: &KeyringState) -> bool {
+        let other = KeyringRecord::of(state);
+        (self.version, &self.primary, &self.keys) > (other.version, &other.primary, &other.keys)
     }
 }
 
@@ -197,6 +243,8 @@ pub struct ClusterKeys {
     changes: watch::Sender<KeyringState>,
     /// Who may grant changes; until set, nothing is granted.
     authority: OnceLock<Arc<dyn Authority>>,
+    /// Keys fetched from members, for a keyring not yet adopted.
+    material: Mutex<std::collections::HashMap<KeyId, [u8; 32]>>,
 }
 
 impl ClusterKeys {
@@ -230,6 +278,7 @@ impl ClusterKeys {
             path,
             changes,
             authority: OnceLock::new(),
+            material: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -318,7 +367,7 @@ impl ClusterKeys {
             return Ok(id);
         }
         let missing: Vec<&str> = member_keyrings(view)
-            .filter(|(_, ring)| ring.as_ref().is_none_or(|r| r.find(id).is_none()))
+            .filter(|(_, ring)| ring.as_ref().is_none_or(|r| !r.holds(id)))
             .map(|(name, _)| name)
             .collect();
         if !missing.is_empty() {
@@ -346,7 +395,7 @@ impl ClusterKeys {
             )));
         }
         let sealing: Vec<&str> = member_keyrings(view)
-            .filter(|(_, ring)| ring.as_ref().and_then(KeyringState::primary_id) == Some(id))
+            .filter(|(_, ring)| ring.as_ref().and_then(KeyringRecord::primary_id) == Some(id))
             .map(|(name, _)| name)
             .collect();
         if !sealing.is_empty() {
@@ -364,35 +413,62 @@ impl ClusterKeys {
     }
 
     /// Adopts the newest keyring among the live members' records that is
-    /// valid, granted by an operator, and still opens what this node seals
-    /// (it holds this node's primary, or its own primary is a key this
-    /// node holds): a keyring that would cut this node off is never taken.
-    pub fn adopt_newest(&self, view: &ClusterView) {
-        let Some(authority) = self.authority.get() else {
-            return;
-        };
+    /// granted by an operator, newer than this node's, and still opens what
+    /// this node seals (it holds this node's primary, or its own primary is
+    /// a key this node holds): a keyring that would cut this node off is
+    /// never taken. When it names keys this node lacks, nothing changes and
+    /// the answer says which to fetch from whom.
+    pub fn adopt_newest(&self, view: &ClusterView) -> Option<Fetch> {
+        let authority = self.authority.get()?;
         let current = self.lock().clone();
-        let newest = member_keyrings(view)
-            .filter_map(|(_, ring)| ring)
-            .filter(|ring| ring.supersedes(&current) && ring.keyring().is_ok())
-            .filter(|ring| {
-                ring.keys.contains(&current.primary) || current.keys.contains(&ring.primary)
+        let (holder, newest) = member_keyrings(view)
+            .filter_map(|(name, ring)| Some((name, ring?)))
+            .filter(|(_, ring)| ring.supersedes(&current))
+            .filter(|(_, ring)| {
+                let primary = current.primary_id();
+                primary.is_some_and(|p| ring.holds(p))
+                    || ring.primary_id().is_some_and(|p| current.find(p).is_some())
             })
-            .filter(|ring| match ring.granted(authority.as_ref()) {
+            .filter(|(_, ring)| match ring.granted(authority.as_ref()) {
                 Ok(_) => true,
                 Err(e) => {
-                    tracing::debug!(version = ring.version, reason = %e, "a member gossips a keyring no operator granted; not adopted");
+                    tracing::debug!(version = ring.version, reason = %e,
+                        "a member gossips a keyring no operator granted; not adopted");
                     false
                 }
             })
-            .reduce(|a, b| if b.supersedes(&a) { b } else { a });
-        let Some(newest) = newest else { return };
-        let mut state = self.lock();
-        if !newest.supersedes(&state) {
-            return;
+            .reduce(|a, b| if b.1.version > a.1.version { b } else { a })?;
+        let material = self.material.lock().unwrap_or_else(PoisonError::into_inner);
+        let key_of = |id: KeyId| {
+            current
+                .find(id)
+                .cloned()
+                .or_else(|| material.get(&id).map(encode))
+        };
+        let missing: Vec<KeyId> = newest
+            .ids()
+            .into_iter()
+            .filter(|id| key_of(*id).is_none())
+            .collect();
+        if !missing.is_empty() {
+            return Some(Fetch {
+                from: holder.to_string(),
+                missing,
+            });
         }
-        let version = newest.version;
-        match self.apply(&mut state, newest) {
+        let next = KeyringState {
+            version: newest.version,
+            primary: key_of(newest.primary_id()?)?,
+            keys: newest.ids().into_iter().filter_map(key_of).collect(),
+            grant: newest.grant.clone(),
+        };
+        drop(material);
+        let mut state = self.lock();
+        if *state != current {
+            return None;
+        }
+        let version = next.version;
+        match self.apply(&mut state, next) {
             Ok(()) => info!(
                 version,
                 primary = %state.primary_id().map(|id| id.to_string()).unwrap_or_default(),
@@ -401,6 +477,30 @@ impl ClusterKeys {
             ),
             Err(e) => warn!(error = %e, "could not adopt the cluster's keyring"),
         }
+        None
+    }
+
+    /// Keeps a key fetched from a member for the next adoption, if it is
+    /// the key `id` names.
+    fn learn(&self, id: KeyId, key: &[u8]) -> bool {
+        let Ok(key) = <[u8; 32]>::try_from(key) else {
+            return false;
+        };
+        if KeyId::of(&key) != id {
+            return false;
+        }
+        let mut material = self.material.lock().unwrap_or_else(PoisonError::into_inner);
+        if material.len() < MAX_KEYS {
+            material.insert(id, key);
+        }
+        true
+    }
+
+    /// The key installed here under `id` (what a member may fetch over the
+    /// tunnel).
+    pub fn secret(&self, id: KeyId) -> Option<[u8; 32]> {
+        let encoded = self.lock().find(id).cloned()?;
+        decode_key_base64(&encoded).ok()
     }
 
     /// Persists `next`, swaps the sealing keyring and announces it.
@@ -417,7 +517,7 @@ impl ClusterKeys {
     /// it and seal with it. Keys themselves are never shown, only ids.
     pub fn list(&self, view: &ClusterView) -> Value {
         let state = self.lock().clone();
-        let members: Vec<(&str, Option<KeyringState>)> = member_keyrings(view).collect();
+        let members: Vec<(&str, Option<KeyringRecord>)> = member_keyrings(view).collect();
         let mut ids: Vec<KeyId> = state.ids();
         for ring in members.iter().filter_map(|(_, r)| r.as_ref()) {
             for id in ring.ids() {
@@ -426,7 +526,7 @@ impl ClusterKeys {
                 }
             }
         }
-        let count = |pred: &dyn Fn(&KeyringState) -> bool| {
+        let count = |pred: &dyn Fn(&KeyringRecord) -> bool| {
             members
                 .iter()
                 .filter(|(_, r)| r.as_ref().is_some_and(pred))
@@ -439,7 +539,7 @@ impl ClusterKeys {
                     "id": id.to_string(),
                     "installed_here": state.find(id).is_some(),
                     "primary_here": state.primary_id() == Some(id),
-                    "installed_on": count(&|r| r.find(id).is_some()),
+                    "installed_on": count(&|r| r.holds(id)),
                     "primary_on": count(&|r| r.primary_id() == Some(id)),
                 })
             })
@@ -453,12 +553,14 @@ impl ClusterKeys {
     }
 
     /// Keeps gossip and the keyring in step: publishes every local change
-    /// under the node's `keyring` key and adopts newer keyrings seen on
-    /// live members.
+    /// under the node's `keyring` key, adopts newer keyrings seen on live
+    /// members, and fetches with `fetch` the keys they name that this node
+    /// lacks.
     pub fn follow(
         self: Arc<Self>,
         mut views: watch::Receiver<Arc<ClusterView>>,
         writer: GossipWriter,
+        fetch: KeyFetcher,
     ) {
         let mut changes = self.changes.subscribe();
         tokio::spawn(async move {
@@ -469,7 +571,10 @@ impl ClusterKeys {
                             return;
                         }
                         let view = views.borrow_and_update().clone();
-                        self.adopt_newest(&view);
+                        if let Some(needed) = self.adopt_newest(&view) {
+                            self.fetch_missing(needed, &fetch).await;
+                            self.adopt_newest(&view);
+                        }
                     }
                     changed = changes.changed() => {
                         if changed.is_err() {
@@ -482,17 +587,60 @@ impl ClusterKeys {
             }
         });
     }
+
+    async fn fetch_missing(&self, needed: Fetch, fetch: &KeyFetcher) {
+        for id in needed.missing {
+            match fetch(needed.from.clone(), id).await {
+                Ok(key) if self.learn(id, &key) => {
+                    info!(key = %id, from = needed.from, "fetched a gossip key over the tunnel");
+                }
+                Ok(_) => {
+                    warn!(key = %id, from = needed.from, "a member sent a key that is not the one asked for")
+                }
+                Err(e) => {
+                    warn!(key = %id, from = needed.from, error = %e, "could not fetch a gossip key")
+                }
+            }
+        }
+    }
 }
+
+impl weft_runtime::dataplane::keys::KeyVault for ClusterKeys {
+    fn secret(&self, id: &str) -> Option<Vec<u8>> {
+        ClusterKeys::secret(self, id.parse().ok()?).map(|k| k.to_vec())
+    }
+}
+
+/// Keys a newer keyring names that this node lacks, and a live member
+/// holding them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetch {
+    /// The member whose keyring names them.
+    pub from: String,
+    /// Their ids.
+    pub missing: Vec<KeyId>,
+}
+
+/// Fetches a key by id from a member (over the tunnel, in the node).
+pub type KeyFetcher = Arc<
+    dyn Fn(
+            String,
+            KeyId,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Each live member's name and its gossiped keyring (`None`: not announced
 /// or unreadable).
-fn member_keyrings(view: &ClusterView) -> impl Iterator<Item = (&str, Option<KeyringState>)> {
+fn member_keyrings(view: &ClusterView) -> impl Iterator<Item = (&str, Option<KeyringRecord>)> {
     let key = Key::Keyring.encode();
     view.nodes.iter().filter(|n| n.live).map(move |node| {
         let ring = node
             .kv
             .get(&key)
-            .and_then(|v| serde_json::from_str::<KeyringState>(v).ok());
+            .and_then(|v| serde_json::from_str::<KeyringRecord>(v).ok());
         (node.name.as_str(), ring)
     })
 }
@@ -529,7 +677,7 @@ mod tests {
     fn member(name: &str, ring: Option<&KeyringState>) -> NodeSnapshot {
         let mut kv = BTreeMap::new();
         if let Some(ring) = ring {
-            kv.insert("keyring".to_string(), serde_json::to_string(ring).unwrap());
+            kv.insert("keyring".to_string(), ring.record());
         }
         NodeSnapshot {
             name: name.to_string(),
@@ -585,7 +733,8 @@ mod tests {
 
     /// `state` as an operator granted it.
     fn granted(mut state: KeyringState) -> KeyringState {
-        state.grant = Some(operator_grant(state.version, state.digest().unwrap()));
+        let digest = digest(state.primary_id().unwrap(), &state.ids());
+        state.grant = Some(operator_grant(state.version, digest));
         state
     }
 
@@ -695,13 +844,26 @@ mod tests {
             })),
         );
         dead.live = false;
-        keys.adopt_newest(&view(vec![
+        let members = view(vec![
             member("n2", Some(&newer)),
             member("n3", Some(&broken)),
             member("evil", Some(&forged)),
             dead,
-        ]));
+        ]);
+        // Gossip names the new key; its material comes from n2 (over the
+        // tunnel, in the node), and only the key that id names is taken.
+        let fetch = keys.adopt_newest(&members).expect("a key to fetch");
+        assert_eq!(fetch.from, "n2");
+        assert_eq!(fetch.missing, vec![KeyId::of(&NEW)]);
+        assert!(!keys.learn(KeyId::of(&NEW), &[9; 32]));
+        assert_eq!(keys.lock().version, 0);
+        assert!(keys.learn(KeyId::of(&NEW), &NEW));
+        assert_eq!(keys.adopt_newest(&members), None);
         assert_eq!(keys.lock().version, 5);
+        assert!(
+            !keys.record().contains(&encode(&NEW)),
+            "gossip carries ids, never keys"
+        );
         assert_eq!(keys.ring().load().primary_id(), KeyId::of(&NEW));
         // An older keyring never replaces a newer one.
         keys.adopt_newest(&view(vec![member(

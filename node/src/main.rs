@@ -25,9 +25,11 @@ mod api;
 mod cli;
 mod client;
 mod config;
+mod crl;
 mod demo;
 mod init;
 mod keyring;
+mod keys_command;
 mod logging;
 mod node;
 mod registry;
@@ -255,7 +257,24 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
                 println!("deregistered {id}");
                 Ok(())
             }
-            Command::Keys(keys) => keys_command(&socket, keys).await,
+            Command::Keys(keys) => keys_command::run(&socket, keys).await,
+            Command::Cert(cli::CertCommand::PublishCrl { crl }) => {
+                let pem = std::fs::read_to_string(&crl)
+                    .map_err(|e| NodeError::Config(format!("{}: {e}", crl.display())))?;
+                let (status, reply) =
+                    client::call(&socket, Method::PUT, "/v1/crl", Some(json!({ "crl": pem })))
+                        .await?;
+                client::check(status, &reply)?;
+                if reply["adopted"] == true {
+                    println!(
+                        "the node adopted the list ({} revoked); every node adopts it by gossip",
+                        reply["revoked"]
+                    );
+                } else {
+                    println!("the node already uses this list or a newer one");
+                }
+                Ok(())
+            }
             Command::Services { json } => {
                 show(&socket, "/v1/services", json, client::services_table).await
             }
@@ -288,133 +307,7 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
     })
 }
 
-async fn keys_command(socket: &std::path::Path, cmd: cli::KeysCommand) -> Result<(), NodeError> {
-    use weft_gossip::seal::KeyId;
-    let (change, operator, method, path, key, done) = match cmd {
-        cli::KeysCommand::List { json } => {
-            return show(socket, "/v1/keys", json, client::keys_table).await
-        }
-        cli::KeysCommand::Install { key_file, operator } => {
-            let key = read_secret_key(key_file.as_deref())?;
-            let id = weft_gossip::seal::decode_key_base64(&key)
-                .map(|k| KeyId::of(&k))
-                .map_err(|e| NodeError::Config(format!("the key: {e}")))?;
-            let change = keyring::Change::Install(id);
-            (
-                change,
-                operator,
-                Method::PUT,
-                "/v1/keys".to_string(),
-                Some(key),
-                "installed",
-            )
-        }
-        cli::KeysCommand::Use { key, operator } => {
-            let id = parse_key_id(&key)?;
-            let path = "/v1/keys/primary".to_string();
-            let change = keyring::Change::Use(id);
-            (
-                change,
-                operator,
-                Method::PUT,
-                path,
-                Some(id.to_string()),
-                "is now the primary",
-            )
-        }
-        cli::KeysCommand::Remove { key, operator } => {
-            let id = parse_key_id(&key)?;
-            let path = format!("/v1/keys/{id}");
-            (
-                keyring::Change::Remove(id),
-                operator,
-                Method::DELETE,
-                path,
-                None,
-                "removed",
-            )
-        }
-    };
-    let operator =
-        weft_runtime::tls::OperatorKey::load(&operator.operator_cert, &operator.operator_key)
-            .map_err(|e| NodeError::Config(e.to_string()))?;
-    let grant = keyring_grant(socket, &operator, change).await?;
-    let mut body = json!({ "grant": grant });
-    if let Some(key) = key {
-        body["key"] = json!(key);
-    }
-    let (status, reply) = client::call(socket, method, &path, Some(body)).await?;
-    client::check(status, &reply)?;
-    println!(
-        "key {} {done}, granted by operator {}; the change reaches every node by gossip (see `weft keys list`)",
-        reply["id"].as_str().unwrap_or("?"),
-        operator.name
-    );
-    Ok(())
-}
-
-/// The operator's grant of `change` to the keyring the node now holds (its
-/// version, primary and keys, as `GET /v1/keys` lists them).
-async fn keyring_grant(
-    socket: &std::path::Path,
-    operator: &weft_runtime::tls::OperatorKey,
-    change: keyring::Change,
-) -> Result<weft_gossip::grant::Grant, NodeError> {
-    let (status, listed) = client::call(socket, Method::GET, "/v1/keys", None).await?;
-    client::check(status, &listed)?;
-    let id = |v: &serde_json::Value| v.as_str().and_then(|s| s.parse().ok());
-    let primary = id(&listed["primary"])
-        .ok_or_else(|| NodeError::Io("the node listed no primary key".into()))?;
-    let ids: Vec<weft_gossip::seal::KeyId> = listed["keys"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|k| k["installed_here"] == true)
-        .filter_map(|k| id(&k["id"]))
-        .collect();
-    let version = listed["version"]
-        .as_u64()
-        .and_then(|v| v.checked_add(1))
-        .ok_or_else(|| NodeError::Io("the node listed no keyring version to follow".into()))?;
-    let (primary, ids) = change.apply(primary, &ids);
-    let digest = keyring::digest(primary, &ids);
-    Ok(operator.grant(keyring::OBJECT, version, &digest))
-}
-
-/// A gossip key from `file`, or from standard input.
-fn read_secret_key(file: Option<&std::path::Path>) -> Result<String, NodeError> {
-    let text = match file {
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| NodeError::Config(format!("--key-file {}: {e}", path.display())))?,
-        None => {
-            use std::io::Read as _;
-            let mut text = String::new();
-            std::io::stdin()
-                .take(4096)
-                .read_to_string(&mut text)
-                .map_err(|e| {
-                    NodeError::Config(format!("reading the key from standard input: {e}"))
-                })?;
-            text
-        }
-    };
-    Ok(text.trim().to_string())
-}
-
-/// A key id, or the id of a base64 key.
-fn parse_key_id(text: &str) -> Result<weft_gossip::seal::KeyId, NodeError> {
-    use weft_gossip::seal::{decode_key_base64, KeyId};
-    text.parse()
-        .or_else(|_| decode_key_base64(text).map(|k| KeyId::of(&k)))
-        .map_err(|_| {
-            NodeError::Config(format!(
-                "{:?} is neither a key id (8 hex digits, from `weft keys list`) nor a base64 key",
-                text.chars().take(16).collect::<String>()
-            ))
-        })
-}
-
-async fn show(
+pub(crate) async fn show(
     socket: &std::path::Path,
     path: &str,
     json: bool,

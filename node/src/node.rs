@@ -25,6 +25,7 @@ use weft_runtime::tunnel::TunnelPool;
 use crate::api::{self, ApiState, Faults};
 use crate::cli::NodeArgs;
 use crate::config::NodeConfig;
+use crate::crl;
 use crate::init;
 use crate::keyring::ClusterKeys;
 use crate::logging::{announce, Logging};
@@ -80,7 +81,17 @@ async fn serve(
     let proxy = TcpListener::bind(cfg.proxy)
         .await
         .map_err(|e| NodeError::Config(format!("--proxy {}: {e}", cfg.proxy)))?;
-    let tunnel_tls = tunnel_tls(&cfg, &cluster_dir)?;
+    let crl_in_use = crl::effective(cfg.crl.as_deref(), &cfg.data_dir);
+    let tunnel_tls = tunnel_tls(&cfg, &cluster_dir, crl_in_use.as_deref())?;
+    let crls = {
+        let (node_cfg, dir) = (cfg.clone(), cluster_dir.clone());
+        let check: crl::Check = Arc::new(move |candidate: &Path| {
+            self::tunnel_tls(&node_cfg, &dir, Some(candidate))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        Arc::new(crl::Crls::new(&cfg.data_dir, crl_in_use.as_deref(), check))
+    };
     let endpoint = tunnel_endpoint(tunnel_tls.server, cfg.tunnel)
         .map_err(|e| NodeError::Config(format!("--tunnel {}: {e}", cfg.tunnel)))?;
 
@@ -128,7 +139,12 @@ async fn serve(
     let metrics = install_metrics();
     let writer = GossipWriter::spawn(cluster.clone());
     keys.trust_operators(Arc::new(tls::OperatorAuthority::new(tunnels.trust())));
-    keys.clone().follow(cluster.views(), writer.clone());
+    keys.clone().follow(
+        cluster.views(),
+        writer.clone(),
+        key_fetcher(&tunnels, cluster.views()),
+    );
+    crls.clone().follow(cluster.views(), writer.clone());
     let checker = {
         let writer = writer.clone();
         let registrations = registry.subscribe();
@@ -164,6 +180,7 @@ async fn serve(
         stats: stats.clone(),
         policy: cfg.retry_policy,
         registered: Registered::new(registry.subscribe()),
+        keys: Some(keys.clone() as Arc<dyn weft_runtime::dataplane::keys::KeyVault>),
     });
     let router = {
         let (views, handle, dp) = (cluster.views(), router_handle.clone(), dataplane.clone());
@@ -173,6 +190,7 @@ async fn serve(
         node: cfg.name.clone(),
         cluster: cluster.clone(),
         keys,
+        crls: crls.clone(),
         registry: registry.clone(),
         router: router_handle.clone(),
         upstreams: upstreams.clone(),
@@ -232,6 +250,7 @@ async fn serve(
         tunnels,
         access,
         reload,
+        crls,
     };
     running.announce_joined();
     running.serve_until_stopped().await
@@ -292,12 +311,17 @@ struct TunnelTls {
     identity: tls::Identity,
 }
 
-fn tunnel_tls(cfg: &NodeConfig, cluster_dir: &Path) -> Result<TunnelTls, NodeError> {
+/// The tunnel's TLS with the revocation list `crl` (PEM file), if any.
+fn tunnel_tls(
+    cfg: &NodeConfig,
+    cluster_dir: &Path,
+    crl: Option<&Path>,
+) -> Result<TunnelTls, NodeError> {
     let identity = match &cfg.cert_key {
         Some((cert, key)) => tls::Identity::load(&cluster_dir.join(init::CA_CERT), cert, key),
         None => tls::Identity::from_cluster_dir(cluster_dir, &cfg.name, &cfg.data_dir),
     }
-    .and_then(|identity| match &cfg.crl {
+    .and_then(|identity| match crl {
         Some(crl) => identity.with_crl(crl),
         None => Ok(identity),
     })
@@ -336,6 +360,7 @@ struct Running {
     tunnels: Arc<TunnelPool>,
     access: AccessLog,
     reload: Reload,
+    crls: Arc<crl::Crls>,
 }
 
 impl Running {
@@ -350,9 +375,11 @@ impl Running {
         );
         let terminated = self.cluster.terminated();
         tokio::pin!(terminated);
+        let crl_changed = self.crls.changed();
         loop {
             tokio::select! {
                 _ = hup.recv() => self.reload(),
+                _ = crl_changed.notified() => self.reload_tls("a newer revocation list"),
                 _ = term.recv() => return self.drain_and_leave("SIGTERM").await,
                 _ = int.recv() => return self.drain_and_leave("SIGINT").await,
                 res = &mut terminated => return self.gossip_died(res),
@@ -419,19 +446,27 @@ impl Running {
             }
             Err(e) => tracing::error!(error = %e, "SIGHUP: config file not reloaded"),
         }
-        match tunnel_tls(&self.cfg, &self.cluster_dir) {
+        self.reload_tls("SIGHUP");
+        tracing::info!(
+            "SIGHUP: reloaded the log level, the access log, the certificates and the CRL"
+        );
+    }
+
+    /// Reloads the certificates and the revocation list in use: tunnels to
+    /// peers no longer trusted close.
+    fn reload_tls(&self, why: &str) {
+        let crl = crl::effective(self.cfg.crl.as_deref(), &self.cfg.data_dir);
+        self.crls.reloaded(crl.as_deref());
+        match tunnel_tls(&self.cfg, &self.cluster_dir, crl.as_deref()) {
             Ok(tunnel) => {
                 self.endpoint.set_server_config(Some(tunnel.server));
                 let closed = self.tunnels.reload(tunnel.client, tunnel.trust);
                 if closed > 0 {
-                    tracing::warn!(closed, "SIGHUP: closed tunnels to peers no longer trusted");
+                    tracing::warn!(closed, why, "closed tunnels to peers no longer trusted");
                 }
             }
-            Err(e) => tracing::error!(error = %e, "SIGHUP: certificates not reloaded"),
+            Err(e) => tracing::error!(error = %e, why, "certificates not reloaded"),
         }
-        tracing::info!(
-            "SIGHUP: reloaded the log level, the access log, the certificates and the CRL"
-        );
     }
 
     /// Marks the node draining, closes its app ports, lets what is in
@@ -533,6 +568,30 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
             None
         }
     }
+}
+
+/// Fetches a gossip key from a member over the tunnel, at the tunnel
+/// address its gossip announces.
+fn key_fetcher(
+    tunnels: &Arc<TunnelPool>,
+    views: tokio::sync::watch::Receiver<Arc<weft_gossip::ClusterView>>,
+) -> crate::keyring::KeyFetcher {
+    let tunnels = tunnels.clone();
+    Arc::new(move |node: String, id: weft_gossip::seal::KeyId| {
+        let tunnels = tunnels.clone();
+        let addr = views
+            .borrow()
+            .members()
+            .into_iter()
+            .find(|m| m.name == node)
+            .and_then(|m| m.tunnel_addr?.parse::<SocketAddr>().ok());
+        Box::pin(async move {
+            let addr = addr.ok_or_else(|| format!("{node} announces no tunnel address"))?;
+            weft_runtime::dataplane::keys::fetch(&tunnels, &node, addr, &id.to_string())
+                .await
+                .map_err(|e| e.to_string())
+        })
+    })
 }
 
 /// Copies the gossip layer's counters into metrics once a second:

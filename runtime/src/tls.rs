@@ -363,6 +363,44 @@ fn issue_cert(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// The serial numbers a revocation list (DER) revokes, sorted: what two
+/// lists are compared by when a newer one arrives by gossip (lists made by
+/// `weft cert revoke` only grow). Its signature is checked where it is used.
+pub fn crl_serials(der: &[u8]) -> Result<Vec<Vec<u8>>, TlsError> {
+    let list = webpki::BorrowedCertRevocationList::from_der(der)
+        .map_err(|e| TlsError::Pem(format!("not a revocation list: {e:?}")))?;
+    let mut serials = Vec::new();
+    for revoked in &list {
+        let revoked = revoked.map_err(|e| TlsError::Pem(format!("revocation list: {e:?}")))?;
+        serials.push(revoked.serial_number.to_vec());
+    }
+    serials.sort();
+    Ok(serials)
+}
+
+/// The DER revocation lists in PEM `bytes`.
+pub fn crls_of_pem(bytes: &[u8]) -> Result<Vec<Vec<u8>>, TlsError> {
+    rustls_pemfile::crls(&mut &bytes[..])
+        .map(|crl| {
+            crl.map(|c| c.to_vec())
+                .map_err(|e| TlsError::Pem(e.to_string()))
+        })
+        .collect()
+}
+
+/// A revocation list (DER) as PEM.
+pub fn crl_pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN X509 CRL-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END X509 CRL-----\n");
+    pem
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename, with
 /// `mode` set explicitly (not filtered by the umask), so a reader never sees a
 /// half-written key or state file. The temporary name is random and created

@@ -231,7 +231,7 @@ fn count_limit(limit: &'static str) {
 }
 
 /// Answers a stream with a mesh error instead of an instance's response.
-async fn refuse(send: &mut SendStream, error: MeshError) -> Result<(), TunnelError> {
+pub(super) async fn refuse(send: &mut SendStream, error: MeshError) -> Result<(), TunnelError> {
     let head = ResponseHead {
         status: error.status().as_u16(),
         headers: Vec::new(),
@@ -260,6 +260,10 @@ async fn handle_stream(
     if let Err(e) = head.validate() {
         refuse(&mut send, MeshError::BadRequest).await?;
         return Err(e.into());
+    }
+    if super::keys::is_key_request(&head) {
+        tunnel::close_read(recv);
+        return super::keys::serve(dp, &head, send).await;
     }
     let admitted = match dp.registered.authorize(&head) {
         Ok(admitted) => admitted,
@@ -291,6 +295,11 @@ async fn handle_stream(
             .await
         }
         StreamKind::Tcp => tcp(dp, port, send, recv).await,
+        // A key request names no instance; `authorize` refuses it already.
+        StreamKind::Key => {
+            let mut send = send;
+            refuse(&mut send, MeshError::BadRequest).await
+        }
     }
 }
 
@@ -359,6 +368,7 @@ impl Registered {
         let speaks = match head.kind {
             StreamKind::Http => Protocol::Http,
             StreamKind::Tcp => Protocol::Tcp,
+            StreamKind::Key => return Err(Refusal::Unregistered),
         };
         if record.protocol != speaks {
             return Err(Refusal::ProtocolMismatch);

@@ -17,6 +17,7 @@ pub mod endpoints;
 pub mod error;
 mod hedge;
 pub mod inbound;
+pub mod keys;
 pub mod local;
 pub mod outbound;
 mod pool;
@@ -222,6 +223,8 @@ pub struct DataPlane {
     pub registered: inbound::Registered,
     /// Active streams per local instance, capped.
     pub instance_slots: inbound::InstanceSlots,
+    /// The gossip keys this node hands to members that ask.
+    pub keys: Option<Arc<dyn keys::KeyVault>>,
     outliers: Mutex<OutlierDetector<(String, String)>>,
     writer: Option<GossipWriter>,
     budgets: Mutex<ServiceBudgets>,
@@ -255,6 +258,8 @@ pub struct DataPlaneParts {
     /// This node's own registrations (`Registered::none()` for a node
     /// that serves no instances).
     pub registered: inbound::Registered,
+    /// The gossip keys this node hands to members that ask.
+    pub keys: Option<Arc<dyn keys::KeyVault>>,
 }
 
 /// What [`DataPlane::maintain`] remembers between runs.
@@ -281,6 +286,7 @@ impl DataPlane {
             stats,
             policy,
             registered,
+            keys,
         } = parts;
         Arc::new(DataPlane {
             node,
@@ -295,6 +301,7 @@ impl DataPlane {
             inbound_metrics: inbound::InboundMetrics::default(),
             registered,
             instance_slots: inbound::InstanceSlots::default(),
+            keys,
             outliers: Mutex::new(OutlierDetector::new(OutlierConfig::default())),
             writer,
             budgets: Mutex::new(ServiceBudgets::default()),

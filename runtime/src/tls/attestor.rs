@@ -109,6 +109,10 @@ impl Attestor for NodeAttestor {
         &self.certificate
     }
 
+    fn epoch(&self) -> usize {
+        Arc::as_ptr(&self.trust.borrow()) as usize
+    }
+
     fn sign(&self, message: &[u8]) -> Vec<u8> {
         sign_with(self.signer.as_ref(), message)
     }

@@ -85,6 +85,9 @@ pub enum StreamKind {
     Http,
     /// A raw TCP connection (`weft upstream`).
     Tcp,
+    /// A request for a gossip key by id (a node that lacks a key the
+    /// cluster's keyring names asks a member that holds it).
+    Key,
 }
 
 /// First frame of every tunnel stream: everything the remote node needs to
