@@ -30,7 +30,7 @@ pub enum Command {
     },
     /// Run a node.
     Node(Box<NodeArgs>),
-    /// Issue node certificates signed by the cluster CA.
+    /// Certificates of the cluster CA: issue (nodes, operators), revoke, publish the revocation list.
     #[command(subcommand)]
     Cert(CertCommand),
     /// Open a local TCP port that reaches a service anywhere in the mesh.
@@ -45,7 +45,7 @@ pub enum Command {
         #[arg(long)]
         public: bool,
     },
-    /// The gossip keyring, cluster-wide: rotate with install, use, remove.
+    /// The gossip keyring, cluster-wide: rotate (or install, use, remove), as an operator.
     #[command(subcommand)]
     Keys(KeysCommand),
     /// Register a local service instance with the node.
