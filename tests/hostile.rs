@@ -111,18 +111,7 @@ fn node_info(tunnel: SocketAddr) -> String {
 }
 
 fn instance(name: &str, id: &str, port: u16, protocol: Protocol) -> (Key, String) {
-    let record = ServiceRecord {
-        name: name.into(),
-        id: id.into(),
-        port,
-        protocol,
-        check: None,
-        tags: vec![],
-        timeout_ms: None,
-        retry: None,
-        retry_non_idempotent: false,
-        hedge: false,
-    };
+    let record = ServiceRecord::new(name, id, port, protocol);
     (
         Key::svc(id).unwrap(),
         serde_json::to_string(&record).unwrap(),

@@ -69,6 +69,24 @@ pub struct Check {
     pub timeout_ms: Option<u64>,
 }
 
+impl ServiceRecord {
+    /// A record with no check, tags or overrides.
+    pub fn new(name: &str, id: &str, port: u16, protocol: Protocol) -> ServiceRecord {
+        ServiceRecord {
+            name: name.to_string(),
+            id: id.to_string(),
+            port,
+            protocol,
+            check: None,
+            tags: Vec::new(),
+            timeout_ms: None,
+            retry: None,
+            retry_non_idempotent: false,
+            hedge: false,
+        }
+    }
+}
+
 /// An instance hosted by a node, stored under `svc/<id>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceRecord {

@@ -289,18 +289,7 @@ mod tests {
         };
         kv.insert("node".to_string(), serde_json::to_string(&info).unwrap());
         for (svc, id, port) in svcs {
-            let rec = ServiceRecord {
-                name: svc.to_string(),
-                id: id.to_string(),
-                port: *port,
-                protocol: Protocol::Http,
-                check: None,
-                tags: vec![],
-                timeout_ms: None,
-                retry: None,
-                retry_non_idempotent: false,
-                hedge: false,
-            };
+            let rec = ServiceRecord::new(svc, id, *port, Protocol::Http);
             kv.insert(format!("svc/{id}"), serde_json::to_string(&rec).unwrap());
         }
         NodeSnapshot {

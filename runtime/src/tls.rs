@@ -488,7 +488,12 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 /// SAN. A certificate without one names no node (its CN does not count: any
 /// CA-signed certificate has a CN).
 fn node_of_cert(der: &[u8]) -> Option<String> {
-    let suffix = format!(".{NODE_DOMAIN}");
+    name_in_domain(der, NODE_DOMAIN)
+}
+
+/// The `<name>` of a certificate's first `<name>.<domain>` DNS name.
+fn name_in_domain(der: &[u8], domain: &str) -> Option<String> {
+    let suffix = format!(".{domain}");
     der::dns_names(der)
         .into_iter()
         .find_map(|n| n.strip_suffix(&suffix).map(str::to_owned))

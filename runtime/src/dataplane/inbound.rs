@@ -554,21 +554,6 @@ mod tests {
     use super::*;
     use crate::wire::WIRE_VERSION;
 
-    fn record(name: &str, id: &str, port: u16, protocol: Protocol) -> ServiceRecord {
-        ServiceRecord {
-            name: name.into(),
-            id: id.into(),
-            port,
-            protocol,
-            check: None,
-            tags: vec![],
-            timeout_ms: None,
-            retry: None,
-            retry_non_idempotent: false,
-            hedge: false,
-        }
-    }
-
     fn head(kind: StreamKind, service: &str, instance: &str) -> RequestHead {
         RequestHead {
             version: WIRE_VERSION,
@@ -590,8 +575,8 @@ mod tests {
     #[test]
     fn a_stream_reaches_only_a_registered_instance_of_its_protocol() {
         let (tx, rx) = watch::channel(vec![
-            record("web", "web-1", 8080, Protocol::Http),
-            record("db", "db-1", 5432, Protocol::Tcp),
+            ServiceRecord::new("web", "web-1", 8080, Protocol::Http),
+            ServiceRecord::new("db", "db-1", 5432, Protocol::Tcp),
         ]);
         let registered = Registered::new(rx);
         let ok = |kind, service, id| {

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use weft_gossip::grant::{Authority, Grant};
 
 use super::attestor::{choose_signer, sign_with, signature_verifies};
-use super::{der, read_certs, read_pem, PeerTrust, TlsError};
+use super::{name_in_domain, read_certs, read_pem, PeerTrust, TlsError};
 
 /// The DNS domain of operator certificates.
 pub const OPERATOR_DOMAIN: &str = "operator.weft";
@@ -22,11 +22,7 @@ pub const OPERATOR_DOMAIN: &str = "operator.weft";
 /// The operator a certificate was issued for (its `<name>.operator.weft`
 /// DNS name).
 pub fn operator_of_cert(der: &[u8]) -> Option<String> {
-    let suffix = format!(".{OPERATOR_DOMAIN}");
-    der::dns_names(der)
-        .into_iter()
-        .find_map(|n| n.strip_suffix(&suffix).map(str::to_owned))
-        .filter(|n| !n.is_empty())
+    name_in_domain(der, OPERATOR_DOMAIN)
 }
 
 /// An operator's certificate and key, loaded where the operator works
