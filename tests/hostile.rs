@@ -215,11 +215,11 @@ async fn a_compromised_member_can_lie_only_about_itself() {
     // instant window of web calls, and offers a keyring of the highest
     // version that adds a key of its own (no operator granted it).
     let stats = r#"{"v":1,"r":1000000000000,"f":0,"t":0,"q":1e9,"l50":0.0,"l99":0.0,"l999":0.0,"n":0,"er":0}"#;
-    let cluster_key = std::fs::read_to_string(c.cluster_dir.join("gossip.key")).unwrap();
+    let primary = get(&n1.socket, "/v1/keys").await.unwrap().1["primary"].clone();
     let keyring = json!({
         "version": u64::MAX,
-        "primary": cluster_key.trim(),
-        "keys": [cluster_key.trim(), "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA="],
+        "primary": primary,
+        "keys": [primary, "0badc0de"],
     });
     let _evil = h
         .join(
@@ -338,7 +338,27 @@ async fn a_compromised_member_can_lie_only_about_itself() {
             .unwrap();
         assert_eq!(n2_seen["generation"], n2_generation, "{members}");
     }
+    // evil's summary reached n1, and taught it no timeout: one node's
+    // word (1e12 requests at p99.9 = 0) is not enough to learn from.
+    let timeout = wait_for(
+        Duration::from_secs(10),
+        "evil's summary is merged",
+        || async {
+            let health = get(&n1.socket, "/v1/health").await.ok()?.1;
+            let timeout = health["services"]["web"]["learned"]["timeout"].clone();
+            (timeout["nodes"].as_u64() >= Some(1)).then_some(timeout)
+        },
+    )
+    .await;
+    assert_ne!(timeout["source"], "learned", "{timeout}");
+    assert_eq!(timeout["ms"], 30_000, "{timeout}");
     // No node took the keyring no operator granted.
+    counted(
+        n1.admin,
+        "weft_gossip_rejected_total",
+        "reason=\"ungranted_keyring\"",
+    )
+    .await;
     for node in [n1, n2] {
         let keys = get(&node.socket, "/v1/keys").await.unwrap().1;
         assert_eq!(keys["version"], 0, "{keys}");

@@ -245,6 +245,8 @@ pub struct ClusterKeys {
     authority: OnceLock<Arc<dyn Authority>>,
     /// Keys fetched from members, for a keyring not yet adopted.
     material: Mutex<std::collections::HashMap<KeyId, [u8; 32]>>,
+    /// Ungranted keyrings already reported, by member and version.
+    refused: Mutex<Vec<(String, u64)>>,
 }
 
 impl ClusterKeys {
@@ -279,6 +281,7 @@ impl ClusterKeys {
             changes,
             authority: OnceLock::new(),
             material: Mutex::new(std::collections::HashMap::new()),
+            refused: Mutex::new(Vec::new()),
         })
     }
 
@@ -429,11 +432,10 @@ impl ClusterKeys {
                 primary.is_some_and(|p| ring.holds(p))
                     || ring.primary_id().is_some_and(|p| current.find(p).is_some())
             })
-            .filter(|(_, ring)| match ring.granted(authority.as_ref()) {
+            .filter(|(name, ring)| match ring.granted(authority.as_ref()) {
                 Ok(_) => true,
                 Err(e) => {
-                    tracing::debug!(version = ring.version, reason = %e,
-                        "a member gossips a keyring no operator granted; not adopted");
+                    self.refused(name, ring, &e);
                     false
                 }
             })
@@ -478,6 +480,29 @@ impl ClusterKeys {
             Err(e) => warn!(error = %e, "could not adopt the cluster's keyring"),
         }
         None
+    }
+
+    /// Logs and counts (once per member and version) a keyring that a
+    /// member gossips and no operator granted
+    /// (`weft_gossip_rejected_total{reason="ungranted_keyring"}`).
+    fn refused(&self, member: &str, ring: &KeyringRecord, why: &str) {
+        let mut seen = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        let this = (member.to_string(), ring.version);
+        if seen.contains(&this) {
+            return;
+        }
+        if seen.len() >= 64 {
+            seen.clear();
+        }
+        seen.push(this);
+        metrics::counter!("weft_gossip_rejected_total", "reason" => "ungranted_keyring")
+            .increment(1);
+        warn!(
+            member,
+            version = ring.version,
+            reason = why,
+            "a member gossips a keyring no operator granted; not adopted"
+        );
     }
 
     /// Keeps a key fetched from a member for the next adoption, if it is

@@ -626,7 +626,7 @@ fn export_gossip_counters(seal: Arc<weft_gossip::seal::SealStats>, cluster: Arc<
 /// so the first actor restart or refusal would never fire an alert.
 fn export_alert_counters() {
     use weft_runtime::supervision::Named;
-    let counters: [(&str, &str, &[&str]); 4] = [
+    let counters: [(&str, &str, &[&str]); 5] = [
         (
             "weft_actor_restarts_total",
             "actor",
@@ -655,6 +655,11 @@ fn export_alert_counters() {
             "weft_gossip_rejected_total",
             "reason",
             weft_gossip::seal::SealStats::REASONS,
+        ),
+        (
+            "weft_gossip_rejected_total",
+            "reason",
+            &["ungranted_keyring"],
         ),
         (
             "weft_limit_refused_total",
