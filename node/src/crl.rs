@@ -24,6 +24,9 @@ use weft_runtime::tls;
 /// The adopted list's file in the data dir.
 pub const FILE: &str = "crl.pem";
 
+/// Unusable lists remembered (so each is parsed and logged once), at most.
+const MAX_REFUSED: usize = 64;
+
 /// Checks that a candidate list (a PEM file) can be used by this node.
 pub type Check = Arc<dyn Fn(&Path) -> Result<(), String> + Send + Sync>;
 
@@ -170,13 +173,19 @@ impl Crls {
                             return;
                         }
                         let view = views.borrow_and_update().clone();
+                        // Most members publish the list this node uses:
+                        // only another one is worth parsing.
+                        let ours = published.borrow().as_ref().map(|der| b64.encode(der));
                         for offered in member_lists(&view) {
-                            if refused.contains(&offered) {
+                            if Some(&offered) == ours.as_ref() || refused.contains(&offered) {
                                 continue;
                             }
                             let Ok(der) = b64.decode(&offered) else { continue };
                             if let Err(e) = self.offer(tls::crl_pem(&der).as_bytes()) {
                                 tracing::warn!(error = %e, "a member publishes a revocation list this node cannot use");
+                                if refused.len() >= MAX_REFUSED {
+                                    refused.clear();
+                                }
                                 refused.push(offered);
                             }
                         }
