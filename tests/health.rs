@@ -181,7 +181,7 @@ async fn a_node_that_sent_nothing_reports_what_others_saw() {
 async fn live_metrics_pass_promtool() {
     let c = TestCluster::start(2).await;
     let up = Upstream::start(0, 200).await;
-    register_everywhere(&c, 1, "api", up.port, "http").await;
+    let id = register_everywhere(&c, 1, "api", up.port, "http").await;
     for _ in 0..5 {
         proxy_get(c.nodes[0].proxy, "api").await;
     }
@@ -228,6 +228,23 @@ async fn live_metrics_pass_promtool() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // A departed service's instance series go, not linger at zero.
+    let api = [r#"service="api""#];
+    assert_eq!(metric_sum(&text, "weft_instances", &api), 1.0, "{text}");
+    let (status, _) = delete(&c.nodes[1].socket, &format!("/v1/services/{id}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    wait_for(
+        Duration::from_secs(10),
+        "api leaves n1's /metrics",
+        || async {
+            let text = metrics_text(admin).await;
+            (!text.contains(r#"weft_instances{service="api""#)).then_some(())
+        },
+    )
+    .await;
 }
 
 fn which(cmd: &str) -> Option<std::path::PathBuf> {

@@ -170,14 +170,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
         (&Method::GET, ["v1", "members"]) => get_members(state),
         (&Method::GET, ["v1", "health"]) => get_health(state),
         (&Method::GET, ["v1", "upstreams"]) => get_upstreams(state).await,
-        (&Method::GET, ["metrics"]) if read_only => match &state.metrics {
-            Some(handle) => Response::builder()
-                .status(StatusCode::OK)
-                .header("content-type", "text/plain; version=0.0.4")
-                .body(Full::new(Bytes::from(handle.render())))
-                .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "render failed")),
-            None => error(StatusCode::SERVICE_UNAVAILABLE, "metrics are not enabled"),
-        },
+        (&Method::GET, ["metrics"]) if read_only => get_metrics(state),
         (_, ["v1", ..]) if read_only && method != Method::GET => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "the admin address is read-only; use the node's socket",
@@ -550,6 +543,21 @@ fn get_services(state: &ApiState) -> Reply {
 
 fn get_members(state: &ApiState) -> Reply {
     reply(StatusCode::OK, &json!({ "members": members_json(state) }))
+}
+
+/// The recorder's series, then the gauges of current state (drawn now, so
+/// a departed service has none).
+fn get_metrics(state: &ApiState) -> Reply {
+    let Some(handle) = &state.metrics else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "metrics are not enabled");
+    };
+    let mut text = handle.render();
+    weft_runtime::state_metrics::render(&mut text, &state.router.load(), &state.stats.load());
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/plain; version=0.0.4")
+        .body(Full::new(Bytes::from(text)))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "render failed"))
 }
 
 fn round(v: Option<f64>, places: i32) -> Value {

@@ -721,15 +721,6 @@ fn describe_metrics() {
         "weft_outage_holds_total",
         "Requests held before their first attempt because they arrived during an outage of the service (learned policy)"
     );
-    describe_gauge!(
-        "weft_learned_retry_delay_seconds",
-        Unit::Seconds,
-        "Learned retry delay: the cluster-merged p90 outage length of the service"
-    );
-    describe_gauge!(
-        "weft_instances",
-        "Instances in the catalog by service and health"
-    );
     describe_gauge!("weft_members", "Cluster members by state");
     describe_counter!(
         "weft_tunnel_streams_total",

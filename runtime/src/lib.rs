@@ -13,6 +13,8 @@
 //! - [`stats_aggregator`]: the **Stats aggregator** actor. It turns request
 //!   outcomes into per-service windows and outage episodes, gossips a compact
 //!   summary, merges everyone's, and learns each service's retry delay.
+//! - [`state_metrics`]: gauges of current state (instances, learned delays)
+//!   drawn from those two snapshots at scrape time.
 //! - [`dataplane`]: the outbound HTTP proxy, TCP upstreams and the inbound
 //!   side of the tunnel; connection tasks read the Router's snapshot.
 //! - [`tunnel`]: pooled QUIC connections to peer nodes, and stream IO.
@@ -36,6 +38,7 @@ pub mod listener;
 pub mod outcome;
 pub mod policy;
 pub mod router;
+pub mod state_metrics;
 pub mod stats_aggregator;
 pub mod supervision;
 pub mod tls;

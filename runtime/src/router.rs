@@ -111,7 +111,6 @@ impl Router {
             (catalog, previous.endpoints.clone())
         } else {
             log_diff(&diff);
-            export_instance_gauges(&catalog, &previous.catalog);
             let endpoints = Endpoints::build(&catalog, &previous.endpoints);
             (catalog, Arc::new(endpoints))
         };
@@ -147,34 +146,6 @@ fn export_member_gauges(members: &[Member]) {
     ] {
         let n = members.iter().filter(|m| m.state == state).count();
         metrics::gauge!("weft_members", "state" => state.as_str()).set(n as f64);
-    }
-}
-
-/// `weft_instances{service,health}` of the services whose instances moved;
-/// series of services that disappeared drop to zero rather than keep a
-/// stale value.
-fn export_instance_gauges(catalog: &Catalog, previous: &Catalog) {
-    const HEALTH: [&str; 4] = ["passing", "failing", "unknown", "ejected"];
-    let moved = |(service, instances): &(&String, &weft_gossip::view::Instances)| {
-        !previous
-            .services
-            .get(*service)
-            .is_some_and(|before| Arc::ptr_eq(before, instances))
-    };
-    for (service, instances) in catalog.services.iter().filter(moved) {
-        for health in HEALTH {
-            let n = instances.iter().filter(|i| i.health == health).count();
-            metrics::gauge!("weft_instances", "service" => service.clone(), "health" => health)
-                .set(n as f64);
-        }
-    }
-    for service in previous.services.keys() {
-        if !catalog.services.contains_key(service) {
-            for health in HEALTH {
-                metrics::gauge!("weft_instances", "service" => service.clone(), "health" => health)
-                    .set(0.0);
-            }
-        }
     }
 }
 

@@ -261,10 +261,6 @@ impl StatsAggregator {
                 explore,
                 retries: local.retries,
             };
-            if let Some(delay) = stats.retry_delay_ms() {
-                metrics::gauge!("weft_learned_retry_delay_seconds", "service" => name.clone())
-                    .set(delay / 1000.0);
-            }
             services.insert(name.clone(), stats);
         }
         self.handle.publish(StatsSnapshot { services });
