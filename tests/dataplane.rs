@@ -367,3 +367,56 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'st
         .filter_map(Result::ok)
         .collect()
 }
+
+/// An instance that sends its response head and part of the body, then
+/// stalls with the connection open: the mesh resets the body after
+/// `--body-idle-timeout` (the client sees it cut short, not a hang), counts
+/// it as its own limit, and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stalls_is_cut_after_the_idle_timeout() {
+    let stalling = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = stalling.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut conn, _)) = stalling.accept().await {
+            let mut head = [0u8; 4096];
+            let _ = conn.read(&mut head).await;
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nearly")
+                .await;
+            held.push(conn);
+        }
+    });
+    let mut c = TestCluster::new();
+    for _ in 0..2 {
+        c.add_node_with(&["--body-idle-timeout", "1s"]);
+    }
+    c.wait_converged(2, Duration::from_secs(15)).await;
+    register_everywhere(&c, 1, "stall", port, "http").await;
+    let web = Upstream::start(0, 200).await;
+    register_everywhere(&c, 1, "web", web.port, "http").await;
+
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "30", "-x"])
+        .arg(format!("http://{}", c.nodes[0].proxy))
+        .arg("http://stall/")
+        .output()
+        .await
+        .expect("curl");
+    // 18: the body ended short of its length; 28 would be curl's own timeout.
+    assert_eq!(
+        out.status.code(),
+        Some(18),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"early");
+
+    let mut idle = 0.0;
+    for node in &c.nodes {
+        let text = metrics_text(node.admin).await;
+        idle += metric_sum(&text, "weft_limit_refused_total", &["limit=\"body_idle\""]);
+    }
+    assert!(idle >= 1.0, "the cut is counted as the mesh's limit");
+    assert_eq!(proxy_get(c.nodes[0].proxy, "web").await, 200);
+}

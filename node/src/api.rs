@@ -158,7 +158,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let read_only = origin == Origin::Admin;
     if read_only && !admin_host_allowed(req.headers().get(hyper::header::HOST), &state.node) {
-        metrics::counter!("weft_limit_refused_total", "limit" => "admin_host").increment(1);
+        weft_runtime::dataplane::Limit::AdminHost.count();
         return error(
             StatusCode::MISDIRECTED_REQUEST,
             "the admin address answers only to localhost, an IP address or the node's name",

@@ -238,6 +238,10 @@ pub struct NodeArgs {
     /// tunnel connections from peers [default: 10000].
     #[arg(long, env = "WEFT_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
+    /// How long a streamed request or response body may move nothing
+    /// before its stream is reset, e.g. 30s [default: 5m].
+    #[arg(long, env = "WEFT_BODY_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub body_idle_timeout: Option<String>,
     /// On SIGTERM, how long in-flight requests may take to finish before the
     /// node leaves anyway, e.g. 20s [default: 20s].
     #[arg(long, env = "WEFT_DRAIN_TIMEOUT", value_name = "DURATION")]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use weft_runtime::access_log::AccessTarget;
-use weft_runtime::dataplane::{Limits, RetryPolicy};
+use weft_runtime::dataplane::{Limits, RetryPolicy, DEFAULT_BODY_IDLE};
 
 use crate::logging::LogFormat;
 
@@ -53,6 +53,7 @@ pub struct FileConfig {
     retry_policy: Option<String>,
     max_connections: Option<usize>,
     drain_timeout: Option<String>,
+    body_idle_timeout: Option<String>,
     worker_threads: Option<usize>,
     log_format: Option<String>,
     access_log: Option<String>,
@@ -98,6 +99,8 @@ pub struct NodeConfig {
     pub max_connections: usize,
     /// How long a draining node waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// How long a streamed body may move nothing.
+    pub body_idle_timeout: Duration,
     /// Runtime worker threads (`None`: one per core).
     pub worker_threads: Option<usize>,
     /// Text or JSON log lines.
@@ -258,6 +261,18 @@ impl NodeConfig {
                 .or(file.drain_timeout.as_deref()),
             DEFAULT_DRAIN_TIMEOUT,
         )?;
+        let body_idle_timeout = duration(
+            "--body-idle-timeout",
+            args.body_idle_timeout
+                .as_deref()
+                .or(file.body_idle_timeout.as_deref()),
+            DEFAULT_BODY_IDLE,
+        )?;
+        if body_idle_timeout.is_zero() {
+            return Err(NodeError::Config(
+                "--body-idle-timeout must be longer than 0".into(),
+            ));
+        }
         let worker_threads = args.worker_threads.or(file.worker_threads);
         if worker_threads == Some(0) {
             return Err(NodeError::Config(
@@ -297,6 +312,7 @@ impl NodeConfig {
             retry_policy,
             max_connections,
             drain_timeout,
+            body_idle_timeout,
             worker_threads,
             log_format,
             access_log: live.access_log,

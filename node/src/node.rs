@@ -171,7 +171,10 @@ async fn serve(
         router: router_handle.clone(),
         tunnels: tunnels.clone(),
         outcomes,
-        timeouts: Timeouts::default(),
+        timeouts: Timeouts {
+            body_idle: cfg.body_idle_timeout,
+            ..Timeouts::default()
+        },
         limits: Limits {
             max_connections: cfg.max_connections,
         },
@@ -626,7 +629,7 @@ fn export_gossip_counters(seal: Arc<weft_gossip::seal::SealStats>, cluster: Arc<
 /// so the first actor restart or refusal would never fire an alert.
 fn export_alert_counters() {
     use weft_runtime::supervision::Named;
-    let counters: [(&str, &str, &[&str]); 5] = [
+    let counters: [(&str, &str, &[&str]); 4] = [
         (
             "weft_actor_restarts_total",
             "actor",
@@ -661,25 +664,14 @@ fn export_alert_counters() {
             "reason",
             &["ungranted_keyring"],
         ),
-        (
-            "weft_limit_refused_total",
-            "limit",
-            &[
-                "proxy_connections",
-                "upstream_connections",
-                "tunnel_connections",
-                "request_head",
-                "response_head",
-                "hops",
-                "bad_request",
-                "admin_host",
-            ],
-        ),
     ];
     for (name, label, values) in counters {
         for &value in values {
             metrics::counter!(name, label => value).increment(0);
         }
+    }
+    for limit in weft_runtime::dataplane::Limit::ALL {
+        metrics::counter!("weft_limit_refused_total", "limit" => limit.as_str()).increment(0);
     }
     for name in [
         "weft_outcomes_dropped_total",

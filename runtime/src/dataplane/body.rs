@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -9,7 +10,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use quinn::{RecvStream, SendStream};
 
 use super::request::header_map;
-use super::{BoxError, Busy, ProxyBody};
+use super::{BoxError, Busy, Limit, ProxyBody};
 use crate::tunnel::{self, TunnelError};
 use crate::wire::body::{BodyDecoder, BodyEvent};
 
@@ -59,10 +60,18 @@ pub fn full(data: Bytes) -> ProxyBody {
         .boxed()
 }
 
-/// A hyper body that reads framed chunks from a tunnel stream as they arrive.
-pub fn from_tunnel(recv: RecvStream) -> ProxyBody {
+/// The error of a body that moved nothing for `idle` (a stalled peer, app
+/// or instance), counted as `weft_limit_refused_total{limit="body_idle"}`.
+fn idle_error(idle: Duration) -> TunnelError {
+    Limit::BodyIdle.count();
+    TunnelError::Stream(format!("body moved nothing for {idle:?}"))
+}
+
+/// A hyper body that reads framed chunks from a tunnel stream as they
+/// arrive; it fails when no frame comes for `idle`.
+pub fn from_tunnel(recv: RecvStream, idle: Duration) -> ProxyBody {
     FromTunnel {
-        frames: Box::pin(tunnel_frames(recv)),
+        frames: Box::pin(tunnel_frames(recv, idle)),
         ended: false,
     }
     .boxed()
@@ -84,14 +93,19 @@ type Reading = (
 /// body say it is over with that frame (so HTTP/2 ends the stream on its
 /// last DATA frame, and a writer bounded by content-length that polls no
 /// further still sees the FIN taken, not a STOP_SENDING sent).
-fn tunnel_frames(recv: RecvStream) -> impl futures::Stream<Item = TunnelFrame> + Send + Sync {
+fn tunnel_frames(
+    recv: RecvStream,
+    idle: Duration,
+) -> impl futures::Stream<Item = TunnelFrame> + Send + Sync {
     use futures::FutureExt as _;
     let start: Option<Reading> = Some((recv, BodyDecoder::new(), None));
-    futures::stream::unfold(start, |state| async move {
+    futures::stream::unfold(start, move |state| async move {
         let (mut recv, mut decoder, ahead) = state?;
         let event = match ahead {
             Some(event) => event,
-            None => tunnel::read_body(&mut recv, &mut decoder).await,
+            None => tokio::time::timeout(idle, tunnel::read_body(&mut recv, &mut decoder))
+                .await
+                .unwrap_or_else(|_| Err(idle_error(idle))),
         };
         match event {
             Ok(BodyEvent::Data(b)) => {
@@ -150,11 +164,14 @@ const BATCH_LIMIT: usize = 64 * 1024;
 /// head, or nothing), then ends it. Frames the body has ready join the
 /// batch: the first wait yields once, so the task reading the instance can
 /// hand over the body that came with its head, and a small response leaves
-/// as one packet (head, body, end and FIN) rather than two or three.
+/// as one packet (head, body, end and FIN) rather than two or three. It
+/// fails when the body gives no frame for `idle`, or a batch (at most
+/// 64 KiB) waits that long for the stream to take it.
 pub async fn to_tunnel<B>(
     mut body: B,
     send: &mut SendStream,
     mut batch: tunnel::Batch,
+    idle: Duration,
 ) -> Result<(), TunnelError>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -168,7 +185,7 @@ where
             break;
         }
         if batch.len() >= BATCH_LIMIT {
-            batch.write(send).await?;
+            write_within(&mut batch, send, idle).await?;
         }
         let next = match body.frame().now_or_never() {
             Some(next) => next,
@@ -178,8 +195,10 @@ where
                 continue;
             }
             None => {
-                batch.write(send).await?;
-                body.frame().await
+                write_within(&mut batch, send, idle).await?;
+                tokio::time::timeout(idle, body.frame())
+                    .await
+                    .map_err(|_| idle_error(idle))?
             }
         };
         let Some(frame) = next else {
@@ -201,7 +220,18 @@ where
             }
         }
     }
-    batch.write(send).await
+    write_within(&mut batch, send, idle).await
+}
+
+/// Writes `batch`, failing if the peer takes none of it for `idle`.
+async fn write_within(
+    batch: &mut tunnel::Batch,
+    send: &mut SendStream,
+    idle: Duration,
+) -> Result<(), TunnelError> {
+    tokio::time::timeout(idle, batch.write(send))
+        .await
+        .unwrap_or_else(|_| Err(idle_error(idle)))
 }
 
 #[cfg(test)]
@@ -209,6 +239,9 @@ mod tests {
     use super::*;
     use crate::tunnel::{read_frame, Batch};
     use crate::wire::ResponseHead;
+
+    /// Longer than any test here waits.
+    const IDLE: Duration = Duration::from_secs(30);
 
     fn head() -> ResponseHead {
         ResponseHead {
@@ -239,6 +272,7 @@ mod tests {
             full(data.clone()),
             &mut send,
             Batch::with_frame(&head()).unwrap(),
+            IDLE,
         )
         .await
         .unwrap();
@@ -246,7 +280,7 @@ mod tests {
 
         let got: ResponseHead = read_frame(&mut response).await.unwrap();
         assert_eq!(got.status, 200);
-        let mut body = from_tunnel(response);
+        let mut body = from_tunnel(response, IDLE);
         let frame = body.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), data);
         assert!(body.is_end_stream(), "the end came with the data");
@@ -272,7 +306,7 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
         let slow = http_body_util::StreamBody::new(tokio_stream_of(rx));
         let writer = tokio::spawn(async move {
-            to_tunnel(slow, &mut send, Batch::with_frame(&head()).unwrap()).await?;
+            to_tunnel(slow, &mut send, Batch::with_frame(&head()).unwrap(), IDLE).await?;
             send.finish()
                 .map_err(|e| TunnelError::Stream(e.to_string()))
         });
@@ -286,7 +320,7 @@ mod tests {
             .await
             .unwrap();
         drop(tx);
-        let mut body = from_tunnel(response);
+        let mut body = from_tunnel(response, IDLE);
         let frame = body.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"late"));
         assert!(body.frame().await.is_none());
@@ -299,5 +333,65 @@ mod tests {
         Box::pin(futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         }))
+    }
+
+    /// A peer that sends a head and then nothing: the body fails after the
+    /// idle time instead of holding the stream for good.
+    #[tokio::test]
+    async fn a_body_that_stops_coming_fails_after_the_idle_time() {
+        let (caller, served, _endpoints) = crate::tls::tests::connected_pair().await;
+        let (mut request, _response) = caller.open_bi().await.unwrap();
+        request.write_all(b"go").await.unwrap();
+        let (_send, mut recv) = served.accept_bi().await.unwrap();
+        let mut got = [0u8; 2];
+        recv.read_exact(&mut got).await.unwrap();
+
+        let idle = Duration::from_millis(200);
+        let start = std::time::Instant::now();
+        let mut body = from_tunnel(recv, idle);
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the body gives up by itself")
+            .expect("an error, not the end");
+        let error = frame.expect_err("a stalled body is an error").to_string();
+        assert!(error.contains("moved nothing"), "{error}");
+        assert!(start.elapsed() >= idle, "{:?}", start.elapsed());
+        drop(request);
+    }
+
+    /// A local body that stops giving frames: the copy into the tunnel
+    /// fails after the idle time, with what came before already sent.
+    #[tokio::test]
+    async fn a_stalled_local_body_ends_the_copy_after_the_idle_time() {
+        let (caller, served, _endpoints) = crate::tls::tests::connected_pair().await;
+        let (mut request, mut response) = caller.open_bi().await.unwrap();
+        request.write_all(b"go").await.unwrap();
+        let (mut send, _recv) = served.accept_bi().await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"early"))))
+            .await
+            .unwrap();
+        let stalled = http_body_util::StreamBody::new(tokio_stream_of(rx));
+
+        let idle = Duration::from_millis(200);
+        let copied = tokio::time::timeout(
+            Duration::from_secs(5),
+            to_tunnel(
+                stalled,
+                &mut send,
+                Batch::with_frame(&head()).unwrap(),
+                idle,
+            ),
+        )
+        .await
+        .expect("the copy gives up by itself");
+        let error = copied.expect_err("a stalled body is an error").to_string();
+        assert!(error.contains("moved nothing"), "{error}");
+        let got: ResponseHead = read_frame(&mut response).await.unwrap();
+        assert_eq!(got.status, 200);
+        let mut body = from_tunnel(response, IDLE);
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"early"));
+        drop(tx);
     }
 }

@@ -14,7 +14,7 @@ use super::error::MeshError;
 use super::local::LocalFailure;
 use super::request::{is_upgrade, wire_pairs, Forward};
 use super::splice::{reset_tcp, splice};
-use super::{body, ConnectionLimit, DataPlane, ProxyBody};
+use super::{body, ConnectionLimit, DataPlane, Limit, ProxyBody};
 use crate::outcome::{OutcomeClass, RequestMetrics};
 use crate::tunnel::{self, TunnelError};
 use crate::wire::body::{BodyDecoder, BodyEvent};
@@ -41,7 +41,7 @@ const MEMBERSHIP_WAIT: Duration = Duration::from_secs(3);
 
 /// Accepts tunnel connections until the endpoint closes.
 pub async fn serve(endpoint: Endpoint, dp: Arc<DataPlane>) {
-    let limit = ConnectionLimit::new("tunnel_connections", dp.limits.max_connections);
+    let limit = ConnectionLimit::new(Limit::TunnelConnections, dp.limits.max_connections);
     let peers = Arc::new(PeerCounts::default());
     while let Some(incoming) = endpoint.accept().await {
         let Some(permit) = limit.admit() else {
@@ -224,12 +224,6 @@ impl InstanceSlots {
     }
 }
 
-/// Counts a stream refused at one of this node's limits
-/// (`weft_limit_refused_total{limit}`).
-fn count_limit(limit: &'static str) {
-    metrics::counter!("weft_limit_refused_total", "limit" => limit).increment(1);
-}
-
 /// Answers a stream with a mesh error instead of an instance's response.
 pub(super) async fn refuse(send: &mut SendStream, error: MeshError) -> Result<(), TunnelError> {
     let head = ResponseHead {
@@ -251,7 +245,7 @@ async fn handle_stream(
 ) -> Result<(), TunnelError> {
     let _busy = dp.in_flight.track();
     let Some(_peer_slot) = peer_slot else {
-        count_limit("peer_streams");
+        Limit::PeerStreams.count();
         return refuse(&mut send, MeshError::Overloaded).await;
     };
     let head: RequestHead = tokio::time::timeout(HEAD_TIMEOUT, tunnel::read_frame(&mut recv))
@@ -275,7 +269,7 @@ async fn handle_stream(
         }
     };
     let Some(_instance_slot) = dp.instance_slots.admit(admitted.port) else {
-        count_limit("instance_active");
+        Limit::InstanceActive.count();
         return refuse(&mut send, MeshError::Overloaded).await;
     };
     // The peer says how long its caller waits; this node works no longer
@@ -412,7 +406,7 @@ impl Inbound<'_> {
                 None
             }
             (false, false) => {
-                *req.body_mut() = body::from_tunnel(recv);
+                *req.body_mut() = body::from_tunnel(recv, self.dp.timeouts.body_idle);
                 None
             }
         };
@@ -456,7 +450,13 @@ impl Inbound<'_> {
         if end_stream {
             head.write(&mut send).await?;
         } else {
-            body::to_tunnel(resp.into_body(), &mut send, head).await?;
+            body::to_tunnel(
+                resp.into_body(),
+                &mut send,
+                head,
+                self.dp.timeouts.body_idle,
+            )
+            .await?;
         }
         let _ = send.finish();
         Ok(())

@@ -11,6 +11,7 @@
 //! - [`error`]: the errors the mesh answers with (`weft-error`).
 //! - [`splice`]: raw bytes between a connection and a tunnel stream.
 //! - [`body`]: conversions between hyper bodies and tunnel streams.
+//! - [`limits`]: the caps the mesh enforces itself, each counted by name.
 
 pub mod body;
 pub mod endpoints;
@@ -18,6 +19,7 @@ pub mod error;
 mod hedge;
 pub mod inbound;
 pub mod keys;
+pub mod limits;
 pub mod local;
 pub mod outbound;
 mod pool;
@@ -27,6 +29,7 @@ pub mod tcp;
 
 pub use error::{MeshError, WEFT_ERROR};
 pub use inbound::count_refused;
+pub use limits::{ConnectionLimit, Limit, Limits};
 pub use local::LocalClients;
 
 use std::collections::HashMap;
@@ -35,7 +38,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use weft_gossip::{Catalog, Key, MemberState};
 
@@ -80,6 +82,11 @@ impl RetryPolicy {
     }
 }
 
+/// The default of [`Timeouts::body_idle`]: long enough for a slow upload
+/// or a quiet stream of events, short enough that a stalled peer does not
+/// hold a stream for good.
+pub const DEFAULT_BODY_IDLE: Duration = Duration::from_secs(5 * 60);
+
 /// Timeouts of the data plane.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -89,6 +96,9 @@ pub struct Timeouts {
     pub request: Duration,
     /// How long an app connection may take to send a request head.
     pub header_read: Duration,
+    /// How long a streamed body may move nothing, either way, before its
+    /// stream is reset (Envoy's stream idle timeout).
+    pub body_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -97,6 +107,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(1),
             request: Duration::from_secs(30),
             header_read: Duration::from_secs(10),
+            body_idle: DEFAULT_BODY_IDLE,
         }
     }
 }
@@ -120,51 +131,6 @@ impl TimeoutSource {
             TimeoutSource::Learned => "learned",
             TimeoutSource::Default => "default",
         }
-    }
-}
-
-/// Caps on what apps and peers may open.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Connections open at once per listener (proxy, each TCP upstream,
-    /// tunnel connections from peers).
-    pub max_connections: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_connections: 10_000,
-        }
-    }
-}
-
-/// A per-listener connection cap: a connection over it is closed at once
-/// and counted in `weft_limit_refused_total{limit}`.
-#[derive(Debug, Clone)]
-pub struct ConnectionLimit {
-    name: &'static str,
-    permits: Arc<Semaphore>,
-}
-
-impl ConnectionLimit {
-    /// A cap of `max` connections, counted under `name`.
-    pub fn new(name: &'static str, max: usize) -> Self {
-        ConnectionLimit {
-            name,
-            permits: Arc::new(Semaphore::new(max)),
-        }
-    }
-
-    /// A permit to hold while the connection lives, or `None` (counted) when
-    /// the listener is full.
-    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
-        let permit = self.permits.clone().try_acquire_owned().ok();
-        if permit.is_none() {
-            metrics::counter!("weft_limit_refused_total", "limit" => self.name).increment(1);
-            tracing::debug!(limit = self.name, "connection refused: listener at its cap");
-        }
-        permit
     }
 }
 

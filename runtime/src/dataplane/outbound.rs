@@ -26,7 +26,9 @@ use super::hedge;
 use super::local::{LocalFailure, H2_MAX_HEADER_LIST};
 use super::request::{header_map, Forward};
 use super::splice::splice;
-use super::{body, BoxError, ConnectionLimit, DataPlane, ProxyBody, RetryPolicy, TimeoutSource};
+use super::{
+    body, BoxError, ConnectionLimit, DataPlane, Limit, ProxyBody, RetryPolicy, TimeoutSource,
+};
 use crate::access_log::{rfc3339, AccessEntry};
 use crate::outcome::{Outcome, OutcomeClass};
 use crate::policy::retry::{self, AttemptResult};
@@ -35,7 +37,7 @@ use crate::wire::ResponseHead;
 
 /// Accepts app connections until the task is aborted.
 pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>) {
-    let limit = ConnectionLimit::new("proxy_connections", dp.limits.max_connections);
+    let limit = ConnectionLimit::new(Limit::ProxyConnections, dp.limits.max_connections);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -321,11 +323,11 @@ fn no_instance(error: MeshError, service: &str) -> Response<ProxyBody> {
 /// A request the proxy refuses before any instance is picked.
 fn refuse(error: MeshError, detail: &str) -> Response<ProxyBody> {
     let limit = match error {
-        MeshError::RequestHeadersTooLarge => "request_head",
-        MeshError::LoopDetected => "hops",
-        _ => "bad_request",
+        MeshError::RequestHeadersTooLarge => Limit::RequestHead,
+        MeshError::LoopDetected => Limit::Hops,
+        _ => Limit::BadRequest,
     };
-    metrics::counter!("weft_limit_refused_total", "limit" => limit).increment(1);
+    limit.count();
     error.response(detail)
 }
 
@@ -381,7 +383,7 @@ fn classify(result: Result<Response<ProxyBody>, Failure>) -> Classified {
             )
         }
         Err(Failure(error, detail)) if error.is_mesh_limit() => {
-            metrics::counter!("weft_limit_refused_total", "limit" => "response_head").increment(1);
+            Limit::ResponseHead.count();
             Classified::MeshLimit(error.response(&detail))
         }
         Err(Failure(error, detail)) => {
@@ -460,6 +462,7 @@ impl Attempt<'_> {
                 )
             })?;
         let (mut send, mut recv) = self.dp.tunnels.open(node, addr).await?;
+        let idle = self.dp.timeouts.body_idle;
         let deadline_ms = u32::try_from(self.remaining.as_millis())
             .unwrap_or(u32::MAX)
             .max(1);
@@ -475,25 +478,25 @@ impl Attempt<'_> {
             if end_stream {
                 head.write(&mut send).await?;
             } else {
-                body::to_tunnel(body, &mut send, head).await?;
+                body::to_tunnel(body, &mut send, head, idle).await?;
             }
         } else if end_stream {
             // No body (most GETs): the head and the FIN, no task.
             head.write(&mut send).await?;
             let _ = send.finish();
-            return response(node, tunnel::read_frame(&mut recv).await?, recv);
+            return response(node, tunnel::read_frame(&mut recv).await?, recv, idle);
         } else {
             // The request body streams while we wait for the response head;
             // what of it is ready goes with the head.
             tokio::spawn(async move {
-                if let Err(e) = body::to_tunnel(body, &mut send, head).await {
+                if let Err(e) = body::to_tunnel(body, &mut send, head, idle).await {
                     tracing::debug!(error = %e, "request body to tunnel failed");
                     let _ = send.reset(quinn::VarInt::from_u32(1));
                     return;
                 }
                 let _ = send.finish();
             });
-            return response(node, tunnel::read_frame(&mut recv).await?, recv);
+            return response(node, tunnel::read_frame(&mut recv).await?, recv, idle);
         }
         let head: ResponseHead = tunnel::read_frame(&mut recv).await?;
         match upgrade {
@@ -502,7 +505,7 @@ impl Attempt<'_> {
                     end_stream: true,
                     ..head
                 };
-                let resp = response(node, head, None::<quinn::RecvStream>)?;
+                let resp = response(node, head, None::<quinn::RecvStream>, idle)?;
                 tokio::spawn(async move {
                     if let Ok(client) = client.await {
                         splice(TokioIo::new(client), send, recv).await;
@@ -510,7 +513,7 @@ impl Attempt<'_> {
                 });
                 Ok(resp)
             }
-            _ => response(node, head, recv),
+            _ => response(node, head, recv, idle),
         }
     }
 }
@@ -518,17 +521,19 @@ impl Attempt<'_> {
 /// The app's response from a peer's response head and the stream's body.
 /// A head that ends the stream gives a body that is over before it starts,
 /// so the app gets one HEADERS frame with END_STREAM, as the instance sent.
+/// The body fails if it moves nothing for `idle`.
 fn response(
     node: &str,
     head: ResponseHead,
     body: impl Into<Option<quinn::RecvStream>>,
+    idle: Duration,
 ) -> Result<Response<ProxyBody>, Failure> {
     if let Some(code) = head.error {
         let error = MeshError::from_code(&code).unwrap_or(MeshError::UpstreamUnreachable);
         return Err(Failure(error, format!("reported by node {node}")));
     }
     let body = match body.into() {
-        Some(recv) if !head.end_stream => body::from_tunnel(recv),
+        Some(recv) if !head.end_stream => body::from_tunnel(recv, idle),
         Some(recv) => {
             tunnel::close_read(recv);
             body::empty()

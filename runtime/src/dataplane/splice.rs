@@ -10,6 +10,8 @@ use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use super::Limit;
+
 /// The QUIC error code weft uses for a reset passed through.
 const RESET: VarInt = VarInt::from_u32(1);
 
@@ -90,7 +92,7 @@ where
     let result = tokio::select! {
         result = copy => result,
         () = activity.idle_for(IDLE_TIMEOUT) => {
-            metrics::counter!("weft_limit_refused_total", "limit" => "splice_idle").increment(1);
+            Limit::SpliceIdle.count();
             Err(SpliceEnd::Idle)
         }
     };

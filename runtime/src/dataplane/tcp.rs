@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::endpoints::Protocol;
 use super::splice::{reset_tcp, splice};
-use super::{ConnectionLimit, DataPlane, MeshError};
+use super::{ConnectionLimit, DataPlane, Limit, MeshError};
 use crate::outcome::{Outcome, OutcomeClass};
 use crate::tunnel;
 use crate::wire::{RequestHead, ResponseHead, StreamKind, WIRE_VERSION};
@@ -24,7 +24,7 @@ const REPLY_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts connections for `service` until the task is aborted.
 pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
-    let limit = ConnectionLimit::new("upstream_connections", dp.limits.max_connections);
+    let limit = ConnectionLimit::new(Limit::UpstreamConnections, dp.limits.max_connections);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
