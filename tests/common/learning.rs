@@ -131,6 +131,9 @@ const POLICIES: [&str; 3] = ["learned", "exponential", "none"];
 enum Shape {
     /// Every instance down for `down` of every `period`.
     Flap { down: u64, period: u64 },
+    /// The same, called (and so learned) by n1 alone, measured with 1, 4
+    /// and 16 back-to-back callers: no other node's statistics help.
+    PrivateFlap { down: u64, period: u64 },
     /// One of three instances always failing.
     OneOfThree,
     /// A 400 ms pause on every 25th request of each of three instances;
@@ -140,7 +143,7 @@ enum Shape {
     TotalOutage,
 }
 
-const SHAPES: [(&str, Shape); 7] = [
+const SHAPES: [(&str, Shape); 10] = [
     (
         "flap 300/1500 ms",
         Shape::Flap {
@@ -167,6 +170,27 @@ const SHAPES: [(&str, Shape); 7] = [
         Shape::Flap {
             down: 5000,
             period: 15000,
+        },
+    ),
+    (
+        "private flap 100/800 ms",
+        Shape::PrivateFlap {
+            down: 100,
+            period: 800,
+        },
+    ),
+    (
+        "private flap 250/1000 ms",
+        Shape::PrivateFlap {
+            down: 250,
+            period: 1000,
+        },
+    ),
+    (
+        "private flap 500/2000 ms",
+        Shape::PrivateFlap {
+            down: 500,
+            period: 2000,
         },
     ),
     ("one of three down", Shape::OneOfThree),
@@ -200,7 +224,7 @@ async fn deploy(c: &TestCluster, name: &str, shape: Shape, epoch: Instant) -> Ve
             SHAPES.iter().position(|(n, _)| *n == name).unwrap_or(0)
         ));
         let (behaviors, failing_share) = match shape {
-            Shape::Flap { down, period } => (
+            Shape::Flap { down, period } | Shape::PrivateFlap { down, period } => (
                 vec![Behavior::Flap {
                     down: Duration::from_millis(down),
                     period: Duration::from_millis(period),
@@ -350,29 +374,37 @@ pub async fn run(lengths: Lengths) -> Vec<Row> {
         // The learned policy learns from three callers; the others have
         // nothing to learn.
         let phase = match shape {
-            Shape::Flap { period, .. } => lengths.phase.max(Duration::from_millis(2 * period)),
+            Shape::Flap { period, .. } | Shape::PrivateFlap { period, .. } => {
+                lengths.phase.max(Duration::from_millis(2 * period))
+            }
             _ => lengths.phase,
+        };
+        // A private flap is learned by n1 alone, one outage a period: its
+        // warm-up lasts until the learned delay is trusted (20 outages).
+        let (learners, warmup) = match shape {
+            Shape::PrivateFlap { period, .. } => {
+                (1, lengths.warmup.max(Duration::from_millis(25 * period)))
+            }
+            _ => (3, lengths.warmup),
         };
         if let Some(learned) = deployed
             .iter()
             .find(|d| d.policy == "learned" || d.policy == "hedge")
         {
-            let warm: Vec<_> = (0..3)
-                .map(|i| {
-                    tokio::spawn(load(
-                        c.nodes[i].proxy,
-                        learned.service,
-                        1,
-                        0.0,
-                        lengths.warmup,
-                    ))
-                })
+            let warm: Vec<_> = (0..learners)
+                .map(|i| tokio::spawn(load(c.nodes[i].proxy, learned.service, 1, 0.0, warmup)))
                 .collect();
             for w in warm {
                 w.await.expect("warm-up");
             }
         }
         for d in &deployed {
+            if let Shape::PrivateFlap { .. } = shape {
+                for clients in [1, 4, 16] {
+                    rows.push(measure(&c, name, d, &[0], clients, 0.0, phase).await);
+                }
+                continue;
+            }
             rows.push(measure(&c, name, d, &[0], 1, 0.0, phase).await);
             rows.push(
                 measure(

@@ -3,6 +3,8 @@
 
 pub mod balancer;
 pub mod episodes;
+#[cfg(test)]
+mod flap_sim_tests;
 pub mod health;
 pub mod outlier;
 pub mod recovery;
