@@ -101,3 +101,21 @@ fn help_lists_every_command() {
         assert!(help.contains(cmd), "--help lacks {cmd}");
     }
 }
+
+#[test]
+fn version_names_the_protocols_it_speaks() {
+    let out = weft(&["--version"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("weft {}", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    for line in [
+        "tunnel wire 2 (ALPN weft/1)",
+        "gossip datagrams sealed v1",
+        "stats summaries v1",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from:\n{text}");
+    }
+}

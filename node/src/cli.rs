@@ -1,12 +1,26 @@
 //! The command line: one binary, `weft`, for the node and its clients.
 
 use std::path::PathBuf;
+use std::sync::LazyLock;
 
 use clap::{Args, Parser, Subcommand};
 
+/// `weft --version`: the release and the protocol versions it speaks, so
+/// an operator can tell which nodes of a rolling upgrade talk to which.
+static LONG_VERSION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{}\ntunnel wire {} (ALPN {})\ngossip datagrams sealed v{}\nstats summaries v{}",
+        env!("CARGO_PKG_VERSION"),
+        weft_runtime::wire::WIRE_VERSION,
+        String::from_utf8_lossy(weft_runtime::tls::ALPN),
+        weft_gossip::seal::SEAL_VERSION,
+        weft_runtime::policy::stats::WIRE_VERSION,
+    )
+});
+
 /// weft: a service mesh without a control plane.
 #[derive(Debug, Parser)]
-#[command(name = "weft", version, about, long_about = None)]
+#[command(name = "weft", version, long_version = LONG_VERSION.as_str(), about, long_about = None)]
 pub struct Cli {
     /// The local node's socket (client commands).
     #[arg(long, global = true, env = "WEFT_SOCKET", value_name = "PATH")]

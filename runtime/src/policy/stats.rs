@@ -42,7 +42,7 @@ pub const MAX_ENCODED: usize = 1024;
 
 /// Version tag of the wire format; bumped only on incompatible changes, new
 /// optional fields keep it.
-const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 1;
 
 // === sketch helpers (shared with episodes) ===
 
