@@ -700,3 +700,72 @@ async fn listeners_cap_connections_and_time_out_slow_heads() {
         "a half-sent head held its connection for 30 s"
     );
 }
+
+/// A request is from the service whose outbound port it entered, or from
+/// the anonymous caller `-` through the shared proxy; the instance is told
+/// the caller and the calling node, and what the app wrote under those
+/// names never arrives. Local and remote paths alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_caller_is_known_from_where_a_request_entered() {
+    let (c, _) = two_nodes_with_mirror().await;
+    let mut outbound = Vec::new();
+    for node in &c.nodes {
+        let body = json!({"name": "checkout", "port": 9, "outbound": true});
+        let (status, reply) = common::put_json(&node.socket, "/v1/services", &body)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{reply}");
+        let at: SocketAddr = reply["outbound"].as_str().unwrap().parse().unwrap();
+        assert!(at.ip().is_loopback() && at.port() != 0, "{reply}");
+        outbound.push(at);
+    }
+    // web's node believes n2's checkout once it has heard of it.
+    wait_for(
+        Duration::from_secs(10),
+        "n1 sees checkout on n2",
+        || async {
+            let ids = instance_ids(&c.nodes[0].socket, "checkout").await?;
+            (ids.len() == 2).then_some(())
+        },
+    )
+    .await;
+
+    let n1_proxy = c.nodes[0].proxy;
+    let n2_proxy = c.nodes[1].proxy;
+    let cases = [
+        (outbound[1], "checkout", "n2", "remote, checkout's port"),
+        (outbound[0], "checkout", "n1", "local, checkout's port"),
+        (n2_proxy, "-", "n2", "remote, shared proxy"),
+        (n1_proxy, "-", "n1", "local, shared proxy"),
+    ];
+    for (port, caller, node, label) in cases {
+        let req = get("web", "/who")
+            .header("weft-caller", "admin")
+            .header("weft-caller-node", "vault")
+            .body(empty())
+            .unwrap();
+        let (status, _, body) = call(port, req).await;
+        assert_eq!(status, 200, "{label}");
+        let seen: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(seen["headers"]["weft-caller"], caller, "{label}: {seen}");
+        assert_eq!(seen["headers"]["weft-caller-node"], node, "{label}: {seen}");
+    }
+
+    // Deregistered, the port closes.
+    let id = instance_ids(&c.nodes[1].socket, "checkout")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|id| id.contains("n2"))
+        .expect("checkout on n2");
+    let (status, _) = common::delete(&c.nodes[1].socket, &format!("/v1/services/{id}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    wait_for(
+        Duration::from_secs(5),
+        "the outbound port closes",
+        || async { tokio::net::TcpStream::connect(outbound[1]).await.err() },
+    )
+    .await;
+}

@@ -168,6 +168,45 @@ async fn ask(
     msg.error
 }
 
+/// An HTTP request from evil's tunnel to `instance` of `service` that
+/// names `caller` as its calling service; the status the instance answered.
+async fn call_as(
+    c: &TestCluster,
+    target: usize,
+    h: &Hostile,
+    service: &str,
+    instance: &str,
+    caller: &str,
+) -> u16 {
+    let (_endpoint, conn) = connect_as(c, target, &h.cert_pem, &h.key_pem)
+        .await
+        .expect("evil is a member");
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let head = RequestHead {
+        version: wire::WIRE_VERSION,
+        kind: StreamKind::Http,
+        service: service.into(),
+        instance: instance.into(),
+        method: "GET".into(),
+        uri: "/".into(),
+        headers: vec![
+            ("host".into(), service.as_bytes().to_vec()),
+            ("weft-caller".into(), caller.as_bytes().to_vec()),
+        ],
+        deadline_ms: 5000,
+        attempt: 0,
+        http2: false,
+        end_stream: true,
+    };
+    send.write_all(&wire::encode(&head).unwrap()).await.unwrap();
+    send.finish().unwrap();
+    let answer = recv.read_to_end(64 * 1024).await.unwrap_or_default();
+    match wire::decode::<wire::ResponseHead>(&answer) {
+        Ok(wire::Decoded::Frame { msg, .. }) => msg.status,
+        _ => 0,
+    }
+}
+
 async fn catalog(socket: &Path) -> Value {
     get(socket, "/v1/services").await.unwrap().1["services"].clone()
 }
@@ -310,6 +349,25 @@ async fn a_compromised_member_can_lie_only_about_itself() {
         "reason=\"protocol_mismatch\"",
     )
     .await;
+
+    // evil names a caller it hosts no registration of (checkout lives on
+    // n1): the request is served as the anonymous caller's, and counted.
+    let (status, _) = put_json(
+        &n1.socket,
+        "/v1/services",
+        &json!({"name": "checkout", "id": "checkout-1", "port": 9}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    wait_for(Duration::from_secs(10), "n2 sees checkout", || async {
+        instance_ids(&n2.socket, "checkout")
+            .await
+            .filter(|ids| !ids.is_empty())
+    })
+    .await;
+    assert_eq!(call_as(&c, 1, &h, "web", "web-1", "checkout").await, 200);
+    counted(n2.admin, "weft_caller_claims_rejected_total", "").await;
 
     // Every view holds what the real nodes said, nothing the liar did.
     for node in [n1, n2] {

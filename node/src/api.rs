@@ -17,6 +17,7 @@ use weft_gossip::Cluster;
 use weft_runtime::listener::{HttpHandler, Origin};
 use weft_runtime::router::RouterHandle;
 
+use crate::callers::{CallerPorts, Outbound};
 use crate::keyring::{ClusterKeys, KeysError};
 use crate::registry::Registry;
 use crate::upstreams::Upstreams;
@@ -48,6 +49,8 @@ pub struct ApiState {
     pub router: RouterHandle,
     /// TCP upstreams.
     pub upstreams: Arc<Upstreams>,
+    /// Services' own outbound ports.
+    pub callers: Arc<CallerPorts>,
     /// The health checker, told about every registration change.
     pub checker: actix::Addr<HealthChecker>,
     /// Renders `/metrics`.
@@ -376,7 +379,16 @@ fn keys_reply(result: Result<weft_gossip::seal::KeyId, KeysError>, done: &str) -
 }
 
 async fn put_service(state: &ApiState, body: &Value) -> Reply {
-    let record = match parse_registration(body, &state.node) {
+    // The outbound port is this node's business: it is not gossiped.
+    let mut body = body.clone();
+    let outbound = match body.as_object_mut().and_then(|o| o.remove("outbound")) {
+        None => None,
+        Some(value) => match Outbound::parse(&value) {
+            Ok(outbound) => outbound,
+            Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+        },
+    };
+    let record = match parse_registration(&body, &state.node) {
         Ok(r) => r,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
@@ -386,18 +398,48 @@ async fn put_service(state: &ApiState, body: &Value) -> Reply {
             format!("field \"port\": {port} is this node's {what} port"),
         );
     }
-    let id = record.id.clone();
-    match state.registry.put(&state.cluster, record).await {
-        Ok(()) => reply(StatusCode::OK, &json!({ "id": id })),
-        Err(NodeError::Invalid(msg)) => error(StatusCode::BAD_REQUEST, msg),
-        Err(NodeError::Conflict(msg)) => error(StatusCode::CONFLICT, msg),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    let (id, service) = (record.id.clone(), record.name.clone());
+    let opened = match outbound {
+        Some(want) => match state.callers.open(&id, &service, want).await {
+            Ok(at) => Some(at),
+            Err(e) => return node_error(e),
+        },
+        None => None,
+    };
+    if let Err(e) = state.registry.put(&state.cluster, record).await {
+        if opened.is_some() {
+            let _ = state.callers.close(&id).await;
+        }
+        return node_error(e);
+    }
+    if outbound.is_none() {
+        // Registered again without one: the old port closes.
+        if let Err(e) = state.callers.close(&id).await {
+            return node_error(e);
+        }
+    }
+    let mut answer = json!({ "id": id });
+    if let Some(at) = opened {
+        answer["outbound"] = json!(at.to_string());
+    }
+    reply(StatusCode::OK, &answer)
+}
+
+/// A registry or port failure as the API answers it.
+fn node_error(e: NodeError) -> Reply {
+    match e {
+        NodeError::Invalid(msg) => error(StatusCode::BAD_REQUEST, msg),
+        NodeError::Conflict(msg) => error(StatusCode::CONFLICT, msg),
+        e => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }
 
 async fn delete_service(state: &ApiState, id: &str) -> Reply {
     match state.registry.remove(&state.cluster, id).await {
-        Ok(true) => reply(StatusCode::OK, &json!({ "id": id })),
+        Ok(true) => match state.callers.close(id).await {
+            Ok(()) => reply(StatusCode::OK, &json!({ "id": id })),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        },
         Ok(false) => error(
             StatusCode::NOT_FOUND,
             format!("no local service with id {id:?}"),

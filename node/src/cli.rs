@@ -302,4 +302,9 @@ pub struct RegisterArgs {
     /// Tags (repeatable).
     #[arg(long = "tag")]
     pub tags: Vec<String>,
+    /// Open the service's own outbound proxy: requests the app sends
+    /// through it reach other services as this one's (`weft-caller`).
+    /// Alone, the node picks a port on 127.0.0.1 and prints it.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "auto")]
+    pub outbound: Option<String>,
 }

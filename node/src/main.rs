@@ -22,6 +22,7 @@
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod api;
+mod callers;
 mod cli;
 mod client;
 mod config;
@@ -232,10 +233,21 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
                 if !a.tags.is_empty() {
                     body["tags"] = json!(a.tags);
                 }
+                match a.outbound.as_deref() {
+                    None => {}
+                    Some("auto") => body["outbound"] = json!(true),
+                    Some(at) => body["outbound"] = json!(at),
+                }
                 let (status, reply) =
                     client::call(&socket, Method::PUT, "/v1/services", Some(body)).await?;
                 client::check(status, &reply)?;
                 println!("registered {}", reply["id"].as_str().unwrap_or("?"));
+                if let Some(at) = reply["outbound"].as_str() {
+                    println!(
+                        "its outbound proxy: {at} (requests through it are from {})",
+                        a.name
+                    );
+                }
                 Ok(())
             }
             Command::Upstream {

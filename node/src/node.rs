@@ -23,6 +23,7 @@ use weft_runtime::tls;
 use weft_runtime::tunnel::TunnelPool;
 
 use crate::api::{self, ApiState, Faults};
+use crate::callers::CallerPorts;
 use crate::cli::NodeArgs;
 use crate::config::NodeConfig;
 use crate::crl;
@@ -151,6 +152,7 @@ async fn serve(
         Supervisor::start(move |_| HealthChecker::new(writer, registrations))
     };
     let upstreams = Arc::new(Upstreams::load(&cfg.data_dir)?);
+    let callers = Arc::new(CallerPorts::load(&cfg.data_dir)?);
     let router_handle = RouterHandle::default();
     let stats = StatsHandle::default();
     let (outcomes, outcome_rx) = OutcomeSink::channel(16 * 1024);
@@ -197,6 +199,7 @@ async fn serve(
         registry: registry.clone(),
         router: router_handle.clone(),
         upstreams: upstreams.clone(),
+        callers: callers.clone(),
         checker: checker.clone(),
         metrics,
         stats: stats.clone(),
@@ -228,6 +231,7 @@ async fn serve(
         ]);
     }
     upstreams.attach(listener.clone()).await;
+    callers.attach(listener.clone()).await;
 
     announce(&format!(
         "weft node {} ready: gossip {} (advertised {}), tunnel {} (advertised {}), proxy {}, socket {}, admin {}",
@@ -674,6 +678,7 @@ fn export_alert_counters() {
         metrics::counter!("weft_limit_refused_total", "limit" => limit.as_str()).increment(0);
     }
     for name in [
+        "weft_caller_claims_rejected_total",
         "weft_outcomes_dropped_total",
         "weft_access_log_dropped_total",
     ] {
@@ -714,6 +719,10 @@ fn describe_metrics() {
         "Requests held before their first attempt because they arrived during an outage of the service (learned policy)"
     );
     describe_gauge!("weft_members", "Cluster members by state");
+    describe_counter!(
+        "weft_caller_claims_rejected_total",
+        "Requests whose calling node named a caller service it hosts no registration of; they went on as the anonymous caller"
+    );
     describe_counter!(
         "weft_tunnel_streams_total",
         "QUIC streams opened to peer nodes"

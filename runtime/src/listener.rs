@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use crate::dataplane::caller::Caller;
 use crate::dataplane::{inbound, outbound, tcp, DataPlane};
 use crate::supervision::{guard, Named};
 
@@ -58,6 +59,8 @@ pub struct Listener {
     handler: HttpHandler,
     loops: Vec<JoinHandle<()>>,
     proxy_loop: Option<JoinHandle<()>>,
+    /// App ports besides the shared proxy, by address: TCP upstreams (the
+    /// service they reach) and services' own outbound proxies (the caller).
     upstreams: HashMap<SocketAddr, (String, JoinHandle<()>)>,
 }
 
@@ -102,7 +105,7 @@ impl Actor for Listener {
         }
         if let Some(proxy) = self.proxy.take() {
             let dp = self.dataplane.clone();
-            self.proxy_loop = Some(tokio::spawn(outbound::serve(proxy, dp)));
+            self.proxy_loop = Some(tokio::spawn(outbound::serve(proxy, dp, Caller::Anonymous)));
         }
         if let Some(endpoint) = self.tunnel.take() {
             let dp = self.dataplane.clone();
@@ -129,7 +132,25 @@ impl Listener {
             msg.service.clone(),
             self.dataplane.clone(),
         ));
-        if let Some((_, old)) = self.upstreams.insert(addr, (msg.service, task)) {
+        self.serve_port(addr, msg.service, task);
+    }
+
+    fn add_caller_proxy(&mut self, msg: AddCallerProxy) {
+        let Ok(addr) = msg.listener.local_addr() else {
+            return;
+        };
+        let caller = Caller::service(&msg.caller);
+        let task = tokio::spawn(outbound::serve(
+            msg.listener,
+            self.dataplane.clone(),
+            caller,
+        ));
+        self.serve_port(addr, msg.caller, task);
+    }
+
+    /// Keeps `task` as what serves `addr`, ending whatever served it before.
+    fn serve_port(&mut self, addr: SocketAddr, service: String, task: JoinHandle<()>) {
+        if let Some((_, old)) = self.upstreams.insert(addr, (service, task)) {
             old.abort();
         }
     }
@@ -179,7 +200,26 @@ impl Handler<AddUpstream> for Listener {
     }
 }
 
-/// Stop serving the TCP upstream on an address.
+/// Serve a service's own outbound proxy: requests through `listener` are
+/// `caller`'s. Replaces whatever served the same address.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AddCallerProxy {
+    /// The registered service whose requests these are.
+    pub caller: String,
+    /// The bound local port.
+    pub listener: TcpListener,
+}
+
+impl Handler<AddCallerProxy> for Listener {
+    type Result = ();
+
+    fn handle(&mut self, msg: AddCallerProxy, ctx: &mut Self::Context) {
+        guard(self, ctx, |this, _| this.add_caller_proxy(msg));
+    }
+}
+
+/// Stop serving the TCP upstream or caller proxy on an address.
 #[derive(Message)]
 #[rtype(result = "bool")]
 pub struct RemoveUpstream(pub SocketAddr);

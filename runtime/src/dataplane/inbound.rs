@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use weft_gossip::{MemberState, Protocol, ServiceRecord};
 
+use super::caller::{self, Claim};
 use super::error::MeshError;
 use super::local::LocalFailure;
 use super::request::{is_upgrade, wire_pairs, Forward};
@@ -88,7 +89,7 @@ pub async fn serve(endpoint: Endpoint, dp: Arc<DataPlane>) {
                         let caller = peer.name.clone();
                         let slot = peer.streams.clone().try_acquire_owned().ok();
                         tokio::spawn(async move {
-                            if let Err(e) = handle_stream(&dp, slot, send, recv).await {
+                            if let Err(e) = handle_stream(&dp, &caller, slot, send, recv).await {
                                 tracing::debug!(error = %e, caller, "inbound stream failed");
                             }
                         });
@@ -239,6 +240,7 @@ pub(super) async fn refuse(send: &mut SendStream, error: MeshError) -> Result<()
 
 async fn handle_stream(
     dp: &DataPlane,
+    peer: &str,
     peer_slot: Option<OwnedSemaphorePermit>,
     mut send: SendStream,
     mut recv: RecvStream,
@@ -281,6 +283,7 @@ async fn handle_stream(
         StreamKind::Http => {
             Inbound {
                 dp,
+                peer,
                 head,
                 port,
                 deadline,
@@ -377,6 +380,8 @@ impl Registered {
 /// A peer's HTTP request for one of this node's instances.
 struct Inbound<'a> {
     dp: &'a DataPlane,
+    /// The calling node, as its certificate names it.
+    peer: &'a str,
     head: RequestHead,
     port: u16,
     /// How long the instance may take to answer.
@@ -392,6 +397,7 @@ impl Inbound<'_> {
                 return Err(TunnelError::Stream(detail));
             }
         };
+        self.admit_caller(req.headers_mut());
         // An upgrade's body is read here, so the stream is left at the raw
         // bytes that follow a 101.
         let upgrade = is_upgrade(req.headers());
@@ -460,6 +466,24 @@ impl Inbound<'_> {
         }
         let _ = send.finish();
         Ok(())
+    }
+
+    /// Believes the caller the peer names only if the peer hosts that
+    /// service (in this node's view of the catalog), and names the peer.
+    fn admit_caller(&self, headers: &mut http::HeaderMap) {
+        let hosts = |service: &str| {
+            let routing = self.dp.router.load();
+            routing
+                .catalog
+                .services
+                .get(service)
+                .is_some_and(|instances| instances.iter().any(|i| i.node == self.peer))
+        };
+        if caller::admit_claim(headers, self.peer, hosts) == Claim::NotHosted {
+            metrics::counter!("weft_caller_claims_rejected_total").increment(1);
+            tracing::warn!(peer = self.peer, service = self.head.service,
+                "a peer named a caller it hosts no registration of; treated as the anonymous caller");
+        }
     }
 
     fn record(&self, class: OutcomeClass, start: Instant) {

@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use weft_gossip::Instance;
 
+use super::caller::{self, Caller};
 use super::endpoints::{Endpoint, Protocol};
 use super::error::{MeshError, WEFT_ERROR};
 use super::hedge;
@@ -35,8 +36,9 @@ use crate::policy::retry::{self, AttemptResult};
 use crate::tunnel::{self, TunnelError};
 use crate::wire::ResponseHead;
 
-/// Accepts app connections until the task is aborted.
-pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>) {
+/// Accepts app connections until the task is aborted; their requests are
+/// `caller`'s (the anonymous caller on the shared proxy port).
+pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>, caller: Caller) {
     let limit = ConnectionLimit::new(Limit::ProxyConnections, dp.limits.max_connections);
     loop {
         let (stream, _) = match listener.accept().await {
@@ -51,12 +53,12 @@ pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let dp = dp.clone();
+        let (dp, caller) = (dp.clone(), caller.clone());
         tokio::spawn(async move {
             let header_read = dp.timeouts.header_read;
             let service = service_fn(move |req| {
-                let dp = dp.clone();
-                async move { Ok::<_, Infallible>(handle(dp, req).await) }
+                let (dp, caller) = (dp.clone(), caller.clone());
+                async move { Ok::<_, Infallible>(handle(dp, caller, req).await) }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
@@ -77,7 +79,7 @@ pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>) {
 }
 
 /// One app request, in flight until its response body ends.
-async fn handle(dp: Arc<DataPlane>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(dp: Arc<DataPlane>, caller: Caller, req: Request<Incoming>) -> Response<ProxyBody> {
     let busy = dp.in_flight.track();
     let started = (SystemTime::now(), Instant::now());
     let method = req.method().clone();
@@ -85,7 +87,7 @@ async fn handle(dp: Arc<DataPlane>, req: Request<Incoming>) -> Response<ProxyBod
         on: dp.access.enabled(),
         ..Trace::default()
     };
-    let resp = proxy(&dp, req, &mut trace).await;
+    let resp = proxy(&dp, &caller, req, &mut trace).await;
     if trace.on {
         dp.access.record(trace.entry(started, &method, &resp));
     }
@@ -130,9 +132,14 @@ impl Trace {
     }
 }
 
-async fn proxy(dp: &DataPlane, req: Request<Incoming>, trace: &mut Trace) -> Response<ProxyBody> {
+async fn proxy(
+    dp: &DataPlane,
+    caller: &Caller,
+    req: Request<Incoming>,
+    trace: &mut Trace,
+) -> Response<ProxyBody> {
     let (mut parts, body) = req.into_parts();
-    let fwd = match Forward::parse(&mut parts) {
+    let fwd = match Forward::parse(&mut parts, caller) {
         Ok(f) => f,
         Err((error, detail)) => return refuse(error, &detail),
     };
@@ -425,11 +432,9 @@ impl Attempt<'_> {
         body: ProxyBody,
         upgrade: Option<OnUpgrade>,
     ) -> Result<Response<ProxyBody>, Failure> {
-        let mut resp = self
-            .dp
-            .local
-            .call(self.instance.port, self.fwd.request(body))
-            .await?;
+        let mut req = self.fwd.request(body);
+        caller::name_node(req.headers_mut(), &self.dp.node);
+        let mut resp = self.dp.local.call(self.instance.port, req).await?;
         if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, resp.status()) {
             let instance = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {

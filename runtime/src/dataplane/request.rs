@@ -6,6 +6,7 @@ use http::header::{CONNECTION, HOST, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Version};
 
+use super::caller::Caller;
 use super::error::MeshError;
 use super::ProxyBody;
 use crate::wire::{RequestHead, StreamKind, MAX_HEAD_BYTES, WIRE_VERSION};
@@ -30,17 +31,20 @@ pub struct Forward {
     /// HTTP/1.1 upgrade (WebSocket and others): after a 101 the stream
     /// carries raw bytes.
     pub upgrade: bool,
-    /// End-to-end headers, the hop count and, for upgrades, the upgrade
-    /// headers; `Host` for HTTP/1.
+    /// End-to-end headers, the hop count, the caller and, for upgrades,
+    /// the upgrade headers; `Host` for HTTP/1.
     pub headers: HeaderMap,
+    /// Where the request entered the mesh.
+    pub caller: Caller,
 }
 
 /// Why a request cannot be forwarded: the error and a line for the app.
 pub type Refusal = (MeshError, String);
 
 impl Forward {
-    /// Checks and reads an app's request head; takes its headers.
-    pub fn parse(parts: &mut http::request::Parts) -> Result<Forward, Refusal> {
+    /// Checks and reads an app's request head that entered through
+    /// `caller`'s port; takes its headers.
+    pub fn parse(parts: &mut http::request::Parts, caller: &Caller) -> Result<Forward, Refusal> {
         let size = head_size(&parts.method, &parts.uri, &parts.headers);
         if size > MAX_HEAD_BYTES {
             return Err((
@@ -59,6 +63,7 @@ impl Forward {
         let mut headers = std::mem::take(&mut parts.headers);
         strip_hop_by_hop(&mut headers, upgrade);
         headers.insert(HOPS, HeaderValue::from(hops + 1));
+        caller.stamp(&mut headers);
         if !http2 && !headers.contains_key(HOST) {
             if let Ok(host) = HeaderValue::from_str(&service) {
                 headers.insert(HOST, host);
@@ -71,6 +76,7 @@ impl Forward {
             http2,
             upgrade,
             headers,
+            caller: caller.clone(),
         })
     }
 
@@ -298,6 +304,10 @@ pub fn header_map(pairs: &[(String, Vec<u8>)]) -> HeaderMap {
 mod tests {
     use super::*;
 
+    fn parse(parts: &mut http::request::Parts) -> Result<Forward, Refusal> {
+        Forward::parse(parts, &Caller::Anonymous)
+    }
+
     fn parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
         let mut b = Request::builder().method(method).uri(uri);
         for (n, v) in headers {
@@ -307,7 +317,7 @@ mod tests {
     }
 
     fn refused(mut p: http::request::Parts) -> MeshError {
-        Forward::parse(&mut p).unwrap_err().0
+        parse(&mut p).unwrap_err().0
     }
 
     #[test]
@@ -340,7 +350,7 @@ mod tests {
                 ("sec-websocket-key", "k"),
             ],
         );
-        let f = Forward::parse(&mut p).unwrap();
+        let f = parse(&mut p).unwrap();
         assert!(f.upgrade);
         assert_eq!(f.headers["connection"], "upgrade");
         assert_eq!(f.headers["upgrade"], "websocket");
@@ -354,20 +364,20 @@ mod tests {
                 ("upgrade", "h2c"),
             ],
         );
-        let f = Forward::parse(&mut h2c).unwrap();
+        let f = parse(&mut h2c).unwrap();
         assert!(!f.upgrade);
         assert!(!f.headers.contains_key("upgrade"));
     }
 
     #[test]
     fn request_targets() {
-        let f = Forward::parse(&mut parts("GET", "http://web/a?b=1", &[])).unwrap();
+        let f = parse(&mut parts("GET", "http://web/a?b=1", &[])).unwrap();
         assert_eq!((f.service.as_str(), f.target.as_str()), ("web", "/a?b=1"));
-        let f = Forward::parse(&mut parts("GET", "http://Web.:8080", &[])).unwrap();
+        let f = parse(&mut parts("GET", "http://Web.:8080", &[])).unwrap();
         assert_eq!((f.service.as_str(), f.target.as_str()), ("web", "/"));
-        let f = Forward::parse(&mut parts("GET", "/x", &[("host", "web:80")])).unwrap();
+        let f = parse(&mut parts("GET", "/x", &[("host", "web:80")])).unwrap();
         assert_eq!((f.service.as_str(), f.target.as_str()), ("web", "/x"));
-        let f = Forward::parse(&mut parts("OPTIONS", "*", &[("host", "web")])).unwrap();
+        let f = parse(&mut parts("OPTIONS", "*", &[("host", "web")])).unwrap();
         assert_eq!(f.target.as_str(), "*");
         assert_eq!(
             refused(parts("GET", "*", &[("host", "web")])),
@@ -382,9 +392,9 @@ mod tests {
 
     #[test]
     fn hops_are_counted_and_bounded() {
-        let f = Forward::parse(&mut parts("GET", "/", &[("host", "web")])).unwrap();
+        let f = parse(&mut parts("GET", "/", &[("host", "web")])).unwrap();
         assert_eq!(f.headers[HOPS], "1");
-        let f = Forward::parse(&mut parts(
+        let f = parse(&mut parts(
             "GET",
             "/",
             &[("host", "web"), ("weft-hops", "7")],
@@ -403,7 +413,7 @@ mod tests {
         let p = parts("GET", "/", &[("host", "web"), ("cookie", &big)]);
         assert_eq!(refused(p), MeshError::RequestHeadersTooLarge);
         let fits = "a".repeat(MAX_HEAD_BYTES - 100);
-        assert!(Forward::parse(&mut parts(
+        assert!(parse(&mut parts(
             "GET",
             "/",
             &[("host", "web"), ("cookie", &fits)]
