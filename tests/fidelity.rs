@@ -751,6 +751,32 @@ async fn the_caller_is_known_from_where_a_request_entered() {
         assert_eq!(seen["headers"]["weft-caller-node"], node, "{label}: {seen}");
     }
 
+    // Both ends count each edge: n2 sent web one request as checkout and
+    // one as `-`, and n1 served both (its own callers' went straight to
+    // the instance, not through the tunnel).
+    let edge = |text: &str, caller: &str, direction: &str| {
+        metric_sum(
+            text,
+            "weft_requests_total",
+            &[
+                "service=\"web\"",
+                &format!("caller=\"{caller}\""),
+                &format!("direction=\"{direction}\""),
+            ],
+        )
+    };
+    let (n1_admin, n2_admin) = (c.nodes[0].admin, c.nodes[1].admin);
+    let text = wait_for(Duration::from_secs(5), "n2 counts its edges", || async {
+        let text = metrics_text(n2_admin).await;
+        (edge(&text, "checkout", "outbound") >= 1.0 && edge(&text, "-", "outbound") >= 1.0)
+            .then_some(text)
+    })
+    .await;
+    assert_eq!(edge(&text, "checkout", "outbound"), 1.0, "{text}");
+    let text = metrics_text(n1_admin).await;
+    assert_eq!(edge(&text, "checkout", "inbound"), 1.0, "{text}");
+    assert_eq!(edge(&text, "-", "inbound"), 1.0, "{text}");
+
     // Deregistered, the port closes.
     let id = instance_ids(&c.nodes[1].socket, "checkout")
         .await

@@ -691,7 +691,7 @@ fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
         "weft_requests_total",
-        "Attempts by service, direction (outbound: sent by this node; inbound: handed by this node to its own instance) and outcome class"
+        "Attempts by service, caller (the calling service, - through the shared proxy), direction (outbound: sent by this node; inbound: handed by this node to its own instance) and outcome class"
     );
     describe_counter!(
         "weft_access_log_dropped_total",

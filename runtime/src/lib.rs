@@ -20,6 +20,8 @@
 //! - [`tunnel`]: pooled QUIC connections to peer nodes, and stream IO.
 //! - [`access_log`]: one JSON line per proxied request, written off the
 //!   request path.
+//! - [`caller`]: who calls (`weft-caller`): stamped by the calling node,
+//!   checked by the serving one.
 //! - [`outcome`]: request outcomes, sent in one bounded channel to statistics.
 //! - [`policy`]: pure decision logic (load balancing, later retries and
 //!   health), tested without sockets or sleeps.
@@ -31,6 +33,7 @@
 //! connection tasks run on the worker threads.
 
 pub mod access_log;
+pub mod caller;
 pub mod dataplane;
 pub mod gossip_writer;
 pub mod health_checker;

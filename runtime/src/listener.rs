@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use crate::dataplane::caller::Caller;
+use crate::caller::Caller;
 use crate::dataplane::{inbound, outbound, tcp, DataPlane};
 use crate::supervision::{guard, Named};
 

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::caller::Caller;
+
 /// How a request ended, as the statistics see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OutcomeClass {
@@ -57,9 +59,10 @@ impl OutcomeClass {
     }
 }
 
-/// One service's `weft_requests_total` counters (one per class) and its
-/// `weft_request_duration_seconds` histogram for one direction, resolved
-/// once: recording costs two atomic updates, no label lookup and no copy.
+/// One (caller, service) edge's `weft_requests_total` counters (one per
+/// class) and its `weft_request_duration_seconds` histogram for one
+/// direction, resolved once: recording costs two atomic updates, no label
+/// lookup and no copy.
 #[derive(Debug)]
 pub struct RequestMetrics {
     by_class: [metrics::Counter; 4],
@@ -67,13 +70,15 @@ pub struct RequestMetrics {
 }
 
 impl RequestMetrics {
-    /// The handles of `service` in `direction` ("outbound" or "inbound").
-    pub fn new(service: &str, direction: &'static str) -> Self {
+    /// The handles of `caller`'s requests to `service` in `direction`
+    /// ("outbound" or "inbound").
+    pub fn new(service: &str, caller: &str, direction: &'static str) -> Self {
         RequestMetrics {
             by_class: OutcomeClass::ALL.map(|class| {
                 metrics::counter!(
                     "weft_requests_total",
                     "service" => service.to_string(),
+                    "caller" => caller.to_string(),
                     "direction" => direction,
                     "class" => class.as_str()
                 )
@@ -81,6 +86,7 @@ impl RequestMetrics {
             duration: metrics::histogram!(
                 "weft_request_duration_seconds",
                 "service" => service.to_string(),
+                "caller" => caller.to_string(),
                 "direction" => direction
             ),
         }
@@ -98,6 +104,8 @@ impl RequestMetrics {
 pub struct Outcome {
     /// Service called.
     pub service: String,
+    /// Where the request entered the mesh.
+    pub caller: Caller,
     /// How it ended.
     pub class: OutcomeClass,
     /// Status code when there was a response.

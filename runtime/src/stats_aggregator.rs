@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
 use weft_gossip::{ClusterView, Key};
 
+use crate::caller::Caller;
 use crate::gossip_writer::GossipWriter;
 use crate::outcome::{Outcome, OutcomeClass, RequestMetrics};
 use crate::policy::episodes::{EpisodeStats, EpisodeTracker};
@@ -105,21 +106,24 @@ impl StatsHandle {
 }
 
 struct Local {
+    service: String,
     attempts: ServiceWindow,
     requests: ServiceWindow,
     episodes: EpisodeTracker,
     healthy: Option<bool>,
-    metrics: RequestMetrics,
+    /// By caller: each edge's metrics handles.
+    metrics: HashMap<Caller, RequestMetrics>,
 }
 
 impl Local {
     fn new(service: &str) -> Self {
         Local {
+            service: service.to_string(),
             attempts: ServiceWindow::default(),
             requests: ServiceWindow::default(),
             episodes: EpisodeTracker::default(),
             healthy: None,
-            metrics: RequestMetrics::new(service, "outbound"),
+            metrics: HashMap::new(),
         }
     }
 }
@@ -164,7 +168,13 @@ impl StatsAggregator {
             .local
             .entry(o.service)
             .or_insert_with_key(|service| Local::new(service));
-        local.metrics.record(o.class, o.latency);
+        local
+            .metrics
+            .entry(o.caller)
+            .or_insert_with_key(|caller| {
+                RequestMetrics::new(&local.service, caller.as_str(), "outbound")
+            })
+            .record(o.class, o.latency);
         local
             .attempts
             .record(now, success, o.class.as_str(), o.latency);

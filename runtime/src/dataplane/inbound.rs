@@ -10,12 +10,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use weft_gossip::{MemberState, Protocol, ServiceRecord};
 
-use super::caller::{self, Claim};
 use super::error::MeshError;
 use super::local::LocalFailure;
 use super::request::{is_upgrade, wire_pairs, Forward};
 use super::splice::{reset_tcp, splice};
 use super::{body, ConnectionLimit, DataPlane, Limit, ProxyBody};
+use crate::caller::{self, Claim};
 use crate::outcome::{OutcomeClass, RequestMetrics};
 use crate::tunnel::{self, TunnelError};
 use crate::wire::body::{BodyDecoder, BodyEvent};
@@ -397,7 +397,8 @@ impl Inbound<'_> {
                 return Err(TunnelError::Stream(detail));
             }
         };
-        self.admit_caller(req.headers_mut());
+        let caller = self.admit_caller(req.headers_mut());
+        let caller = caller.to_str().unwrap_or(caller::ANONYMOUS);
         // An upgrade's body is read here, so the stream is left at the raw
         // bytes that follow a 101.
         let upgrade = is_upgrade(req.headers());
@@ -422,7 +423,7 @@ impl Inbound<'_> {
             Ok(Ok(resp)) => resp,
             Ok(Err(LocalFailure::Unreachable(detail))) => {
                 tracing::debug!(detail, "local instance unreachable");
-                self.record(OutcomeClass::Unreachable, start);
+                self.record(caller, OutcomeClass::Unreachable, start);
                 return refuse(&mut send, MeshError::UpstreamUnreachable).await;
             }
             Ok(Err(LocalFailure::Mesh(error, detail))) => {
@@ -430,12 +431,12 @@ impl Inbound<'_> {
                 return refuse(&mut send, error).await;
             }
             Err(_) => {
-                self.record(OutcomeClass::Timeout, start);
+                self.record(caller, OutcomeClass::Timeout, start);
                 return refuse(&mut send, MeshError::UpstreamTimeout).await;
             }
         };
         let status = resp.status();
-        self.record(OutcomeClass::from_status(status.as_u16()), start);
+        self.record(caller, OutcomeClass::from_status(status.as_u16()), start);
         let end_stream = hyper::body::Body::is_end_stream(resp.body());
         let head = ResponseHead {
             status: status.as_u16(),
@@ -469,8 +470,9 @@ impl Inbound<'_> {
     }
 
     /// Believes the caller the peer names only if the peer hosts that
-    /// service (in this node's view of the catalog), and names the peer.
-    fn admit_caller(&self, headers: &mut http::HeaderMap) {
+    /// service (in this node's view of the catalog), and names the peer;
+    /// returns the caller the instance is told.
+    fn admit_caller(&self, headers: &mut http::HeaderMap) -> http::HeaderValue {
         let hosts = |service: &str| {
             let routing = self.dp.router.load();
             routing
@@ -484,12 +486,16 @@ impl Inbound<'_> {
             tracing::warn!(peer = self.peer, service = self.head.service,
                 "a peer named a caller it hosts no registration of; treated as the anonymous caller");
         }
+        headers
+            .get(caller::CALLER)
+            .cloned()
+            .unwrap_or(http::HeaderValue::from_static(caller::ANONYMOUS))
     }
 
-    fn record(&self, class: OutcomeClass, start: Instant) {
+    fn record(&self, caller: &str, class: OutcomeClass, start: Instant) {
         self.dp
             .inbound_metrics
-            .record(&self.head.service, class, start.elapsed());
+            .record(&self.head.service, caller, class, start.elapsed());
     }
 }
 
@@ -543,32 +549,37 @@ async fn tcp(
 }
 
 /// The serving side's metrics (`weft_requests_total{direction="inbound"}`
-/// and its duration histogram), with the handles of each service resolved
-/// once: counting a request costs a read lock and two atomic updates, no
-/// label lookup and no copy. The caller's statistics already count each
-/// attempt once, so inbound requests feed the metrics only.
+/// and its duration histogram), with the handles of each (service, caller)
+/// edge resolved once: counting a request costs a read lock and two atomic
+/// updates, no label lookup and no copy. The caller's statistics already
+/// count each attempt once, so inbound requests feed the metrics only.
+/// Callers are believed ones (a service the calling node hosts) or `-`, so
+/// the edges are bounded by the catalog.
 #[derive(Debug, Default)]
-pub struct InboundMetrics(std::sync::RwLock<HashMap<String, Arc<RequestMetrics>>>);
+pub struct InboundMetrics(std::sync::RwLock<HashMap<String, HashMap<String, Arc<RequestMetrics>>>>);
 
 impl InboundMetrics {
-    /// Counts one request handed to an instance of `service`.
-    pub fn record(&self, service: &str, class: OutcomeClass, latency: Duration) {
+    /// Counts one request from `caller` handed to an instance of `service`.
+    pub fn record(&self, service: &str, caller: &str, class: OutcomeClass, latency: Duration) {
         let known = self
             .0
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(service)
+            .and_then(|callers| callers.get(caller))
             .cloned();
-        let handles = known.unwrap_or_else(|| self.register(service));
+        let handles = known.unwrap_or_else(|| self.register(service, caller));
         handles.record(class, latency);
     }
 
-    fn register(&self, service: &str) -> Arc<RequestMetrics> {
-        let handles = Arc::new(RequestMetrics::new(service, "inbound"));
+    fn register(&self, service: &str, caller: &str) -> Arc<RequestMetrics> {
+        let handles = Arc::new(RequestMetrics::new(service, caller, "inbound"));
         self.0
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(service.to_string(), handles.clone());
+            .entry(service.to_string())
+            .or_default()
+            .insert(caller.to_string(), handles.clone());
         handles
     }
 }

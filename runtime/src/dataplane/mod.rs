@@ -11,11 +11,9 @@
 //! - [`error`]: the errors the mesh answers with (`weft-error`).
 //! - [`splice`]: raw bytes between a connection and a tunnel stream.
 //! - [`body`]: conversions between hyper bodies and tunnel streams.
-//! - [`caller`]: who calls (`weft-caller`), stamped and checked.
 //! - [`limits`]: the caps the mesh enforces itself, each counted by name.
 
 pub mod body;
-pub mod caller;
 pub mod endpoints;
 pub mod error;
 mod hedge;

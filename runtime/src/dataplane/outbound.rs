@@ -20,7 +20,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use weft_gossip::Instance;
 
-use super::caller::{self, Caller};
 use super::endpoints::{Endpoint, Protocol};
 use super::error::{MeshError, WEFT_ERROR};
 use super::hedge;
@@ -31,6 +30,7 @@ use super::{
     body, BoxError, ConnectionLimit, DataPlane, Limit, ProxyBody, RetryPolicy, TimeoutSource,
 };
 use crate::access_log::{rfc3339, AccessEntry};
+use crate::caller::{self, Caller};
 use crate::outcome::{Outcome, OutcomeClass};
 use crate::policy::retry::{self, AttemptResult};
 use crate::tunnel::{self, TunnelError};
@@ -268,6 +268,7 @@ async fn proxy(
         };
         dp.outcomes.record(Outcome {
             service: service.clone(),
+            caller: fwd.caller.clone(),
             class,
             status,
             latency,

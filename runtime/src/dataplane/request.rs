@@ -6,9 +6,9 @@ use http::header::{CONNECTION, HOST, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Version};
 
-use super::caller::Caller;
 use super::error::MeshError;
 use super::ProxyBody;
+use crate::caller::Caller;
 use crate::wire::{RequestHead, StreamKind, MAX_HEAD_BYTES, WIRE_VERSION};
 
 /// The header that counts mesh hops.

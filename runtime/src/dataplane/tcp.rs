@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::endpoints::Protocol;
 use super::splice::{reset_tcp, splice};
 use super::{ConnectionLimit, DataPlane, Limit, MeshError};
+use crate::caller::Caller;
 use crate::outcome::{Outcome, OutcomeClass};
 use crate::tunnel;
 use crate::wire::{RequestHead, ResponseHead, StreamKind, WIRE_VERSION};
@@ -61,6 +62,7 @@ async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(),
     let record = |class| {
         dp.outcomes.record(Outcome {
             service: service.to_string(),
+            caller: Caller::Anonymous,
             class,
             status: None,
             latency: start.elapsed(),

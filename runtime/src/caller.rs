@@ -23,7 +23,7 @@ pub const CALLER_NODE: HeaderName = HeaderName::from_static("weft-caller-node");
 pub const ANONYMOUS: &str = "-";
 
 /// Where a request entered the mesh.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Caller {
     /// The shared proxy port: any local process.
     Anonymous,
