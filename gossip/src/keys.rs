@@ -40,6 +40,14 @@ pub enum Key {
         /// The instance.
         id: String,
     },
+    /// `edge/<service>/<caller>`: this node's compact statistics of
+    /// `caller`'s requests to `service` (`-` is the anonymous caller).
+    Edge {
+        /// The service called.
+        service: String,
+        /// The calling service, or `-`.
+        caller: String,
+    },
 }
 
 impl Key {
@@ -61,6 +69,7 @@ impl Key {
             Key::Health(id) => format!("health/{id}"),
             Key::Stats(svc) => format!("stats/{svc}"),
             Key::Eject { node, id } => format!("eject/{node}/{id}"),
+            Key::Edge { service, caller } => format!("edge/{service}/{caller}"),
         }
     }
 
@@ -82,6 +91,17 @@ impl Key {
             return Some(Key::Eject {
                 node: node.to_string(),
                 id: id.to_string(),
+            });
+        }
+        if prefix == "edge" {
+            let (service, caller) = rest.split_once('/')?;
+            validate_name(service).ok()?;
+            if caller != "-" {
+                validate_name(caller).ok()?;
+            }
+            return Some(Key::Edge {
+                service: service.to_string(),
+                caller: caller.to_string(),
             });
         }
         if validate_id(rest).is_err() {
@@ -150,6 +170,14 @@ mod tests {
                 node: "n2".into(),
                 id: "web-n2-80".into(),
             },
+            Key::Edge {
+                service: "payments".into(),
+                caller: "checkout".into(),
+            },
+            Key::Edge {
+                service: "payments".into(),
+                caller: "-".into(),
+            },
         ] {
             assert_eq!(Key::decode(&key.encode()), Some(key));
         }
@@ -169,6 +197,10 @@ mod tests {
             "eject/N1/x",
             "eject/n1/a b",
             "eject/n1/x/y",
+            "edge/web",
+            "edge/web/Admin",
+            "edge/web/--",
+            "edge/web/a/b",
         ] {
             assert_eq!(Key::decode(raw), None, "{raw:?}");
         }

@@ -172,6 +172,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
         (&Method::GET, ["v1", "services"]) => get_services(state),
         (&Method::GET, ["v1", "members"]) => get_members(state),
         (&Method::GET, ["v1", "health"]) => get_health(state),
+        (&Method::GET, ["v1", "edges"]) => get_edges(state),
         (&Method::GET, ["v1", "upstreams"]) => get_upstreams(state).await,
         (&Method::GET, ["metrics"]) if read_only => get_metrics(state),
         (_, ["v1", ..]) if read_only && method != Method::GET => error(
@@ -238,6 +239,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             ["v1", "services"]
             | ["v1", "members"]
             | ["v1", "health"]
+            | ["v1", "edges"]
             | ["v1", "services", _]
             | ["v1", "services", _, "ttl"]
             | ["v1", "upstreams"]
@@ -607,6 +609,29 @@ fn round(v: Option<f64>, places: i32) -> Value {
     v.filter(|x| x.is_finite())
         .map(|x| json!((x * scale).round() / scale))
         .unwrap_or(Value::Null)
+}
+
+/// Every (caller, service) edge the cluster's nodes reported, merged.
+fn get_edges(state: &ApiState) -> Reply {
+    let stats = state.stats.load();
+    let edges: Vec<Value> = stats
+        .edges
+        .iter()
+        .map(|((caller, service), e)| {
+            json!({
+                "caller": caller,
+                "service": service,
+                "rps": round(Some(e.cluster.rps), 2),
+                "success_rate": round(e.cluster.success_rate, 4),
+                "effective_success_rate": round(e.effective_success_rate, 4),
+                "p50_ms": round(e.cluster.p50_ms, 2),
+                "p99_ms": round(e.cluster.p99_ms, 2),
+                "retries": e.cluster.retries,
+                "nodes": e.cluster.nodes,
+            })
+        })
+        .collect();
+    reply(StatusCode::OK, &json!({ "edges": edges }))
 }
 
 fn get_health(state: &ApiState) -> Reply {

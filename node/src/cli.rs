@@ -88,6 +88,15 @@ pub enum Command {
         #[arg(long = "for", value_name = "DURATION")]
         run_for: Option<String>,
     },
+    /// Show who calls whom: every (caller, service) edge of the cluster
+    /// with its rps, success, latency and retries.
+    Edges {
+        /// Only the edges to or from this service.
+        service: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show members and per-service health.
     Health {
         /// Print JSON.

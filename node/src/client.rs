@@ -127,6 +127,45 @@ pub fn services_table(body: &Value) -> String {
     )
 }
 
+/// `weft edges` as a table.
+pub fn edges_table(body: &Value) -> String {
+    let pct = |v: &Value| match v.as_f64() {
+        Some(f) => format!("{:.2}%", f * 100.0),
+        None => "-".into(),
+    };
+    let rows: Vec<Vec<String>> = body
+        .get("edges")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            vec![
+                s(&e["caller"]),
+                s(&e["service"]),
+                s(&e["rps"]),
+                pct(&e["success_rate"]),
+                pct(&e["effective_success_rate"]),
+                s(&e["p50_ms"]),
+                s(&e["p99_ms"]),
+                s(&e["retries"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "CALLER",
+            "SERVICE",
+            "RPS",
+            "SUCCESS",
+            "EFFECTIVE",
+            "P50 MS",
+            "P99 MS",
+            "RETRIES",
+        ],
+        &rows,
+    )
+}
+
 /// `weft members` as a table.
 pub fn members_table(body: &Value) -> String {
     let rows: Vec<Vec<String>> = body

@@ -293,6 +293,20 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
             Command::Members { json } => {
                 show(&socket, "/v1/members", json, client::members_table).await
             }
+            Command::Edges { service, json } => {
+                let (status, mut body) =
+                    client::call(&socket, Method::GET, "/v1/edges", None).await?;
+                client::check(status, &body)?;
+                if let (Some(service), Some(edges)) = (service, body["edges"].as_array_mut()) {
+                    edges.retain(|e| e["service"] == *service || e["caller"] == *service);
+                }
+                if json {
+                    println!("{body:#}");
+                } else {
+                    print!("{}", client::edges_table(&body));
+                }
+                Ok(())
+            }
             Command::Health { json, watch } => {
                 if !watch {
                     return show(&socket, "/v1/health", json, client::health_table).await;

@@ -153,6 +153,7 @@ fn summary(i: u64) -> Summary {
             p99_ms: Some(610.0),
         },
         error_rate: 0.01,
+        effective_error_rate: None,
     }
 }
 

@@ -44,11 +44,24 @@ impl ServiceStats {
     }
 }
 
-/// The published statistics of every known service.
+/// What readers see for one (caller, service) edge, merged over every
+/// node that sent requests along it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EdgeStats {
+    /// Attempts: rps, success, latency, retries.
+    pub cluster: ClusterStats,
+    /// The success the calling apps saw after retries, weighted by the
+    /// nodes' attempts.
+    pub effective_success_rate: Option<f64>,
+}
+
+/// The published statistics of every known service and edge.
 #[derive(Debug, Clone, Default)]
 pub struct StatsSnapshot {
     /// Per service.
     pub services: BTreeMap<String, ServiceStats>,
+    /// Per (caller, service); `-` is the anonymous caller.
+    pub edges: BTreeMap<(String, String), EdgeStats>,
 }
 
 /// Lock-free read access to the latest statistics.
@@ -111,8 +124,35 @@ struct Local {
     requests: ServiceWindow,
     episodes: EpisodeTracker,
     healthy: Option<bool>,
-    /// By caller: each edge's metrics handles.
-    metrics: HashMap<Caller, RequestMetrics>,
+    /// This node's requests to the service, by caller.
+    edges: HashMap<Caller, Edge>,
+}
+
+/// One caller's requests to one service from this node.
+struct Edge {
+    attempts: ServiceWindow,
+    requests: ServiceWindow,
+    metrics: RequestMetrics,
+}
+
+impl Edge {
+    fn new(service: &str, caller: &Caller) -> Self {
+        Edge {
+            attempts: ServiceWindow::default(),
+            requests: ServiceWindow::default(),
+            metrics: RequestMetrics::new(service, caller.as_str(), "outbound"),
+        }
+    }
+
+    /// The gossip value of the edge now; `None` once its window is empty.
+    fn summary(&self, now: Instant) -> Option<String> {
+        let attempts = self.attempts.snapshot(now);
+        (attempts.requests > 0).then(|| {
+            Summary::new(&attempts, &EpisodeStats::default())
+                .with_effective(&self.requests.snapshot(now))
+                .encode()
+        })
+    }
 }
 
 impl Local {
@@ -123,7 +163,7 @@ impl Local {
             requests: ServiceWindow::default(),
             episodes: EpisodeTracker::default(),
             healthy: None,
-            metrics: HashMap::new(),
+            edges: HashMap::new(),
         }
     }
 }
@@ -137,7 +177,8 @@ pub struct StatsAggregator {
     router: RouterHandle,
     outcomes: Option<mpsc::Receiver<Outcome>>,
     local: HashMap<String, Local>,
-    published: HashMap<String, String>,
+    /// What this node last wrote under each of its `stats/` and `edge/` keys.
+    published: HashMap<Key, String>,
 }
 
 impl StatsAggregator {
@@ -168,23 +209,21 @@ impl StatsAggregator {
             .local
             .entry(o.service)
             .or_insert_with_key(|service| Local::new(service));
-        local
-            .metrics
+        let edge = local
+            .edges
             .entry(o.caller)
-            .or_insert_with_key(|caller| {
-                RequestMetrics::new(&local.service, caller.as_str(), "outbound")
-            })
-            .record(o.class, o.latency);
-        local
-            .attempts
-            .record(now, success, o.class.as_str(), o.latency);
-        if o.attempt > 0 {
-            local.attempts.record_retry(now);
+            .or_insert_with_key(|caller| Edge::new(&local.service, caller));
+        edge.metrics.record(o.class, o.latency);
+        for window in [&mut local.attempts, &mut edge.attempts] {
+            window.record(now, success, o.class.as_str(), o.latency);
+            if o.attempt > 0 {
+                window.record_retry(now);
+            }
         }
         if o.last {
-            local
-                .requests
-                .record(now, success, o.class.as_str(), o.latency);
+            for window in [&mut local.requests, &mut edge.requests] {
+                window.record(now, success, o.class.as_str(), o.latency);
+            }
         }
         local.episodes.on_outcome(now, success);
     }
@@ -213,32 +252,63 @@ impl StatsAggregator {
     fn tick(&mut self) {
         let now = Instant::now();
         self.follow_health(now);
-        // Gossip this node's summaries.
+        self.publish_own(now);
+        self.merge_view(now);
+    }
+
+    /// Gossips this node's summaries: one per service it called or saw an
+    /// outage of, and one per edge that carried requests in the window (an
+    /// edge gone quiet is deleted). Unchanged values are not written again.
+    fn publish_own(&mut self, now: Instant) {
+        let mut values: Vec<(Key, Option<String>)> = Vec::new();
         for (service, local) in &self.local {
             let window = local.attempts.snapshot(now);
             let episodes = local.episodes.stats();
-            if window.requests == 0 && episodes.samples == 0 {
-                continue;
+            if window.requests > 0 || episodes.samples > 0 {
+                let value = Summary::new(&window, &episodes).encode();
+                values.push((Key::Stats(service.clone()), Some(value)));
             }
-            let key = Key::Stats(service.clone());
-            let value = Summary::new(&window, &episodes).encode();
-            if self.published.get(service) != Some(&value) {
-                self.writer.set(key, value.clone());
-                self.published.insert(service.clone(), value);
+            for (caller, edge) in &local.edges {
+                let key = Key::Edge {
+                    service: service.clone(),
+                    caller: caller.as_str().to_string(),
+                };
+                values.push((key, edge.summary(now)));
             }
         }
-        // Merge every live node's summaries, ours included.
+        for (key, value) in values {
+            match value {
+                Some(value) if self.published.get(&key) != Some(&value) => {
+                    self.writer.set(key.clone(), value.clone());
+                    self.published.insert(key, value);
+                }
+                Some(_) => {}
+                None => {
+                    if self.published.remove(&key).is_some() {
+                        self.writer.delete(key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Merges every live node's summaries, ours included, and publishes
+    /// the snapshot readers see.
+    fn merge_view(&mut self, now: Instant) {
         let view = self.views.borrow().clone();
         let mut by_service: BTreeMap<String, Vec<(String, Summary)>> = BTreeMap::new();
+        let mut by_edge: BTreeMap<(String, String), Vec<(String, Summary)>> = BTreeMap::new();
         for node in view.nodes.iter().filter(|n| n.live) {
             for (k, v) in node.kv.iter() {
-                if let Some(Key::Stats(service)) = Key::decode(k) {
-                    if let Some(summary) = Summary::decode(v) {
-                        by_service
-                            .entry(service)
-                            .or_default()
-                            .push((node.name.clone(), summary));
+                let summaries = match Key::decode(k) {
+                    Some(Key::Stats(service)) => by_service.entry(service).or_default(),
+                    Some(Key::Edge { service, caller }) => {
+                        by_edge.entry((caller, service)).or_default()
                     }
+                    _ => continue,
+                };
+                if let Some(summary) = Summary::decode(v) {
+                    summaries.push((node.name.clone(), summary));
                 }
             }
         }
@@ -273,8 +343,33 @@ impl StatsAggregator {
             };
             services.insert(name.clone(), stats);
         }
-        self.handle.publish(StatsSnapshot { services });
+        let edges = by_edge
+            .into_iter()
+            .filter(|(_, summaries)| !summaries.is_empty())
+            .map(|(edge, summaries)| {
+                let stats = EdgeStats {
+                    cluster: merge(&summaries, Some(&self.node)),
+                    effective_success_rate: effective_success(&summaries),
+                };
+                (edge, stats)
+            })
+            .collect();
+        self.handle.publish(StatsSnapshot { services, edges });
     }
+}
+
+/// The success the calling apps saw, over the summaries that report it,
+/// weighted by their attempts.
+fn effective_success<N>(summaries: &[(N, Summary)]) -> Option<f64> {
+    let (mut weight, mut sum) = (0.0, 0.0);
+    for (_, s) in summaries {
+        if let Some(errors) = s.effective_error_rate {
+            let w = s.requests.max(1) as f64;
+            weight += w;
+            sum += w * (1.0 - errors);
+        }
+    }
+    (weight > 0.0).then(|| sum / weight)
 }
 
 impl Actor for StatsAggregator {

@@ -341,6 +341,10 @@ pub struct Summary {
     pub episodes: EpisodeStats,
     /// failures / requests in the window (0 without requests).
     pub error_rate: f64,
+    /// Failed client requests (their last attempts) / client requests: the
+    /// failures the app saw after retries. Reported for edges (`None`
+    /// otherwise, and from nodes that do not report it).
+    pub effective_error_rate: Option<f64>,
 }
 
 /// The JSON shape: one- to three-letter keys keep the value small.
@@ -374,6 +378,9 @@ struct Wire {
     e99: Option<f64>,
     /// error rate
     er: f64,
+    /// effective error rate (edges only)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ee: Option<f64>,
 }
 
 /// Rounds to `1 / scale` so the JSON stays short (0.001 ms is far below
@@ -417,7 +424,15 @@ impl Summary {
             } else {
                 window.failures as f64 / window.requests as f64
             },
+            effective_error_rate: None,
         }
+    }
+
+    /// Adds the effective error rate of the client requests in `requests`.
+    pub fn with_effective(mut self, requests: &WindowStats) -> Self {
+        self.effective_error_rate =
+            (requests.requests > 0).then(|| requests.failures as f64 / requests.requests as f64);
+        self
     }
 
     /// The gossip value: compact JSON, at most [`MAX_ENCODED`] bytes for any
@@ -439,6 +454,7 @@ impl Summary {
             e90: s.episodes.p90_ms.map(|x| round(x, 1e3)),
             e99: s.episodes.p99_ms.map(|x| round(x, 1e3)),
             er: round(s.error_rate, 1e4),
+            ee: s.effective_error_rate.map(|x| round(x, 1e4)),
         };
         serde_json::to_string(&wire).unwrap_or_default()
     }
@@ -472,6 +488,7 @@ impl Summary {
                 p99_ms: w.e99,
             },
             error_rate: w.er,
+            effective_error_rate: w.ee,
         }
         .normalized()
     }
@@ -485,7 +502,8 @@ impl Summary {
         if !(self.rps.is_finite() && self.rps >= 0.0) {
             return None;
         }
-        if !(self.error_rate.is_finite() && (0.0..=1.0).contains(&self.error_rate)) {
+        let rate = |x: f64| x.is_finite() && (0.0..=1.0).contains(&x);
+        if !rate(self.error_rate) || !self.effective_error_rate.is_none_or(rate) {
             return None;
         }
         let has_requests = self.requests > 0;
@@ -538,6 +556,7 @@ impl Summary {
             p999_ok_ms: p999_ok,
             episodes,
             error_rate: self.error_rate,
+            effective_error_rate: self.effective_error_rate,
         })
     }
 }

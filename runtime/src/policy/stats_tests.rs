@@ -34,6 +34,7 @@ fn summary(requests: u64, failures: u64, p50: f64, p99: f64) -> Summary {
         } else {
             failures as f64 / requests as f64
         },
+        effective_error_rate: None,
     }
 }
 
@@ -200,6 +201,7 @@ fn worst_case() -> Summary {
             p99_ms: Some(MAX_MS - 0.111_111_111_111),
         },
         error_rate: 0.123_456_789_123_456_78,
+        effective_error_rate: None,
     }
 }
 
@@ -227,6 +229,7 @@ fn round_trip_keeps_values() {
         p999_ok_ms: None,
         episodes: episodes(42, 120.0, 380.0, 950.5),
         error_rate: 34.0 / 1234.0,
+        effective_error_rate: Some(0.01),
     };
     let text = s.encode();
     let d = Summary::decode(&text).unwrap();
@@ -492,6 +495,7 @@ fn any_summary() -> impl Strategy<Value = Summary> {
                 } else {
                     failures as f64 / r as f64
                 },
+                effective_error_rate: (r > 0).then_some(failures as f64 / r as f64),
             }
         })
 }
@@ -606,4 +610,23 @@ fn a_timeout_is_learned_from_successes_once_there_are_enough() {
         ..ClusterStats::default()
     };
     assert_eq!(learned_timeout(&slow), Some(TIMEOUT_MAX));
+}
+
+#[test]
+fn an_edge_summary_carries_its_effective_error_rate_and_nothing_outside_0_to_1() {
+    let mut s = summary(100, 10, 1.0, 5.0);
+    s.effective_error_rate = Some(0.02);
+    let back = Summary::decode(&s.encode()).unwrap();
+    assert_eq!(back.effective_error_rate, Some(0.02));
+    // A service summary has none, and an older node's value decodes.
+    assert_eq!(
+        Summary::decode(&summary(1, 0, 1.0, 1.0).encode())
+            .unwrap()
+            .effective_error_rate,
+        None
+    );
+    for bad in ["1.5", "-0.1", "1e400"] {
+        let value = s.encode().replace("\"ee\":0.02", &format!("\"ee\":{bad}"));
+        assert!(Summary::decode(&value).is_none(), "{value}");
+    }
 }
