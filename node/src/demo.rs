@@ -58,7 +58,7 @@ async fn demo(dir: &WorkDir, nodes: &mut Nodes, limit: Option<Duration>) -> Resu
         nodes.start(i, &dir.path, &cluster)?;
     }
     nodes.wait_formed(Duration::from_secs(30)).await?;
-    let services = DemoServices::start(nodes).await?;
+    let services = DemoServices::start().await?;
     services.register(nodes).await?;
     tokio::spawn(traffic(nodes.list[0].proxy, "frontend", 20));
     tokio::spawn(traffic(nodes.list[2].proxy, "payments", 10));
@@ -94,6 +94,15 @@ async fn demo(dir: &WorkDir, nodes: &mut Nodes, limit: Option<Duration>) -> Resu
             started.elapsed().as_secs()
         );
         let _ = writeln!(out, "{}", client::health_table(&health));
+        if let Ok((_, edges)) =
+            client::call(&nodes.list[0].socket, Method::GET, "/v1/edges", None).await
+        {
+            let _ = writeln!(
+                out,
+                "who calls whom (weft edges)\n{}",
+                client::edges_table(&edges)
+            );
+        }
         let _ = writeln!(
             out,
             "dashboard: {dashboard}   Ctrl-C stops the demo and removes its files"
@@ -287,14 +296,17 @@ enum Behaviour {
     Steady { delay_ms: u64 },
     /// 503 for the first `down_ms` of every `period_ms`.
     Flapping { down_ms: u64, period_ms: u64 },
-    /// Calls catalog and payments through the node's proxy.
-    Frontend { proxy: SocketAddr },
+    /// Calls catalog and payments through its own outbound proxy port, so
+    /// they see `weft-caller: frontend`.
+    Frontend { outbound: SocketAddr },
 }
 
 struct Instance {
     service: &'static str,
     node: usize,
     port: u16,
+    /// Its own outbound proxy port, if it calls others.
+    outbound: Option<SocketAddr>,
 }
 
 struct DemoServices {
@@ -302,15 +314,10 @@ struct DemoServices {
 }
 
 impl DemoServices {
-    async fn start(nodes: &Nodes) -> Result<Self, NodeError> {
+    async fn start() -> Result<Self, NodeError> {
+        let outbound: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let plan = [
-            (
-                "frontend",
-                0,
-                Behaviour::Frontend {
-                    proxy: nodes.list[0].proxy,
-                },
-            ),
+            ("frontend", 0, Behaviour::Frontend { outbound }),
             ("catalog", 1, Behaviour::Steady { delay_ms: 5 }),
             ("catalog", 2, Behaviour::Steady { delay_ms: 8 }),
             ("payments", 1, Behaviour::Steady { delay_ms: 12 }),
@@ -326,10 +333,15 @@ impl DemoServices {
         let mut instances = Vec::new();
         for (service, node, behaviour) in plan {
             let port = serve(service, behaviour).await?;
+            let outbound = match behaviour {
+                Behaviour::Frontend { outbound } => Some(outbound),
+                _ => None,
+            };
             instances.push(Instance {
                 service,
                 node,
                 port,
+                outbound,
             });
         }
         Ok(DemoServices { instances })
@@ -343,12 +355,15 @@ impl DemoServices {
                 .iter()
                 .filter(|o| o.service == inst.service)
                 .count();
-            let body = json!({
+            let mut body = json!({
                 "name": inst.service,
                 "port": inst.port,
                 "id": format!("{}-{nth}", inst.service),
                 "check": {"http": "/health", "interval_ms": 1000},
             });
+            if let Some(outbound) = inst.outbound {
+                body["outbound"] = json!(outbound.to_string());
+            }
             let socket = &nodes.list[inst.node].socket;
             let (status, reply) =
                 client::call(socket, Method::PUT, "/v1/services", Some(body)).await?;
@@ -420,9 +435,9 @@ async fn answer(
                 (StatusCode::OK, json!({"service": service, "ok": true}))
             }
         }
-        Behaviour::Frontend { proxy } if !health => {
-            let catalog = call_through(client, proxy, "catalog").await;
-            let payments = call_through(client, proxy, "payments").await;
+        Behaviour::Frontend { outbound } if !health => {
+            let catalog = call_through(client, outbound, "catalog").await;
+            let payments = call_through(client, outbound, "payments").await;
             let ok = catalog == Some(200) && payments == Some(200);
             let status = if ok {
                 StatusCode::OK
