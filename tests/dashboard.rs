@@ -106,3 +106,66 @@ async fn the_dashboard_renders_the_cluster_in_a_browser() {
     assert!(size > 10_000, "screenshot of {size} bytes");
     eprintln!("dashboard screenshot: {}", shot.display());
 }
+
+/// The segment of `dom` that draws the edge `caller/service`, if drawn.
+fn drawn_edge<'a>(dom: &'a str, caller: &str, service: &str) -> Option<&'a str> {
+    let start = dom.find(&format!("data-edge=\"{caller}/{service}\""))?;
+    let rest = &dom[start..];
+    Some(&rest[..rest.find("</g>")?])
+}
+
+/// The service graph: services as boxes, each edge an arrow coloured by its
+/// success; an edge whose service goes away turns red.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dashboard_draws_the_edges_and_a_failing_one_turns_red() {
+    let c = TestCluster::start(2).await;
+    let pay = Upstream::start(0, 200).await;
+    let (status, reply) = put_json(
+        &c.nodes[0].socket,
+        "/v1/services",
+        &serde_json::json!({"name": "shop", "port": 9, "outbound": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{reply}");
+    let shop: std::net::SocketAddr = reply["outbound"].as_str().unwrap().parse().unwrap();
+    register_everywhere(&c, 1, "pay", pay.port, "http").await;
+    wait_for(Duration::from_secs(10), "n2 sees shop", || async {
+        instance_ids(&c.nodes[1].socket, "shop")
+            .await
+            .filter(|ids| !ids.is_empty())
+    })
+    .await;
+    let url = format!("http://{}/", c.nodes[0].admin);
+    let edge_class = |want: &'static str| {
+        let url = url.clone();
+        async move {
+            let out = tokio::task::spawn_blocking(move || browse(&url, 3000, &["--dump-dom"]))
+                .await
+                .ok()?;
+            let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+            let drawn = drawn_edge(&dom, "shop", "pay")?;
+            (drawn.contains(&format!("class=\"{want}\"")) && dom.contains("data-box=\"shop\""))
+                .then(|| drawn.to_string())
+        }
+    };
+
+    for _ in 0..10 {
+        assert_eq!(proxy_get(shop, "pay").await, 200);
+    }
+    wait_for(Duration::from_secs(30), "shop -> pay drawn green", || {
+        edge_class("good")
+    })
+    .await;
+
+    // pay goes away: shop's calls fail, and the arrow turns red.
+    pay.stop();
+    for _ in 0..30 {
+        assert_ne!(proxy_get(shop, "pay").await, 200);
+    }
+    let drawn = wait_for(Duration::from_secs(30), "shop -> pay drawn red", || {
+        edge_class("poor")
+    })
+    .await;
+    assert!(drawn.contains("rps"), "the arrow is labelled: {drawn}");
+}
