@@ -159,28 +159,6 @@ async fn an_authenticated_peer_is_held_to_the_tunnel_limits() {
     assert_eq!(proxy_get(c.nodes[1].proxy, "web").await, 200);
 }
 
-/// An operator certificate and key for the cluster (`weft cert issue
-/// --operator`), issued once per cluster dir.
-fn operator(c: &TestCluster) -> (std::path::PathBuf, std::path::PathBuf) {
-    let out = c.dir.path().join("operator");
-    let (cert, key) = (out.join("ops.pem"), out.join("ops.key"));
-    if !cert.exists() {
-        let done = std::process::Command::new(weft_bin())
-            .args(["cert", "issue", "ops", "--operator", "--cluster"])
-            .arg(&c.cluster_dir)
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .expect("run weft cert issue --operator");
-        assert!(
-            done.status.success(),
-            "{}",
-            String::from_utf8_lossy(&done.stderr)
-        );
-    }
-    (cert, key)
-}
-
 /// `weft keys ...` against one node's socket, as the cluster's operator
 /// when `as_operator`, with `stdin` as standard input; stdout on success.
 fn keys_cli(

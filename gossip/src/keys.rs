@@ -25,6 +25,8 @@ pub enum Key {
     Sig,
     /// The revocation list the node uses (base64 DER, signed by the CA).
     Crl,
+    /// The cluster's intentions the node adopted, with their operator grant.
+    Intentions,
     /// An instance this node hosts.
     Svc(String),
     /// What this node's checker or outlier detector concluded about an instance.
@@ -65,6 +67,7 @@ impl Key {
             Key::Cert => "cert".to_string(),
             Key::Sig => "sig".to_string(),
             Key::Crl => "crl".to_string(),
+            Key::Intentions => "intentions".to_string(),
             Key::Svc(id) => format!("svc/{id}"),
             Key::Health(id) => format!("health/{id}"),
             Key::Stats(svc) => format!("stats/{svc}"),
@@ -81,6 +84,7 @@ impl Key {
             "cert" => return Some(Key::Cert),
             "sig" => return Some(Key::Sig),
             "crl" => return Some(Key::Crl),
+            "intentions" => return Some(Key::Intentions),
             _ => {}
         }
         let (prefix, rest) = raw.split_once('/')?;
@@ -163,6 +167,7 @@ mod tests {
     fn keys_round_trip() {
         for key in [
             Key::Node,
+            Key::Intentions,
             Key::Svc("web-n1-8080".into()),
             Key::Health("db.1".into()),
             Key::Stats("web".into()),

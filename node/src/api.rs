@@ -18,6 +18,7 @@ use weft_runtime::listener::{HttpHandler, Origin};
 use weft_runtime::router::RouterHandle;
 
 use crate::callers::{CallerPorts, Outbound};
+use crate::intentions::{ClusterIntentions, Record, Refused};
 use crate::keyring::{ClusterKeys, KeysError};
 use crate::registry::Registry;
 use crate::upstreams::Upstreams;
@@ -43,6 +44,8 @@ pub struct ApiState {
     pub keys: Arc<ClusterKeys>,
     /// The revocation list in use (`PUT /v1/crl`, socket only).
     pub crls: Arc<crate::crl::Crls>,
+    /// The cluster's intentions (`PUT /v1/intentions`, socket only).
+    pub intentions: Arc<ClusterIntentions>,
     /// Local registrations.
     pub registry: Arc<Registry>,
     /// The routing table.
@@ -173,6 +176,9 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
         (&Method::GET, ["v1", "members"]) => get_members(state),
         (&Method::GET, ["v1", "health"]) => get_health(state),
         (&Method::GET, ["v1", "edges"]) => get_edges(state),
+        (&Method::GET, ["v1", "intentions"]) => {
+            reply(StatusCode::OK, &json!(state.intentions.current()))
+        }
         (&Method::GET, ["v1", "upstreams"]) => get_upstreams(state).await,
         (&Method::GET, ["metrics"]) if read_only => get_metrics(state),
         (_, ["v1", ..]) if read_only && method != Method::GET => error(
@@ -209,6 +215,10 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             Ok(body) => put_crl(state, &body),
             Err(reply) => reply,
         },
+        (&Method::PUT, ["v1", "intentions"]) => match read_json(req).await {
+            Ok(body) => put_intentions(state, body),
+            Err(reply) => reply,
+        },
         (&Method::GET, ["v1", "keys"]) => reply(
             StatusCode::OK,
             &state.keys.list(&state.cluster.views().borrow()),
@@ -240,6 +250,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             | ["v1", "members"]
             | ["v1", "health"]
             | ["v1", "edges"]
+            | ["v1", "intentions"]
             | ["v1", "services", _]
             | ["v1", "services", _, "ttl"]
             | ["v1", "upstreams"]
@@ -609,6 +620,25 @@ fn round(v: Option<f64>, places: i32) -> Value {
     v.filter(|x| x.is_finite())
         .map(|x| json!((x * scale).round() / scale))
         .unwrap_or(Value::Null)
+}
+
+/// A new version of the cluster's intentions with its operator grant.
+fn put_intentions(state: &ApiState, body: Value) -> Reply {
+    let record: Record = match serde_json::from_value(body) {
+        Ok(record) => record,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("intentions: {e}")),
+    };
+    let version = record.intentions.version;
+    match state.intentions.adopt(record) {
+        Ok(operator) => reply(
+            StatusCode::OK,
+            &json!({"version": version, "operator": operator}),
+        ),
+        Err(e @ Refused::Invalid(_)) => error(StatusCode::BAD_REQUEST, e),
+        Err(e @ Refused::Stale { .. }) => error(StatusCode::CONFLICT, e),
+        Err(e @ Refused::Ungranted(_)) => error(StatusCode::FORBIDDEN, e),
+        Err(Refused::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
 }
 
 /// Every (caller, service) edge the cluster's nodes reported, merged.

@@ -62,6 +62,10 @@ pub enum Command {
     /// The gossip keyring, cluster-wide: rotate (or install, use, remove), as an operator.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Who may call whom: the cluster's intentions. Changes are signed by
+    /// an operator certificate and reach every node by gossip.
+    #[command(subcommand)]
+    Intentions(IntentionsCommand),
     /// Register a local service instance with the node.
     Register(RegisterArgs),
     /// Remove a registration by id.
@@ -153,6 +157,61 @@ pub enum KeysCommand {
     Rotate {
         #[command(flatten)]
         operator: OperatorArgs,
+    },
+}
+
+/// `weft intentions ...`. SOURCE is a service, `-` (the shared proxy's
+/// anonymous caller) or `*`; DEST is a service or `*`. The most specific
+/// rule decides (exact source and destination, then `*` to a service,
+/// then a service to `*`, then `*` to `*`), else the cluster default.
+#[derive(Debug, Subcommand)]
+pub enum IntentionsCommand {
+    /// The rules and the default, as this node holds them.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let SOURCE call DEST.
+    Allow {
+        /// Calling service, `-` or `*`.
+        source: String,
+        /// Called service or `*`.
+        destination: String,
+        #[command(flatten)]
+        operator: OperatorArgs,
+    },
+    /// Refuse SOURCE's calls to DEST (403, `weft-error: forbidden`).
+    Deny {
+        /// Calling service, `-` or `*`.
+        source: String,
+        /// Called service or `*`.
+        destination: String,
+        #[command(flatten)]
+        operator: OperatorArgs,
+    },
+    /// Remove the rule of SOURCE -> DEST.
+    Remove {
+        /// The rule's source.
+        source: String,
+        /// The rule's destination.
+        destination: String,
+        #[command(flatten)]
+        operator: OperatorArgs,
+    },
+    /// Set what a call no rule matches gets: allow or deny.
+    Default {
+        /// allow or deny.
+        action: String,
+        #[command(flatten)]
+        operator: OperatorArgs,
+    },
+    /// What a call from SOURCE to DEST gets now, and which rule says so.
+    Check {
+        /// Calling service or `-`.
+        source: String,
+        /// Called service.
+        destination: String,
     },
 }
 

@@ -127,6 +127,24 @@ pub fn services_table(body: &Value) -> String {
     )
 }
 
+/// `weft intentions list` as a table.
+pub fn intentions_table(body: &Value) -> String {
+    let intentions = &body["intentions"];
+    let mut out = format!(
+        "version {}, default {}\n\n",
+        s(&intentions["version"]),
+        s(&intentions["default"])
+    );
+    let rows: Vec<Vec<String>> = intentions["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| vec![s(&r["source"]), s(&r["destination"]), s(&r["action"])])
+        .collect();
+    out.push_str(&table(&["SOURCE", "DESTINATION", "ACTION"], &rows));
+    out
+}
+
 /// `weft edges` as a table.
 pub fn edges_table(body: &Value) -> String {
     let pct = |v: &Value| match v.as_f64() {

@@ -51,7 +51,8 @@ pub async fn run(socket: &Path, cmd: cli::KeysCommand) -> Result<(), NodeError> 
     Ok(())
 }
 
-fn load(args: &cli::OperatorArgs) -> Result<OperatorKey, NodeError> {
+/// The operator's certificate and key a command signs with.
+pub(crate) fn load(args: &cli::OperatorArgs) -> Result<OperatorKey, NodeError> {
     OperatorKey::load(&args.operator_cert, &args.operator_key)
         .map_err(|e| NodeError::Config(e.to_string()))
 }

@@ -29,6 +29,8 @@ mod config;
 mod crl;
 mod demo;
 mod init;
+mod intentions;
+mod intentions_command;
 mod keyring;
 mod keys_command;
 mod logging;
@@ -270,6 +272,7 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
                 Ok(())
             }
             Command::Keys(keys) => keys_command::run(&socket, keys).await,
+            Command::Intentions(cmd) => intentions_command::run(&socket, cmd).await,
             Command::Cert(cli::CertCommand::PublishCrl { crl }) => {
                 let pem = std::fs::read_to_string(&crl)
                     .map_err(|e| NodeError::Config(format!("{}: {e}", crl.display())))?;

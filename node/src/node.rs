@@ -28,6 +28,7 @@ use crate::cli::NodeArgs;
 use crate::config::NodeConfig;
 use crate::crl;
 use crate::init;
+use crate::intentions::ClusterIntentions;
 use crate::keyring::ClusterKeys;
 use crate::logging::{announce, Logging};
 use crate::registry::Registry;
@@ -187,6 +188,9 @@ async fn serve(
         registered: Registered::new(registry.subscribe()),
         keys: Some(keys.clone() as Arc<dyn weft_runtime::dataplane::keys::KeyVault>),
     });
+    let intentions = Arc::new(ClusterIntentions::load(&cfg.data_dir, dataplane.clone())?);
+    intentions.trust_operators(Arc::new(tls::OperatorAuthority::new(tunnels.trust())));
+    intentions.clone().follow(cluster.views(), writer.clone());
     let router = {
         let (views, handle, dp) = (cluster.views(), router_handle.clone(), dataplane.clone());
         Supervisor::start(move |_| Router::with_handle(views, handle).maintaining(dp))
@@ -196,6 +200,7 @@ async fn serve(
         cluster: cluster.clone(),
         keys,
         crls: crls.clone(),
+        intentions,
         registry: registry.clone(),
         router: router_handle.clone(),
         upstreams: upstreams.clone(),
@@ -666,7 +671,7 @@ fn export_alert_counters() {
         (
             "weft_gossip_rejected_total",
             "reason",
-            &["ungranted_keyring"],
+            &["ungranted_keyring", "ungranted_intentions"],
         ),
     ];
     for (name, label, values) in counters {

@@ -638,6 +638,28 @@ pub fn ca_signed(cluster: &std::path::Path, names: &[&str], cn: &str) -> (String
     (cert.pem(), key.serialize_pem())
 }
 
+/// An operator certificate and key for the cluster (`weft cert issue
+/// --operator`), issued once per cluster dir.
+pub fn operator(c: &TestCluster) -> (std::path::PathBuf, std::path::PathBuf) {
+    let out = c.dir.path().join("operator");
+    let (cert, key) = (out.join("ops.pem"), out.join("ops.key"));
+    if !cert.exists() {
+        let done = std::process::Command::new(weft_bin())
+            .args(["cert", "issue", "ops", "--operator", "--cluster"])
+            .arg(&c.cluster_dir)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .expect("run weft cert issue --operator");
+        assert!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+    }
+    (cert, key)
+}
+
 /// A QUIC connection to node `target` presenting `cert_pem`/`key_pem`
 /// (with its endpoint, which must outlive it).
 pub async fn connect_as(

@@ -33,10 +33,12 @@ pub enum MeshError {
     /// A limit of the serving node was reached (streams from one peer,
     /// requests in flight to one instance): not the instance's fault.
     Overloaded,
+    /// The cluster's intentions do not let this caller call this service.
+    Forbidden,
 }
 
 impl MeshError {
-    const ALL: [MeshError; 10] = [
+    const ALL: [MeshError; 11] = [
         MeshError::UnknownService,
         MeshError::NoHealthyInstance,
         MeshError::UpstreamTimeout,
@@ -47,6 +49,7 @@ impl MeshError {
         MeshError::LoopDetected,
         MeshError::BadRequest,
         MeshError::Overloaded,
+        MeshError::Forbidden,
     ];
 
     /// The `weft-error` value.
@@ -62,6 +65,7 @@ impl MeshError {
             MeshError::LoopDetected => "loop-detected",
             MeshError::BadRequest => "bad-request",
             MeshError::Overloaded => "overloaded",
+            MeshError::Forbidden => "forbidden",
         }
     }
 
@@ -84,6 +88,7 @@ impl MeshError {
             MeshError::RequestHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             MeshError::LoopDetected => StatusCode::LOOP_DETECTED,
             MeshError::BadRequest => StatusCode::BAD_REQUEST,
+            MeshError::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 
@@ -98,6 +103,7 @@ impl MeshError {
                 | MeshError::LoopDetected
                 | MeshError::BadRequest
                 | MeshError::Overloaded
+                | MeshError::Forbidden
         )
     }
 

@@ -291,7 +291,13 @@ async fn handle_stream(
             .http(send, recv)
             .await
         }
-        StreamKind::Tcp => tcp(dp, port, send, recv).await,
+        StreamKind::Tcp => {
+            if dp.authorize(caller::ANONYMOUS, &head.service).is_err() {
+                let mut send = send;
+                return refuse(&mut send, MeshError::Forbidden).await;
+            }
+            tcp(dp, port, send, recv).await
+        }
         // A key request names no instance; `authorize` refuses it already.
         StreamKind::Key => {
             let mut send = send;
@@ -399,6 +405,17 @@ impl Inbound<'_> {
         };
         let caller = self.admit_caller(req.headers_mut());
         let caller = caller.to_str().unwrap_or(caller::ANONYMOUS);
+        // Checked on the calling node already; checked again here, where
+        // the instance is.
+        if let Err(denied) = self.dp.authorize(caller, &self.head.service) {
+            tracing::debug!(
+                caller,
+                service = self.head.service,
+                reason = denied.reason(),
+                "refused by the cluster's intentions"
+            );
+            return refuse(&mut send, MeshError::Forbidden).await;
+        }
         // An upgrade's body is read here, so the stream is left at the raw
         // bytes that follow a 101.
         let upgrade = is_upgrade(req.headers());

@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use weft_gossip::{Catalog, Key, MemberState};
@@ -46,6 +47,7 @@ use crate::access_log::AccessLog;
 use crate::gossip_writer::GossipWriter;
 use crate::outcome::OutcomeSink;
 use crate::policy::episodes::{exponential_delay, learned_delay, outage_hold};
+use crate::policy::intentions::{Action, Decision, Intentions};
 use crate::policy::outlier::{Change, OutlierConfig, OutlierDetector};
 use crate::policy::retry::ServiceBudgets;
 use crate::policy::stats::learned_timeout;
@@ -191,6 +193,9 @@ pub struct DataPlane {
     pub instance_slots: inbound::InstanceSlots,
     /// The gossip keys this node hands to members that ask.
     pub keys: Option<Arc<dyn keys::KeyVault>>,
+    /// The cluster's intentions this node adopted (everything allowed
+    /// until an operator says otherwise).
+    intentions: ArcSwap<Intentions>,
     outliers: Mutex<OutlierDetector<(String, String)>>,
     writer: Option<GossipWriter>,
     budgets: Mutex<ServiceBudgets>,
@@ -268,12 +273,36 @@ impl DataPlane {
             registered,
             instance_slots: inbound::InstanceSlots::default(),
             keys,
+            intentions: ArcSwap::default(),
             outliers: Mutex::new(OutlierDetector::new(OutlierConfig::default())),
             writer,
             budgets: Mutex::new(ServiceBudgets::default()),
             stats,
             policy,
         })
+    }
+
+    /// Enforces `intentions` from now on.
+    pub fn set_intentions(&self, intentions: Arc<Intentions>) {
+        self.intentions.store(intentions);
+    }
+
+    /// Whether `caller` may call `service` under the cluster's intentions.
+    /// A denial is counted (`weft_requests_denied_total{service,caller}`)
+    /// and comes back with the decision that made it.
+    pub fn authorize(&self, caller: &str, service: &str) -> Result<(), Decision> {
+        let intentions = self.intentions.load();
+        if intentions.allows_all() {
+            return Ok(());
+        }
+        let decision = intentions.decide(caller, service);
+        if decision.action == Action::Allow {
+            return Ok(());
+        }
+        metrics::counter!("weft_requests_denied_total",
+            "service" => service.to_string(), "caller" => caller.to_string())
+        .increment(1);
+        Err(decision)
     }
 
     /// The data plane's upkeep, run by the router every

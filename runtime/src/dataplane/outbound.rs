@@ -32,6 +32,7 @@ use super::{
 use crate::access_log::{rfc3339, AccessEntry};
 use crate::caller::{self, Caller};
 use crate::outcome::{Outcome, OutcomeClass};
+use crate::policy::intentions::Decision;
 use crate::policy::retry::{self, AttemptResult};
 use crate::tunnel::{self, TunnelError};
 use crate::wire::ResponseHead;
@@ -143,6 +144,9 @@ async fn proxy(
         Ok(f) => f,
         Err((error, detail)) => return refuse(error, &detail),
     };
+    if let Err(denied) = dp.authorize(caller.as_str(), &fwd.service) {
+        return forbidden(caller.as_str(), &fwd.service, &denied);
+    }
     // Only an upgrade takes hyper's pending-upgrade handle out of the request.
     let upgrade = if fwd.upgrade {
         parts.extensions.remove::<OnUpgrade>()
@@ -326,6 +330,14 @@ pub(super) fn pick_http(
 /// The answer when [`pick_http`] found no instance.
 fn no_instance(error: MeshError, service: &str) -> Response<ProxyBody> {
     error.response(&format!("service {service:?}"))
+}
+
+/// A call the cluster's intentions deny: 403, with the rule that decided.
+pub(super) fn forbidden(caller: &str, service: &str, denied: &Decision) -> Response<ProxyBody> {
+    MeshError::Forbidden.response(&format!(
+        "{caller} may not call {service}: {}",
+        denied.reason()
+    ))
 }
 
 /// A request the proxy refuses before any instance is picked.

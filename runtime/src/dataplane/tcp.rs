@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::endpoints::Protocol;
 use super::splice::{reset_tcp, splice};
 use super::{ConnectionLimit, DataPlane, Limit, MeshError};
-use crate::caller::Caller;
+use crate::caller::{self, Caller};
 use crate::outcome::{Outcome, OutcomeClass};
 use crate::tunnel;
 use crate::wire::{RequestHead, ResponseHead, StreamKind, WIRE_VERSION};
@@ -52,6 +52,11 @@ pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
 
 async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(), String> {
     let _busy = dp.in_flight.track();
+    // A TCP upstream port is the shared proxy's kind: its caller is `-`.
+    if let Err(denied) = dp.authorize(caller::ANONYMOUS, service) {
+        reset_tcp(client);
+        return Err(format!("forbidden by {}", denied.reason()));
+    }
     let endpoint = {
         let snap = dp.router.load();
         dp.pick(&snap, service, Protocol::Tcp, &[])

@@ -6,6 +6,7 @@ pub mod episodes;
 #[cfg(test)]
 mod flap_sim_tests;
 pub mod health;
+pub mod intentions;
 pub mod outlier;
 pub mod recovery;
 pub mod retry;

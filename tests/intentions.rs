@@ -1,0 +1,213 @@
+//! Intentions end to end: an operator's deny reaches every node by gossip,
+//! holds on the caller's node and again on the serving node, names the rule
+//! that matched, and survives a full restart of the cluster.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use weft_runtime::wire::{self, RequestHead, StreamKind};
+
+/// `weft intentions ARGS` against node `node`'s socket, as the operator
+/// when `as_operator`; stdout on success, stderr on failure.
+fn intentions(
+    c: &TestCluster,
+    node: usize,
+    args: &[&str],
+    as_operator: bool,
+) -> Result<String, String> {
+    let mut cmd = std::process::Command::new(weft_bin());
+    cmd.arg("--socket")
+        .arg(&c.nodes[node].socket)
+        .arg("intentions")
+        .args(args)
+        .env_remove("WEFT_OPERATOR_CERT")
+        .env_remove("WEFT_OPERATOR_KEY");
+    if as_operator {
+        let (cert, key) = operator(c);
+        cmd.arg("--operator-cert")
+            .arg(cert)
+            .arg("--operator-key")
+            .arg(key);
+    }
+    let out = cmd.output().expect("run weft intentions");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+async fn version(c: &TestCluster, node: usize) -> Option<u64> {
+    let (_, body) = get(&c.nodes[node].socket, "/v1/intentions").await.ok()?;
+    body["intentions"]["version"].as_u64()
+}
+
+/// A GET of payments through `port`: status, weft-error, body.
+async fn pay(port: SocketAddr) -> (u16, Option<String>, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-D", "-", "-H", "Host: payments"])
+        .arg(format!("http://{port}/"))
+        .output()
+        .await
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let error = text
+        .lines()
+        .find_map(|l| l.strip_prefix("weft-error: "))
+        .map(|v| v.trim().to_string());
+    (status, error, text)
+}
+
+/// n1 (by its own certificate) forwards checkout's call to payments on n2
+/// straight over the tunnel: what n2 answers, on its own.
+async fn forwarded_as_n1(c: &TestCluster, instance: &str) -> Option<String> {
+    let (cert, key) = ca_signed(&c.cluster_dir, &["n1.node.weft"], "n1");
+    let (_endpoint, conn) = connect_as(c, 1, &cert, &key).await.expect("n1 connects");
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let head = RequestHead {
+        version: wire::WIRE_VERSION,
+        kind: StreamKind::Http,
+        service: "payments".into(),
+        instance: instance.into(),
+        method: "GET".into(),
+        uri: "/".into(),
+        headers: vec![
+            ("host".into(), b"payments".to_vec()),
+            ("weft-caller".into(), b"checkout".to_vec()),
+        ],
+        deadline_ms: 5000,
+        attempt: 0,
+        http2: false,
+        end_stream: true,
+    };
+    send.write_all(&wire::encode(&head).unwrap()).await.unwrap();
+    send.finish().unwrap();
+    let answer = recv.read_to_end(64 * 1024).await.unwrap_or_default();
+    match wire::decode::<wire::ResponseHead>(&answer) {
+        Ok(wire::Decoded::Frame { msg, .. }) => msg.error,
+        _ => Some("no answer".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deny_reaches_every_node_holds_on_both_ends_and_survives_a_restart() {
+    let mut c = TestCluster::start(3).await;
+    let payments = Upstream::start(0, 200).await;
+    let (status, reply) = put_json(
+        &c.nodes[0].socket,
+        "/v1/services",
+        &json!({"name": "checkout", "port": 9, "outbound": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{reply}");
+    let checkout: SocketAddr = reply["outbound"].as_str().unwrap().parse().unwrap();
+    let instance = register_everywhere(&c, 1, "payments", payments.port, "http").await;
+    wait_for(Duration::from_secs(10), "n2 sees checkout", || async {
+        instance_ids(&c.nodes[1].socket, "checkout")
+            .await
+            .filter(|ids| !ids.is_empty())
+    })
+    .await;
+    assert_eq!(pay(checkout).await.0, 200);
+    assert_eq!(forwarded_as_n1(&c, &instance).await, None);
+
+    // No operator, no change: the CLI needs the certificate, and the node
+    // refuses a version without a grant.
+    assert!(intentions(&c, 2, &["deny", "checkout", "payments"], false).is_err());
+    let ungranted = json!({"intentions": {"version": 1, "default": "allow",
+        "rules": [{"source": "checkout", "destination": "payments", "action": "deny"}]}});
+    let (status, body) = put_json(&c.nodes[2].socket, "/v1/intentions", &ungranted)
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+
+    // The operator denies checkout -> payments at n3; every node holds it.
+    let started = Instant::now();
+    intentions(&c, 2, &["deny", "checkout", "payments"], true).expect("deny");
+    for node in 0..3 {
+        wait_for(Duration::from_secs(10), "version 1 everywhere", || async {
+            (version(&c, node).await == Some(1)).then_some(())
+        })
+        .await;
+    }
+    eprintln!(
+        "intentions version 1 on 3 nodes {:?} after the command",
+        started.elapsed()
+    );
+
+    // The caller's node refuses, naming the rule; the instance sees nothing.
+    let hits = payments.hits();
+    let (status, error, text) = pay(checkout).await;
+    assert_eq!(
+        (status, error.as_deref()),
+        (403, Some("forbidden")),
+        "{text}"
+    );
+    assert!(text.contains("rule checkout -> payments: deny"), "{text}");
+    assert_eq!(payments.hits(), hits);
+    let metrics = metrics_text(c.nodes[0].admin).await;
+    let denied = ["service=\"payments\"", "caller=\"checkout\""];
+    assert_eq!(
+        metric_sum(&metrics, "weft_requests_denied_total", &denied),
+        1.0
+    );
+    // The serving node refuses on its own too.
+    assert_eq!(
+        forwarded_as_n1(&c, &instance).await.as_deref(),
+        Some("forbidden")
+    );
+    // Others still call: the shared proxy's anonymous caller.
+    assert_eq!(pay(c.nodes[0].proxy).await.0, 200);
+    let check = intentions(&c, 1, &["check", "checkout", "payments"], false).unwrap();
+    assert!(
+        check.contains("deny by rule checkout -> payments: deny"),
+        "{check}"
+    );
+    let check = intentions(&c, 1, &["check", "-", "payments"], false).unwrap();
+    assert!(check.contains("allow by the cluster default"), "{check}");
+
+    // A full restart: every node comes back with version 1 from its disk,
+    // and checkout's port with it.
+    for node in 0..3 {
+        c.kill9(node);
+    }
+    for node in 0..3 {
+        c.restart(node);
+    }
+    c.wait_converged(3, Duration::from_secs(30)).await;
+    for node in 0..3 {
+        assert_eq!(version(&c, node).await, Some(1), "n{}", node + 1);
+    }
+    let (status, error, _) = wait_for(
+        Duration::from_secs(10),
+        "checkout's port is back",
+        || async {
+            let answer = pay(checkout).await;
+            (answer.0 != 0).then_some(answer)
+        },
+    )
+    .await;
+    assert_eq!((status, error.as_deref()), (403, Some("forbidden")));
+
+    // Removing the rule lets the call through again.
+    intentions(&c, 0, &["remove", "checkout", "payments"], true).expect("remove");
+    wait_for(
+        Duration::from_secs(10),
+        "the call goes through again",
+        || async { (pay(checkout).await.0 == 200).then_some(()) },
+    )
+    .await;
+    let listed: Value =
+        serde_json::from_str(&intentions(&c, 1, &["list", "--json"], false).unwrap()).unwrap();
+    assert_eq!(listed["intentions"]["version"], 2, "{listed}");
+}
