@@ -199,7 +199,7 @@ impl ClusterIntentions {
             .map(|(raw, record)| (record.intentions.version, raw, record))
             .filter(|(version, _, _)| *version > held)
             .collect();
-        offers.sort_by(|a, b| b.0.cmp(&a.0));
+        offers.sort_by_key(|(version, _, _)| std::cmp::Reverse(*version));
         for (version, raw, record) in offers {
             if self.refused_before(raw) {
                 continue;
