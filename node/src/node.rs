@@ -725,6 +725,10 @@ fn describe_metrics() {
     );
     describe_gauge!("weft_members", "Cluster members by state");
     describe_counter!(
+        "weft_requests_denied_total",
+        "Calls the cluster's intentions denied (403 forbidden), by service and caller, on the node that refused them"
+    );
+    describe_counter!(
         "weft_caller_claims_rejected_total",
         "Requests whose calling node named a caller service it hosts no registration of; they went on as the anonymous caller"
     );
