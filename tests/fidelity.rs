@@ -751,6 +751,53 @@ async fn the_caller_is_known_from_where_a_request_entered() {
         assert_eq!(seen["headers"]["weft-caller-node"], node, "{label}: {seen}");
     }
 
+    // A named upstream reaches one service, whatever the request names,
+    // as the registering service's call; a TCP service is spliced.
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = conn.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    register_everywhere(&c, 0, "db", echo_port, "tcp").await;
+    let (web_at, db_at) = (free_port(), free_port());
+    let body = json!({"name": "reports", "port": 9, "upstreams": [
+        {"service": "web", "listen": format!("127.0.0.1:{web_at}")},
+        {"service": "db", "listen": format!("127.0.0.1:{db_at}")},
+    ]});
+    let (status, reply) = common::put_json(&c.nodes[1].socket, "/v1/services", &body)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["upstreams"].as_array().map(Vec::len),
+        Some(2),
+        "{reply}"
+    );
+    wait_for(Duration::from_secs(10), "n1 sees reports", || async {
+        instance_ids(&c.nodes[0].socket, "reports")
+            .await
+            .filter(|ids| !ids.is_empty())
+    })
+    .await;
+    let web_port: SocketAddr = format!("127.0.0.1:{web_at}").parse().unwrap();
+    let (status, _, body) = call(web_port, get("localhost", "/named").body(empty()).unwrap()).await;
+    assert_eq!(status, 200);
+    let seen: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["headers"]["weft-caller"], "reports", "{seen}");
+    assert_eq!(seen["target"], "/named", "{seen}");
+    let mut db = tokio::net::TcpStream::connect(("127.0.0.1", db_at))
+        .await
+        .unwrap();
+    db.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 4];
+    db.read_exact(&mut pong).await.unwrap();
+    assert_eq!(&pong, b"ping");
+
     // Both ends count each edge: n2 sent web one request as checkout and
     // one as `-`, and n1 served both (its own callers' went straight to
     // the instance, not through the tunnel).

@@ -17,7 +17,7 @@ use weft_gossip::Cluster;
 use weft_runtime::listener::{HttpHandler, Origin};
 use weft_runtime::router::RouterHandle;
 
-use crate::callers::{CallerPorts, Outbound};
+use crate::callers::{CallerPorts, Wanted};
 use crate::intentions::{ClusterIntentions, Record, Refused};
 use crate::keyring::{ClusterKeys, KeysError};
 use crate::registry::Registry;
@@ -392,14 +392,11 @@ fn keys_reply(result: Result<weft_gossip::seal::KeyId, KeysError>, done: &str) -
 }
 
 async fn put_service(state: &ApiState, body: &Value) -> Reply {
-    // The outbound port is this node's business: it is not gossiped.
+    // The outbound ports are this node's business: they are not gossiped.
     let mut body = body.clone();
-    let outbound = match body.as_object_mut().and_then(|o| o.remove("outbound")) {
-        None => None,
-        Some(value) => match Outbound::parse(&value) {
-            Ok(outbound) => outbound,
-            Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
-        },
+    let wanted = match Wanted::take_from(&mut body) {
+        Ok(wanted) => wanted,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
     let record = match parse_registration(&body, &state.node) {
         Ok(r) => r,
@@ -412,28 +409,26 @@ async fn put_service(state: &ApiState, body: &Value) -> Reply {
         );
     }
     let (id, service) = (record.id.clone(), record.name.clone());
-    let opened = match outbound {
-        Some(want) => match state.callers.open(&id, &service, want).await {
-            Ok(at) => Some(at),
-            Err(e) => return node_error(e),
-        },
-        None => None,
+    // Registered again without ports, the old ones close.
+    let opened = match state.callers.open(&id, &service, &wanted).await {
+        Ok(opened) => opened,
+        Err(e) => return node_error(e),
     };
     if let Err(e) = state.registry.put(&state.cluster, record).await {
-        if opened.is_some() {
-            let _ = state.callers.close(&id).await;
-        }
+        let _ = state.callers.close(&id).await;
         return node_error(e);
     }
-    if outbound.is_none() {
-        // Registered again without one: the old port closes.
-        if let Err(e) = state.callers.close(&id).await {
-            return node_error(e);
-        }
-    }
     let mut answer = json!({ "id": id });
-    if let Some(at) = opened {
+    if let Some(at) = opened.outbound {
         answer["outbound"] = json!(at.to_string());
+    }
+    if !opened.upstreams.is_empty() {
+        let upstreams: Vec<Value> = opened
+            .upstreams
+            .iter()
+            .map(|(service, at)| json!({"service": service, "listen": at.to_string()}))
+            .collect();
+        answer["upstreams"] = json!(upstreams);
     }
     reply(StatusCode::OK, &answer)
 }

@@ -375,4 +375,8 @@ pub struct RegisterArgs {
     /// Alone, the node picks a port on 127.0.0.1 and prints it.
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "auto")]
     pub outbound: Option<String>,
+    /// A named upstream, repeatable: a loopback port that reaches SERVICE
+    /// (HTTP or TCP, as SERVICE speaks) as this service's calls.
+    #[arg(long = "upstream", value_name = "SERVICE=ADDR")]
+    pub upstreams: Vec<String>,
 }

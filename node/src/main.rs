@@ -240,6 +240,19 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
                     Some("auto") => body["outbound"] = json!(true),
                     Some(at) => body["outbound"] = json!(at),
                 }
+                if !a.upstreams.is_empty() {
+                    let upstreams = a
+                        .upstreams
+                        .iter()
+                        .map(|u| match u.split_once('=') {
+                            Some((service, listen)) => Ok(json!({"service": service, "listen": listen})),
+                            None => Err(NodeError::Config(format!(
+                                "--upstream {u:?} must be SERVICE=ADDR, e.g. payments=127.0.0.1:9191"
+                            ))),
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    body["upstreams"] = json!(upstreams);
+                }
                 let (status, reply) =
                     client::call(&socket, Method::PUT, "/v1/services", Some(body)).await?;
                 client::check(status, &reply)?;
@@ -247,6 +260,14 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
                 if let Some(at) = reply["outbound"].as_str() {
                     println!(
                         "its outbound proxy: {at} (requests through it are from {})",
+                        a.name
+                    );
+                }
+                for u in reply["upstreams"].as_array().into_iter().flatten() {
+                    println!(
+                        "{} reaches {} as {}",
+                        u["listen"].as_str().unwrap_or("?"),
+                        u["service"].as_str().unwrap_or("?"),
                         a.name
                     );
                 }

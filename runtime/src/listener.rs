@@ -26,7 +26,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::caller::Caller;
-use crate::dataplane::{inbound, outbound, tcp, DataPlane};
+use crate::dataplane::request::Entrance;
+use crate::dataplane::{inbound, named, outbound, tcp, DataPlane};
 use crate::supervision::{guard, Named};
 
 /// Where a request came from: the local socket may change state, the admin
@@ -105,7 +106,7 @@ impl Actor for Listener {
         }
         if let Some(proxy) = self.proxy.take() {
             let dp = self.dataplane.clone();
-            self.proxy_loop = Some(tokio::spawn(outbound::serve(proxy, dp, Caller::Anonymous)));
+            self.proxy_loop = Some(tokio::spawn(outbound::serve(proxy, dp, Entrance::shared())));
         }
         if let Some(endpoint) = self.tunnel.take() {
             let dp = self.dataplane.clone();
@@ -131,6 +132,7 @@ impl Listener {
             msg.listener,
             msg.service.clone(),
             self.dataplane.clone(),
+            Caller::Anonymous,
         ));
         self.serve_port(addr, msg.service, task);
     }
@@ -140,11 +142,17 @@ impl Listener {
             return;
         };
         let caller = Caller::service(&msg.caller);
-        let task = tokio::spawn(outbound::serve(
-            msg.listener,
-            self.dataplane.clone(),
-            caller,
-        ));
+        let dp = self.dataplane.clone();
+        let task = match msg.reaches {
+            Some(service) => tokio::spawn(named::serve(msg.listener, dp, caller, service)),
+            None => {
+                let entrance = Entrance {
+                    caller,
+                    service: None,
+                };
+                tokio::spawn(outbound::serve(msg.listener, dp, entrance))
+            }
+        };
         self.serve_port(addr, msg.caller, task);
     }
 
@@ -200,13 +208,16 @@ impl Handler<AddUpstream> for Listener {
     }
 }
 
-/// Serve a service's own outbound proxy: requests through `listener` are
-/// `caller`'s. Replaces whatever served the same address.
+/// Serve a service's own outbound proxy (any service, named by each
+/// request) or one of its named upstreams (one service): what goes through
+/// `listener` is `caller`'s. Replaces whatever served the same address.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct AddCallerProxy {
-    /// The registered service whose requests these are.
+    /// The registered service whose calls these are.
     pub caller: String,
+    /// The one service a named upstream reaches; `None`: the outbound proxy.
+    pub reaches: Option<String>,
     /// The bound local port.
     pub listener: TcpListener,
 }

@@ -12,7 +12,7 @@ use weft_gossip::{MemberState, Protocol, ServiceRecord};
 
 use super::error::MeshError;
 use super::local::LocalFailure;
-use super::request::{is_upgrade, wire_pairs, Forward};
+use super::request::{header_map, is_upgrade, wire_pairs, Forward};
 use super::splice::{reset_tcp, splice};
 use super::{body, ConnectionLimit, DataPlane, Limit, ProxyBody};
 use crate::caller::{self, Claim};
@@ -292,7 +292,10 @@ async fn handle_stream(
             .await
         }
         StreamKind::Tcp => {
-            if dp.authorize(caller::ANONYMOUS, &head.service).is_err() {
+            let mut headers = header_map(&head.headers);
+            let caller = admit_caller(dp, peer, &head.service, &mut headers);
+            let caller = caller.to_str().unwrap_or(caller::ANONYMOUS);
+            if dp.authorize(caller, &head.service).is_err() {
                 let mut send = send;
                 return refuse(&mut send, MeshError::Forbidden).await;
             }
@@ -403,7 +406,7 @@ impl Inbound<'_> {
                 return Err(TunnelError::Stream(detail));
             }
         };
-        let caller = self.admit_caller(req.headers_mut());
+        let caller = admit_caller(self.dp, self.peer, &self.head.service, req.headers_mut());
         let caller = caller.to_str().unwrap_or(caller::ANONYMOUS);
         // Checked on the calling node already; checked again here, where
         // the instance is.
@@ -486,34 +489,42 @@ impl Inbound<'_> {
         Ok(())
     }
 
-    /// Believes the caller the peer names only if the peer hosts that
-    /// service (in this node's view of the catalog), and names the peer;
-    /// returns the caller the instance is told.
-    fn admit_caller(&self, headers: &mut http::HeaderMap) -> http::HeaderValue {
-        let hosts = |service: &str| {
-            let routing = self.dp.router.load();
-            routing
-                .catalog
-                .services
-                .get(service)
-                .is_some_and(|instances| instances.iter().any(|i| i.node == self.peer))
-        };
-        if caller::admit_claim(headers, self.peer, hosts) == Claim::NotHosted {
-            metrics::counter!("weft_caller_claims_rejected_total").increment(1);
-            tracing::warn!(peer = self.peer, service = self.head.service,
-                "a peer named a caller it hosts no registration of; treated as the anonymous caller");
-        }
-        headers
-            .get(caller::CALLER)
-            .cloned()
-            .unwrap_or(http::HeaderValue::from_static(caller::ANONYMOUS))
-    }
-
     fn record(&self, caller: &str, class: OutcomeClass, start: Instant) {
         self.dp
             .inbound_metrics
             .record(&self.head.service, caller, class, start.elapsed());
     }
+}
+
+/// Believes the caller `peer` names only if the peer hosts that service
+/// (in this node's view of the catalog), and names the peer; returns the
+/// caller the instance is told.
+fn admit_caller(
+    dp: &DataPlane,
+    peer: &str,
+    service: &str,
+    headers: &mut http::HeaderMap,
+) -> http::HeaderValue {
+    let hosts = |caller: &str| {
+        let routing = dp.router.load();
+        routing
+            .catalog
+            .services
+            .get(caller)
+            .is_some_and(|instances| instances.iter().any(|i| i.node == peer))
+    };
+    if caller::admit_claim(headers, peer, hosts) == Claim::NotHosted {
+        metrics::counter!("weft_caller_claims_rejected_total").increment(1);
+        tracing::warn!(
+            peer,
+            service,
+            "a peer named a caller it hosts no registration of; treated as the anonymous caller"
+        );
+    }
+    headers
+        .get(caller::CALLER)
+        .cloned()
+        .unwrap_or(http::HeaderValue::from_static(caller::ANONYMOUS))
 }
 
 /// Reads a (small) framed body to its end, leaving the stream after it.

@@ -6,6 +6,7 @@
 //! - [`outbound`]: the HTTP/1.1 + h2c proxy apps call (`127.0.0.1:4140`).
 //! - [`inbound`]: QUIC streams from peer nodes, handed to local instances.
 //! - [`tcp`]: `weft upstream` listeners, one QUIC stream per connection.
+//! - [`named`]: a service's named upstreams, HTTP or TCP by the target.
 //! - [`request`]: what is forwarded of a request (target, headers, hops).
 //! - [`local`]: calls to instances on this host.
 //! - [`error`]: the errors the mesh answers with (`weft-error`).
@@ -21,6 +22,7 @@ pub mod inbound;
 pub mod keys;
 pub mod limits;
 pub mod local;
+pub mod named;
 pub mod outbound;
 mod pool;
 pub mod request;

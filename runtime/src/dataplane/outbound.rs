@@ -17,29 +17,31 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use weft_gossip::Instance;
 
 use super::endpoints::{Endpoint, Protocol};
 use super::error::{MeshError, WEFT_ERROR};
 use super::hedge;
 use super::local::{LocalFailure, H2_MAX_HEADER_LIST};
-use super::request::{header_map, Forward};
+use super::request::{header_map, Entrance, Forward};
 use super::splice::splice;
 use super::{
     body, BoxError, ConnectionLimit, DataPlane, Limit, ProxyBody, RetryPolicy, TimeoutSource,
 };
 use crate::access_log::{rfc3339, AccessEntry};
-use crate::caller::{self, Caller};
+use crate::caller;
 use crate::outcome::{Outcome, OutcomeClass};
 use crate::policy::intentions::Decision;
 use crate::policy::retry::{self, AttemptResult};
 use crate::tunnel::{self, TunnelError};
 use crate::wire::ResponseHead;
 
-/// Accepts app connections until the task is aborted; their requests are
-/// `caller`'s (the anonymous caller on the shared proxy port).
-pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>, caller: Caller) {
+/// Accepts app connections until the task is aborted; their requests
+/// entered through `entrance` (the shared proxy port, a service's own
+/// outbound port).
+pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>, entrance: Entrance) {
     let limit = ConnectionLimit::new(Limit::ProxyConnections, dp.limits.max_connections);
     loop {
         let (stream, _) = match listener.accept().await {
@@ -53,34 +55,50 @@ pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>, caller: Caller) {
         let Some(permit) = limit.admit() else {
             continue;
         };
-        let _ = stream.set_nodelay(true);
-        let (dp, caller) = (dp.clone(), caller.clone());
-        tokio::spawn(async move {
-            let header_read = dp.timeouts.header_read;
-            let service = service_fn(move |req| {
-                let (dp, caller) = (dp.clone(), caller.clone());
-                async move { Ok::<_, Infallible>(handle(dp, caller, req).await) }
-            });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_read);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_header_list_size(H2_MAX_HEADER_LIST);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "proxy connection ended with an error");
-            }
-            drop(permit);
-        });
+        tokio::spawn(serve_connection(
+            dp.clone(),
+            entrance.clone(),
+            stream,
+            permit,
+        ));
     }
 }
 
+/// Serves one app connection's HTTP/1.1 or h2c requests, holding `permit`.
+pub(super) async fn serve_connection(
+    dp: Arc<DataPlane>,
+    entrance: Entrance,
+    stream: TcpStream,
+    permit: OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    let header_read = dp.timeouts.header_read;
+    let service = service_fn(move |req| {
+        let (dp, entrance) = (dp.clone(), entrance.clone());
+        async move { Ok::<_, Infallible>(handle(dp, entrance, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(H2_MAX_HEADER_LIST);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "proxy connection ended with an error");
+    }
+    drop(permit);
+}
+
 /// One app request, in flight until its response body ends.
-async fn handle(dp: Arc<DataPlane>, caller: Caller, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(
+    dp: Arc<DataPlane>,
+    entrance: Entrance,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let busy = dp.in_flight.track();
     let started = (SystemTime::now(), Instant::now());
     let method = req.method().clone();
@@ -88,7 +106,7 @@ async fn handle(dp: Arc<DataPlane>, caller: Caller, req: Request<Incoming>) -> R
         on: dp.access.enabled(),
         ..Trace::default()
     };
-    let resp = proxy(&dp, &caller, req, &mut trace).await;
+    let resp = proxy(&dp, &entrance, req, &mut trace).await;
     if trace.on {
         dp.access.record(trace.entry(started, &method, &resp));
     }
@@ -135,17 +153,17 @@ impl Trace {
 
 async fn proxy(
     dp: &DataPlane,
-    caller: &Caller,
+    entrance: &Entrance,
     req: Request<Incoming>,
     trace: &mut Trace,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = req.into_parts();
-    let fwd = match Forward::parse(&mut parts, caller) {
+    let fwd = match Forward::parse(&mut parts, entrance) {
         Ok(f) => f,
         Err((error, detail)) => return refuse(error, &detail),
     };
-    if let Err(denied) = dp.authorize(caller.as_str(), &fwd.service) {
-        return forbidden(caller.as_str(), &fwd.service, &denied);
+    if let Err(denied) = dp.authorize(fwd.caller.as_str(), &fwd.service) {
+        return forbidden(fwd.caller.as_str(), &fwd.service, &denied);
     }
     // Only an upgrade takes hyper's pending-upgrade handle out of the request.
     let upgrade = if fwd.upgrade {

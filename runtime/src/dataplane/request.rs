@@ -17,6 +17,27 @@ pub const HOPS: HeaderName = HeaderName::from_static("weft-hops");
 /// Most mesh hops a request may cross before it is refused as a loop.
 pub const MAX_HOPS: u32 = 8;
 
+/// Where a request entered the mesh: who calls through that port and, for
+/// a named upstream, the one service the port reaches whatever the request
+/// names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entrance {
+    /// Who calls through the port.
+    pub caller: Caller,
+    /// The service a named upstream reaches; `None`: the request names it.
+    pub service: Option<String>,
+}
+
+impl Entrance {
+    /// The shared proxy port: the anonymous caller, any service.
+    pub fn shared() -> Self {
+        Entrance {
+            caller: Caller::Anonymous,
+            service: None,
+        }
+    }
+}
+
 /// A request as the mesh forwards it.
 #[derive(Debug, Clone)]
 pub struct Forward {
@@ -43,8 +64,11 @@ pub type Refusal = (MeshError, String);
 
 impl Forward {
     /// Checks and reads an app's request head that entered through
-    /// `caller`'s port; takes its headers.
-    pub fn parse(parts: &mut http::request::Parts, caller: &Caller) -> Result<Forward, Refusal> {
+    /// `entrance`; takes its headers.
+    pub fn parse(
+        parts: &mut http::request::Parts,
+        entrance: &Entrance,
+    ) -> Result<Forward, Refusal> {
         let size = head_size(&parts.method, &parts.uri, &parts.headers);
         if size > MAX_HEAD_BYTES {
             return Err((
@@ -53,17 +77,20 @@ impl Forward {
             ));
         }
         let target = target(&parts.method, &parts.uri)?;
-        let service = service_of(&parts.uri, &parts.headers).ok_or((
-            MeshError::BadRequest,
-            "no service: send an absolute URI or a Host header naming the service".to_string(),
-        ))?;
+        let service = match &entrance.service {
+            Some(service) => service.clone(),
+            None => service_of(&parts.uri, &parts.headers).ok_or((
+                MeshError::BadRequest,
+                "no service: send an absolute URI or a Host header naming the service".to_string(),
+            ))?,
+        };
         let hops = hops(&parts.headers)?;
         let http2 = parts.version == Version::HTTP_2;
         let upgrade = !http2 && is_upgrade(&parts.headers);
         let mut headers = std::mem::take(&mut parts.headers);
         strip_hop_by_hop(&mut headers, upgrade);
         headers.insert(HOPS, HeaderValue::from(hops + 1));
-        caller.stamp(&mut headers);
+        entrance.caller.stamp(&mut headers);
         if !http2 && !headers.contains_key(HOST) {
             if let Ok(host) = HeaderValue::from_str(&service) {
                 headers.insert(HOST, host);
@@ -76,7 +103,7 @@ impl Forward {
             http2,
             upgrade,
             headers,
-            caller: caller.clone(),
+            caller: entrance.caller.clone(),
         })
     }
 
@@ -305,7 +332,7 @@ mod tests {
     use super::*;
 
     fn parse(parts: &mut http::request::Parts) -> Result<Forward, Refusal> {
-        Forward::parse(parts, &Caller::Anonymous)
+        Forward::parse(parts, &Entrance::shared())
     }
 
     fn parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::endpoints::Protocol;
 use super::splice::{reset_tcp, splice};
 use super::{ConnectionLimit, DataPlane, Limit, MeshError};
-use crate::caller::{self, Caller};
+use crate::caller::Caller;
 use crate::outcome::{Outcome, OutcomeClass};
 use crate::tunnel;
 use crate::wire::{RequestHead, ResponseHead, StreamKind, WIRE_VERSION};
@@ -23,11 +24,12 @@ use crate::wire::{RequestHead, ResponseHead, StreamKind, WIRE_VERSION};
 /// connect is bounded by a second; the rest is the tunnel's round trip).
 const REPLY_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts connections for `service` until the task is aborted.
-pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
+/// Accepts connections for `service` until the task is aborted; they are
+/// `caller`'s (the anonymous caller on a `weft upstream` port).
+pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>, caller: Caller) {
     let limit = ConnectionLimit::new(Limit::UpstreamConnections, dp.limits.max_connections);
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, service, "upstream accept failed");
@@ -38,22 +40,40 @@ pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
         let Some(permit) = limit.admit() else {
             continue;
         };
-        let _ = stream.set_nodelay(true);
-        let dp = dp.clone();
-        let service = service.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connect(&dp, &service, stream).await {
-                tracing::info!(service, %peer, error = %e, "upstream connection refused");
-            }
-            drop(permit);
-        });
+        tokio::spawn(serve_connection(
+            dp.clone(),
+            service.clone(),
+            caller.clone(),
+            stream,
+            permit,
+        ));
     }
 }
 
-async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(), String> {
+/// Carries one app connection to `service`, holding `permit`.
+pub(super) async fn serve_connection(
+    dp: Arc<DataPlane>,
+    service: String,
+    caller: Caller,
+    stream: TcpStream,
+    permit: OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    if let Err(e) = connect(&dp, &service, &caller, stream).await {
+        tracing::info!(service, ?peer, error = %e, "upstream connection refused");
+    }
+    drop(permit);
+}
+
+async fn connect(
+    dp: &DataPlane,
+    service: &str,
+    caller: &Caller,
+    client: TcpStream,
+) -> Result<(), String> {
     let _busy = dp.in_flight.track();
-    // A TCP upstream port is the shared proxy's kind: its caller is `-`.
-    if let Err(denied) = dp.authorize(caller::ANONYMOUS, service) {
+    if let Err(denied) = dp.authorize(caller.as_str(), service) {
         reset_tcp(client);
         return Err(format!("forbidden by {}", denied.reason()));
     }
@@ -67,7 +87,7 @@ async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(),
     let record = |class| {
         dp.outcomes.record(Outcome {
             service: service.to_string(),
-            caller: Caller::Anonymous,
+            caller: caller.clone(),
             class,
             status: None,
             latency: start.elapsed(),
@@ -109,7 +129,10 @@ async fn connect(dp: &DataPlane, service: &str, client: TcpStream) -> Result<(),
         instance: instance.id.clone(),
         method: String::new(),
         uri: String::new(),
-        headers: Vec::new(),
+        headers: vec![(
+            crate::caller::CALLER.as_str().to_string(),
+            caller.as_str().as_bytes().to_vec(),
+        )],
         deadline_ms: u32::try_from(dp.timeouts.request.as_millis()).unwrap_or(u32::MAX),
         attempt: 0,
         http2: false,

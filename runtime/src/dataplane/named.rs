@@ -1,0 +1,70 @@
+//! A service's named upstreams: local ports that each reach one service as
+//! the registering service's calls, HTTP or raw TCP by what that service's
+//! instances speak (asked per connection, so a service registered later
+//! is reached as it speaks).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use super::request::Entrance;
+use super::{outbound, tcp, ConnectionLimit, DataPlane, Limit};
+
+/// Accepts connections until the task is aborted; each reaches `service`
+/// as `caller`'s call.
+pub async fn serve(
+    listener: TcpListener,
+    dp: Arc<DataPlane>,
+    caller: crate::caller::Caller,
+    service: String,
+) {
+    let limit = ConnectionLimit::new(Limit::UpstreamConnections, dp.limits.max_connections);
+    let entrance = Entrance {
+        caller,
+        service: Some(service.clone()),
+    };
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, service, "named upstream accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(permit) = limit.admit() else {
+            continue;
+        };
+        if speaks_tcp(&dp, &service) {
+            let caller = entrance.caller.clone();
+            tokio::spawn(tcp::serve_connection(
+                dp.clone(),
+                service.clone(),
+                caller,
+                stream,
+                permit,
+            ));
+        } else {
+            tokio::spawn(outbound::serve_connection(
+                dp.clone(),
+                entrance.clone(),
+                stream,
+                permit,
+            ));
+        }
+    }
+}
+
+/// Whether `service`'s instances speak raw TCP (an unknown service is
+/// answered over HTTP: `unknown-service`).
+fn speaks_tcp(dp: &DataPlane, service: &str) -> bool {
+    dp.router
+        .load()
+        .catalog
+        .services
+        .get(service)
+        .is_some_and(|instances| {
+            !instances.is_empty() && instances.iter().all(|i| i.protocol == "tcp")
+        })
+}
