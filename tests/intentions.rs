@@ -161,6 +161,31 @@ async fn a_deny_reaches_every_node_holds_on_both_ends_and_survives_a_restart() {
         metric_sum(&metrics, "weft_requests_denied_total", &denied),
         1.0
     );
+    // The denied call fails its edge, seen from any node; payments itself
+    // is not blamed.
+    let edge = wait_for(
+        Duration::from_secs(10),
+        "n3 sees the denied edge",
+        || async {
+            let (_, body) = get(&c.nodes[2].socket, "/v1/edges").await.ok()?;
+            let edge = body["edges"]
+                .as_array()?
+                .iter()
+                .find(|e| e["caller"] == "checkout" && e["service"] == "payments")?
+                .clone();
+            (edge["success_rate"].as_f64()? < 1.0).then_some(edge)
+        },
+    )
+    .await;
+    assert_eq!(
+        edge["success_rate"], 0.5,
+        "one call went through, one was denied: {edge}"
+    );
+    let (_, health) = get(&c.nodes[0].socket, "/v1/health").await.unwrap();
+    assert_eq!(
+        health["services"]["payments"]["success_rate"], 1.0,
+        "{health}"
+    );
     // The serving node refuses on its own too.
     assert_eq!(
         forwarded_as_n1(&c, &instance).await.as_deref(),

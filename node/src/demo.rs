@@ -10,7 +10,7 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,6 +23,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use weft_runtime::policy::intentions::{Action, Change, Intentions, Rule};
+
+use crate::intentions::{Record, OBJECT};
 use crate::{client, init, NodeError};
 
 const NODES: usize = 3;
@@ -60,8 +63,11 @@ async fn demo(dir: &WorkDir, nodes: &mut Nodes, limit: Option<Duration>) -> Resu
     nodes.wait_formed(Duration::from_secs(30)).await?;
     let services = DemoServices::start().await?;
     services.register(nodes).await?;
+    deny_direct_catalog(&cluster, &dir.path, nodes).await?;
     tokio::spawn(traffic(nodes.list[0].proxy, "frontend", 20));
     tokio::spawn(traffic(nodes.list[2].proxy, "payments", 10));
+    // Denied: catalog answers frontend only.
+    tokio::spawn(traffic(nodes.list[1].proxy, "catalog", 2));
     let dashboard = format!("http://{}/", nodes.list[0].admin);
     println!("weft demo: {NODES} nodes up; dashboard at {dashboard}");
     let started = Instant::now();
@@ -109,6 +115,39 @@ async fn demo(dir: &WorkDir, nodes: &mut Nodes, limit: Option<Duration>) -> Resu
         );
         let _ = out.flush();
     }
+}
+
+/// The demo's one intention, signed by an operator certificate issued for
+/// the demo: the shared proxy's anonymous caller may not call catalog
+/// directly (frontend may), so one edge of the graph shows a deny.
+async fn deny_direct_catalog(cluster: &Path, dir: &Path, nodes: &Nodes) -> Result<(), NodeError> {
+    let read = |f: &str| {
+        std::fs::read_to_string(cluster.join(f)).map_err(|e| NodeError::Io(format!("{f}: {e}")))
+    };
+    let tls_error = |e: weft_runtime::tls::TlsError| NodeError::Io(e.to_string());
+    let (cert, key) =
+        weft_runtime::tls::issue_operator_cert(&read(init::CA_CERT)?, &read(init::CA_KEY)?, "demo")
+            .map_err(tls_error)?;
+    let (cert, key) =
+        weft_runtime::tls::write_node_cert(&dir.join("operator"), "demo", &cert, &key)
+            .map_err(tls_error)?;
+    let operator = weft_runtime::tls::OperatorKey::load(&cert, &key).map_err(tls_error)?;
+    let intentions = Intentions::default()
+        .changed(Change::Set(Rule {
+            source: "-".into(),
+            destination: "catalog".into(),
+            action: Action::Deny,
+        }))
+        .map_err(NodeError::Io)?;
+    let grant = operator.grant(OBJECT, intentions.version, &intentions.digest());
+    let record = Record {
+        intentions,
+        grant: Some(grant),
+    };
+    let body = serde_json::to_value(&record).map_err(|e| NodeError::Io(e.to_string()))?;
+    let socket = &nodes.list[0].socket;
+    let (status, reply) = client::call(socket, Method::PUT, "/v1/intentions", Some(body)).await?;
+    client::check(status, &reply)
 }
 
 // === The work dir ===
@@ -296,17 +335,20 @@ enum Behaviour {
     Steady { delay_ms: u64 },
     /// 503 for the first `down_ms` of every `period_ms`.
     Flapping { down_ms: u64, period_ms: u64 },
-    /// Calls catalog and payments through its own outbound proxy port, so
+    /// Calls catalog and payments through its own outbound proxy port (the
+    /// one its registration got back), so
     /// they see `weft-caller: frontend`.
-    Frontend { outbound: SocketAddr },
+    Frontend {
+        outbound: &'static OnceLock<SocketAddr>,
+    },
 }
 
 struct Instance {
     service: &'static str,
     node: usize,
     port: u16,
-    /// Its own outbound proxy port, if it calls others.
-    outbound: Option<SocketAddr>,
+    /// Where to put its own outbound proxy port, if it calls others.
+    outbound: Option<&'static OnceLock<SocketAddr>>,
 }
 
 struct DemoServices {
@@ -315,7 +357,8 @@ struct DemoServices {
 
 impl DemoServices {
     async fn start() -> Result<Self, NodeError> {
-        let outbound: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        static FRONTEND_OUTBOUND: OnceLock<SocketAddr> = OnceLock::new();
+        let outbound = &FRONTEND_OUTBOUND;
         let plan = [
             ("frontend", 0, Behaviour::Frontend { outbound }),
             ("catalog", 1, Behaviour::Steady { delay_ms: 5 }),
@@ -361,13 +404,17 @@ impl DemoServices {
                 "id": format!("{}-{nth}", inst.service),
                 "check": {"http": "/health", "interval_ms": 1000},
             });
-            if let Some(outbound) = inst.outbound {
-                body["outbound"] = json!(outbound.to_string());
+            if inst.outbound.is_some() {
+                body["outbound"] = json!(true);
             }
             let socket = &nodes.list[inst.node].socket;
             let (status, reply) =
                 client::call(socket, Method::PUT, "/v1/services", Some(body)).await?;
             client::check(status, &reply)?;
+            let given = reply["outbound"].as_str().and_then(|a| a.parse().ok());
+            if let (Some(slot), Some(at)) = (inst.outbound, given) {
+                let _ = slot.set(at);
+            }
         }
         Ok(())
     }
@@ -436,6 +483,12 @@ async fn answer(
             }
         }
         Behaviour::Frontend { outbound } if !health => {
+            let Some(&outbound) = outbound.get() else {
+                return Response::builder()
+                    .status(StatusCode::SERVICE_UNAVAILABLE)
+                    .body(Full::new(Bytes::from_static(b"not registered yet")))
+                    .unwrap_or_default();
+            };
             let catalog = call_through(client, outbound, "catalog").await;
             let payments = call_through(client, outbound, "payments").await;
             let ok = catalog == Some(200) && payments == Some(200);

@@ -18,6 +18,10 @@ pub enum OutcomeClass {
     Unreachable,
     /// No response head within the deadline.
     Timeout,
+    /// The cluster's intentions refused the call before any instance was
+    /// picked: it counts for its edge (the caller saw it fail), never for
+    /// the service.
+    Denied,
 }
 
 impl OutcomeClass {
@@ -31,11 +35,12 @@ impl OutcomeClass {
     }
 
     /// Every class, in a fixed order (metrics handles are indexed by it).
-    pub const ALL: [OutcomeClass; 4] = [
+    pub const ALL: [OutcomeClass; 5] = [
         OutcomeClass::Success,
         OutcomeClass::ServerError,
         OutcomeClass::Unreachable,
         OutcomeClass::Timeout,
+        OutcomeClass::Denied,
     ];
 
     /// Position in [`Self::ALL`].
@@ -45,6 +50,7 @@ impl OutcomeClass {
             OutcomeClass::ServerError => 1,
             OutcomeClass::Unreachable => 2,
             OutcomeClass::Timeout => 3,
+            OutcomeClass::Denied => 4,
         }
     }
 
@@ -55,6 +61,7 @@ impl OutcomeClass {
             OutcomeClass::ServerError => "server_error",
             OutcomeClass::Unreachable => "unreachable",
             OutcomeClass::Timeout => "timeout",
+            OutcomeClass::Denied => "denied",
         }
     }
 }
@@ -65,7 +72,7 @@ impl OutcomeClass {
 /// lookup and no copy.
 #[derive(Debug)]
 pub struct RequestMetrics {
-    by_class: [metrics::Counter; 4],
+    by_class: [metrics::Counter; 5],
     duration: metrics::Histogram,
 }
 
@@ -116,6 +123,21 @@ pub struct Outcome {
     pub attempt: u8,
     /// The last attempt of its request: its class is what the app saw.
     pub last: bool,
+}
+
+impl Outcome {
+    /// A call the cluster's intentions refused on this node.
+    pub fn denied(service: &str, caller: &Caller) -> Outcome {
+        Outcome {
+            service: service.to_string(),
+            caller: caller.clone(),
+            class: OutcomeClass::Denied,
+            status: Some(403),
+            latency: Duration::ZERO,
+            attempt: 0,
+            last: true,
+        }
+    }
 }
 
 /// Where the data plane sends outcomes; never blocks, drops when full.

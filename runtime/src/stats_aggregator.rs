@@ -214,6 +214,13 @@ impl StatsAggregator {
             .entry(o.caller)
             .or_insert_with_key(|caller| Edge::new(&local.service, caller));
         edge.metrics.record(o.class, o.latency);
+        if o.class == OutcomeClass::Denied {
+            // The caller's failure, not the service's: its edge only.
+            for window in [&mut edge.attempts, &mut edge.requests] {
+                window.record(now, false, o.class.as_str(), o.latency);
+            }
+            return;
+        }
         for window in [&mut local.attempts, &mut edge.attempts] {
             window.record(now, success, o.class.as_str(), o.latency);
             if o.attempt > 0 {

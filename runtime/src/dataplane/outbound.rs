@@ -163,6 +163,8 @@ async fn proxy(
         Err((error, detail)) => return refuse(error, &detail),
     };
     if let Err(denied) = dp.authorize(fwd.caller.as_str(), &fwd.service) {
+        dp.outcomes
+            .record(Outcome::denied(&fwd.service, &fwd.caller));
         return forbidden(fwd.caller.as_str(), &fwd.service, &denied);
     }
     // Only an upgrade takes hyper's pending-upgrade handle out of the request.

@@ -74,6 +74,7 @@ async fn connect(
 ) -> Result<(), String> {
     let _busy = dp.in_flight.track();
     if let Err(denied) = dp.authorize(caller.as_str(), service) {
+        dp.outcomes.record(Outcome::denied(service, caller));
         reset_tcp(client);
         return Err(format!("forbidden by {}", denied.reason()));
     }
