@@ -168,45 +168,6 @@ async fn ask(
     msg.error
 }
 
-/// An HTTP request from evil's tunnel to `instance` of `service` that
-/// names `caller` as its calling service; the status the instance answered.
-async fn call_as(
-    c: &TestCluster,
-    target: usize,
-    h: &Hostile,
-    service: &str,
-    instance: &str,
-    caller: &str,
-) -> u16 {
-    let (_endpoint, conn) = connect_as(c, target, &h.cert_pem, &h.key_pem)
-        .await
-        .expect("evil is a member");
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let head = RequestHead {
-        version: wire::WIRE_VERSION,
-        kind: StreamKind::Http,
-        service: service.into(),
-        instance: instance.into(),
-        method: "GET".into(),
-        uri: "/".into(),
-        headers: vec![
-            ("host".into(), service.as_bytes().to_vec()),
-            ("weft-caller".into(), caller.as_bytes().to_vec()),
-        ],
-        deadline_ms: 5000,
-        attempt: 0,
-        http2: false,
-        end_stream: true,
-    };
-    send.write_all(&wire::encode(&head).unwrap()).await.unwrap();
-    send.finish().unwrap();
-    let answer = recv.read_to_end(64 * 1024).await.unwrap_or_default();
-    match wire::decode::<wire::ResponseHead>(&answer) {
-        Ok(wire::Decoded::Frame { msg, .. }) => msg.status,
-        _ => 0,
-    }
-}
-
 async fn catalog(socket: &Path) -> Value {
     get(socket, "/v1/services").await.unwrap().1["services"].clone()
 }
@@ -366,7 +327,15 @@ async fn a_compromised_member_can_lie_only_about_itself() {
             .filter(|ids| !ids.is_empty())
     })
     .await;
-    assert_eq!(call_as(&c, 1, &h, "web", "web-1", "checkout").await, 200);
+    let answer = forward_as(
+        &c,
+        1,
+        (&h.cert_pem, &h.key_pem),
+        ("web", "web-1"),
+        "checkout",
+    )
+    .await;
+    assert_eq!(answer.map(|head| head.status), Some(200));
     counted(n2.admin, "weft_caller_claims_rejected_total", "").await;
 
     // Every view holds what the real nodes said, nothing the liar did.

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use weft_runtime::wire::{self, RequestHead, StreamKind};
 
 /// `weft intentions ARGS` against node `node`'s socket, as the operator
 /// when `as_operator`; stdout on success, stderr on failure.
@@ -68,34 +67,13 @@ async fn pay(port: SocketAddr) -> (u16, Option<String>, String) {
 }
 
 /// n1 (by its own certificate) forwards checkout's call to payments on n2
-/// straight over the tunnel: what n2 answers, on its own.
+/// straight over the tunnel: the mesh error n2 answers with, on its own.
 async fn forwarded_as_n1(c: &TestCluster, instance: &str) -> Option<String> {
     let (cert, key) = ca_signed(&c.cluster_dir, &["n1.node.weft"], "n1");
-    let (_endpoint, conn) = connect_as(c, 1, &cert, &key).await.expect("n1 connects");
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let head = RequestHead {
-        version: wire::WIRE_VERSION,
-        kind: StreamKind::Http,
-        service: "payments".into(),
-        instance: instance.into(),
-        method: "GET".into(),
-        uri: "/".into(),
-        headers: vec![
-            ("host".into(), b"payments".to_vec()),
-            ("weft-caller".into(), b"checkout".to_vec()),
-        ],
-        deadline_ms: 5000,
-        attempt: 0,
-        http2: false,
-        end_stream: true,
-    };
-    send.write_all(&wire::encode(&head).unwrap()).await.unwrap();
-    send.finish().unwrap();
-    let answer = recv.read_to_end(64 * 1024).await.unwrap_or_default();
-    match wire::decode::<wire::ResponseHead>(&answer) {
-        Ok(wire::Decoded::Frame { msg, .. }) => msg.error,
-        _ => Some("no answer".into()),
-    }
+    forward_as(c, 1, (&cert, &key), ("payments", instance), "checkout")
+        .await
+        .expect("n2 answers")
+        .error
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -660,6 +660,45 @@ pub fn operator(c: &TestCluster) -> (std::path::PathBuf, std::path::PathBuf) {
     (cert, key)
 }
 
+/// An HTTP GET head for `instance` of `service` that names `caller`
+/// (`weft-caller`), sent straight over a tunnel connection to node
+/// `target` presenting `cert_pem`/`key_pem`: the head the node answers
+/// with, if it answers one.
+pub async fn forward_as(
+    c: &TestCluster,
+    target: usize,
+    (cert_pem, key_pem): (&str, &str),
+    (service, instance): (&str, &str),
+    caller: &str,
+) -> Option<weft_runtime::wire::ResponseHead> {
+    use weft_runtime::wire::{self, RequestHead, StreamKind};
+    let (_endpoint, conn) = connect_as(c, target, cert_pem, key_pem).await.ok()?;
+    let (mut send, mut recv) = conn.open_bi().await.ok()?;
+    let head = RequestHead {
+        version: wire::WIRE_VERSION,
+        kind: StreamKind::Http,
+        service: service.into(),
+        instance: instance.into(),
+        method: "GET".into(),
+        uri: "/".into(),
+        headers: vec![
+            ("host".into(), service.as_bytes().to_vec()),
+            ("weft-caller".into(), caller.as_bytes().to_vec()),
+        ],
+        deadline_ms: 5000,
+        attempt: 0,
+        http2: false,
+        end_stream: true,
+    };
+    send.write_all(&wire::encode(&head).ok()?).await.ok()?;
+    send.finish().ok()?;
+    let answer = recv.read_to_end(64 * 1024).await.unwrap_or_default();
+    match wire::decode::<wire::ResponseHead>(&answer) {
+        Ok(wire::Decoded::Frame { msg, .. }) => Some(msg),
+        _ => None,
+    }
+}
+
 /// A QUIC connection to node `target` presenting `cert_pem`/`key_pem`
 /// (with its endpoint, which must outlive it).
 pub async fn connect_as(
