@@ -9,8 +9,6 @@
 //! certificate) hosts a registration of that service, and tells the instance
 //! `weft-caller` and `weft-caller-node`.
 
-use std::sync::Arc;
-
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// The calling service, as the instance is told.
@@ -27,21 +25,23 @@ pub const ANONYMOUS: &str = "-";
 pub enum Caller {
     /// The shared proxy port: any local process.
     Anonymous,
-    /// A service's own outbound port.
-    Service(Arc<str>),
+    /// A service's own outbound port; the name as a header value, made
+    /// once, so stamping a request copies nothing.
+    Service(HeaderValue),
 }
 
 impl Caller {
-    /// The caller a service's outbound port stamps.
+    /// The caller a service's outbound port stamps (a name that is no
+    /// header value, which a validated service name never is, is `-`).
     pub fn service(name: &str) -> Self {
-        Caller::Service(Arc::from(name))
+        HeaderValue::from_str(name).map_or(Caller::Anonymous, Caller::Service)
     }
 
     /// The name in headers, metrics and logs (`-` for the anonymous caller).
     pub fn as_str(&self) -> &str {
         match self {
             Caller::Anonymous => ANONYMOUS,
-            Caller::Service(name) => name,
+            Caller::Service(name) => name.to_str().unwrap_or(ANONYMOUS),
         }
     }
 
@@ -49,12 +49,11 @@ impl Caller {
     /// with this caller's name.
     pub fn stamp(&self, headers: &mut HeaderMap) {
         headers.remove(CALLER_NODE);
-        headers.insert(CALLER, self.header_value());
-    }
-
-    fn header_value(&self) -> HeaderValue {
-        // Service names are validated ASCII; the fallback cannot be reached.
-        HeaderValue::from_str(self.as_str()).unwrap_or(HeaderValue::from_static(ANONYMOUS))
+        let value = match self {
+            Caller::Anonymous => HeaderValue::from_static(ANONYMOUS),
+            Caller::Service(name) => name.clone(),
+        };
+        headers.insert(CALLER, value);
     }
 }
 
@@ -83,16 +82,16 @@ pub fn admit_claim(headers: &mut HeaderMap, peer: &str, hosts: impl FnOnce(&str)
     if claim != Claim::Believed {
         headers.insert(CALLER, HeaderValue::from_static(ANONYMOUS));
     }
-    name_node(headers, peer);
+    match HeaderValue::from_str(peer) {
+        Ok(node) => name_node(headers, &node),
+        Err(_) => drop(headers.remove(CALLER_NODE)),
+    }
     claim
 }
 
 /// Tells the instance which node the request came from.
-pub fn name_node(headers: &mut HeaderMap, node: &str) {
-    match HeaderValue::from_str(node) {
-        Ok(value) => headers.insert(CALLER_NODE, value),
-        Err(_) => headers.remove(CALLER_NODE),
-    };
+pub fn name_node(headers: &mut HeaderMap, node: &HeaderValue) {
+    headers.insert(CALLER_NODE, node.clone());
 }
 
 #[cfg(test)]

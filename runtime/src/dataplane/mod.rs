@@ -198,6 +198,8 @@ pub struct DataPlane {
     /// The cluster's intentions this node adopted (everything allowed
     /// until an operator says otherwise).
     intentions: ArcSwap<Intentions>,
+    /// This node's name as a `weft-caller-node` value, made once.
+    pub(crate) node_header: http::HeaderValue,
     outliers: Mutex<OutlierDetector<(String, String)>>,
     writer: Option<GossipWriter>,
     budgets: Mutex<ServiceBudgets>,
@@ -261,6 +263,8 @@ impl DataPlane {
             registered,
             keys,
         } = parts;
+        let node_header =
+            http::HeaderValue::from_str(&node).unwrap_or(http::HeaderValue::from_static("-"));
         Arc::new(DataPlane {
             node,
             router,
@@ -276,6 +280,7 @@ impl DataPlane {
             instance_slots: inbound::InstanceSlots::default(),
             keys,
             intentions: ArcSwap::default(),
+            node_header,
             outliers: Mutex::new(OutlierDetector::new(OutlierConfig::default())),
             writer,
             budgets: Mutex::new(ServiceBudgets::default()),

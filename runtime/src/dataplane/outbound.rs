@@ -466,7 +466,7 @@ impl Attempt<'_> {
         upgrade: Option<OnUpgrade>,
     ) -> Result<Response<ProxyBody>, Failure> {
         let mut req = self.fwd.request(body);
-        caller::name_node(req.headers_mut(), &self.dp.node);
+        caller::name_node(req.headers_mut(), &self.dp.node_header);
         let mut resp = self.dp.local.call(self.instance.port, req).await?;
         if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, resp.status()) {
             let instance = hyper::upgrade::on(&mut resp);
