@@ -1,7 +1,8 @@
-//! Services' own outbound ports (`"outbound"` in a registration): requests
-//! an app sends through one are from that service (`weft-caller`), where
-//! the shared proxy's are the anonymous caller's. Kept in the data dir, so
-//! a restarted node opens the same address again, and served by the
+//! Services' own ports: the outbound proxy (`"outbound"` in a
+//! registration) and named upstreams (`"upstreams"`). What an app sends
+//! through one is that service's call (`weft-caller`), where the shared
+//! proxy's are the anonymous caller's. Kept in the data dir, so a
+//! restarted node opens the same addresses again, and served by the
 //! Listener actor.
 
 use std::collections::BTreeMap;
