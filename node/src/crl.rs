@@ -154,53 +154,40 @@ impl Crls {
 
     /// Publishes the list in use under this node's `crl` key, and adopts
     /// newer lists that live members publish.
-    pub fn follow(
-        self: Arc<Self>,
-        mut views: watch::Receiver<Arc<ClusterView>>,
-        writer: GossipWriter,
-    ) {
+    pub fn follow(self: Arc<Self>, views: watch::Receiver<Arc<ClusterView>>, writer: GossipWriter) {
+        use base64::engine::general_purpose::STANDARD as B64;
         let mut published = self.published.subscribe();
-        let b64 = base64::engine::general_purpose::STANDARD;
         if let Some(der) = published.borrow_and_update().clone() {
-            writer.set(Key::Crl, b64.encode(der));
+            writer.set(Key::Crl, B64.encode(der));
         }
-        tokio::spawn(async move {
-            let mut refused: Vec<String> = Vec::new();
-            loop {
-                tokio::select! {
-                    changed = views.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                        let view = views.borrow_and_update().clone();
-                        // Most members publish the list this node uses:
-                        // only another one is worth parsing.
-                        let ours = published.borrow().as_ref().map(|der| b64.encode(der));
-                        for offered in member_lists(&view) {
-                            if Some(&offered) == ours.as_ref() || refused.contains(&offered) {
-                                continue;
-                            }
-                            let Ok(der) = b64.decode(&offered) else { continue };
-                            if let Err(e) = self.offer(tls::crl_pem(&der).as_bytes()) {
-                                tracing::warn!(error = %e, "a member publishes a revocation list this node cannot use");
-                                if refused.len() >= MAX_REFUSED {
-                                    refused.clear();
-                                }
-                                refused.push(offered);
-                            }
-                        }
+        let ours = self.published.subscribe();
+        let mut refused: Vec<String> = Vec::new();
+        let adopt = move |view: &ClusterView| {
+            // Most members publish the list this node uses: only another
+            // one is worth parsing.
+            let ours = ours.borrow().as_ref().map(|der| B64.encode(der));
+            for offered in member_lists(view) {
+                if Some(&offered) == ours.as_ref() || refused.contains(&offered) {
+                    continue;
+                }
+                let Ok(der) = B64.decode(&offered) else {
+                    continue;
+                };
+                if let Err(e) = self.offer(tls::crl_pem(&der).as_bytes()) {
+                    tracing::warn!(error = %e, "a member publishes a revocation list this node cannot use");
+                    if refused.len() >= MAX_REFUSED {
+                        refused.clear();
                     }
-                    changed = published.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                        if let Some(der) = published.borrow_and_update().clone() {
-                            writer.set(Key::Crl, b64.encode(der));
-                        }
-                    }
+                    refused.push(offered);
                 }
             }
-        });
+        };
+        let offer = move |der: &Option<Vec<u8>>| {
+            if let Some(der) = der {
+                writer.set(Key::Crl, B64.encode(der));
+            }
+        };
+        crate::follow::views_and_changes(views, published, adopt, offer);
     }
 }
 

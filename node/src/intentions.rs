@@ -146,33 +146,16 @@ impl ClusterIntentions {
     /// Keeps gossip and the intentions in step: offers what this node
     /// holds under `intentions`, and adopts newer granted versions live
     /// members offer.
-    pub fn follow(
-        self: Arc<Self>,
-        mut views: watch::Receiver<Arc<ClusterView>>,
-        writer: GossipWriter,
-    ) {
-        let mut adopted = self.adopted.subscribe();
+    pub fn follow(self: Arc<Self>, views: watch::Receiver<Arc<ClusterView>>, writer: GossipWriter) {
         self.offer(&writer);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    changed = views.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                        let view = views.borrow_and_update().clone();
-                        self.adopt_newest(&view);
-                    }
-                    changed = adopted.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                        adopted.borrow_and_update();
-                        self.offer(&writer);
-                    }
-                }
-            }
-        });
+        let adopted = self.adopted.subscribe();
+        let this = self.clone();
+        crate::follow::views_and_changes(
+            views,
+            adopted,
+            move |view| this.adopt_newest(view),
+            move |_| self.offer(&writer),
+        );
     }
 
     fn offer(&self, writer: &GossipWriter) {

@@ -28,6 +28,7 @@ mod client;
 mod config;
 mod crl;
 mod demo;
+mod follow;
 mod init;
 mod intentions;
 mod intentions_command;
