@@ -508,8 +508,7 @@ async fn put_upstream(state: &ApiState, body: &Value) -> Reply {
             StatusCode::OK,
             &json!({"service": service, "listen": listen.to_string()}),
         ),
-        Err(NodeError::Conflict(msg)) => error(StatusCode::CONFLICT, msg),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e) => node_error(e),
     }
 }
 

@@ -17,6 +17,7 @@ use super::splice::{reset_tcp, splice};
 use super::{body, ConnectionLimit, DataPlane, Limit, ProxyBody};
 use crate::caller::{self, Claim};
 use crate::outcome::{OutcomeClass, RequestMetrics};
+use crate::policy::intentions::Decision;
 use crate::tunnel::{self, TunnelError};
 use crate::wire::body::{BodyDecoder, BodyEvent};
 use crate::wire::{RequestHead, ResponseHead, StreamKind};
@@ -293,9 +294,7 @@ async fn handle_stream(
         }
         StreamKind::Tcp => {
             let mut headers = header_map(&head.headers);
-            let caller = admit_caller(dp, peer, &head.service, &mut headers);
-            let caller = caller.to_str().unwrap_or(caller::ANONYMOUS);
-            if dp.authorize(caller, &head.service).is_err() {
+            if admit_caller(dp, peer, &head.service, &mut headers).is_err() {
                 let mut send = send;
                 return refuse(&mut send, MeshError::Forbidden).await;
             }
@@ -406,19 +405,11 @@ impl Inbound<'_> {
                 return Err(TunnelError::Stream(detail));
             }
         };
-        let caller = admit_caller(self.dp, self.peer, &self.head.service, req.headers_mut());
-        let caller = caller.to_str().unwrap_or(caller::ANONYMOUS);
-        // Checked on the calling node already; checked again here, where
-        // the instance is.
-        if let Err(denied) = self.dp.authorize(caller, &self.head.service) {
-            tracing::debug!(
-                caller,
-                service = self.head.service,
-                reason = denied.reason(),
-                "refused by the cluster's intentions"
-            );
+        let Ok(caller) = admit_caller(self.dp, self.peer, &self.head.service, req.headers_mut())
+        else {
             return refuse(&mut send, MeshError::Forbidden).await;
-        }
+        };
+        let caller = caller.to_str().unwrap_or(caller::ANONYMOUS);
         // An upgrade's body is read here, so the stream is left at the raw
         // bytes that follow a 101.
         let upgrade = is_upgrade(req.headers());
@@ -497,14 +488,16 @@ impl Inbound<'_> {
 }
 
 /// Believes the caller `peer` names only if the peer hosts that service
-/// (in this node's view of the catalog), and names the peer; returns the
-/// caller the instance is told.
+/// (in this node's view of the catalog), and names the peer; then checks
+/// the cluster's intentions again here, where the instance is (the calling
+/// node checked them already). The caller the instance is told, or the
+/// denial.
 fn admit_caller(
     dp: &DataPlane,
     peer: &str,
     service: &str,
     headers: &mut http::HeaderMap,
-) -> http::HeaderValue {
+) -> Result<http::HeaderValue, Decision> {
     let hosts = |caller: &str| {
         let routing = dp.router.load();
         routing
@@ -521,10 +514,21 @@ fn admit_caller(
             "a peer named a caller it hosts no registration of; treated as the anonymous caller"
         );
     }
-    headers
+    let caller = headers
         .get(caller::CALLER)
         .cloned()
-        .unwrap_or(http::HeaderValue::from_static(caller::ANONYMOUS))
+        .unwrap_or(http::HeaderValue::from_static(caller::ANONYMOUS));
+    let name = caller.to_str().unwrap_or(caller::ANONYMOUS);
+    if let Err(denied) = dp.authorize(name, service) {
+        tracing::debug!(
+            caller = name,
+            service,
+            reason = denied.reason(),
+            "refused by the cluster's intentions"
+        );
+        return Err(denied);
+    }
+    Ok(caller)
 }
 
 /// Reads a (small) framed body to its end, leaving the stream after it.

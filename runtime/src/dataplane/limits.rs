@@ -3,7 +3,9 @@
 //! name, so a refusal is never blamed on an instance.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// One of the mesh's own limits: the `limit` label of
@@ -122,5 +124,29 @@ impl ConnectionLimit {
             );
         }
         permit
+    }
+}
+
+/// Accepts app connections on `listener` until the task is aborted: one
+/// over `limit` is closed at once, each other goes to `serve` with its
+/// permit. `what` names the listener in the log.
+pub async fn accept_each(
+    listener: TcpListener,
+    limit: ConnectionLimit,
+    what: &str,
+    mut serve: impl FnMut(TcpStream, OwnedSemaphorePermit),
+) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, what, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Some(permit) = limit.admit() {
+            serve(stream, permit);
+        }
     }
 }

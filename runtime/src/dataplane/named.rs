@@ -4,10 +4,10 @@
 //! is reached as it speaks).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use super::limits::accept_each;
 use super::request::Entrance;
 use super::{outbound, tcp, ConnectionLimit, DataPlane, Limit};
 
@@ -24,27 +24,12 @@ pub async fn serve(
         caller,
         service: Some(service.clone()),
     };
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, service, "named upstream accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Some(permit) = limit.admit() else {
-            continue;
-        };
+    accept_each(listener, limit, "named upstream", |stream, permit| {
         if speaks_tcp(&dp, &service) {
             let caller = entrance.caller.clone();
-            tokio::spawn(tcp::serve_connection(
-                dp.clone(),
-                service.clone(),
-                caller,
-                stream,
-                permit,
-            ));
+            let connection =
+                tcp::serve_connection(dp.clone(), service.clone(), caller, stream, permit);
+            tokio::spawn(connection);
         } else {
             tokio::spawn(outbound::serve_connection(
                 dp.clone(),
@@ -53,7 +38,8 @@ pub async fn serve(
                 permit,
             ));
         }
-    }
+    })
+    .await;
 }
 
 /// Whether `service`'s instances speak raw TCP (an unknown service is

@@ -24,6 +24,7 @@ use weft_gossip::Instance;
 use super::endpoints::{Endpoint, Protocol};
 use super::error::{MeshError, WEFT_ERROR};
 use super::hedge;
+use super::limits::accept_each;
 use super::local::{LocalFailure, H2_MAX_HEADER_LIST};
 use super::request::{header_map, Entrance, Forward};
 use super::splice::splice;
@@ -43,25 +44,15 @@ use crate::wire::ResponseHead;
 /// outbound port).
 pub async fn serve(listener: TcpListener, dp: Arc<DataPlane>, entrance: Entrance) {
     let limit = ConnectionLimit::new(Limit::ProxyConnections, dp.limits.max_connections);
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "proxy accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Some(permit) = limit.admit() else {
-            continue;
-        };
+    accept_each(listener, limit, "proxy", |stream, permit| {
         tokio::spawn(serve_connection(
             dp.clone(),
             entrance.clone(),
             stream,
             permit,
         ));
-    }
+    })
+    .await;
 }
 
 /// Serves one app connection's HTTP/1.1 or h2c requests, holding `permit`.

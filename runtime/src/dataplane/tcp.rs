@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::endpoints::Protocol;
+use super::limits::accept_each;
 use super::splice::{reset_tcp, splice};
 use super::{ConnectionLimit, DataPlane, Limit, MeshError};
 use crate::caller::Caller;
@@ -28,26 +29,12 @@ const REPLY_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// `caller`'s (the anonymous caller on a `weft upstream` port).
 pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>, caller: Caller) {
     let limit = ConnectionLimit::new(Limit::UpstreamConnections, dp.limits.max_connections);
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, service, "upstream accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Some(permit) = limit.admit() else {
-            continue;
-        };
-        tokio::spawn(serve_connection(
-            dp.clone(),
-            service.clone(),
-            caller.clone(),
-            stream,
-            permit,
-        ));
-    }
+    accept_each(listener, limit, "tcp upstream", |stream, permit| {
+        let connection =
+            serve_connection(dp.clone(), service.clone(), caller.clone(), stream, permit);
+        tokio::spawn(connection);
+    })
+    .await;
 }
 
 /// Carries one app connection to `service`, holding `permit`.
