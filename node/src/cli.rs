@@ -339,6 +339,16 @@ pub struct NodeArgs {
     /// [default: off]. SIGHUP reopens it.
     #[arg(long, env = "WEFT_ACCESS_LOG", value_name = "PATH|-")]
     pub access_log: Option<String>,
+    /// Export spans of traced requests over OTLP/gRPC to this collector,
+    /// e.g. http://127.0.0.1:4317 [default: off; `traceparent` still
+    /// passes through].
+    #[arg(long, env = "WEFT_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of requests arriving without a `traceparent` that start a
+    /// trace, 0 to 1 (a sampled `traceparent` is always followed)
+    /// [default: 0.01].
+    #[arg(long, env = "WEFT_TRACE_SAMPLING", value_name = "RATIO")]
+    pub trace_sampling: Option<f64>,
     /// TOML file with any of these settings (flags and WEFT_* win).
     #[arg(long, env = "WEFT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,

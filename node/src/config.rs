@@ -57,6 +57,8 @@ pub struct FileConfig {
     worker_threads: Option<usize>,
     log_format: Option<String>,
     access_log: Option<String>,
+    otlp_endpoint: Option<String>,
+    trace_sampling: Option<f64>,
     log_level: Option<String>,
 }
 
@@ -107,10 +109,52 @@ pub struct NodeConfig {
     pub log_format: LogFormat,
     /// Where the access log goes, if anywhere.
     pub access_log: Option<AccessTarget>,
+    /// Where spans of traced requests go, and how many start a trace.
+    pub traces: Option<TraceExport>,
     /// `log_level` from the config file (SIGHUP re-reads it).
     pub log_level: Option<String>,
     /// The config file, re-read on SIGHUP.
     pub config_file: Option<PathBuf>,
+}
+
+/// Span export over OTLP (`--otlp-endpoint`, `--trace-sampling`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceExport {
+    /// The collector's OTLP/gRPC address.
+    pub endpoint: http::Uri,
+    /// Share of untraced requests that start a trace.
+    pub sampling: f64,
+}
+
+/// Requests without a trace that start one when none is configured: as
+/// Istio's default, 1%.
+pub const DEFAULT_TRACE_SAMPLING: f64 = 0.01;
+
+impl TraceExport {
+    fn resolve(args: &NodeArgs, file: &FileConfig) -> Result<Option<Self>, NodeError> {
+        let sampling = args
+            .trace_sampling
+            .or(file.trace_sampling)
+            .unwrap_or(DEFAULT_TRACE_SAMPLING);
+        if !(0.0..=1.0).contains(&sampling) {
+            return Err(NodeError::Config(format!(
+                "--trace-sampling {sampling} must be between 0 and 1"
+            )));
+        }
+        let Some(raw) = args
+            .otlp_endpoint
+            .as_deref()
+            .or(file.otlp_endpoint.as_deref())
+        else {
+            return Ok(None);
+        };
+        let bad = |why: &str| NodeError::Config(format!("--otlp-endpoint {raw:?}: {why}"));
+        let endpoint: http::Uri = raw.parse().map_err(|e| bad(&format!("{e}")))?;
+        if !matches!(endpoint.scheme_str(), Some("http" | "https")) || endpoint.host().is_none() {
+            return Err(bad("give a URL such as http://127.0.0.1:4317"));
+        }
+        Ok(Some(TraceExport { endpoint, sampling }))
+    }
 }
 
 /// What SIGHUP may change in a running node, read again from the config
@@ -131,6 +175,7 @@ impl NodeConfig {
             None => FileConfig::default(),
         };
         let live = Reloadable::from_settings(args, &file)?;
+        let traces = TraceExport::resolve(args, &file)?;
         let name = args.name.clone().or(file.name).unwrap_or_else(host_name);
         weft_gossip::keys::validate_name(&name).map_err(|_| {
             NodeError::Config(format!(
@@ -316,6 +361,7 @@ impl NodeConfig {
             worker_threads,
             log_format,
             access_log: live.access_log,
+            traces,
             log_level: live.log_level,
             config_file: args.config.clone(),
         })

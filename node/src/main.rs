@@ -36,6 +36,7 @@ mod keyring;
 mod keys_command;
 mod logging;
 mod node;
+mod otlp;
 mod registry;
 mod store;
 mod upstreams;

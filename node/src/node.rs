@@ -20,6 +20,7 @@ use weft_runtime::outcome::OutcomeSink;
 use weft_runtime::router::{Router, RouterHandle};
 use weft_runtime::stats_aggregator::{StatsAggregator, StatsHandle};
 use weft_runtime::tls;
+use weft_runtime::trace::Tracer;
 use weft_runtime::tunnel::TunnelPool;
 
 use crate::api::{self, ApiState, Faults};
@@ -169,6 +170,7 @@ async fn serve(
         Supervisor::start(move |_| aggregator)
     };
     let access = AccessLog::start(cfg.access_log.clone());
+    let tracer = start_tracing(&cfg);
     let dataplane = DataPlane::new(DataPlaneParts {
         node: cfg.name.clone(),
         router: router_handle.clone(),
@@ -182,6 +184,7 @@ async fn serve(
             max_connections: cfg.max_connections,
         },
         access: access.clone(),
+        tracer,
         writer: Some(writer.clone()),
         stats: stats.clone(),
         policy: cfg.retry_policy,
@@ -686,9 +689,28 @@ fn export_alert_counters() {
         "weft_caller_claims_rejected_total",
         "weft_outcomes_dropped_total",
         "weft_access_log_dropped_total",
+        "weft_spans_exported_total",
     ] {
         metrics::counter!(name).increment(0);
     }
+    for reason in ["queue_full", "export"] {
+        metrics::counter!("weft_spans_dropped_total", "reason" => reason).increment(0);
+    }
+}
+
+/// The tracer of the data plane and, with `--otlp-endpoint`, the task that
+/// exports its spans.
+fn start_tracing(cfg: &NodeConfig) -> Tracer {
+    let Some(traces) = &cfg.traces else {
+        return Tracer::off();
+    };
+    let (tracer, spans) = Tracer::new(traces.sampling);
+    tokio::spawn(crate::otlp::export(
+        traces.endpoint.clone(),
+        cfg.name.clone(),
+        spans,
+    ));
+    tracer
 }
 
 /// Help text for every metric weft exports (DESIGN section 8).
@@ -701,6 +723,14 @@ fn describe_metrics() {
     describe_counter!(
         "weft_access_log_dropped_total",
         "Access log lines dropped because the writer fell behind"
+    );
+    describe_counter!(
+        "weft_spans_exported_total",
+        "Spans of traced requests the OTLP collector accepted"
+    );
+    describe_counter!(
+        "weft_spans_dropped_total",
+        "Spans of traced requests dropped, by reason: queue_full (the exporter fell behind), export (the collector refused or did not answer)"
     );
     describe_counter!(
         "weft_limit_refused_total",

@@ -45,6 +45,7 @@ pub mod state_metrics;
 pub mod stats_aggregator;
 pub mod supervision;
 pub mod tls;
+pub mod trace;
 pub mod tunnel;
 pub mod wire;
 

@@ -728,3 +728,39 @@ pub async fn connect_as(
     let conn = endpoint.connect(c.nodes[target].tunnel, &name)?.await?;
     Ok((endpoint, conn))
 }
+
+/// A Python virtual environment under the test build's temp dir with
+/// `packages` installed from PyPI, made once and kept (a `.ready` file
+/// marks a finished one); its `python`.
+pub fn python_venv(name: &str, packages: &[&str]) -> PathBuf {
+    let base = option_env!("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    let dir = base.join(format!("venv-{name}"));
+    let ready = dir.join(".ready");
+    let wanted = packages.join(" ");
+    if std::fs::read_to_string(&ready).ok().as_deref() == Some(wanted.as_str()) {
+        return dir.join("bin/python");
+    }
+    // Built beside, then moved into place: concurrent tests never see half
+    // a venv.
+    let building = dir.with_extension(format!("{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&building);
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&building)
+        .status()
+        .expect("python3 -m venv");
+    assert!(made.success(), "python3 -m venv failed");
+    let pip = Command::new(building.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .args(packages)
+        .status()
+        .expect("pip install");
+    assert!(pip.success(), "pip install {wanted} failed");
+    std::fs::write(building.join(".ready"), &wanted).expect("mark the venv ready");
+    let _ = std::fs::remove_dir_all(&dir);
+    if std::fs::rename(&building, &dir).is_err() {
+        // Another test moved its copy in first.
+        let _ = std::fs::remove_dir_all(&building);
+    }
+    dir.join("bin/python")
+}

@@ -13,11 +13,13 @@ use weft_gossip::{MemberState, Protocol, ServiceRecord};
 use super::error::MeshError;
 use super::local::LocalFailure;
 use super::request::{header_map, is_upgrade, wire_pairs, Forward};
+use super::spans::InboundSpan;
 use super::splice::{reset_tcp, splice};
 use super::{body, ConnectionLimit, DataPlane, Limit, ProxyBody};
 use crate::caller::{self, Claim};
 use crate::outcome::{OutcomeClass, RequestMetrics};
 use crate::policy::intentions::Decision;
+use crate::trace::Hop;
 use crate::tunnel::{self, TunnelError};
 use crate::wire::body::{BodyDecoder, BodyEvent};
 use crate::wire::{RequestHead, ResponseHead, StreamKind};
@@ -410,6 +412,7 @@ impl Inbound<'_> {
             return refuse(&mut send, MeshError::Forbidden).await;
         };
         let caller = caller.to_str().unwrap_or(caller::ANONYMOUS);
+        let span = InboundSpan::begin(&self.dp.tracer, req.headers_mut());
         // An upgrade's body is read here, so the stream is left at the raw
         // bytes that follow a 101.
         let upgrade = is_upgrade(req.headers());
@@ -430,21 +433,28 @@ impl Inbound<'_> {
         };
         let start = Instant::now();
         let result = tokio::time::timeout(self.deadline, self.dp.local.call(self.port, req)).await;
-        let mut resp = match result {
-            Ok(Ok(resp)) => resp,
+        let failed = match result {
+            Ok(Ok(resp)) => Ok(resp),
             Ok(Err(LocalFailure::Unreachable(detail))) => {
                 tracing::debug!(detail, "local instance unreachable");
                 self.record(caller, OutcomeClass::Unreachable, start);
-                return refuse(&mut send, MeshError::UpstreamUnreachable).await;
+                Err(MeshError::UpstreamUnreachable)
             }
             Ok(Err(LocalFailure::Mesh(error, detail))) => {
                 tracing::debug!(detail, %error, "refused by the mesh's limits");
-                return refuse(&mut send, error).await;
+                Err(error)
             }
             Err(_) => {
                 self.record(caller, OutcomeClass::Timeout, start);
-                return refuse(&mut send, MeshError::UpstreamTimeout).await;
+                Err(MeshError::UpstreamTimeout)
             }
+        };
+        if let Some(span) = span {
+            span.end(&self.dp.tracer, self.hop(caller, &failed));
+        }
+        let mut resp = match failed {
+            Ok(resp) => resp,
+            Err(error) => return refuse(&mut send, error).await,
         };
         let status = resp.status();
         self.record(caller, OutcomeClass::from_status(status.as_u16()), start);
@@ -484,6 +494,33 @@ impl Inbound<'_> {
         self.dp
             .inbound_metrics
             .record(&self.head.service, caller, class, start.elapsed());
+    }
+
+    /// What this node's span of the attempt says: the instance's answer,
+    /// or the mesh error that stood in for it.
+    fn hop<B>(&self, caller: &str, answer: &Result<hyper::Response<B>, MeshError>) -> Hop {
+        let (status, error) = match answer {
+            Ok(resp) => (resp.status().as_u16(), None),
+            Err(error) => (error.status().as_u16(), Some(error.code().to_string())),
+        };
+        Hop {
+            service: self.head.service.clone(),
+            caller: caller.to_string(),
+            node: self.dp.node.clone(),
+            instance: Some((self.dp.node.clone(), self.head.instance.clone())),
+            method: self.head.method.clone(),
+            path: self
+                .head
+                .uri
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            attempt: Some(self.head.attempt),
+            status: Some(status),
+            error,
+            ..Hop::default()
+        }
     }
 }
 

@@ -26,6 +26,7 @@ pub mod named;
 pub mod outbound;
 mod pool;
 pub mod request;
+mod spans;
 pub mod splice;
 pub mod tcp;
 
@@ -55,6 +56,7 @@ use crate::policy::retry::ServiceBudgets;
 use crate::policy::stats::learned_timeout;
 use crate::router::{RouterHandle, RouterSnapshot};
 use crate::stats_aggregator::StatsHandle;
+use crate::trace::Tracer;
 use crate::tunnel::TunnelPool;
 
 /// Errors boxed inside bodies.
@@ -187,6 +189,8 @@ pub struct DataPlane {
     pub in_flight: InFlight,
     /// One line per proxied request, when enabled.
     pub access: AccessLog,
+    /// The spans of sampled requests, when tracing is on.
+    pub tracer: Tracer,
     /// The serving side's metrics, handles resolved per service.
     pub inbound_metrics: inbound::InboundMetrics,
     /// This node's own registrations: what peers may reach here.
@@ -224,6 +228,8 @@ pub struct DataPlaneParts {
     pub limits: Limits,
     /// The access log (`AccessLog::off()` when not wanted).
     pub access: AccessLog,
+    /// Tracing (`Tracer::off()` when not wanted).
+    pub tracer: Tracer,
     /// Gossip writes (outlier votes); `None` in tests without gossip.
     pub writer: Option<GossipWriter>,
     /// Merged statistics (the learned delay).
@@ -257,6 +263,7 @@ impl DataPlane {
             timeouts,
             limits,
             access,
+            tracer,
             writer,
             stats,
             policy,
@@ -275,6 +282,7 @@ impl DataPlane {
             limits,
             in_flight: InFlight::default(),
             access,
+            tracer,
             inbound_metrics: inbound::InboundMetrics::default(),
             registered,
             instance_slots: inbound::InstanceSlots::default(),

@@ -27,6 +27,7 @@ use super::hedge;
 use super::limits::accept_each;
 use super::local::{LocalFailure, H2_MAX_HEADER_LIST};
 use super::request::{header_map, Entrance, Forward};
+use super::spans::RequestSpans;
 use super::splice::splice;
 use super::{
     body, BoxError, ConnectionLimit, DataPlane, Limit, ProxyBody, RetryPolicy, TimeoutSource,
@@ -93,29 +94,35 @@ async fn handle(
     let busy = dp.in_flight.track();
     let started = (SystemTime::now(), Instant::now());
     let method = req.method().clone();
-    let mut trace = Trace {
-        on: dp.access.enabled(),
-        ..Trace::default()
+    let mut record = Record {
+        logged: dp.access.enabled(),
+        ..Record::default()
     };
-    let resp = proxy(&dp, &entrance, req, &mut trace).await;
-    if trace.on {
-        dp.access.record(trace.entry(started, &method, &resp));
+    let resp = proxy(&dp, &entrance, req, &mut record).await;
+    if let Some(spans) = record.spans.take() {
+        let instance = record.instance.clone();
+        spans.end(&dp.tracer, record.attempts, record.waited, instance, &resp);
+    }
+    if record.logged {
+        dp.access.record(record.entry(started, &method, &resp));
     }
     resp.map(|b| body::guarded(b, busy))
 }
 
-/// What the access log says of a request, filled in as it goes (only when
-/// the access log is on: nothing is copied for it otherwise).
+/// What is known of a request as it goes, for the access log (filled in
+/// only when the log is on: nothing is copied for it otherwise) and for
+/// its trace, when sampled.
 #[derive(Debug, Default)]
-struct Trace {
-    on: bool,
+struct Record {
+    logged: bool,
     service: Option<String>,
     instance: Option<(String, String)>,
     attempts: u8,
     waited: Duration,
+    spans: Option<RequestSpans>,
 }
 
-impl Trace {
+impl Record {
     fn entry(
         self,
         (wall, start): (SystemTime, Instant),
@@ -140,19 +147,31 @@ impl Trace {
                 .map(String::from),
         }
     }
+
+    /// Time spent waiting for the service to recover.
+    fn wait(&mut self, wait: Duration) {
+        self.waited += wait;
+        if let Some(spans) = &mut self.spans {
+            spans.waited(wait);
+        }
+    }
 }
 
 async fn proxy(
     dp: &DataPlane,
     entrance: &Entrance,
     req: Request<Incoming>,
-    trace: &mut Trace,
+    record: &mut Record,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = req.into_parts();
-    let fwd = match Forward::parse(&mut parts, entrance) {
+    let mut fwd = match Forward::parse(&mut parts, entrance) {
         Ok(f) => f,
         Err((error, detail)) => return refuse(error, &detail),
     };
+    record.spans = dp
+        .tracer
+        .join(&fwd.headers)
+        .map(|ctx| RequestSpans::begin(ctx, &fwd, &dp.node));
     if let Err(denied) = dp.authorize(fwd.caller.as_str(), &fwd.service) {
         dp.outcomes
             .record(Outcome::denied(&fwd.service, &fwd.caller));
@@ -164,8 +183,8 @@ async fn proxy(
     } else {
         None
     };
-    if trace.on {
-        trace.service = Some(fwd.service.clone());
+    if record.logged {
+        record.service = Some(fwd.service.clone());
     }
     let mut endpoint = match pick_http(dp, &fwd.service, &[]) {
         Ok(e) => e,
@@ -196,7 +215,7 @@ async fn proxy(
     // Arrived during an outage: wait for the recovery, then pick again.
     let held = dp.hold_in_outage(&service, retry_policy, deadline).await;
     if !held.is_zero() {
-        trace.waited += held;
+        record.wait(held);
         endpoint = match pick_http(dp, &service, &[]) {
             Ok(e) => e,
             Err(error) => return no_instance(error, &service),
@@ -210,7 +229,10 @@ async fn proxy(
             return MeshError::UpstreamUnreachable.response("body already sent");
         };
         dp.started(&endpoint);
-        trace.attempts = attempt + 1;
+        record.attempts = attempt + 1;
+        if let Some(spans) = &mut record.spans {
+            spans.begin_attempt(&mut fwd.headers);
+        }
         let start = Instant::now();
         let remaining = deadline.saturating_duration_since(start).min(per_attempt);
         let sent = Attempt {
@@ -247,8 +269,8 @@ async fn proxy(
         dp.finished(&endpoint, latency);
         // A hedge that answered first is this attempt's instance.
         endpoint = answered;
-        if trace.on {
-            trace.instance = Some(endpoint.key());
+        if record.logged || record.spans.is_some() {
+            record.instance = Some(endpoint.key());
         }
         let result = result.unwrap_or_else(|_| {
             Err(Failure(
@@ -261,6 +283,9 @@ async fn proxy(
             // The mesh's own limit: not the instance's doing, never retried.
             Classified::MeshLimit(resp) => return resp,
         };
+        if let (Some(spans), Some(instance)) = (&mut record.spans, &record.instance) {
+            spans.end_attempt(&dp.tracer, attempt, instance.clone(), &resp);
+        }
         let retryable = retry::is_retryable(result_kind);
         dp.observe_outcome(&service, &endpoint, retryable);
         if attempt > 0 {
@@ -320,7 +345,7 @@ async fn proxy(
         if tried.iter().any(|t| t.same(&next)) {
             let wait = dp.retry_wait(&service, next.retry, attempt);
             let wait = wait.min(deadline.saturating_duration_since(Instant::now()));
-            trace.waited += wait;
+            record.wait(wait);
             tokio::time::sleep(wait).await;
         }
         endpoint = next;
