@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
@@ -52,11 +53,41 @@ pub async fn request_raw(
     path: &str,
     body: Bytes,
 ) -> Result<(u16, Value), ClientError> {
-    let unreachable = |reason: String| ClientError::Unreachable {
+    let resp = send(socket, method, path, body).await?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| exchange(socket, e.to_string()))?
+        .to_bytes();
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
+}
+
+/// A GET whose answer streams (`/v1/tap`): its status and the body as it
+/// comes.
+pub async fn stream(socket: &Path, path: &str) -> Result<(u16, Incoming), ClientError> {
+    let resp = send(socket, Method::GET, path, Bytes::new()).await?;
+    Ok((resp.status().as_u16(), resp.into_body()))
+}
+
+fn exchange(socket: &Path, reason: String) -> ClientError {
+    ClientError::Exchange {
         socket: socket.to_path_buf(),
         reason,
-    };
-    let exchange = |reason: String| ClientError::Exchange {
+    }
+}
+
+async fn send(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> Result<Response<Incoming>, ClientError> {
+    let unreachable = |reason: String| ClientError::Unreachable {
         socket: socket.to_path_buf(),
         reason,
     };
@@ -75,20 +106,9 @@ pub async fn request_raw(
         .header("host", "localhost")
         .header("content-type", "application/json")
         .body(Full::new(body))
-        .map_err(|e| exchange(e.to_string()))?;
-    let resp = sender
+        .map_err(|e| exchange(socket, e.to_string()))?;
+    sender
         .send_request(req)
         .await
-        .map_err(|e| exchange(e.to_string()))?;
-    let status = resp.status().as_u16();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| exchange(e.to_string()))?
-        .to_bytes();
-    Ok((
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    ))
+        .map_err(|e| exchange(socket, e.to_string()))
 }

@@ -7,14 +7,15 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use weft_gossip::grant::Grant;
 use weft_gossip::keys::validate_name;
 use weft_gossip::Cluster;
-use weft_runtime::listener::{HttpHandler, Origin};
+use weft_runtime::dataplane::tap::{self, ClusterLine, Filter, Line};
+use weft_runtime::listener::{ApiBody, HttpHandler, Origin};
 use weft_runtime::router::RouterHandle;
 
 use crate::callers::{CallerPorts, Wanted};
@@ -114,8 +115,53 @@ impl Faults {
 pub fn handler(state: Arc<ApiState>) -> HttpHandler {
     Arc::new(move |req, origin| {
         let state = state.clone();
-        Box::pin(async move { route(&state, req, origin).await })
+        Box::pin(async move {
+            let streams = req.method() == Method::GET && req.uri().path() == "/v1/tap";
+            if streams && origin == Origin::Socket {
+                return tap(&state, req.uri().query().unwrap_or_default());
+            }
+            route(&state, req, origin).await.map(BodyExt::boxed_unsync)
+        })
     })
+}
+
+/// `GET /v1/tap?service=S&caller=C&status=5xx`: the requests of every node
+/// as they happen, one JSON object a line, until the client hangs up.
+/// Served on the socket only: the lines name paths and callers.
+fn tap(state: &ApiState, query: &str) -> Response<ApiBody> {
+    let filter = match Filter::from_query(query) {
+        Ok(filter) => filter,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e).map(BodyExt::boxed_unsync),
+    };
+    let Some(tap) = tap::cluster(&state.dataplane, filter) else {
+        let busy = format!("this node serves {} taps already", tap::MAX_LISTENERS);
+        return error(StatusCode::SERVICE_UNAVAILABLE, busy).map(BodyExt::boxed_unsync);
+    };
+    let lines = futures::stream::unfold(tap, |mut tap| async move {
+        let mut text = serde_json::to_vec(&tap_json(tap.next().await?)).unwrap_or_default();
+        text.push(b'\n');
+        Some((Ok(Frame::data(Bytes::from(text))), tap))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/x-ndjson")
+        .body(StreamBody::new(lines).boxed_unsync())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed_unsync()))
+}
+
+/// One tap line as JSON: a request (the access log's fields, and the node
+/// that saw it), lines lost, a node that listens or one that cannot.
+fn tap_json(line: ClusterLine) -> Value {
+    match line {
+        ClusterLine::Listening(node) => json!({ "node": node, "listening": true }),
+        ClusterLine::From(node, Line::Request(entry)) => {
+            let mut value = json!(*entry);
+            value["seen_by"] = json!(node);
+            value
+        }
+        ClusterLine::From(node, Line::Dropped(n)) => json!({ "node": node, "dropped": n }),
+        ClusterLine::Unreachable(node, why) => json!({ "node": node, "error": why }),
+    }
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -207,6 +253,10 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             StatusCode::FORBIDDEN,
             "the keyring is served on the node's socket only",
         ),
+        (_, ["v1", "tap"]) if read_only => error(
+            StatusCode::FORBIDDEN,
+            "the tap is served on the node's socket only",
+        ),
         (_, ["v1", "crl"]) if read_only => error(
             StatusCode::FORBIDDEN,
             "the revocation list is handed over the node's socket only",
@@ -250,6 +300,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             | ["v1", "members"]
             | ["v1", "health"]
             | ["v1", "edges"]
+            | ["v1", "tap"]
             | ["v1", "intentions"]
             | ["v1", "services", _]
             | ["v1", "services", _, "ttl"]

@@ -101,6 +101,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stream live requests from every node of the cluster as they happen,
+    /// one line each (time, caller, service, instance, method, path,
+    /// status, latency, attempts); Ctrl-C stops.
+    Tap {
+        /// Only requests to this service.
+        service: Option<String>,
+        /// Only requests from this calling service (`-`: the shared proxy).
+        #[arg(long)]
+        caller: Option<String>,
+        /// Only these statuses: a class such as 5xx, or a code such as 503.
+        #[arg(long)]
+        status: Option<String>,
+        /// Print each line as the node sends it (JSON).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show members and per-service health.
     Health {
         /// Print JSON.

@@ -39,6 +39,7 @@ mod node;
 mod otlp;
 mod registry;
 mod store;
+mod tap_command;
 mod upstreams;
 
 use std::process::ExitCode;
@@ -333,6 +334,12 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
                 }
                 Ok(())
             }
+            Command::Tap {
+                service,
+                caller,
+                status,
+                json,
+            } => tap_command::run(&socket, service, caller, status, json).await,
             Command::Health { json, watch } => {
                 if !watch {
                     return show(&socket, "/v1/health", json, client::health_table).await;

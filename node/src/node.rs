@@ -696,6 +696,7 @@ fn export_alert_counters() {
     for reason in ["queue_full", "export"] {
         metrics::counter!("weft_spans_dropped_total", "reason" => reason).increment(0);
     }
+    metrics::gauge!("weft_tap_listeners").set(0.0);
 }
 
 /// The tracer of the data plane and, with `--otlp-endpoint`, the task that
@@ -723,6 +724,10 @@ fn describe_metrics() {
     describe_counter!(
         "weft_access_log_dropped_total",
         "Access log lines dropped because the writer fell behind"
+    );
+    describe_gauge!(
+        "weft_tap_listeners",
+        "Taps listening to this node's requests (weft tap, here or at another node)"
     );
     describe_counter!(
         "weft_spans_exported_total",

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 /// Where access log lines go.
@@ -32,19 +32,24 @@ impl AccessTarget {
     }
 }
 
-/// One proxied request as the access log records it.
-#[derive(Debug, Clone, Serialize)]
+/// One proxied request as the access log records it (and `weft tap` shows
+/// it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AccessEntry {
     /// RFC 3339 UTC, milliseconds.
     pub time: String,
     /// Service asked for (`null` when the request named none).
     pub service: Option<String>,
+    /// The calling service (`-` through the shared proxy).
+    pub caller: String,
     /// Instance of the last attempt.
     pub instance: Option<String>,
     /// Node of that instance.
     pub node: Option<String>,
     /// HTTP method.
     pub method: String,
+    /// The request's path (no query: it may carry secrets).
+    pub path: String,
     /// Status the app got.
     pub status: u16,
     /// Time to the response head, in milliseconds.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -40,8 +40,12 @@ pub enum Origin {
     Admin,
 }
 
+/// The body of a local API response: most are one JSON document, a tap
+/// streams lines until the client goes.
+pub type ApiBody = UnsyncBoxBody<Bytes, std::convert::Infallible>;
+
 /// The boxed future an [`HttpHandler`] returns.
-pub type ResponseFuture = Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>;
+pub type ResponseFuture = Pin<Box<dyn Future<Output = Response<ApiBody>> + Send>>;
 
 /// The application that answers requests on the local endpoints.
 pub type HttpHandler = Arc<dyn Fn(Request<Incoming>, Origin) -> ResponseFuture + Send + Sync>;

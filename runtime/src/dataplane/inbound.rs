@@ -264,6 +264,10 @@ async fn handle_stream(
         tunnel::close_read(recv);
         return super::keys::serve(dp, &head, send).await;
     }
+    if super::tap::is_tap_request(&head) {
+        tunnel::close_read(recv);
+        return super::tap::serve(dp, &head, send).await;
+    }
     let admitted = match dp.registered.authorize(&head) {
         Ok(admitted) => admitted,
         Err(refusal) => {
@@ -302,8 +306,9 @@ async fn handle_stream(
             }
             tcp(dp, port, send, recv).await
         }
-        // A key request names no instance; `authorize` refuses it already.
-        StreamKind::Key => {
+        // Key and tap requests name no instance; `authorize` refuses them
+        // already.
+        StreamKind::Key | StreamKind::Tap => {
             let mut send = send;
             refuse(&mut send, MeshError::BadRequest).await
         }
@@ -375,7 +380,7 @@ impl Registered {
         let speaks = match head.kind {
             StreamKind::Http => Protocol::Http,
             StreamKind::Tcp => Protocol::Tcp,
-            StreamKind::Key => return Err(Refusal::Unregistered),
+            StreamKind::Key | StreamKind::Tap => return Err(Refusal::Unregistered),
         };
         if record.protocol != speaks {
             return Err(Refusal::ProtocolMismatch);

@@ -28,6 +28,7 @@ mod pool;
 pub mod request;
 mod spans;
 pub mod splice;
+pub mod tap;
 pub mod tcp;
 
 pub use error::{MeshError, WEFT_ERROR};
@@ -191,6 +192,8 @@ pub struct DataPlane {
     pub access: AccessLog,
     /// The spans of sampled requests, when tracing is on.
     pub tracer: Tracer,
+    /// Request lines for `weft tap`, made only while someone listens.
+    pub tap: Arc<tap::Tap>,
     /// The serving side's metrics, handles resolved per service.
     pub inbound_metrics: inbound::InboundMetrics,
     /// This node's own registrations: what peers may reach here.
@@ -283,6 +286,7 @@ impl DataPlane {
             in_flight: InFlight::default(),
             access,
             tracer,
+            tap: Arc::default(),
             inbound_metrics: inbound::InboundMetrics::default(),
             registered,
             instance_slots: inbound::InstanceSlots::default(),

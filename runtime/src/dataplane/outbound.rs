@@ -94,8 +94,9 @@ async fn handle(
     let busy = dp.in_flight.track();
     let started = (SystemTime::now(), Instant::now());
     let method = req.method().clone();
+    let (log, tap) = (dp.access.enabled(), dp.tap.on());
     let mut record = Record {
-        logged: dp.access.enabled(),
+        logged: log || tap,
         ..Record::default()
     };
     let resp = proxy(&dp, &entrance, req, &mut record).await;
@@ -104,18 +105,25 @@ async fn handle(
         spans.end(&dp.tracer, record.attempts, record.waited, instance, &resp);
     }
     if record.logged {
-        dp.access.record(record.entry(started, &method, &resp));
+        let entry = record.entry(started, &method, &entrance, &resp);
+        if tap {
+            dp.tap.publish(entry.clone());
+        }
+        if log {
+            dp.access.record(entry);
+        }
     }
     resp.map(|b| body::guarded(b, busy))
 }
 
-/// What is known of a request as it goes, for the access log (filled in
-/// only when the log is on: nothing is copied for it otherwise) and for
-/// its trace, when sampled.
+/// What is known of a request as it goes, for the access log and the tap
+/// (filled in only when one of them is on: nothing is copied for them
+/// otherwise) and for its trace, when sampled.
 #[derive(Debug, Default)]
 struct Record {
     logged: bool,
     service: Option<String>,
+    path: String,
     instance: Option<(String, String)>,
     attempts: u8,
     waited: Duration,
@@ -127,15 +135,18 @@ impl Record {
         self,
         (wall, start): (SystemTime, Instant),
         method: &http::Method,
+        entrance: &Entrance,
         resp: &Response<ProxyBody>,
     ) -> AccessEntry {
         let (node, instance) = self.instance.unzip();
         AccessEntry {
             time: rfc3339(wall),
             service: self.service,
+            caller: entrance.caller.as_str().to_string(),
             instance,
             node,
             method: method.to_string(),
+            path: self.path,
             status: resp.status().as_u16(),
             duration_ms: start.elapsed().as_secs_f64() * 1000.0,
             attempts: self.attempts,
@@ -185,6 +196,7 @@ async fn proxy(
     };
     if record.logged {
         record.service = Some(fwd.service.clone());
+        record.path = fwd.target.path().to_string();
     }
     let mut endpoint = match pick_http(dp, &fwd.service, &[]) {
         Ok(e) => e,

@@ -88,6 +88,9 @@ pub enum StreamKind {
     /// A request for a gossip key by id (a node that lacks a key the
     /// cluster's keyring names asks a member that holds it).
     Key,
+    /// A tap of the node's requests (`weft tap` asked at another node):
+    /// request lines follow the response head until the asker stops.
+    Tap,
 }
 
 /// First frame of every tunnel stream: everything the remote node needs to
