@@ -16,6 +16,9 @@ Prints one markdown table row:
   all N alive;
 - registration: `weft register` on a random node, until each node's
   `GET /v1/services` lists it (p50, p99 and last, pooled over the trials);
+- intentions: `weft intentions deny` (signed by an operator certificate)
+  on a random node, until each node's `GET /v1/intentions` holds that
+  version (p50 and last, pooled over the trials);
 - kill -9: a random node other than n1, until each survivor's members list
   has it not alive (first and last survivor);
 - at rest: the CPU of all N processes together (from /proc) over --rest
@@ -215,6 +218,27 @@ def main():
             missed += n - len(seen)
             log(f"registration {trial}: {len(seen)}/{n} within {time.monotonic() - t:.1f} s")
 
+        subprocess.run([weft, "cert", "issue", "ops", "--operator", "--cluster", f"{tmp}/cl",
+                        "--out", f"{tmp}/ops"], check=True, stdout=subprocess.DEVNULL)
+        signed = dict(os.environ, WEFT_OPERATOR_CERT=f"{tmp}/ops/ops.pem",
+                      WEFT_OPERATOR_KEY=f"{tmp}/ops/ops.key")
+        policy, policy_missed = [], 0
+        for trial in range(a.trials):
+            writer = random.randrange(n)
+            t = time.monotonic()
+            subprocess.run([weft, "--socket", f"{tmp}/n{writer + 1}/s", "intentions", "deny",
+                            f"caller{trial}", "probe0"], check=True, stdout=subprocess.DEVNULL, env=signed)
+            version = trial + 1
+
+            def holds(ad, version=version):
+                held = ad.json("/v1/intentions")
+                return bool(held) and held["intentions"]["version"] >= version
+
+            seen = until_each(admins, everyone, holds, 30)
+            policy += list(seen.values())
+            policy_missed += n - len(seen)
+            log(f"intentions {trial}: {len(seen)}/{n} within {time.monotonic() - t:.1f} s")
+
         victim = random.randrange(1, n)
         procs[victim].kill()
         vname = f"n{victim + 1}"
@@ -231,13 +255,16 @@ def main():
             "not within %d s" % a.formation_limit if formed_s is None else f"{formed_s:.1f} s",
             ms(quantile(reg, 0.5)), ms(quantile(reg, 0.99)),
             ms(max(reg) if reg else None) + (f" ({missed} never)" if missed else ""),
+            ms(quantile(policy, 0.5)),
+            ms(max(policy) if policy else None) + (f" ({policy_missed} never)" if policy_missed else ""),
             ms(min(dead.values()) if dead else None),
             ms(max(dead.values())) if len(dead) == len(survivors) else "not within 60 s",
             f"{sent_rate / 1000:.1f} KB/s",
             f"{vcpu:.2f} vCPU ({vcpu * 1000 / n:.1f} mCPU per node)",
             str(false_deaths),
         ]
-        print("| nodes | formed | reg p50 ms | reg p99 ms | reg all ms | kill: first dead ms "
+        print("| nodes | formed | reg p50 ms | reg p99 ms | reg all ms | intentions p50 ms "
+              "| intentions all ms | kill: first dead ms "
               "| kill: all dead ms | sent per node at rest | CPU at rest, all processes "
               "| nodes missing a live member after the rest |")
         print("|" + "---|" * len(row))

@@ -109,7 +109,20 @@ async fn a_deny_reaches_every_node_holds_on_both_ends_and_survives_a_restart() {
         .unwrap();
     assert_eq!(status, 403, "{body}");
 
-    // The operator denies checkout -> payments at n3; every node holds it.
+    // The operator denies checkout -> payments at n3; every node holds it,
+    // and calls the new policy still allows (the shared proxy's, on two
+    // nodes) go on answering 200 throughout the change.
+    let allowed = [c.nodes[0].proxy, c.nodes[2].proxy];
+    let steady = tokio::spawn(async move {
+        let mut answers = Vec::new();
+        for _ in 0..40 {
+            for proxy in allowed {
+                answers.push(pay(proxy).await.0);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        answers
+    });
     let started = Instant::now();
     intentions(&c, 2, &["deny", "checkout", "payments"], true).expect("deny");
     for node in 0..3 {
@@ -121,6 +134,11 @@ async fn a_deny_reaches_every_node_holds_on_both_ends_and_survives_a_restart() {
     eprintln!(
         "intentions version 1 on 3 nodes {:?} after the command",
         started.elapsed()
+    );
+    let answers = steady.await.unwrap();
+    assert!(
+        answers.iter().all(|s| *s == 200),
+        "an allowed call failed during the change: {answers:?}"
     );
 
     // The caller's node refuses, naming the rule; the instance sees nothing.
