@@ -112,7 +112,8 @@ fn version_names_the_protocols_it_speaks() {
         "{text}"
     );
     for line in [
-        "tunnel wire 2 (ALPN weft/1)",
+        "tunnel weft/2, weft/1 (heads v2)",
+        "gossip records schema 1 (reads 1..=1)",
         "gossip datagrams sealed v1",
         "stats summaries v1",
     ] {

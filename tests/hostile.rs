@@ -102,6 +102,7 @@ impl Hostile {
 
 fn node_info(tunnel: SocketAddr) -> String {
     serde_json::to_string(&NodeInfo {
+        schema: weft_gossip::SCHEMA,
         tunnel: tunnel.to_string(),
         admin: "127.0.0.1:1".into(),
         version: "0.1.0".into(),

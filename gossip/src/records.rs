@@ -2,9 +2,32 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The schema of the gossip records this build writes. A record may gain
+/// optional fields within a schema (readers ignore what they do not know);
+/// a change the schema before cannot read needs the next schema, and the
+/// release that brings it still writes what the one before reads.
+pub const SCHEMA: u8 = 1;
+
+/// The oldest schema this build reads: its own and the one before (1 was
+/// the first).
+pub const OLDEST_SCHEMA: u8 = if SCHEMA > 1 { SCHEMA - 1 } else { 1 };
+
+/// Whether this build reads records of `schema`.
+pub fn reads_schema(schema: u8) -> bool {
+    (OLDEST_SCHEMA..=SCHEMA).contains(&schema)
+}
+
+fn first_schema() -> u8 {
+    1
+}
+
 /// How a node describes itself under the `node` key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
+    /// The schema of the node's records ([`SCHEMA`] of its build; nodes
+    /// from before the field wrote schema 1).
+    #[serde(default = "first_schema")]
+    pub schema: u8,
     /// Address of the node's QUIC tunnel endpoint.
     pub tunnel: String,
     /// Address of the node's admin HTTP endpoint.

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 pub use crate::catalog::{Catalog, CatalogDeriver, CatalogDiff, Instance, Instances};
 use crate::keys::Key;
-use crate::records::{NodeInfo, NodeStatus, ServiceRecord};
+use crate::records::{reads_schema, NodeInfo, NodeStatus, ServiceRecord};
 use crate::registration::parse_gossiped;
 
 /// One node as seen in gossip, owned data only.
@@ -68,9 +68,18 @@ impl NodeKeys {
                 info: self
                     .map
                     .get("node")
-                    .and_then(|raw| serde_json::from_str(raw).ok()),
+                    .and_then(|raw| serde_json::from_str::<NodeInfo>(raw).ok()),
                 ..Parsed::default()
             };
+            // A node that writes a schema this build cannot read is a
+            // member, but none of its records is believed.
+            if parsed
+                .info
+                .as_ref()
+                .is_some_and(|i| !reads_schema(i.schema))
+            {
+                return parsed;
+            }
             for (raw_key, value) in &self.map {
                 match Key::decode(raw_key) {
                     Some(Key::Svc(id)) => {
@@ -282,6 +291,7 @@ mod tests {
     fn node(name: &str, generation: u64, live: bool, svcs: &[(&str, &str, u16)]) -> NodeSnapshot {
         let mut kv = BTreeMap::new();
         let info = NodeInfo {
+            schema: crate::records::SCHEMA,
             tunnel: "127.0.0.1:7947".into(),
             admin: "127.0.0.1:9646".into(),
             version: "0.1.0".into(),
@@ -574,5 +584,19 @@ mod tests {
         );
         let v = view(vec![n1]);
         assert_eq!(v.catalog().instances("web").len(), 1);
+    }
+
+    #[test]
+    fn a_node_of_an_unreadable_schema_is_a_member_without_records() {
+        let mut newer = node("n9", 1, true, &[("web", "w9", 8080)]);
+        let mut info: NodeInfo = serde_json::from_str(&newer.kv["node"]).unwrap();
+        info.schema = crate::records::SCHEMA + 2;
+        Arc::make_mut(&mut newer.kv).insert("node".into(), serde_json::to_string(&info).unwrap());
+        let parsed = newer.kv.parsed();
+        assert!(parsed.info.is_some(), "still a member");
+        assert!(parsed.records.is_empty(), "its records are not believed");
+        // A record without the field is schema 1, as nodes before it wrote.
+        let old = r#"{"tunnel":"a:1","admin":"a:2","version":"0.1.0","status":"alive"}"#;
+        assert_eq!(serde_json::from_str::<NodeInfo>(old).unwrap().schema, 1);
     }
 }

@@ -8,11 +8,18 @@ use clap::{Args, Parser, Subcommand};
 /// `weft --version`: the release and the protocol versions it speaks, so
 /// an operator can tell which nodes of a rolling upgrade talk to which.
 static LONG_VERSION: LazyLock<String> = LazyLock::new(|| {
+    let tunnels: Vec<String> = weft_runtime::wire::TunnelVersion::SPOKEN
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     format!(
-        "{}\ntunnel wire {} (ALPN {})\ngossip datagrams sealed v{}\nstats summaries v{}",
+        "{}\ntunnel {} (heads v{})\ngossip records schema {} (reads {}..={})\ngossip datagrams sealed v{}\nstats summaries v{}",
         env!("CARGO_PKG_VERSION"),
+        tunnels.join(", "),
         weft_runtime::wire::WIRE_VERSION,
-        String::from_utf8_lossy(weft_runtime::tls::ALPN),
+        weft_gossip::SCHEMA,
+        weft_gossip::records::OLDEST_SCHEMA,
+        weft_gossip::SCHEMA,
         weft_gossip::seal::SEAL_VERSION,
         weft_runtime::policy::stats::WIRE_VERSION,
     )

@@ -103,6 +103,7 @@ async fn serve(
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let info = NodeInfo {
+        schema: weft_gossip::SCHEMA,
         tunnel: advertise_tunnel.to_string(),
         admin: admin
             .local_addr()

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::wire::TunnelVersion;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
@@ -28,8 +29,24 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{client::WebPkiServerVerifier, RootCertStore};
 
-/// ALPN protocol of node-to-node tunnels; a peer speaking anything else is refused.
-pub const ALPN: &[u8] = b"weft/1";
+/// The ALPN protocols of node-to-node tunnels, newest first (see
+/// [`TunnelVersion`]); a peer that speaks none of them is refused.
+pub fn alpn_protocols() -> Vec<Vec<u8>> {
+    TunnelVersion::SPOKEN
+        .iter()
+        .map(|v| v.alpn().to_vec())
+        .collect()
+}
+
+/// The tunnel version a connection's handshake settled on (a peer that
+/// named none speaks the first one).
+pub fn negotiated(conn: &quinn::Connection) -> TunnelVersion {
+    conn.handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol)
+        .and_then(|name| TunnelVersion::from_alpn(&name))
+        .unwrap_or(TunnelVersion::V1)
+}
 /// DNS suffix of node names in certificates (`<node>.node.weft`).
 pub const NODE_DOMAIN: &str = "node.weft";
 /// File name of the cluster CA certificate in a cluster dir.
@@ -711,7 +728,7 @@ fn transport() -> Result<quinn::TransportConfig, TlsError> {
     Ok(t)
 }
 
-/// The tunnel's server side: TLS 1.3, ALPN weft/1, and a client certificate
+/// The tunnel's server side: TLS 1.3, ALPN `weft/N`, and a client certificate
 /// from the cluster CA required, so only cluster nodes can open streams.
 pub fn server_config(id: &Identity) -> Result<quinn::ServerConfig, TlsError> {
     let verifier = id.client_verifier()?;
@@ -721,7 +738,7 @@ pub fn server_config(id: &Identity) -> Result<quinn::ServerConfig, TlsError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(id.certs.clone(), id.key.clone_key())
         .map_err(|e| TlsError::Config(format!("TLS server certificate: {e}")))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = alpn_protocols();
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(format!("QUIC server: {e}")))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -740,7 +757,7 @@ pub fn client_config(id: &Identity) -> Result<quinn::ClientConfig, TlsError> {
         .with_webpki_verifier(verifier)
         .with_client_auth_cert(id.certs.clone(), id.key.clone_key())
         .map_err(|e| TlsError::Config(format!("TLS client certificate: {e}")))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = alpn_protocols();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Config(format!("QUIC client: {e}")))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));

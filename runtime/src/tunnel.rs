@@ -20,7 +20,7 @@ use bytes::Bytes;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 
 use crate::wire::body::{self, BodyDecoder, BodyEvent};
-use crate::wire::{self, WireError};
+use crate::wire::{self, StreamKind, WireError};
 
 /// Errors on a tunnel stream.
 #[derive(Debug, thiserror::Error)]
@@ -189,15 +189,23 @@ impl TunnelPool {
             .map_err(|e| e.to_string())
     }
 
-    /// Opens one bidirectional stream to `node`, reconnecting if the pooled
-    /// connection was lost.
+    /// Opens one bidirectional stream of `kind` to `node`, reconnecting if
+    /// the pooled connection was lost; refused at once when the tunnel
+    /// version the two nodes agreed on has no such streams.
     pub async fn open(
         &self,
         node: &str,
         addr: SocketAddr,
+        kind: StreamKind,
     ) -> Result<(SendStream, RecvStream), TunnelError> {
         for attempt in 0..2 {
             let conn = self.connection(node, addr).await?;
+            let version = crate::tls::negotiated(&conn);
+            if !version.carries(kind) {
+                return Err(TunnelError::Stream(format!(
+                    "{node} speaks tunnel {version}, which has no {kind:?} streams (an older weft)"
+                )));
+            }
             match conn.open_bi().await {
                 Ok(pair) => {
                     metrics::counter!("weft_tunnel_streams_total").increment(1);

@@ -79,6 +79,8 @@ pub struct Node {
     pub args: Vec<String>,
     pub log: PathBuf,
     pub child: Option<Child>,
+    /// The `weft` binary it runs (another release's, in upgrade tests).
+    pub bin: PathBuf,
 }
 
 impl Node {
@@ -92,7 +94,7 @@ impl Node {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(weft_bin())
+        let child = Command::new(&self.bin)
             .args(&self.args)
             .env("RUST_LOG", "info")
             .env("WEFT_TEST_FAULTS", "1")
@@ -111,6 +113,8 @@ pub struct TestCluster {
     pub cluster_dir: PathBuf,
     pub nodes: Vec<Node>,
     pub interval_ms: u64,
+    /// The binary new nodes run.
+    pub bin: PathBuf,
 }
 
 impl TestCluster {
@@ -134,6 +138,7 @@ impl TestCluster {
             cluster_dir,
             nodes: Vec::new(),
             interval_ms: 100,
+            bin: weft_bin(),
         }
     }
 
@@ -198,6 +203,7 @@ impl TestCluster {
             args,
             log,
             child: None,
+            bin: self.bin.clone(),
         };
         node.spawn();
         self.nodes.push(node);
@@ -209,6 +215,20 @@ impl TestCluster {
     /// taken while the first one went on serving).
     pub fn restart(&mut self, i: usize) {
         self.kill9(i);
+        self.nodes[i].spawn();
+    }
+
+    /// Replaces node `i` by the same node (name, flags, data dir) running
+    /// `bin`, as a rolling upgrade does: SIGTERM, wait for its drain to end,
+    /// start the other binary.
+    pub fn replace(&mut self, i: usize, bin: &Path) {
+        let status = self.signal_and_wait(i, libc::SIGTERM, Duration::from_secs(40));
+        assert!(
+            status.success(),
+            "{} drained with {status}",
+            self.nodes[i].name
+        );
+        self.nodes[i].bin = bin.to_path_buf();
         self.nodes[i].spawn();
     }
 

@@ -22,7 +22,7 @@ use crate::policy::intentions::Decision;
 use crate::trace::Hop;
 use crate::tunnel::{self, TunnelError};
 use crate::wire::body::{BodyDecoder, BodyEvent};
-use crate::wire::{RequestHead, ResponseHead, StreamKind};
+use crate::wire::{RequestHead, ResponseHead, StreamKind, TunnelVersion};
 
 /// How long a peer may take to send a stream's header frame.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,6 +70,7 @@ pub async fn serve(endpoint: Endpoint, dp: Arc<DataPlane>) {
             let Some(peer) = admit(&dp, &conn, &peers).await else {
                 return;
             };
+            let version = crate::tls::negotiated(&conn);
             let mut trust = dp.tunnels.trust();
             loop {
                 let accepted = tokio::select! {
@@ -92,7 +93,9 @@ pub async fn serve(endpoint: Endpoint, dp: Arc<DataPlane>) {
                         let caller = peer.name.clone();
                         let slot = peer.streams.clone().try_acquire_owned().ok();
                         tokio::spawn(async move {
-                            if let Err(e) = handle_stream(&dp, &caller, slot, send, recv).await {
+                            if let Err(e) =
+                                handle_stream(&dp, (&caller, version), slot, send, recv).await
+                            {
                                 tracing::debug!(error = %e, caller, "inbound stream failed");
                             }
                         });
@@ -241,9 +244,10 @@ pub(super) async fn refuse(send: &mut SendStream, error: MeshError) -> Result<()
     Ok(())
 }
 
+/// One stream from `peer`, on a connection of tunnel `version`.
 async fn handle_stream(
     dp: &DataPlane,
-    peer: &str,
+    (peer, version): (&str, TunnelVersion),
     peer_slot: Option<OwnedSemaphorePermit>,
     mut send: SendStream,
     mut recv: RecvStream,
@@ -259,6 +263,13 @@ async fn handle_stream(
     if let Err(e) = head.validate() {
         refuse(&mut send, MeshError::BadRequest).await?;
         return Err(e.into());
+    }
+    if !version.carries(head.kind) {
+        refuse(&mut send, MeshError::BadRequest).await?;
+        return Err(TunnelError::Stream(format!(
+            "a {:?} stream on a tunnel {version} connection",
+            head.kind
+        )));
     }
     if super::keys::is_key_request(&head) {
         tunnel::close_read(recv);

@@ -57,7 +57,7 @@ pub async fn fetch(
     addr: SocketAddr,
     id: &str,
 ) -> Result<Vec<u8>, TunnelError> {
-    let (mut send, mut recv) = tunnels.open(node, addr).await?;
+    let (mut send, mut recv) = tunnels.open(node, addr, StreamKind::Key).await?;
     let head = RequestHead {
         version: WIRE_VERSION,
         kind: StreamKind::Key,

@@ -38,7 +38,7 @@ use crate::outcome::{Outcome, OutcomeClass};
 use crate::policy::intentions::Decision;
 use crate::policy::retry::{self, AttemptResult};
 use crate::tunnel::{self, TunnelError};
-use crate::wire::ResponseHead;
+use crate::wire::{ResponseHead, StreamKind};
 
 /// Accepts app connections until the task is aborted; their requests
 /// entered through `entrance` (the shared proxy port, a service's own
@@ -527,7 +527,7 @@ impl Attempt<'_> {
                     format!("node {node} announced no tunnel address"),
                 )
             })?;
-        let (mut send, mut recv) = self.dp.tunnels.open(node, addr).await?;
+        let (mut send, mut recv) = self.dp.tunnels.open(node, addr, StreamKind::Http).await?;
         let idle = self.dp.timeouts.body_idle;
         let deadline_ms = u32::try_from(self.remaining.as_millis())
             .unwrap_or(u32::MAX)

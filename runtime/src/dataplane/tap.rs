@@ -342,7 +342,7 @@ async fn from_peer(
     out: &mpsc::Sender<ClusterLine>,
 ) -> Result<(), TunnelError> {
     let addr = addr.ok_or_else(|| TunnelError::Stream("it announces no tunnel address".into()))?;
-    let (mut send, mut recv) = dp.tunnels.open(peer, addr).await?;
+    let (mut send, mut recv) = dp.tunnels.open(peer, addr, StreamKind::Tap).await?;
     let head = RequestHead {
         version: WIRE_VERSION,
         kind: StreamKind::Tap,

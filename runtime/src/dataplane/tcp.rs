@@ -102,7 +102,7 @@ async fn connect(
         .as_deref()
         .and_then(|a| a.parse().ok())
         .ok_or_else(|| format!("node {} announced no tunnel address", instance.node))?;
-    let opened = dp.tunnels.open(&instance.node, addr).await;
+    let opened = dp.tunnels.open(&instance.node, addr, StreamKind::Tcp).await;
     let (mut send, mut recv) = match opened {
         Ok(pair) => pair,
         Err(e) => {

@@ -273,7 +273,7 @@ async fn self_signed_or_missing_client_cert_is_refused() {
         .with_root_certificates(roots_of(&ca.0))
         .with_no_client_auth();
     let mut tls = tls;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = alpn_protocols();
     let anon = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
     ));

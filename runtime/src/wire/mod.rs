@@ -36,6 +36,55 @@ pub const PREFIX_LEN: usize = 4;
 /// instead of guessing at their meaning; bump it on any incompatible change.
 pub const WIRE_VERSION: u8 = 2;
 
+/// A version of the tunnel protocol, named in the handshake by ALPN
+/// (`weft/N`). Both ends offer every version they speak, newest first, and
+/// the newest both speak wins (the server's order decides). A release
+/// speaks its own version and the one before, so adjacent releases always
+/// agree on one; a stream kind a version lacks is never sent on a
+/// connection of that version.
+///
+/// - `weft/1`: HTTP, TCP and key streams, heads of format [`WIRE_VERSION`].
+/// - `weft/2`: `weft/1` and tap streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TunnelVersion {
+    /// `weft/1`.
+    V1,
+    /// `weft/2`.
+    V2,
+}
+
+impl TunnelVersion {
+    /// The versions this build speaks, newest (most preferred) first.
+    pub const SPOKEN: [TunnelVersion; 2] = [TunnelVersion::V2, TunnelVersion::V1];
+
+    /// Its ALPN protocol name.
+    pub fn alpn(self) -> &'static [u8] {
+        match self {
+            TunnelVersion::V1 => b"weft/1",
+            TunnelVersion::V2 => b"weft/2",
+        }
+    }
+
+    /// The version an ALPN protocol name stands for, if this build speaks it.
+    pub fn from_alpn(name: &[u8]) -> Option<TunnelVersion> {
+        Self::SPOKEN.into_iter().find(|v| v.alpn() == name)
+    }
+
+    /// Whether streams of `kind` may be sent on a connection of this version.
+    pub fn carries(self, kind: StreamKind) -> bool {
+        match kind {
+            StreamKind::Http | StreamKind::Tcp | StreamKind::Key => true,
+            StreamKind::Tap => self >= TunnelVersion::V2,
+        }
+    }
+}
+
+impl std::fmt::Display for TunnelVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(std::str::from_utf8(self.alpn()).unwrap_or("weft/?"))
+    }
+}
+
 /// Most headers one head may carry. Checked while decoding (so a peer cannot
 /// make us build a long list) and by [`RequestHead::validate`] (so we never
 /// send what the other side would refuse).

@@ -389,3 +389,17 @@ fn check_decode_is_sane<T: DeserializeOwned + std::fmt::Debug>(
     }
     Ok(())
 }
+
+#[test]
+fn tunnel_versions_name_their_alpn_and_what_they_carry() {
+    for v in TunnelVersion::SPOKEN {
+        assert_eq!(TunnelVersion::from_alpn(v.alpn()), Some(v));
+    }
+    assert_eq!(TunnelVersion::SPOKEN[0], TunnelVersion::V2, "newest first");
+    assert_eq!(TunnelVersion::from_alpn(b"weft/9"), None);
+    assert!(!TunnelVersion::V1.carries(StreamKind::Tap));
+    assert!(TunnelVersion::V2.carries(StreamKind::Tap));
+    for kind in [StreamKind::Http, StreamKind::Tcp, StreamKind::Key] {
+        assert!(TunnelVersion::V1.carries(kind) && TunnelVersion::V2.carries(kind));
+    }
+}
