@@ -31,6 +31,12 @@ use weft_runtime::health_checker::{HealthChecker, TtlPass};
 use weft_runtime::stats_aggregator::StatsHandle;
 use weft_runtime::supervision::Crash;
 
+/// This API described in OpenAPI 3.1 (`docs/api.yaml`), as JSON.
+static OPENAPI: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| {
+    serde_norway::from_str(include_str!("../../docs/api.yaml"))
+        .unwrap_or_else(|e| json!({ "error": format!("docs/api.yaml: {e}") }))
+});
+
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -222,6 +228,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
         (&Method::GET, ["v1", "members"]) => get_members(state),
         (&Method::GET, ["v1", "health"]) => get_health(state),
         (&Method::GET, ["v1", "edges"]) => get_edges(state),
+        (&Method::GET, ["v1", "openapi.json"]) => reply(StatusCode::OK, &OPENAPI),
         (&Method::GET, ["v1", "intentions"]) => {
             reply(StatusCode::OK, &json!(state.intentions.current()))
         }
@@ -300,6 +307,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             | ["v1", "members"]
             | ["v1", "health"]
             | ["v1", "edges"]
+            | ["v1", "openapi.json"]
             | ["v1", "tap"]
             | ["v1", "intentions"]
             | ["v1", "services", _]
@@ -780,6 +788,33 @@ fn get_health(state: &ApiState) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_openapi_document_parses_and_names_every_endpoint() {
+        assert_eq!(OPENAPI["openapi"], "3.1.0", "{}", *OPENAPI);
+        let paths = OPENAPI["paths"].as_object().expect("paths");
+        for path in [
+            "/v1/services",
+            "/v1/services/{id}",
+            "/v1/services/{id}/ttl",
+            "/v1/members",
+            "/v1/health",
+            "/v1/edges",
+            "/v1/intentions",
+            "/v1/upstreams",
+            "/v1/upstreams/{listen}",
+            "/v1/keys",
+            "/v1/keys/primary",
+            "/v1/keys/{id}",
+            "/v1/crl",
+            "/v1/tap",
+            "/v1/openapi.json",
+            "/metrics",
+            "/",
+        ] {
+            assert!(paths.contains_key(path), "{path} is not described");
+        }
+    }
 
     #[test]
     fn upstreams_beyond_loopback_must_be_asked_for() {
