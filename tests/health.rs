@@ -232,6 +232,30 @@ async fn live_metrics_pass_promtool() {
     // A departed service's instance series go, not linger at zero.
     let api = [r#"service="api""#];
     assert_eq!(metric_sum(&text, "weft_instances", &api), 1.0, "{text}");
+    // The dashboard's gauges: n1's requests to api all succeeded, and its
+    // retry budget for api is unused.
+    let effective = wait_for(
+        Duration::from_secs(10),
+        "api's effective success",
+        || async {
+            let text = metrics_text(admin).await;
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(r#"weft_effective_success_ratio{service="api"}"#))?;
+            line.rsplit(' ').next()?.parse::<f64>().ok()
+        },
+    )
+    .await;
+    assert_eq!(effective, 1.0);
+    assert_eq!(
+        metric_sum(&text, "weft_retry_budget_used_ratio", &api),
+        0.0,
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"weft_retry_budget_used_ratio{service="api"}"#),
+        "{text}"
+    );
     let (status, _) = delete(&c.nodes[1].socket, &format!("/v1/services/{id}"))
         .await
         .unwrap();

@@ -660,7 +660,12 @@ fn get_metrics(state: &ApiState) -> Reply {
         return error(StatusCode::SERVICE_UNAVAILABLE, "metrics are not enabled");
     };
     let mut text = handle.render();
-    weft_runtime::state_metrics::render(&mut text, &state.router.load(), &state.stats.load());
+    weft_runtime::state_metrics::render(
+        &mut text,
+        &state.router.load(),
+        &state.stats.load(),
+        |service| state.dataplane.budget_used(service),
+    );
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "text/plain; version=0.0.4")

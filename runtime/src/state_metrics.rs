@@ -14,9 +14,24 @@ use crate::stats_aggregator::StatsSnapshot;
 /// Health states `weft_instances` reports, every one per service (0 included).
 const HEALTH: [&str; 4] = ["passing", "failing", "unknown", "ejected"];
 
-/// Appends `weft_instances{service,health}` and
-/// `weft_learned_retry_delay_seconds{service}` in Prometheus text format.
-pub fn render(out: &mut String, routing: &RouterSnapshot, stats: &StatsSnapshot) {
+/// Appends, in Prometheus text format, `weft_instances{service,health}`,
+/// `weft_learned_retry_delay_seconds{service}`,
+/// `weft_effective_success_ratio{service}`,
+/// `weft_edge_effective_success_ratio{caller,service}` and
+/// `weft_retry_budget_used_ratio{service}` (from `budget_used`).
+pub fn render(
+    out: &mut String,
+    routing: &RouterSnapshot,
+    stats: &StatsSnapshot,
+    budget_used: impl Fn(&str) -> f64,
+) {
+    instances(out, routing);
+    learned_delays(out, stats);
+    effective_success(out, stats);
+    retry_budgets(out, routing, budget_used);
+}
+
+fn instances(out: &mut String, routing: &RouterSnapshot) {
     family(
         out,
         "weft_instances",
@@ -32,6 +47,9 @@ pub fn render(out: &mut String, routing: &RouterSnapshot, stats: &StatsSnapshot)
             );
         }
     }
+}
+
+fn learned_delays(out: &mut String, stats: &StatsSnapshot) {
     family(
         out,
         "weft_learned_retry_delay_seconds",
@@ -46,6 +64,55 @@ pub fn render(out: &mut String, routing: &RouterSnapshot, stats: &StatsSnapshot)
                 ms / 1000.0
             );
         }
+    }
+}
+
+/// Per service (this node's requests) and per edge (cluster-wide).
+fn effective_success(out: &mut String, stats: &StatsSnapshot) {
+    family(
+        out,
+        "weft_effective_success_ratio",
+        "Share of this node's requests to the service that succeeded after the mesh's retries",
+    );
+    for (service, s) in &stats.services {
+        if let Some(rate) = s.effective.success_rate {
+            let _ = writeln!(
+                out,
+                "weft_effective_success_ratio{{service=\"{}\"}} {rate}",
+                escape(service)
+            );
+        }
+    }
+    family(
+        out,
+        "weft_edge_effective_success_ratio",
+        "Share of a caller's requests to a service that succeeded after retries, cluster-wide",
+    );
+    for ((caller, service), e) in &stats.edges {
+        if let Some(rate) = e.effective_success_rate {
+            let _ = writeln!(
+                out,
+                "weft_edge_effective_success_ratio{{caller=\"{}\",service=\"{}\"}} {rate}",
+                escape(caller),
+                escape(service)
+            );
+        }
+    }
+}
+
+fn retry_budgets(out: &mut String, routing: &RouterSnapshot, budget_used: impl Fn(&str) -> f64) {
+    family(
+        out,
+        "weft_retry_budget_used_ratio",
+        "Share of this node's retry budget for the service in use (1: retries are refused)",
+    );
+    for service in routing.catalog.services.keys() {
+        let _ = writeln!(
+            out,
+            "weft_retry_budget_used_ratio{{service=\"{}\"}} {}",
+            escape(service),
+            budget_used(service)
+        );
     }
 }
 
@@ -77,6 +144,7 @@ mod tests {
             &mut out,
             &RouterSnapshot::default(),
             &StatsSnapshot::default(),
+            |_| 0.0,
         );
         assert!(out.contains("# TYPE weft_instances gauge"));
         assert!(!out.contains("weft_instances{"), "{out}");
