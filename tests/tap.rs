@@ -136,6 +136,22 @@ async fn a_tap_at_one_node_sees_requests_made_at_another() {
     );
     assert_eq!(api.requests(0).await.len(), 5, "no 500 of another service");
 
+    // n2 restarts: the tap picks it up again and sees its requests.
+    let mut c = c;
+    c.restart(1);
+    c.wait_converged(3, Duration::from_secs(20)).await;
+    wait_for(
+        Duration::from_secs(20),
+        "the tap sees n2's requests again",
+        || async {
+            if proxy_get(c.nodes[1].proxy, "api").await != 200 {
+                return None;
+            }
+            (api.requests(0).await.len() > 5).then_some(())
+        },
+    )
+    .await;
+
     // Off once nobody listens: no listener left on any node.
     drop((api, errors));
     for node in &c.nodes {

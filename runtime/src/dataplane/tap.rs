@@ -7,12 +7,15 @@
 //! one atomic load for it. Listeners are few ([`MAX_LISTENERS`] a node)
 //! and each has a bounded queue ([`QUEUE`] lines); one that falls behind
 //! loses lines and is told how many. The node asked fans out over the
-//! tunnel (a [`StreamKind::Tap`] stream to each live member), so a tap
-//! from any node sees the whole cluster.
+//! tunnel (a [`StreamKind::Tap`] stream to each live member, and to members
+//! that join or come back while it lasts), so a tap from any node sees the
+//! whole cluster.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use quinn::SendStream;
 use serde::{Deserialize, Serialize};
@@ -270,47 +273,108 @@ impl ClusterTap {
     }
 }
 
-/// Taps this node and every other live member for `filter`; `None` when
-/// this node has [`MAX_LISTENERS`] taps already.
+/// How often a cluster tap looks for members it is not tapping (joined,
+/// restarted, or lost for a moment).
+const RESCAN: Duration = Duration::from_secs(2);
+
+/// Taps this node and every other live member for `filter`, and members
+/// that join or come back while it lasts; `None` when this node has
+/// [`MAX_LISTENERS`] taps already.
 pub fn cluster(dp: &Arc<DataPlane>, filter: Filter) -> Option<ClusterTap> {
-    let mut local = dp.tap.listen(filter.clone())?;
-    let (tx, lines) = mpsc::channel(QUEUE);
+    let local = dp.tap.listen(filter.clone())?;
+    let (out, lines) = mpsc::channel(QUEUE);
     let mut parts = JoinSet::new();
-    let node = dp.node.clone();
-    let out = tx.clone();
-    parts.spawn(async move {
+    parts.spawn(relay_local(dp.node.clone(), local, out.clone()));
+    parts.spawn(follow_members(dp.clone(), filter, out));
+    Some(ClusterTap {
+        lines,
+        _parts: parts,
+    })
+}
+
+/// This node's own lines, until the tap's reader goes.
+async fn relay_local(node: String, mut local: Listener, out: mpsc::Sender<ClusterLine>) {
+    if out
+        .send(ClusterLine::Listening(node.clone()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    loop {
+        let line = local.next().await;
         if out
-            .send(ClusterLine::Listening(node.clone()))
+            .send(ClusterLine::From(node.clone(), line))
             .await
             .is_err()
         {
             return;
         }
-        loop {
-            let line = local.next().await;
-            if out
-                .send(ClusterLine::From(node.clone(), line))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
-    for (peer, addr) in peers(dp) {
-        let (dp, filter, out) = (dp.clone(), filter.clone(), tx.clone());
-        parts.spawn(async move {
-            if let Err(e) = from_peer(&dp, &peer, addr, &filter, &out).await {
-                let _ = out
-                    .send(ClusterLine::Unreachable(peer, e.to_string()))
-                    .await;
-            }
-        });
     }
-    Some(ClusterTap {
-        lines,
-        _parts: parts,
-    })
+}
+
+/// How one member's part of a tap ended.
+struct PeerEnded {
+    peer: String,
+    /// It had been listening (so a failure now is news).
+    listened: bool,
+    error: Option<String>,
+}
+
+/// Taps every live member, again each one whose part ended, every
+/// [`RESCAN`], until the tap's reader goes. A member that cannot be tapped
+/// is reported once until it listens again.
+async fn follow_members(dp: Arc<DataPlane>, filter: Filter, out: mpsc::Sender<ClusterLine>) {
+    let mut parts: JoinSet<PeerEnded> = JoinSet::new();
+    let mut tapping: HashSet<String> = HashSet::new();
+    let mut failing: HashSet<String> = HashSet::new();
+    let mut rescan = tokio::time::interval(RESCAN);
+    loop {
+        tokio::select! {
+            _ = rescan.tick() => {
+                for (peer, addr) in peers(&dp) {
+                    if tapping.insert(peer.clone()) {
+                        let (dp, filter, out) = (dp.clone(), filter.clone(), out.clone());
+                        parts.spawn(async move { tap_peer(&dp, peer, addr, &filter, &out).await });
+                    }
+                }
+            }
+            Some(Ok(ended)) = parts.join_next() => {
+                tapping.remove(&ended.peer);
+                if ended.listened {
+                    failing.remove(&ended.peer);
+                }
+                if let Some(error) = ended.error {
+                    if failing.insert(ended.peer.clone())
+                        && out.send(ClusterLine::Unreachable(ended.peer, error)).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            () = out.closed() => return,
+        }
+    }
+}
+
+/// One member's part of a tap, until it or the reader ends.
+async fn tap_peer(
+    dp: &DataPlane,
+    peer: String,
+    addr: Option<SocketAddr>,
+    filter: &Filter,
+    out: &mpsc::Sender<ClusterLine>,
+) -> PeerEnded {
+    let mut listened = false;
+    let error = from_peer(dp, &peer, addr, filter, out, &mut listened)
+        .await
+        .err()
+        .map(|e| e.to_string());
+    PeerEnded {
+        peer,
+        listened,
+        error,
+    }
 }
 
 /// Live members other than this node, with their tunnel addresses.
@@ -340,6 +404,7 @@ async fn from_peer(
     addr: Option<SocketAddr>,
     filter: &Filter,
     out: &mpsc::Sender<ClusterLine>,
+    listened: &mut bool,
 ) -> Result<(), TunnelError> {
     let addr = addr.ok_or_else(|| TunnelError::Stream("it announces no tunnel address".into()))?;
     let (mut send, mut recv) = dp.tunnels.open(peer, addr, StreamKind::Tap).await?;
@@ -363,6 +428,7 @@ async fn from_peer(
     if let Some(error) = reply.error {
         return Err(TunnelError::Stream(format!("refused: {error}")));
     }
+    *listened = true;
     if out
         .send(ClusterLine::Listening(peer.to_string()))
         .await
