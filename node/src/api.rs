@@ -19,7 +19,8 @@ use weft_runtime::listener::{ApiBody, HttpHandler, Origin};
 use weft_runtime::router::RouterHandle;
 
 use crate::callers::{CallerPorts, Wanted};
-use crate::intentions::{ClusterIntentions, Record, Refused};
+use crate::cluster_config::Refused;
+use crate::intentions::{ClusterIntentions, Record};
 use crate::keyring::{ClusterKeys, KeysError};
 use crate::registry::Registry;
 use crate::upstreams::Upstreams;

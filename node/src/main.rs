@@ -25,6 +25,7 @@ mod api;
 mod callers;
 mod cli;
 mod client;
+mod cluster_config;
 mod config;
 mod crl;
 mod demo;

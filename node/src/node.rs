@@ -29,7 +29,6 @@ use crate::cli::NodeArgs;
 use crate::config::NodeConfig;
 use crate::crl;
 use crate::init;
-use crate::intentions::ClusterIntentions;
 use crate::keyring::ClusterKeys;
 use crate::logging::{announce, Logging};
 use crate::registry::Registry;
@@ -192,7 +191,7 @@ async fn serve(
         registered: Registered::new(registry.subscribe()),
         keys: Some(keys.clone() as Arc<dyn weft_runtime::dataplane::keys::KeyVault>),
     });
-    let intentions = Arc::new(ClusterIntentions::load(&cfg.data_dir, dataplane.clone())?);
+    let intentions = Arc::new(crate::intentions::load(&cfg.data_dir, dataplane.clone())?);
     intentions.trust_operators(Arc::new(tls::OperatorAuthority::new(tunnels.trust())));
     intentions.clone().follow(cluster.views(), writer.clone());
     let router = {
