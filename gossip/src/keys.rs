@@ -27,6 +27,9 @@ pub enum Key {
     Crl,
     /// The cluster's intentions the node adopted, with their operator grant.
     Intentions,
+    /// The cluster's routes (weighted splits by tag) the node adopted, with
+    /// their operator grant.
+    Routes,
     /// An instance this node hosts.
     Svc(String),
     /// What this node's checker or outlier detector concluded about an instance.
@@ -68,6 +71,7 @@ impl Key {
             Key::Sig => "sig".to_string(),
             Key::Crl => "crl".to_string(),
             Key::Intentions => "intentions".to_string(),
+            Key::Routes => "routes".to_string(),
             Key::Svc(id) => format!("svc/{id}"),
             Key::Health(id) => format!("health/{id}"),
             Key::Stats(svc) => format!("stats/{svc}"),
@@ -85,6 +89,7 @@ impl Key {
             "sig" => return Some(Key::Sig),
             "crl" => return Some(Key::Crl),
             "intentions" => return Some(Key::Intentions),
+            "routes" => return Some(Key::Routes),
             _ => {}
         }
         let (prefix, rest) = raw.split_once('/')?;
@@ -168,6 +173,7 @@ mod tests {
         for key in [
             Key::Node,
             Key::Intentions,
+            Key::Routes,
             Key::Svc("web-n1-8080".into()),
             Key::Health("db.1".into()),
             Key::Stats("web".into()),

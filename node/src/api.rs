@@ -19,10 +19,11 @@ use weft_runtime::listener::{ApiBody, HttpHandler, Origin};
 use weft_runtime::router::RouterHandle;
 
 use crate::callers::{CallerPorts, Wanted};
-use crate::cluster_config::Refused;
-use crate::intentions::{ClusterIntentions, Record};
+use crate::cluster_config::{ClusterConfig, ConfigRecord, Refused};
+use crate::intentions::ClusterIntentions;
 use crate::keyring::{ClusterKeys, KeysError};
 use crate::registry::Registry;
+use crate::routes::ClusterRoutes;
 use crate::upstreams::Upstreams;
 use crate::NodeError;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -54,6 +55,8 @@ pub struct ApiState {
     pub crls: Arc<crate::crl::Crls>,
     /// The cluster's intentions (`PUT /v1/intentions`, socket only).
     pub intentions: Arc<ClusterIntentions>,
+    /// The cluster's routes (`PUT /v1/routes`, socket only).
+    pub routes: Arc<ClusterRoutes>,
     /// Local registrations.
     pub registry: Arc<Registry>,
     /// The routing table.
@@ -233,6 +236,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
         (&Method::GET, ["v1", "intentions"]) => {
             reply(StatusCode::OK, &json!(state.intentions.current()))
         }
+        (&Method::GET, ["v1", "routes"]) => reply(StatusCode::OK, &json!(state.routes.current())),
         (&Method::GET, ["v1", "upstreams"]) => get_upstreams(state).await,
         (&Method::GET, ["metrics"]) if read_only => get_metrics(state),
         (_, ["v1", ..]) if read_only && method != Method::GET => error(
@@ -274,7 +278,11 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             Err(reply) => reply,
         },
         (&Method::PUT, ["v1", "intentions"]) => match read_json(req).await {
-            Ok(body) => put_intentions(state, body),
+            Ok(body) => put_config(&state.intentions, body),
+            Err(reply) => reply,
+        },
+        (&Method::PUT, ["v1", "routes"]) => match read_json(req).await {
+            Ok(body) => put_config(&state.routes, body),
             Err(reply) => reply,
         },
         (&Method::GET, ["v1", "keys"]) => reply(
@@ -311,6 +319,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             | ["v1", "openapi.json"]
             | ["v1", "tap"]
             | ["v1", "intentions"]
+            | ["v1", "routes"]
             | ["v1", "services", _]
             | ["v1", "services", _, "ttl"]
             | ["v1", "upstreams"]
@@ -681,14 +690,15 @@ fn round(v: Option<f64>, places: i32) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// A new version of the cluster's intentions with its operator grant.
-fn put_intentions(state: &ApiState, body: Value) -> Reply {
-    let record: Record = match serde_json::from_value(body) {
+/// A new version of a cluster config object (the intentions, the routes)
+/// with its operator grant.
+fn put_config<R: ConfigRecord>(config: &ClusterConfig<R>, body: Value) -> Reply {
+    let record: R = match serde_json::from_value(body) {
         Ok(record) => record,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("intentions: {e}")),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{}: {e}", R::OBJECT)),
     };
-    let version = record.intentions.version;
-    match state.intentions.adopt(record) {
+    let version = record.version();
+    match config.adopt(record) {
         Ok(operator) => reply(
             StatusCode::OK,
             &json!({"version": version, "operator": operator}),
@@ -807,6 +817,7 @@ mod tests {
             "/v1/health",
             "/v1/edges",
             "/v1/intentions",
+            "/v1/routes",
             "/v1/upstreams",
             "/v1/upstreams/{listen}",
             "/v1/keys",

@@ -73,6 +73,11 @@ pub enum Command {
     /// an operator certificate and reach every node by gossip.
     #[command(subcommand)]
     Intentions(IntentionsCommand),
+    /// Split a service's traffic by instance tag across the cluster (`weft
+    /// route payments v1=90 v2=10`), `--clear` it, or list every route.
+    /// Changes are signed by an operator certificate and reach every node
+    /// by gossip.
+    Route(RouteArgs),
     /// Register a local service instance with the node.
     Register(RegisterArgs),
     /// Remove a registration by id.
@@ -236,6 +241,38 @@ pub enum IntentionsCommand {
         /// Called service.
         destination: String,
     },
+}
+
+/// Flags of `weft route`.
+#[derive(Debug, Args)]
+pub struct RouteArgs {
+    /// The service to split; without it, every route is listed.
+    pub service: Option<String>,
+    /// TAG=WEIGHT pairs, e.g. v1=90 v2=10 (weights are relative).
+    pub splits: Vec<String>,
+    /// Remove the service's route: any of its instances again.
+    #[arg(long, conflicts_with = "splits")]
+    pub clear: bool,
+    /// Print JSON (when listing).
+    #[arg(long)]
+    pub json: bool,
+    /// Operator certificate that signs a change (from `weft cert issue
+    /// --operator NAME`).
+    #[arg(long, env = "WEFT_OPERATOR_CERT", value_name = "FILE")]
+    pub operator_cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "WEFT_OPERATOR_KEY", value_name = "FILE")]
+    pub operator_key: Option<PathBuf>,
+}
+
+impl RouteArgs {
+    /// The operator's certificate and key, when both are given.
+    pub fn operator(&self) -> Option<OperatorArgs> {
+        Some(OperatorArgs {
+            operator_cert: self.operator_cert.clone()?,
+            operator_key: self.operator_key.clone()?,
+        })
+    }
 }
 
 /// The operator certificate that signs a cluster config change.

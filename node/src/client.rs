@@ -145,6 +145,26 @@ pub fn intentions_table(body: &Value) -> String {
     out
 }
 
+/// `weft route` (no service) as a table: one row per service and tag.
+pub fn routes_table(body: &Value) -> String {
+    let routes = &body["routes"];
+    let mut out = format!("version {}\n\n", s(&routes["version"]));
+    let rows: Vec<Vec<String>> = routes["splits"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .flat_map(|(service, splits)| {
+            splits
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |split| vec![service.clone(), s(&split["tag"]), s(&split["weight"])])
+        })
+        .collect();
+    out.push_str(&table(&["SERVICE", "TAG", "WEIGHT"], &rows));
+    out
+}
+
 /// `weft edges` as a table.
 pub fn edges_table(body: &Value) -> String {
     let pct = |v: &Value| match v.as_f64() {

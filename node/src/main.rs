@@ -39,6 +39,7 @@ mod logging;
 mod node;
 mod otlp;
 mod registry;
+mod routes;
 mod store;
 mod tap_command;
 mod upstreams;
@@ -298,6 +299,7 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
             }
             Command::Keys(keys) => keys_command::run(&socket, keys).await,
             Command::Intentions(cmd) => intentions_command::run(&socket, cmd).await,
+            Command::Route(args) => routes::run(&socket, args).await,
             Command::Cert(cli::CertCommand::PublishCrl { crl }) => {
                 let pem = std::fs::read_to_string(&crl)
                     .map_err(|e| NodeError::Config(format!("{}: {e}", crl.display())))?;

@@ -194,6 +194,9 @@ async fn serve(
     let intentions = Arc::new(crate::intentions::load(&cfg.data_dir, dataplane.clone())?);
     intentions.trust_operators(Arc::new(tls::OperatorAuthority::new(tunnels.trust())));
     intentions.clone().follow(cluster.views(), writer.clone());
+    let routes = Arc::new(crate::routes::load(&cfg.data_dir, dataplane.clone())?);
+    routes.trust_operators(Arc::new(tls::OperatorAuthority::new(tunnels.trust())));
+    routes.clone().follow(cluster.views(), writer.clone());
     let router = {
         let (views, handle, dp) = (cluster.views(), router_handle.clone(), dataplane.clone());
         Supervisor::start(move |_| Router::with_handle(views, handle).maintaining(dp))
@@ -204,6 +207,7 @@ async fn serve(
         keys,
         crls: crls.clone(),
         intentions,
+        routes,
         registry: registry.clone(),
         router: router_handle.clone(),
         upstreams: upstreams.clone(),
@@ -674,7 +678,11 @@ fn export_alert_counters() {
         (
             "weft_gossip_rejected_total",
             "reason",
-            &["ungranted_keyring", "ungranted_intentions"],
+            &[
+                "ungranted_keyring",
+                "ungranted_intentions",
+                "ungranted_routes",
+            ],
         ),
     ];
     for (name, label, values) in counters {

@@ -19,6 +19,7 @@ use weft_gossip::{Catalog, Instance};
 
 use super::{MeshError, RetryPolicy};
 use crate::policy::balancer::{pick_preferring, PeakEwma, DEFAULT_DECAY, DEFAULT_RTT};
+use crate::policy::routes::{choose_tag, Split};
 
 /// An instance's health as routing sees it (the catalog's string, parsed
 /// once per catalog change).
@@ -182,6 +183,11 @@ impl Endpoint {
     pub fn same(&self, other: &Endpoint) -> bool {
         Arc::ptr_eq(&self.state, &other.state)
     }
+
+    /// Whether its instance carries `tag`.
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.instance.tags.iter().any(|t| t == tag)
+    }
 }
 
 /// Every service's endpoints, built from a catalog.
@@ -234,11 +240,13 @@ impl Endpoints {
     /// none: the power of two choices by peak-EWMA cost among the routable
     /// instances that are not ejected (all routable ones when every one
     /// is: panic routing), avoiding those in `tried` when another exists.
-    /// Allocates nothing.
+    /// With a `split`, first a tag by weight among the tags that have such
+    /// an instance, then an instance of that tag. Allocates nothing.
     pub fn pick<R: Rng + ?Sized>(
         &self,
         service: &str,
         protocol: Protocol,
+        split: Option<&[Split]>,
         tried: &[Endpoint],
         now: Instant,
         rng: &mut R,
@@ -251,8 +259,13 @@ impl Endpoints {
         let fresh = |e: &Endpoint| usable(e) && !e.is_ejected(now);
         let panic = !all.iter().any(fresh);
         let eligible = |e: &Endpoint| if panic { usable(e) } else { fresh(e) };
+        let tag = split.and_then(|split| {
+            let available = |tag: &str| all.iter().any(|e| eligible(e) && e.has_tag(tag));
+            choose_tag(split, available, rng.gen())
+        });
+        let in_split = |e: &Endpoint| eligible(e) && tag.is_none_or(|t| e.has_tag(t));
         let untried = |e: &Endpoint| !tried.iter().any(|t| t.same(e));
-        pick_preferring(all, eligible, untried, |e| e.state.cost(now), rng)
+        pick_preferring(all, in_split, untried, |e| e.state.cost(now), rng)
             .ok_or(MeshError::NoHealthyInstance)
     }
 }

@@ -54,6 +54,7 @@ use crate::policy::episodes::{exponential_delay, learned_delay, outage_hold};
 use crate::policy::intentions::{Action, Decision, Intentions};
 use crate::policy::outlier::{Change, OutlierConfig, OutlierDetector};
 use crate::policy::retry::ServiceBudgets;
+use crate::policy::routes::Routes;
 use crate::policy::stats::learned_timeout;
 use crate::router::{RouterHandle, RouterSnapshot};
 use crate::stats_aggregator::StatsHandle;
@@ -205,6 +206,8 @@ pub struct DataPlane {
     /// The cluster's intentions this node adopted (everything allowed
     /// until an operator says otherwise).
     intentions: ArcSwap<Intentions>,
+    /// The cluster's routes (weighted splits by tag) this node adopted.
+    routes: ArcSwap<Routes>,
     /// This node's name as a `weft-caller-node` value, made once.
     pub(crate) node_header: http::HeaderValue,
     outliers: Mutex<OutlierDetector<(String, String)>>,
@@ -292,6 +295,7 @@ impl DataPlane {
             instance_slots: inbound::InstanceSlots::default(),
             keys,
             intentions: ArcSwap::default(),
+            routes: ArcSwap::default(),
             node_header,
             outliers: Mutex::new(OutlierDetector::new(OutlierConfig::default())),
             writer,
@@ -304,6 +308,11 @@ impl DataPlane {
     /// Enforces `intentions` from now on.
     pub fn set_intentions(&self, intentions: Arc<Intentions>) {
         self.intentions.store(intentions);
+    }
+
+    /// Splits traffic by `routes` from now on.
+    pub fn set_routes(&self, routes: Arc<Routes>) {
+        self.routes.store(routes);
     }
 
     /// Whether `caller` may call `service` under the cluster's intentions.
@@ -552,10 +561,12 @@ impl DataPlane {
         protocol: Protocol,
         tried: &[Endpoint],
     ) -> Result<Endpoint, MeshError> {
+        let routes = self.routes.load();
         snap.endpoints
             .pick(
                 service,
                 protocol,
+                routes.split(service),
                 tried,
                 Instant::now(),
                 &mut rand::thread_rng(),

@@ -10,4 +10,5 @@ pub mod intentions;
 pub mod outlier;
 pub mod recovery;
 pub mod retry;
+pub mod routes;
 pub mod stats;

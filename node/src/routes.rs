@@ -1,0 +1,108 @@
+//! The cluster's routes (weighted splits by instance tag) as this node
+//! holds them: cluster config (see [`crate::cluster_config`]) that the
+//! data plane follows when it picks an instance; and `weft route`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use hyper::Method;
+use serde::{Deserialize, Serialize};
+use weft_gossip::grant::Grant;
+use weft_gossip::Key;
+use weft_runtime::dataplane::DataPlane;
+use weft_runtime::policy::routes::{parse_splits, Routes};
+
+use crate::cli::RouteArgs;
+use crate::cluster_config::{ClusterConfig, ConfigRecord};
+use crate::{client, keys_command, NodeError};
+
+/// One version and the operator's grant that made it (none for version 0).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    /// The splits.
+    pub routes: Routes,
+    /// The operator's signature over the version and its digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<Grant>,
+}
+
+impl ConfigRecord for Record {
+    const OBJECT: &'static str = "routes";
+
+    fn key() -> Key {
+        Key::Routes
+    }
+
+    fn version(&self) -> u64 {
+        self.routes.version
+    }
+
+    fn digest(&self) -> String {
+        self.routes.digest()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.routes.validate()
+    }
+
+    fn grant(&self) -> Option<&Grant> {
+        self.grant.as_ref()
+    }
+}
+
+/// This node's routes.
+pub type ClusterRoutes = ClusterConfig<Record>;
+
+/// Loads `routes.json` (missing: no splits) and hands each version adopted
+/// to `dataplane`.
+pub fn load(data_dir: &Path, dataplane: Arc<DataPlane>) -> Result<ClusterRoutes, NodeError> {
+    ClusterConfig::load(
+        data_dir,
+        Box::new(move |record: &Record| dataplane.set_routes(Arc::new(record.routes.clone()))),
+    )
+}
+
+/// Runs `weft route` against the node at `socket`.
+pub async fn run(socket: &Path, args: RouteArgs) -> Result<(), NodeError> {
+    let Some(service) = args.service.clone() else {
+        return crate::show(socket, "/v1/routes", args.json, client::routes_table).await;
+    };
+    let splits = if args.clear {
+        None
+    } else if args.splits.is_empty() {
+        return Err(NodeError::Config(format!(
+            "give TAG=WEIGHT pairs (e.g. `weft route {service} v1=90 v2=10`) or --clear"
+        )));
+    } else {
+        Some(parse_splits(&args.splits).map_err(NodeError::Config)?)
+    };
+    let operator = args.operator().ok_or_else(|| {
+        NodeError::Config(
+            "a route change is signed: give --operator-cert and --operator-key (or WEFT_OPERATOR_CERT, WEFT_OPERATOR_KEY)".into(),
+        )
+    })?;
+    let operator = keys_command::load(&operator)?;
+    let (status, body) = client::call(socket, Method::GET, "/v1/routes", None).await?;
+    client::check(status, &body)?;
+    let held: Record =
+        serde_json::from_value(body).map_err(|e| NodeError::Io(format!("routes: {e}")))?;
+    let next = held
+        .routes
+        .with(&service, splits)
+        .map_err(NodeError::Config)?;
+    let grant = operator.grant(Record::OBJECT, next.version, &next.digest());
+    let version = next.version;
+    let record = Record {
+        routes: next,
+        grant: Some(grant),
+    };
+    let body = serde_json::to_value(&record).map_err(|e| NodeError::Io(e.to_string()))?;
+    let (status, reply) = client::call(socket, Method::PUT, "/v1/routes", Some(body)).await?;
+    client::check(status, &reply)?;
+    println!(
+        "routes version {version}, granted by operator {}; every node splits {service} so once gossip brings it (see `weft route`)",
+        operator.name
+    );
+    Ok(())
+}
