@@ -54,7 +54,7 @@ fn pick(c: &mut Criterion) {
     c.bench_function("pick: p2c over 10 endpoints", |b| {
         b.iter(|| {
             let e = endpoints
-                .pick(black_box("svc42"), Protocol::Http, &[], now, &mut rng)
+                .pick(black_box("svc42"), Protocol::Http, None, &[], now, &mut rng)
                 .expect("endpoint");
             black_box(e);
         })
@@ -63,7 +63,14 @@ fn pick(c: &mut Criterion) {
     c.bench_function("pick: retry, one tried", |b| {
         b.iter(|| {
             let e = endpoints
-                .pick(black_box("svc42"), Protocol::Http, &tried, now, &mut rng)
+                .pick(
+                    black_box("svc42"),
+                    Protocol::Http,
+                    None,
+                    &tried,
+                    now,
+                    &mut rng,
+                )
                 .expect("endpoint");
             black_box(e);
         })

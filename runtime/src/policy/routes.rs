@@ -126,11 +126,7 @@ impl Routes {
 /// The tag a request gets: by weight among the tags of `splits` for which
 /// `available` holds, with `roll` uniform in [0, 1). `None` when no tag
 /// with a weight is available.
-pub fn choose_tag(
-    splits: &[Split],
-    available: impl Fn(&str) -> bool,
-    roll: f64,
-) -> Option<&str> {
+pub fn choose_tag(splits: &[Split], available: impl Fn(&str) -> bool, roll: f64) -> Option<&str> {
     let open = || splits.iter().filter(|s| s.weight > 0 && available(&s.tag));
     let total: u64 = open().map(|s| u64::from(s.weight)).sum();
     if total == 0 {
