@@ -36,7 +36,11 @@ impl Lengths {
             phase: Duration::from_secs(5),
             concurrent: 20,
             rate_per_client: 5.0,
-            only: &["flap 300/1500 ms", "total outage, 5 callers"],
+            only: &[
+                "flap 300/1500 ms",
+                "private flap 250/1000 ms",
+                "total outage, 5 callers",
+            ],
         }
     }
 
