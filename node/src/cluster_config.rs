@@ -35,6 +35,8 @@ pub trait ConfigRecord:
     fn validate(&self) -> Result<(), String>;
     /// The operator's grant.
     fn grant(&self) -> Option<&Grant>;
+    /// The same version with `grant`.
+    fn with_grant(self, grant: Grant) -> Self;
 }
 
 /// Why a version was not adopted.

@@ -50,6 +50,13 @@ impl ConfigRecord for Record {
     fn grant(&self) -> Option<&Grant> {
         self.grant.as_ref()
     }
+
+    fn with_grant(self, grant: Grant) -> Self {
+        Record {
+            grant: Some(grant),
+            ..self
+        }
+    }
 }
 
 /// This node's intentions.

@@ -1,14 +1,10 @@
-//! `weft intentions ...`: each change is made here over the version the
-//! node holds, granted by the operator whose certificate and key the
-//! command is given; the node checks the grant and gossip carries the new
-//! version to every node.
+//! `weft intentions ...` (changes go through [`crate::config_command`]).
 
 use std::path::Path;
 
 use crate::cli::IntentionsCommand;
-use crate::intentions::{Record, OBJECT};
-use crate::{client, keys_command, NodeError};
-use hyper::Method;
+use crate::intentions::Record;
+use crate::{client, config_command, NodeError};
 use weft_runtime::policy::intentions::{Action, Change, Rule};
 
 /// Runs one `weft intentions` command against the node at `socket`.
@@ -21,7 +17,7 @@ pub async fn run(socket: &Path, cmd: IntentionsCommand) -> Result<(), NodeError>
             source,
             destination,
         } => {
-            let held = fetch(socket).await?;
+            let held: Record = config_command::fetch(socket).await?;
             let decision = held.intentions.decide(&source, &destination);
             println!(
                 "{source} -> {destination}: {} by {} (intentions version {})",
@@ -59,21 +55,15 @@ pub async fn run(socket: &Path, cmd: IntentionsCommand) -> Result<(), NodeError>
             (Change::Default(action), operator)
         }
     };
-    let operator = keys_command::load(&operator)?;
-    let held = fetch(socket).await?;
-    let next = held.intentions.changed(change).map_err(NodeError::Config)?;
-    let grant = operator.grant(OBJECT, next.version, &next.digest());
-    let version = next.version;
-    let record = Record {
-        intentions: next,
-        grant: Some(grant),
-    };
-    let body = serde_json::to_value(&record).map_err(|e| NodeError::Io(e.to_string()))?;
-    let (status, reply) = client::call(socket, Method::PUT, "/v1/intentions", Some(body)).await?;
-    client::check(status, &reply)?;
+    let (version, operator) = config_command::change(socket, &operator, |held: Record| {
+        Ok(Record {
+            intentions: held.intentions.changed(change)?,
+            grant: None,
+        })
+    })
+    .await?;
     println!(
-        "intentions version {version}, granted by operator {}; every node enforces it once gossip brings it (see `weft intentions list`)",
-        operator.name
+        "intentions version {version}, granted by operator {operator}; every node enforces it once gossip brings it (see `weft intentions list`)"
     );
     Ok(())
 }
@@ -84,10 +74,4 @@ fn set(source: String, destination: String, action: Action) -> Change {
         destination,
         action,
     })
-}
-
-async fn fetch(socket: &Path) -> Result<Record, NodeError> {
-    let (status, body) = client::call(socket, Method::GET, "/v1/intentions", None).await?;
-    client::check(status, &body)?;
-    serde_json::from_value(body).map_err(|e| NodeError::Io(format!("intentions: {e}")))
 }

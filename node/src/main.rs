@@ -27,6 +27,7 @@ mod cli;
 mod client;
 mod cluster_config;
 mod config;
+mod config_command;
 mod crl;
 mod demo;
 mod follow;

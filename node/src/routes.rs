@@ -5,7 +5,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use hyper::Method;
 use serde::{Deserialize, Serialize};
 use weft_gossip::grant::Grant;
 use weft_gossip::Key;
@@ -14,7 +13,7 @@ use weft_runtime::policy::routes::{parse_splits, Routes};
 
 use crate::cli::RouteArgs;
 use crate::cluster_config::{ClusterConfig, ConfigRecord};
-use crate::{client, keys_command, NodeError};
+use crate::{client, config_command, NodeError};
 
 /// One version and the operator's grant that made it (none for version 0).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +48,13 @@ impl ConfigRecord for Record {
     fn grant(&self) -> Option<&Grant> {
         self.grant.as_ref()
     }
+
+    fn with_grant(self, grant: Grant) -> Self {
+        Record {
+            grant: Some(grant),
+            ..self
+        }
+    }
 }
 
 /// This node's routes.
@@ -82,27 +88,15 @@ pub async fn run(socket: &Path, args: RouteArgs) -> Result<(), NodeError> {
             "a route change is signed: give --operator-cert and --operator-key (or WEFT_OPERATOR_CERT, WEFT_OPERATOR_KEY)".into(),
         )
     })?;
-    let operator = keys_command::load(&operator)?;
-    let (status, body) = client::call(socket, Method::GET, "/v1/routes", None).await?;
-    client::check(status, &body)?;
-    let held: Record =
-        serde_json::from_value(body).map_err(|e| NodeError::Io(format!("routes: {e}")))?;
-    let next = held
-        .routes
-        .with(&service, splits)
-        .map_err(NodeError::Config)?;
-    let grant = operator.grant(Record::OBJECT, next.version, &next.digest());
-    let version = next.version;
-    let record = Record {
-        routes: next,
-        grant: Some(grant),
-    };
-    let body = serde_json::to_value(&record).map_err(|e| NodeError::Io(e.to_string()))?;
-    let (status, reply) = client::call(socket, Method::PUT, "/v1/routes", Some(body)).await?;
-    client::check(status, &reply)?;
+    let (version, operator) = config_command::change(socket, &operator, |held: Record| {
+        Ok(Record {
+            routes: held.routes.with(&service, splits)?,
+            grant: None,
+        })
+    })
+    .await?;
     println!(
-        "routes version {version}, granted by operator {}; every node splits {service} so once gossip brings it (see `weft route`)",
-        operator.name
+        "routes version {version}, granted by operator {operator}; every node splits {service} so once gossip brings it (see `weft route`)"
     );
     Ok(())
 }

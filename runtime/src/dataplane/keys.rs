@@ -11,7 +11,7 @@ use quinn::SendStream;
 use super::error::MeshError;
 use super::DataPlane;
 use crate::tunnel::{self, TunnelError, TunnelPool};
-use crate::wire::{RequestHead, ResponseHead, StreamKind, WIRE_VERSION};
+use crate::wire::{RequestHead, ResponseHead, StreamKind};
 
 /// The `service` of a key request's head.
 const SERVICE: &str = "weft-keyring";
@@ -58,19 +58,7 @@ pub async fn fetch(
     id: &str,
 ) -> Result<Vec<u8>, TunnelError> {
     let (mut send, mut recv) = tunnels.open(node, addr, StreamKind::Key).await?;
-    let head = RequestHead {
-        version: WIRE_VERSION,
-        kind: StreamKind::Key,
-        service: SERVICE.to_string(),
-        instance: id.to_string(),
-        method: String::new(),
-        uri: String::new(),
-        headers: Vec::new(),
-        deadline_ms: 5_000,
-        attempt: 0,
-        http2: false,
-        end_stream: true,
-    };
+    let head = RequestHead::control(StreamKind::Key, SERVICE, id, String::new(), 5_000);
     tunnel::write_frame(&mut send, &head).await?;
     let _ = send.finish();
     let reply: ResponseHead = tunnel::read_frame(&mut recv).await?;

@@ -27,7 +27,7 @@ use super::error::MeshError;
 use super::DataPlane;
 use crate::access_log::AccessEntry;
 use crate::tunnel::{self, TunnelError};
-use crate::wire::{RequestHead, ResponseHead, StreamKind, WIRE_VERSION};
+use crate::wire::{RequestHead, ResponseHead, StreamKind};
 
 /// Taps listening on one node at once, local and from peers.
 pub const MAX_LISTENERS: usize = 16;
@@ -408,20 +408,8 @@ async fn from_peer(
 ) -> Result<(), TunnelError> {
     let addr = addr.ok_or_else(|| TunnelError::Stream("it announces no tunnel address".into()))?;
     let (mut send, mut recv) = dp.tunnels.open(peer, addr, StreamKind::Tap).await?;
-    let head = RequestHead {
-        version: WIRE_VERSION,
-        kind: StreamKind::Tap,
-        service: SERVICE.to_string(),
-        // Names are never empty on the wire; a tap names no instance.
-        instance: "all".to_string(),
-        method: String::new(),
-        uri: filter.to_query(),
-        headers: Vec::new(),
-        deadline_ms: u32::MAX,
-        attempt: 0,
-        http2: false,
-        end_stream: true,
-    };
+    // A tap has no deadline; it asks for all of the node's requests.
+    let head = RequestHead::control(StreamKind::Tap, SERVICE, "all", filter.to_query(), u32::MAX);
     tunnel::write_frame(&mut send, &head).await?;
     let _ = send.finish();
     let reply: ResponseHead = tunnel::read_frame(&mut recv).await?;

@@ -216,6 +216,31 @@ pub enum Decoded<T> {
 // === impl RequestHead ===
 
 impl RequestHead {
+    /// The head of a stream that asks a node itself rather than one of its
+    /// instances (a gossip key, a tap): `what` names the request within
+    /// `service`.
+    pub fn control(
+        kind: StreamKind,
+        service: &str,
+        what: &str,
+        uri: String,
+        deadline_ms: u32,
+    ) -> Self {
+        RequestHead {
+            version: WIRE_VERSION,
+            kind,
+            service: service.to_string(),
+            instance: what.to_string(),
+            method: String::new(),
+            uri,
+            headers: Vec::new(),
+            deadline_ms,
+            attempt: 0,
+            http2: false,
+            end_stream: true,
+        }
+    }
+
     /// Checks the rules bincode cannot express, so a node refuses a bad head
     /// with a clear error instead of failing later on the instance side.
     pub fn validate(&self) -> Result<(), WireError> {
