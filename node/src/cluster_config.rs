@@ -39,6 +39,58 @@ pub trait ConfigRecord:
     fn with_grant(self, grant: Grant) -> Self;
 }
 
+/// Declares `Record`, the stored form of a config object: the object under
+/// `$field` (which has a `version` and `digest()` and `validate()`) and the
+/// operator's grant, named `$object` in grants and files, gossiped under
+/// `$key`.
+macro_rules! config_record {
+    ($field:ident: $type:ty, $object:literal, $key:expr) => {
+        /// One version and the operator's grant that made it (none for
+        /// version 0).
+        #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct Record {
+            /// The object.
+            pub $field: $type,
+            /// The operator's signature over the version and its digest.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub grant: Option<weft_gossip::grant::Grant>,
+        }
+
+        impl $crate::cluster_config::ConfigRecord for Record {
+            const OBJECT: &'static str = $object;
+
+            fn key() -> weft_gossip::Key {
+                $key
+            }
+
+            fn version(&self) -> u64 {
+                self.$field.version
+            }
+
+            fn digest(&self) -> String {
+                self.$field.digest()
+            }
+
+            fn validate(&self) -> Result<(), String> {
+                self.$field.validate()
+            }
+
+            fn grant(&self) -> Option<&weft_gossip::grant::Grant> {
+                self.grant.as_ref()
+            }
+
+            fn with_grant(self, grant: weft_gossip::grant::Grant) -> Self {
+                Record {
+                    grant: Some(grant),
+                    ..self
+                }
+            }
+        }
+    };
+}
+pub(crate) use config_record;
+
 /// Why a version was not adopted.
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {

@@ -25,7 +25,8 @@ use tokio::net::TcpListener;
 
 use weft_runtime::policy::intentions::{Action, Change, Intentions, Rule};
 
-use crate::intentions::{Record, OBJECT};
+use crate::cluster_config::ConfigRecord;
+use crate::intentions::Record;
 use crate::{client, init, NodeError};
 
 const NODES: usize = 3;
@@ -139,7 +140,7 @@ async fn deny_direct_catalog(cluster: &Path, dir: &Path, nodes: &Nodes) -> Resul
             action: Action::Deny,
         }))
         .map_err(NodeError::Io)?;
-    let grant = operator.grant(OBJECT, intentions.version, &intentions.digest());
+    let grant = operator.grant(Record::OBJECT, intentions.version, &intentions.digest());
     let record = Record {
         intentions,
         grant: Some(grant),

@@ -5,57 +5,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-use weft_gossip::grant::Grant;
 use weft_gossip::Key;
 use weft_runtime::dataplane::DataPlane;
 use weft_runtime::policy::routes::{parse_splits, Routes};
 
 use crate::cli::RouteArgs;
-use crate::cluster_config::{ClusterConfig, ConfigRecord};
+use crate::cluster_config::{config_record, ClusterConfig};
 use crate::{client, config_command, NodeError};
 
-/// One version and the operator's grant that made it (none for version 0).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Record {
-    /// The splits.
-    pub routes: Routes,
-    /// The operator's signature over the version and its digest.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grant: Option<Grant>,
-}
-
-impl ConfigRecord for Record {
-    const OBJECT: &'static str = "routes";
-
-    fn key() -> Key {
-        Key::Routes
-    }
-
-    fn version(&self) -> u64 {
-        self.routes.version
-    }
-
-    fn digest(&self) -> String {
-        self.routes.digest()
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        self.routes.validate()
-    }
-
-    fn grant(&self) -> Option<&Grant> {
-        self.grant.as_ref()
-    }
-
-    fn with_grant(self, grant: Grant) -> Self {
-        Record {
-            grant: Some(grant),
-            ..self
-        }
-    }
-}
+config_record!(routes: Routes, "routes", Key::Routes);
 
 /// This node's routes.
 pub type ClusterRoutes = ClusterConfig<Record>;
