@@ -11,6 +11,9 @@ if [ -x "$bin" ]; then
   echo "$bin"
   exit 0
 fi
+if ! git cat-file -e "$rev^{commit}" 2>/dev/null && [ "$(git rev-parse --is-shallow-repository)" = true ]; then
+  git fetch --quiet --unshallow 2>/dev/null || true
+fi
 if ! git cat-file -e "$rev^{commit}" 2>/dev/null; then
   echo "compat/build-previous.sh: commit $rev is not in this clone (a shallow clone?); fetch it to run the upgrade test" >&2
   exit 1
