@@ -136,6 +136,16 @@ async fn a_tap_at_one_node_sees_requests_made_at_another() {
     );
     assert_eq!(api.requests(0).await.len(), 5, "no 500 of another service");
 
+    // The local path: a request made on n3, served by n3's own instance.
+    assert_eq!(proxy_get(c.nodes[2].proxy, "api").await, 200);
+    let seen = api.requests(6).await;
+    let local = &seen[5];
+    assert_eq!(
+        (local["seen_by"].as_str(), local["node"].as_str()),
+        (Some("n3"), Some("n3")),
+        "{local}"
+    );
+
     // n2 restarts: the tap picks it up again and sees its requests.
     let mut c = c;
     c.restart(1);
@@ -147,7 +157,7 @@ async fn a_tap_at_one_node_sees_requests_made_at_another() {
             if proxy_get(c.nodes[1].proxy, "api").await != 200 {
                 return None;
             }
-            (api.requests(0).await.len() > 5).then_some(())
+            (api.requests(0).await.len() > 6).then_some(())
         },
     )
     .await;

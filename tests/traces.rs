@@ -218,6 +218,32 @@ async fn a_request_through_two_nodes_is_one_trace_and_a_retry_shows_its_attempts
         assert_eq!(span["attributes"]["http.response.status_code"], 200);
     }
 
+    // The local path: an instance on n1 itself. The request and its attempt
+    // are n1's spans; the instance's parent is the attempt.
+    let (near_port, near_seen) = instance().await;
+    let body = json!({"name": "near", "port": near_port});
+    let (status, reply) = put_json(&c.nodes[0].socket, "/v1/services", &body)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(call(c.nodes[0].proxy, "near", "/ok", None).await, 200);
+    let given = near_seen.lock().unwrap()["/ok"][0].clone();
+    let (trace, instance_parent) = parts(&given);
+    let spans = receiver.trace(&trace, 2).await;
+    let request = named(&spans, "weft.request");
+    let attempts = named(&spans, "weft.attempt");
+    assert_eq!(
+        (spans.len(), request.len(), attempts.len()),
+        (2, 1, 1),
+        "{spans:#?}"
+    );
+    assert_eq!(attempts[0]["parent_span_id"], request[0]["span_id"]);
+    assert_eq!(
+        attempts[0]["span_id"], instance_parent,
+        "the instance's parent is the attempt"
+    );
+    assert_eq!(attempts[0]["attributes"]["weft.instance.node"], "n1");
+
     // An app's own sampled trace, retried once: two attempts under the
     // request, each with n2's span under it.
     let app_trace = "0af7651916cd43dd8448eb211c80319c";
