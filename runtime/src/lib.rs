@@ -48,16 +48,3 @@ pub mod tls;
 pub mod trace;
 pub mod tunnel;
 pub mod wire;
-
-/// Errors of the runtime.
-#[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
-    /// A listening address or socket could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// What we tried to bind.
-        addr: String,
-        /// Why it failed.
-        source: std::io::Error,
-    },
-}

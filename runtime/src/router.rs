@@ -4,7 +4,7 @@
 //! and get an `Arc` of the latest snapshot: no lock, no actor round trip.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::dataplane::endpoints::Endpoints;
 use crate::dataplane::{DataPlane, Upkeep};
@@ -16,7 +16,7 @@ use weft_gossip::view::{CatalogDeriver, CatalogDiff};
 use weft_gossip::{Catalog, ClusterView, Member, MemberState};
 
 /// One immutable routing table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RouterSnapshot {
     /// Members and their states.
     pub members: Vec<Member>,
@@ -25,19 +25,6 @@ pub struct RouterSnapshot {
     pub catalog: Arc<Catalog>,
     /// The same instances, typed for the data plane, with their load.
     pub endpoints: Arc<Endpoints>,
-    /// When this snapshot was derived.
-    pub taken_at: Instant,
-}
-
-impl Default for RouterSnapshot {
-    fn default() -> Self {
-        RouterSnapshot {
-            members: Vec::new(),
-            catalog: Arc::default(),
-            endpoints: Arc::default(),
-            taken_at: Instant::now(),
-        }
-    }
 }
 
 /// Cheap, cloneable read access to the latest snapshot.
@@ -118,7 +105,6 @@ impl Router {
             members,
             catalog,
             endpoints,
-            taken_at: Instant::now(),
         }));
     }
 }

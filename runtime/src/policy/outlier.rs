@@ -173,13 +173,6 @@ impl<K: Eq + Hash + Clone> OutlierDetector<K> {
     }
 }
 
-/// Whether other nodes agree an instance is bad: two observers, or the owner's
-/// own check. One sick or partitioned node cannot take a healthy instance out
-/// of the whole mesh.
-pub fn quorum_ejected(observers: usize, owner_says_failing: bool) -> bool {
-    observers >= 2 || owner_says_failing
-}
-
 #[cfg(test)]
 mod tests {
     use rand::rngs::StdRng;
@@ -335,13 +328,5 @@ mod tests {
             until - later < Duration::from_secs(6),
             "back at the base time"
         );
-    }
-
-    #[test]
-    fn quorum_needs_two_observers_or_the_owner() {
-        assert!(!quorum_ejected(0, false));
-        assert!(!quorum_ejected(1, false));
-        assert!(quorum_ejected(2, false));
-        assert!(quorum_ejected(1, true));
     }
 }
