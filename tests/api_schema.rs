@@ -34,7 +34,12 @@ async fn unix_relay(socket: &Path) -> SocketAddr {
 /// Runs schemathesis against `url` with the document; its report.
 fn schemathesis(python: &Path, url: &str) -> (bool, String) {
     let spec = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/api.yaml");
+    // Its state (a cache of crashes, reports) goes to the build's temp dir,
+    // not into the source tree.
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("schemathesis");
+    std::fs::create_dir_all(&scratch).expect("schemathesis' scratch dir");
     let out = Command::new(python)
+        .current_dir(&scratch)
         .args(["-m", "schemathesis.cli", "run"])
         .arg(&spec)
         .args(["--url", url])
