@@ -89,17 +89,13 @@ fn cli_output_matches(python: &Path, socket: &Path, args: &[&str], (path, method
         path.replace('~', "~0").replace('/', "~1")
     );
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut check = Command::new(python)
-        .arg(root.join("tests/clients/check_schema.py"))
-        .arg(root.join("docs/api.yaml"))
-        .arg(&pointer)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("run check_schema.py");
-    use std::io::Write;
-    check.stdin.take().unwrap().write_all(&out.stdout).unwrap();
-    let verdict = check.wait_with_output().unwrap();
+    let verdict = run_with_input(
+        Command::new(python)
+            .arg(root.join("tests/clients/check_schema.py"))
+            .arg(root.join("docs/api.yaml"))
+            .arg(&pointer),
+        &out.stdout,
+    );
     assert!(
         verdict.status.success(),
         "weft {args:?} --json does not match {path} {method}:\n{}\n{}",

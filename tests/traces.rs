@@ -35,21 +35,15 @@ impl Receiver {
             .stdout(Stdio::piped())
             .spawn()
             .expect("start the OTLP receiver");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().expect("the receiver's port").unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).expect("the receiver's port");
         let port = first
+            .trim()
             .strip_prefix("listening ")
             .and_then(|p| p.parse().ok())
             .expect("listening PORT");
-        let spans = Arc::new(Mutex::new(Vec::new()));
-        let sink = spans.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                sink.lock()
-                    .unwrap()
-                    .push(serde_json::from_str(&line).unwrap());
-            }
-        });
+        let spans = json_lines(out);
         Receiver { child, port, spans }
     }
 

@@ -784,3 +784,32 @@ pub fn python_venv(name: &str, packages: &[&str]) -> PathBuf {
     }
     dir.join("bin/python")
 }
+
+/// Collects the JSON lines `reader` gives (a child's standard output) on a
+/// thread of their own, as they come.
+pub fn json_lines(
+    reader: impl std::io::BufRead + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<Vec<Value>>> {
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in reader.lines().map_while(Result::ok) {
+            let value = serde_json::from_str(&line).expect("a JSON line");
+            sink.lock().unwrap().push(value);
+        }
+    });
+    lines
+}
+
+/// Runs `cmd` with `input` on its standard input; its output.
+pub fn run_with_input(cmd: &mut Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
