@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::SendStream;
+use quinn::{RecvStream, SendStream};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
@@ -365,15 +365,14 @@ async fn tap_peer(
     filter: &Filter,
     out: &mpsc::Sender<ClusterLine>,
 ) -> PeerEnded {
-    let mut listened = false;
-    let error = from_peer(dp, &peer, addr, filter, out, &mut listened)
-        .await
-        .err()
-        .map(|e| e.to_string());
+    let (listened, ended) = match open(dp, &peer, addr, filter).await {
+        Ok(stream) => (true, relay(&peer, stream, out).await),
+        Err(e) => (false, Err(e)),
+    };
     PeerEnded {
         peer,
         listened,
-        error,
+        error: ended.err().map(|e| e.to_string()),
     }
 }
 
@@ -397,15 +396,13 @@ fn peers(dp: &DataPlane) -> Vec<(String, Option<SocketAddr>)> {
         .collect()
 }
 
-/// Relays `peer`'s tap to `out` until either side ends.
-async fn from_peer(
+/// Asks `peer` for its tap; the stream its lines come on, once it listens.
+async fn open(
     dp: &DataPlane,
     peer: &str,
     addr: Option<SocketAddr>,
     filter: &Filter,
-    out: &mpsc::Sender<ClusterLine>,
-    listened: &mut bool,
-) -> Result<(), TunnelError> {
+) -> Result<(SendStream, RecvStream), TunnelError> {
     let addr = addr.ok_or_else(|| TunnelError::Stream("it announces no tunnel address".into()))?;
     let (mut send, mut recv) = dp.tunnels.open(peer, addr, StreamKind::Tap).await?;
     // A tap has no deadline; it asks for all of the node's requests.
@@ -416,7 +413,15 @@ async fn from_peer(
     if let Some(error) = reply.error {
         return Err(TunnelError::Stream(format!("refused: {error}")));
     }
-    *listened = true;
+    Ok((send, recv))
+}
+
+/// Relays `peer`'s lines to `out` until either side ends.
+async fn relay(
+    peer: &str,
+    (_send, mut recv): (SendStream, RecvStream),
+    out: &mpsc::Sender<ClusterLine>,
+) -> Result<(), TunnelError> {
     if out
         .send(ClusterLine::Listening(peer.to_string()))
         .await
