@@ -125,27 +125,21 @@ impl Faults {
 pub fn handler(state: Arc<ApiState>) -> HttpHandler {
     Arc::new(move |req, origin| {
         let state = state.clone();
-        Box::pin(async move {
-            let streams = req.method() == Method::GET && req.uri().path() == "/v1/tap";
-            if streams && origin == Origin::Socket {
-                return tap(&state, req.uri().query().unwrap_or_default());
-            }
-            route(&state, req, origin).await.map(BodyExt::boxed_unsync)
-        })
+        Box::pin(async move { route(&state, req, origin).await })
     })
 }
 
 /// `GET /v1/tap?service=S&caller=C&status=5xx`: the requests of every node
 /// as they happen, one JSON object a line, until the client hangs up.
 /// Served on the socket only: the lines name paths and callers.
-fn tap(state: &ApiState, query: &str) -> Response<ApiBody> {
+fn tap(state: &ApiState, query: &str) -> Reply {
     let filter = match Filter::from_query(query) {
         Ok(filter) => filter,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e).map(BodyExt::boxed_unsync),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let Some(tap) = tap::cluster(&state.dataplane, filter) else {
         let busy = format!("this node serves {} taps already", tap::MAX_LISTENERS);
-        return error(StatusCode::SERVICE_UNAVAILABLE, busy).map(BodyExt::boxed_unsync);
+        return error(StatusCode::SERVICE_UNAVAILABLE, busy);
     };
     let lines = futures::stream::unfold(tap, |mut tap| async move {
         let mut text = serde_json::to_vec(&tap_json(tap.next().await?)).unwrap_or_default();
@@ -156,7 +150,7 @@ fn tap(state: &ApiState, query: &str) -> Response<ApiBody> {
         .status(StatusCode::OK)
         .header("content-type", "application/x-ndjson")
         .body(StreamBody::new(lines).boxed_unsync())
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed_unsync()))
+        .unwrap_or_else(|_| Response::new(full(Bytes::new())))
 }
 
 /// One tap line as JSON: a request (the access log's fields, and the node
@@ -174,7 +168,13 @@ fn tap_json(line: ClusterLine) -> Value {
     }
 }
 
-type Reply = Response<Full<Bytes>>;
+/// An answer: one JSON document (or page, or metrics), or a stream.
+type Reply = Response<ApiBody>;
+
+/// A body of `bytes`, all at once.
+fn full(bytes: Bytes) -> ApiBody {
+    Full::new(bytes).boxed_unsync()
+}
 
 fn reply(status: StatusCode, body: &Value) -> Reply {
     let mut text = serde_json::to_vec(body).unwrap_or_default();
@@ -182,8 +182,8 @@ fn reply(status: StatusCode, body: &Value) -> Reply {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(text)))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+        .body(full(Bytes::from(text)))
+        .unwrap_or_else(|_| Response::new(full(Bytes::new())))
 }
 
 /// Whether the admin address may answer a request with this `Host`: an
@@ -269,6 +269,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             StatusCode::FORBIDDEN,
             "the tap is served on the node's socket only",
         ),
+        (&Method::GET, ["v1", "tap"]) => tap(state, req.uri().query().unwrap_or_default()),
         (_, ["v1", "crl"]) if read_only => error(
             StatusCode::FORBIDDEN,
             "the revocation list is handed over the node's socket only",
@@ -345,7 +346,7 @@ fn dashboard() -> Reply {
         .status(StatusCode::OK)
         .header("content-type", "text/html; charset=utf-8")
         .header("cache-control", "no-cache")
-        .body(Full::new(Bytes::from_static(PAGE.as_bytes())))
+        .body(full(Bytes::from_static(PAGE.as_bytes())))
         .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "dashboard"))
 }
 
@@ -679,7 +680,7 @@ fn get_metrics(state: &ApiState) -> Reply {
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "text/plain; version=0.0.4")
-        .body(Full::new(Bytes::from(text)))
+        .body(full(Bytes::from(text)))
         .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "render failed"))
 }
 
