@@ -30,6 +30,12 @@ pub enum Key {
     /// The cluster's routes (weighted splits by tag) the node adopted, with
     /// their operator grant.
     Routes,
+    /// The cluster's rate limits the node adopted, with their operator
+    /// grant.
+    Limits,
+    /// The demand this node sees for each rate limit (requests a second),
+    /// from which every node takes its share.
+    Demand,
     /// An instance this node hosts.
     Svc(String),
     /// What this node's checker or outlier detector concluded about an instance.
@@ -72,6 +78,8 @@ impl Key {
             Key::Crl => "crl".to_string(),
             Key::Intentions => "intentions".to_string(),
             Key::Routes => "routes".to_string(),
+            Key::Limits => "limits".to_string(),
+            Key::Demand => "demand".to_string(),
             Key::Svc(id) => format!("svc/{id}"),
             Key::Health(id) => format!("health/{id}"),
             Key::Stats(svc) => format!("stats/{svc}"),
@@ -90,6 +98,8 @@ impl Key {
             "crl" => return Some(Key::Crl),
             "intentions" => return Some(Key::Intentions),
             "routes" => return Some(Key::Routes),
+            "limits" => return Some(Key::Limits),
+            "demand" => return Some(Key::Demand),
             _ => {}
         }
         let (prefix, rest) = raw.split_once('/')?;
@@ -174,6 +184,8 @@ mod tests {
             Key::Node,
             Key::Intentions,
             Key::Routes,
+            Key::Limits,
+            Key::Demand,
             Key::Svc("web-n1-8080".into()),
             Key::Health("db.1".into()),
             Key::Stats("web".into()),

@@ -23,6 +23,7 @@ use crate::cluster_config::{ClusterConfig, ConfigRecord, Refused};
 use crate::intentions::ClusterIntentions;
 use crate::keyring::{ClusterKeys, KeysError};
 use crate::registry::Registry;
+use crate::limits::ClusterLimits;
 use crate::routes::ClusterRoutes;
 use crate::upstreams::Upstreams;
 use crate::NodeError;
@@ -57,6 +58,8 @@ pub struct ApiState {
     pub intentions: Arc<ClusterIntentions>,
     /// The cluster's routes (`PUT /v1/routes`, socket only).
     pub routes: Arc<ClusterRoutes>,
+    /// The cluster's rate limits (`PUT /v1/limits`, socket only).
+    pub limits: Arc<ClusterLimits>,
     /// Local registrations.
     pub registry: Arc<Registry>,
     /// The routing table.
@@ -237,6 +240,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             reply(StatusCode::OK, &json!(state.intentions.current()))
         }
         (&Method::GET, ["v1", "routes"]) => reply(StatusCode::OK, &json!(state.routes.current())),
+        (&Method::GET, ["v1", "limits"]) => reply(StatusCode::OK, &json!(state.limits.current())),
         (&Method::GET, ["v1", "upstreams"]) => get_upstreams(state).await,
         (&Method::GET, ["metrics"]) if read_only => get_metrics(state),
         (_, ["v1", ..]) if read_only && method != Method::GET => error(
@@ -286,6 +290,10 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             Ok(body) => put_config(&state.routes, body),
             Err(reply) => reply,
         },
+        (&Method::PUT, ["v1", "limits"]) => match read_json(req).await {
+            Ok(body) => put_config(&state.limits, body),
+            Err(reply) => reply,
+        },
         (&Method::GET, ["v1", "keys"]) => reply(
             StatusCode::OK,
             &state.keys.list(&state.cluster.views().borrow()),
@@ -321,6 +329,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             | ["v1", "tap"]
             | ["v1", "intentions"]
             | ["v1", "routes"]
+            | ["v1", "limits"]
             | ["v1", "services", _]
             | ["v1", "services", _, "ttl"]
             | ["v1", "upstreams"]
@@ -676,6 +685,7 @@ fn get_metrics(state: &ApiState) -> Reply {
         &state.router.load(),
         &state.stats.load(),
         |service| state.dataplane.budget_used(service),
+        &state.dataplane.admission.status(),
     );
     Response::builder()
         .status(StatusCode::OK)
@@ -689,6 +699,25 @@ fn round(v: Option<f64>, places: i32) -> Value {
     v.filter(|x| x.is_finite())
         .map(|x| json!((x * scale).round() / scale))
         .unwrap_or(Value::Null)
+}
+
+/// Each rate limit with this node's demand and share of it, requests a
+/// second.
+fn limits_json(state: &ApiState) -> Vec<Value> {
+    let status = state.dataplane.admission.status();
+    status
+        .into_iter()
+        .map(|l| {
+            json!({
+                "service": l.limit.service,
+                "caller": l.limit.caller,
+                "rate": l.limit.rate,
+                "demand": round(Some(l.demand), 1),
+                "share": round(Some(l.share), 1),
+                "cluster_demand": round(Some(l.cluster_demand), 1),
+            })
+        })
+        .collect()
 }
 
 /// A new version of a cluster config object (the intentions, the routes)
@@ -798,6 +827,7 @@ fn get_health(state: &ApiState) -> Reply {
             "node": state.node,
             "members": members_json(state),
             "services": services,
+            "limits": limits_json(state),
         }),
     )
 }
@@ -819,6 +849,7 @@ mod tests {
             "/v1/edges",
             "/v1/intentions",
             "/v1/routes",
+            "/v1/limits",
             "/v1/upstreams",
             "/v1/upstreams/{listen}",
             "/v1/keys",

@@ -78,6 +78,11 @@ pub enum Command {
     /// Changes are signed by an operator certificate and reach every node
     /// by gossip.
     Route(RouteArgs),
+    /// Limit a service's requests across the cluster: `weft limit api
+    /// 300/s` (all callers on all nodes together), `--caller web` for one
+    /// caller's; over it, 429 `weft-error: rate-limited`. Without a
+    /// service, list the limits and this node's share of each.
+    Limit(LimitArgs),
     /// Register a local service instance with the node.
     Register(RegisterArgs),
     /// Remove a registration by id.
@@ -256,6 +261,37 @@ pub struct RouteArgs {
     /// Print JSON (when listing).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub signing: Signing,
+}
+
+/// `weft limit [SERVICE RATE [--caller C] | SERVICE --clear [--caller C]]`
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// The service to limit; without it, every limit is listed.
+    pub service: Option<String>,
+    /// Requests admitted across the cluster, COUNT/s or COUNT/m (e.g.
+    /// 300/s).
+    #[arg(conflicts_with = "clear")]
+    pub rate: Option<String>,
+    /// Limit only this calling service's requests (its own limit, beside
+    /// the service-wide one).
+    #[arg(long, value_name = "SERVICE")]
+    pub caller: Option<String>,
+    /// Remove the limit.
+    #[arg(long)]
+    pub clear: bool,
+    /// Print JSON (when listing).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub signing: Signing,
+}
+
+/// The operator certificate that signs a change, for commands that also
+/// list without one.
+#[derive(Debug, Args)]
+pub struct Signing {
     /// Operator certificate that signs a change (from `weft cert issue
     /// --operator NAME`).
     #[arg(long, env = "WEFT_OPERATOR_CERT", value_name = "FILE")]
@@ -265,13 +301,18 @@ pub struct RouteArgs {
     pub operator_key: Option<PathBuf>,
 }
 
-impl RouteArgs {
-    /// The operator's certificate and key, when both are given.
-    pub fn operator(&self) -> Option<OperatorArgs> {
-        Some(OperatorArgs {
-            operator_cert: self.operator_cert.clone()?,
-            operator_key: self.operator_key.clone()?,
-        })
+impl Signing {
+    /// The operator's certificate and key, or what is missing for `what`.
+    pub fn operator(&self, what: &str) -> Result<OperatorArgs, String> {
+        match (&self.operator_cert, &self.operator_key) {
+            (Some(cert), Some(key)) => Ok(OperatorArgs {
+                operator_cert: cert.clone(),
+                operator_key: key.clone(),
+            }),
+            _ => Err(format!(
+                "a {what} change is signed: give --operator-cert and --operator-key (or WEFT_OPERATOR_CERT, WEFT_OPERATOR_KEY)"
+            )),
+        }
     }
 }
 

@@ -165,6 +165,44 @@ pub fn routes_table(body: &Value) -> String {
     out
 }
 
+/// One row per limit: its rate, then this node's demand and share.
+pub fn limits_table(limits: &Value, health: &Value) -> String {
+    let here = |limit: &Value, field: &str| {
+        let same = |h: &&Value| h["service"] == limit["service"] && h["caller"] == limit["caller"];
+        health["limits"]
+            .as_array()
+            .and_then(|all| all.iter().find(same))
+            .map_or("-".into(), |h| format!("{}/s", s(&h[field])))
+    };
+    let mut out = format!("version {}\n\n", s(&limits["limits"]["version"]));
+    let rows: Vec<Vec<String>> = limits["limits"]["limits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|limit| {
+            let caller = limit["caller"].as_str().unwrap_or("*").to_string();
+            vec![
+                s(&limit["service"]),
+                caller,
+                s(&limit["rate"]),
+                here(limit, "demand"),
+                here(limit, "share"),
+                here(limit, "cluster_demand"),
+            ]
+        })
+        .collect();
+    let headers = [
+        "SERVICE",
+        "CALLER",
+        "RATE",
+        "DEMAND HERE",
+        "SHARE HERE",
+        "CLUSTER DEMAND",
+    ];
+    out.push_str(&table(&headers, &rows));
+    out
+}
+
 /// `weft edges` as a table.
 pub fn edges_table(body: &Value) -> String {
     let pct = |v: &Value| match v.as_f64() {

@@ -36,6 +36,7 @@ mod intentions;
 mod intentions_command;
 mod keyring;
 mod keys_command;
+mod limits;
 mod logging;
 mod node;
 mod otlp;
@@ -301,6 +302,7 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
             Command::Keys(keys) => keys_command::run(&socket, keys).await,
             Command::Intentions(cmd) => intentions_command::run(&socket, cmd).await,
             Command::Route(args) => routes::run(&socket, args).await,
+            Command::Limit(args) => limits::run(&socket, args).await,
             Command::Cert(cli::CertCommand::PublishCrl { crl }) => {
                 let pem = std::fs::read_to_string(&crl)
                     .map_err(|e| NodeError::Config(format!("{}: {e}", crl.display())))?;

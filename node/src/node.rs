@@ -197,6 +197,10 @@ async fn serve(
     let routes = Arc::new(crate::routes::load(&cfg.data_dir, dataplane.clone())?);
     routes.trust_operators(Arc::new(tls::OperatorAuthority::new(tunnels.trust())));
     routes.clone().follow(cluster.views(), writer.clone());
+    let limits = Arc::new(crate::limits::load(&cfg.data_dir, dataplane.clone())?);
+    limits.trust_operators(Arc::new(tls::OperatorAuthority::new(tunnels.trust())));
+    limits.clone().follow(cluster.views(), writer.clone());
+    crate::limits::follow_demand(dataplane.clone(), cluster.views(), writer.clone());
     let router = {
         let (views, handle, dp) = (cluster.views(), router_handle.clone(), dataplane.clone());
         Supervisor::start(move |_| Router::with_handle(views, handle).maintaining(dp))
@@ -208,6 +212,7 @@ async fn serve(
         crls: crls.clone(),
         intentions,
         routes,
+        limits,
         registry: registry.clone(),
         router: router_handle.clone(),
         upstreams: upstreams.clone(),
@@ -682,6 +687,7 @@ fn export_alert_counters() {
                 "ungranted_keyring",
                 "ungranted_intentions",
                 "ungranted_routes",
+                "ungranted_limits",
             ],
         ),
     ];

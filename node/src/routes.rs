@@ -41,11 +41,7 @@ pub async fn run(socket: &Path, args: RouteArgs) -> Result<(), NodeError> {
     } else {
         Some(parse_splits(&args.splits).map_err(NodeError::Config)?)
     };
-    let operator = args.operator().ok_or_else(|| {
-        NodeError::Config(
-            "a route change is signed: give --operator-cert and --operator-key (or WEFT_OPERATOR_CERT, WEFT_OPERATOR_KEY)".into(),
-        )
-    })?;
+    let operator = args.signing.operator("route").map_err(NodeError::Config)?;
     let (version, operator) = config_command::change(socket, &operator, |held: Record| {
         Ok(Record {
             routes: held.routes.with(&service, splits)?,

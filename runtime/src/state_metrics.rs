@@ -8,6 +8,7 @@
 
 use std::fmt::Write;
 
+use crate::dataplane::admission::LimitStatus;
 use crate::router::RouterSnapshot;
 use crate::stats_aggregator::StatsSnapshot;
 
@@ -18,17 +19,21 @@ const HEALTH: [&str; 4] = ["passing", "failing", "unknown", "ejected"];
 /// `weft_learned_retry_delay_seconds{service}`,
 /// `weft_effective_success_ratio{service}`,
 /// `weft_edge_effective_success_ratio{caller,service}` and
-/// `weft_retry_budget_used_ratio{service}` (from `budget_used`).
+/// `weft_retry_budget_used_ratio{service}` (from `budget_used`) and, per
+/// rate limit (`limits`), `weft_rate_limit_share{service,caller}` and
+/// `weft_rate_limit_demand{service,caller}`.
 pub fn render(
     out: &mut String,
     routing: &RouterSnapshot,
     stats: &StatsSnapshot,
     budget_used: impl Fn(&str) -> f64,
+    limits: &[LimitStatus],
 ) {
     instances(out, routing);
     learned_delays(out, stats);
     effective_success(out, stats);
     retry_budgets(out, routing, budget_used);
+    rate_limits(out, limits);
 }
 
 fn instances(out: &mut String, routing: &RouterSnapshot) {
@@ -116,6 +121,35 @@ fn retry_budgets(out: &mut String, routing: &RouterSnapshot, budget_used: impl F
     }
 }
 
+/// This node's share and demand of each limit; `caller="*"` for a
+/// service-wide one.
+fn rate_limits(out: &mut String, limits: &[LimitStatus]) {
+    let gauges: [(&str, &str, fn(&LimitStatus) -> f64); 2] = [
+        (
+            "weft_rate_limit_share",
+            "Requests a second this node admits under the cluster-wide rate limit",
+            |l| l.share,
+        ),
+        (
+            "weft_rate_limit_demand",
+            "Requests a second arriving at this node under the rate limit, admitted or not",
+            |l| l.demand,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        family(out, name, help);
+        for l in limits {
+            let _ = writeln!(
+                out,
+                "{name}{{service=\"{}\",caller=\"{}\"}} {}",
+                escape(&l.limit.service),
+                escape(l.limit.caller.as_deref().unwrap_or("*")),
+                value(l)
+            );
+        }
+    }
+}
+
 fn family(out: &mut String, name: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
 }
@@ -145,6 +179,7 @@ mod tests {
             &RouterSnapshot::default(),
             &StatsSnapshot::default(),
             |_| 0.0,
+            &[],
         );
         assert!(out.contains("# TYPE weft_instances gauge"));
         assert!(!out.contains("weft_instances{"), "{out}");

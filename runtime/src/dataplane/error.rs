@@ -35,10 +35,12 @@ pub enum MeshError {
     Overloaded,
     /// The cluster's intentions do not let this caller call this service.
     Forbidden,
+    /// The cluster's rate limit for this service (or caller) is reached.
+    RateLimited,
 }
 
 impl MeshError {
-    const ALL: [MeshError; 11] = [
+    const ALL: [MeshError; 12] = [
         MeshError::UnknownService,
         MeshError::NoHealthyInstance,
         MeshError::UpstreamTimeout,
@@ -50,6 +52,7 @@ impl MeshError {
         MeshError::BadRequest,
         MeshError::Overloaded,
         MeshError::Forbidden,
+        MeshError::RateLimited,
     ];
 
     /// The `weft-error` value.
@@ -66,6 +69,7 @@ impl MeshError {
             MeshError::BadRequest => "bad-request",
             MeshError::Overloaded => "overloaded",
             MeshError::Forbidden => "forbidden",
+            MeshError::RateLimited => "rate-limited",
         }
     }
 
@@ -89,6 +93,7 @@ impl MeshError {
             MeshError::LoopDetected => StatusCode::LOOP_DETECTED,
             MeshError::BadRequest => StatusCode::BAD_REQUEST,
             MeshError::Forbidden => StatusCode::FORBIDDEN,
+            MeshError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -104,6 +109,7 @@ impl MeshError {
                 | MeshError::BadRequest
                 | MeshError::Overloaded
                 | MeshError::Forbidden
+                | MeshError::RateLimited
         )
     }
 

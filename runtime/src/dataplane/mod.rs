@@ -13,7 +13,9 @@
 //! - [`splice`]: raw bytes between a connection and a tunnel stream.
 //! - [`body`]: conversions between hyper bodies and tunnel streams.
 //! - [`limits`]: the caps the mesh enforces itself, each counted by name.
+//! - [`admission`]: the cluster's rate limits, asked before a pick.
 
+pub mod admission;
 pub mod body;
 pub mod endpoints;
 pub mod error;
@@ -199,6 +201,8 @@ pub struct DataPlane {
     pub inbound_metrics: inbound::InboundMetrics,
     /// This node's own registrations: what peers may reach here.
     pub registered: inbound::Registered,
+    /// The cluster's rate limits, this node's share of each.
+    pub admission: admission::Admission,
     /// Active streams per local instance, capped.
     pub instance_slots: inbound::InstanceSlots,
     /// The gossip keys this node hands to members that ask.
@@ -292,6 +296,7 @@ impl DataPlane {
             tap: Arc::default(),
             inbound_metrics: inbound::InboundMetrics::default(),
             registered,
+            admission: admission::Admission::default(),
             instance_slots: inbound::InstanceSlots::default(),
             keys,
             intentions: ArcSwap::default(),

@@ -22,6 +22,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use weft_gossip::Instance;
 
 use super::endpoints::{Endpoint, Protocol};
+use super::admission::RateLimited;
 use super::error::{MeshError, WEFT_ERROR};
 use super::hedge;
 use super::limits::accept_each;
@@ -187,6 +188,9 @@ async fn proxy(
         dp.outcomes
             .record(Outcome::denied(&fwd.service, &fwd.caller));
         return forbidden(fwd.caller.as_str(), &fwd.service, &denied);
+    }
+    if let Err(limited) = dp.admission.check(&fwd.service, fwd.caller.as_str()) {
+        return rate_limited(&fwd.service, fwd.caller.as_str(), &limited);
     }
     // Only an upgrade takes hyper's pending-upgrade handle out of the request.
     let upgrade = if fwd.upgrade {
@@ -386,6 +390,30 @@ pub(super) fn forbidden(caller: &str, service: &str, denied: &Decision) -> Respo
         "{caller} may not call {service}: {}",
         denied.reason()
     ))
+}
+
+/// A call over the cluster's rate limit: 429 with `Retry-After` (whole
+/// seconds, at least 1), counted in
+/// `weft_requests_rate_limited_total{service,caller}`.
+pub(super) fn rate_limited(
+    service: &str,
+    caller: &str,
+    limited: &RateLimited,
+) -> Response<ProxyBody> {
+    metrics::counter!("weft_requests_rate_limited_total",
+        "service" => service.to_string(), "caller" => caller.to_string())
+    .increment(1);
+    let RateLimited { limit, over } = limited;
+    let mut resp = MeshError::RateLimited.response(&format!(
+        "{} is limited to {} across the cluster; this node's share is {:.1}/s now",
+        limit.scope(),
+        limit.rate,
+        over.share
+    ));
+    let seconds = over.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    resp.headers_mut()
+        .insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
+    resp
 }
 
 /// A request the proxy refuses before any instance is picked.

@@ -65,6 +65,18 @@ async fn connect(
         reset_tcp(client);
         return Err(format!("forbidden by {}", denied.reason()));
     }
+    // A TCP service's limit counts connections.
+    if let Err(limited) = dp.admission.check(service, caller.as_str()) {
+        metrics::counter!("weft_requests_rate_limited_total",
+            "service" => service.to_string(), "caller" => caller.as_str().to_string())
+        .increment(1);
+        reset_tcp(client);
+        return Err(format!(
+            "over the rate limit {} of {}",
+            limited.limit.rate,
+            limited.limit.scope()
+        ));
+    }
     let endpoint = {
         let snap = dp.router.load();
         dp.pick(&snap, service, Protocol::Tcp, &[])

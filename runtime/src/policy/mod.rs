@@ -8,6 +8,7 @@ mod flap_sim_tests;
 pub mod health;
 pub mod intentions;
 pub mod outlier;
+pub mod rate;
 pub mod recovery;
 pub mod retry;
 pub mod routes;
