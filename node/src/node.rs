@@ -774,6 +774,10 @@ fn describe_metrics() {
     );
     describe_gauge!("weft_members", "Cluster members by state");
     describe_counter!(
+        "weft_requests_rate_limited_total",
+        "Requests (TCP: connections) refused at a cluster-wide rate limit (429 rate-limited), by service and caller, on the node that refused them"
+    );
+    describe_counter!(
         "weft_requests_denied_total",
         "Calls the cluster's intentions denied (403 forbidden), by service and caller, on the node that refused them"
     );
