@@ -145,6 +145,8 @@ async fn generated_requests_get_no_server_error_and_only_documented_answers() {
         (&["health"], ("/v1/health", "get")),
         (&["edges"], ("/v1/edges", "get")),
         (&["intentions", "list"], ("/v1/intentions", "get")),
+        (&["route"], ("/v1/routes", "get")),
+        (&["limit"], ("/v1/limits", "get")),
         (&["keys", "list"], ("/v1/keys", "get")),
     ] {
         cli_output_matches(&python, &node.socket, args, operation);
