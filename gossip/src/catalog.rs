@@ -50,6 +50,9 @@ pub struct Instance {
     /// Idempotent requests are hedged.
     #[serde(skip)]
     pub hedge: bool,
+    /// Callers learn and share a limit on the service's requests in flight.
+    #[serde(skip)]
+    pub adaptive_concurrency: bool,
 }
 
 /// Service name -> instances, ordered for stable output.
@@ -251,6 +254,7 @@ impl Inputs {
                     retry: record.retry.clone(),
                     retry_non_idempotent: record.retry_non_idempotent,
                     hedge: record.hedge,
+                    adaptive_concurrency: record.concurrency.is_some(),
                 }));
         }
         for list in services.values_mut() {

@@ -106,8 +106,17 @@ impl ServiceRecord {
             retry: None,
             retry_non_idempotent: false,
             hedge: false,
+            concurrency: None,
         }
     }
+}
+
+/// How many requests to an instance's service callers let in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Concurrency {
+    /// A limit the nodes learn from the service's latency and share.
+    Adaptive,
 }
 
 /// An instance hosted by a node, stored under `svc/<id>`.
@@ -141,4 +150,7 @@ pub struct ServiceRecord {
     /// instance once the cluster's p95 latency passed without an answer.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hedge: bool,
+    /// Callers limit the requests in flight to the service (`"adaptive"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
 }

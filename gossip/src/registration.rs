@@ -6,12 +6,12 @@
 use serde_json::Value;
 
 use crate::keys::{validate_id, validate_name};
-use crate::records::{Check, Protocol, ServiceRecord};
+use crate::records::{Check, Concurrency, Protocol, ServiceRecord};
 
 /// Validates a registration request, naming the first bad field.
 pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, String> {
     let obj = body.as_object().ok_or("body must be a JSON object")?;
-    const KNOWN: [&str; 10] = [
+    const KNOWN: [&str; 11] = [
         "name",
         "port",
         "id",
@@ -22,6 +22,7 @@ pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, Str
         "retry",
         "retry_non_idempotent",
         "hedge",
+        "concurrency",
     ];
     if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(format!("unknown field {unknown:?}"));
@@ -107,6 +108,11 @@ pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, Str
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err("field \"hedge\" must be true or false".into()),
     };
+    let concurrency = match obj.get("concurrency") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s == "adaptive" => Some(Concurrency::Adaptive),
+        Some(_) => return Err("field \"concurrency\" must be \"adaptive\"".into()),
+    };
     Ok(ServiceRecord {
         name: name.to_string(),
         id,
@@ -118,6 +124,7 @@ pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, Str
         retry,
         retry_non_idempotent,
         hedge,
+        concurrency,
     })
 }
 

@@ -34,6 +34,7 @@ fn instance(service: usize, node: usize) -> Instance {
         retry: None,
         retry_non_idempotent: false,
         hedge: false,
+        adaptive_concurrency: false,
     }
 }
 

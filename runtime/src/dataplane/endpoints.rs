@@ -313,6 +313,7 @@ mod tests {
             retry: None,
             retry_non_idempotent: false,
             hedge: false,
+            adaptive_concurrency: false,
         }
     }
 

@@ -2,6 +2,7 @@
 //! Time comes in as a `now: Instant` argument and randomness as an `Rng`.
 
 pub mod balancer;
+pub mod concurrency;
 pub mod episodes;
 #[cfg(test)]
 mod flap_sim_tests;
