@@ -232,7 +232,13 @@ async fn the_cluster_admits_its_limit_and_shares_follow_demand() {
         "every admitted request reached the instance, no limited one did"
     );
     let text = metrics_text(c.nodes[2].admin).await;
-    assert!(metric_sum(&text, "weft_requests_rate_limited_total", &["service=\"api\""]) > 0.0);
+    assert!(
+        metric_sum(
+            &text,
+            "weft_requests_rate_limited_total",
+            &["service=\"api\""]
+        ) > 0.0
+    );
     assert!(metric_sum(&text, "weft_rate_limit_share", &["service=\"api\""]) > 0.0);
 
     // Cleared, nothing is limited.

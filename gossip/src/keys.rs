@@ -36,6 +36,9 @@ pub enum Key {
     /// The demand this node sees for each rate limit (requests a second),
     /// from which every node takes its share.
     Demand,
+    /// What this node learned of each service under adaptive concurrency
+    /// (its limit, demand and requests in flight).
+    Concurrency,
     /// An instance this node hosts.
     Svc(String),
     /// What this node's checker or outlier detector concluded about an instance.
@@ -80,6 +83,7 @@ impl Key {
             Key::Routes => "routes".to_string(),
             Key::Limits => "limits".to_string(),
             Key::Demand => "demand".to_string(),
+            Key::Concurrency => "concurrency".to_string(),
             Key::Svc(id) => format!("svc/{id}"),
             Key::Health(id) => format!("health/{id}"),
             Key::Stats(svc) => format!("stats/{svc}"),
@@ -100,6 +104,7 @@ impl Key {
             "routes" => return Some(Key::Routes),
             "limits" => return Some(Key::Limits),
             "demand" => return Some(Key::Demand),
+            "concurrency" => return Some(Key::Concurrency),
             _ => {}
         }
         let (prefix, rest) = raw.split_once('/')?;
@@ -186,6 +191,7 @@ mod tests {
             Key::Routes,
             Key::Limits,
             Key::Demand,
+            Key::Concurrency,
             Key::Svc("web-n1-8080".into()),
             Key::Health("db.1".into()),
             Key::Stats("web".into()),

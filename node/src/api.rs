@@ -22,8 +22,8 @@ use crate::callers::{CallerPorts, Wanted};
 use crate::cluster_config::{ClusterConfig, ConfigRecord, Refused};
 use crate::intentions::ClusterIntentions;
 use crate::keyring::{ClusterKeys, KeysError};
-use crate::registry::Registry;
 use crate::limits::ClusterLimits;
+use crate::registry::Registry;
 use crate::routes::ClusterRoutes;
 use crate::upstreams::Upstreams;
 use crate::NodeError;
@@ -685,7 +685,7 @@ fn get_metrics(state: &ApiState) -> Reply {
         &state.router.load(),
         &state.stats.load(),
         |service| state.dataplane.budget_used(service),
-        &state.dataplane.admission.status(),
+        &state.dataplane.admission,
     );
     Response::builder()
         .status(StatusCode::OK)
@@ -715,6 +715,23 @@ fn limits_json(state: &ApiState) -> Vec<Value> {
                 "demand": round(Some(l.demand), 1),
                 "share": round(Some(l.share), 1),
                 "cluster_demand": round(Some(l.cluster_demand), 1),
+            })
+        })
+        .collect()
+}
+
+/// Each service under adaptive concurrency as this node sees it.
+fn concurrency_json(state: &ApiState) -> Vec<Value> {
+    let status = state.dataplane.admission.concurrency_status();
+    status
+        .into_iter()
+        .map(|c| {
+            json!({
+                "service": c.service,
+                "limit": round(Some(c.limit), 1),
+                "share": round(Some(c.share), 1),
+                "in_flight": c.in_flight,
+                "min_rtt_ms": round(c.min_rtt.map(|d| d.as_secs_f64() * 1000.0), 2),
             })
         })
         .collect()
@@ -828,6 +845,7 @@ fn get_health(state: &ApiState) -> Reply {
             "members": members_json(state),
             "services": services,
             "limits": limits_json(state),
+            "concurrency": concurrency_json(state),
         }),
     )
 }

@@ -21,6 +21,7 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+mod admission;
 mod api;
 mod callers;
 mod cli;

@@ -200,7 +200,7 @@ async fn serve(
     let limits = Arc::new(crate::limits::load(&cfg.data_dir, dataplane.clone())?);
     limits.trust_operators(Arc::new(tls::OperatorAuthority::new(tunnels.trust())));
     limits.clone().follow(cluster.views(), writer.clone());
-    crate::limits::follow_demand(dataplane.clone(), cluster.views(), writer.clone());
+    crate::admission::follow(dataplane.clone(), cluster.views(), writer.clone());
     let router = {
         let (views, handle, dp) = (cluster.views(), router_handle.clone(), dataplane.clone());
         Supervisor::start(move |_| Router::with_handle(views, handle).maintaining(dp))
@@ -776,6 +776,10 @@ fn describe_metrics() {
     describe_counter!(
         "weft_requests_rate_limited_total",
         "Requests (TCP: connections) refused at a cluster-wide rate limit (429 rate-limited), by service and caller, on the node that refused them"
+    );
+    describe_counter!(
+        "weft_requests_overloaded_total",
+        "Requests refused at once (503 overloaded) for their service's adaptive concurrency limit, by service and caller"
     );
     describe_counter!(
         "weft_requests_denied_total",

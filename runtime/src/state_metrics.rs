@@ -8,7 +8,7 @@
 
 use std::fmt::Write;
 
-use crate::dataplane::admission::LimitStatus;
+use crate::dataplane::admission::{Admission, ConcurrencyStatus, LimitStatus};
 use crate::router::RouterSnapshot;
 use crate::stats_aggregator::StatsSnapshot;
 
@@ -19,21 +19,24 @@ const HEALTH: [&str; 4] = ["passing", "failing", "unknown", "ejected"];
 /// `weft_learned_retry_delay_seconds{service}`,
 /// `weft_effective_success_ratio{service}`,
 /// `weft_edge_effective_success_ratio{caller,service}` and
-/// `weft_retry_budget_used_ratio{service}` (from `budget_used`) and, per
-/// rate limit (`limits`), `weft_rate_limit_share{service,caller}` and
-/// `weft_rate_limit_demand{service,caller}`.
+/// `weft_retry_budget_used_ratio{service}` (from `budget_used`), per rate
+/// limit `weft_rate_limit_share{service,caller}` and
+/// `weft_rate_limit_demand{service,caller}`, and per service under
+/// adaptive concurrency `weft_concurrency_limit{service}` and
+/// `weft_concurrency_in_flight{service}` (from `admission`).
 pub fn render(
     out: &mut String,
     routing: &RouterSnapshot,
     stats: &StatsSnapshot,
     budget_used: impl Fn(&str) -> f64,
-    limits: &[LimitStatus],
+    admission: &Admission,
 ) {
     instances(out, routing);
     learned_delays(out, stats);
     effective_success(out, stats);
     retry_budgets(out, routing, budget_used);
-    rate_limits(out, limits);
+    rate_limits(out, &admission.status());
+    concurrency(out, &admission.concurrency_status());
 }
 
 fn instances(out: &mut String, routing: &RouterSnapshot) {
@@ -124,29 +127,62 @@ fn retry_budgets(out: &mut String, routing: &RouterSnapshot, budget_used: impl F
 /// This node's share and demand of each limit; `caller="*"` for a
 /// service-wide one.
 fn rate_limits(out: &mut String, limits: &[LimitStatus]) {
-    let gauges: [(&str, &str, fn(&LimitStatus) -> f64); 2] = [
-        (
-            "weft_rate_limit_share",
-            "Requests a second this node admits under the cluster-wide rate limit",
-            |l| l.share,
-        ),
-        (
-            "weft_rate_limit_demand",
-            "Requests a second arriving at this node under the rate limit, admitted or not",
-            |l| l.demand,
-        ),
-    ];
-    for (name, help, value) in gauges {
-        family(out, name, help);
-        for l in limits {
-            let _ = writeln!(
-                out,
-                "{name}{{service=\"{}\",caller=\"{}\"}} {}",
-                escape(&l.limit.service),
-                escape(l.limit.caller.as_deref().unwrap_or("*")),
-                value(l)
-            );
-        }
+    let labels = |l: &LimitStatus| {
+        let caller = l.limit.caller.as_deref().unwrap_or("*");
+        format!(
+            "service=\"{}\",caller=\"{}\"",
+            escape(&l.limit.service),
+            escape(caller)
+        )
+    };
+    let (share, demand) = (
+        "Requests a second this node admits under the cluster-wide rate limit",
+        "Requests a second arriving at this node under the rate limit, admitted or not",
+    );
+    gauges(out, "weft_rate_limit_share", share, limits, labels, |l| {
+        l.share
+    });
+    gauges(out, "weft_rate_limit_demand", demand, limits, labels, |l| {
+        l.demand
+    });
+}
+
+fn concurrency(out: &mut String, services: &[ConcurrencyStatus]) {
+    let labels = |c: &ConcurrencyStatus| format!("service=\"{}\"", escape(&c.service));
+    let (limit, in_flight) = (
+        "The cluster-wide adaptive concurrency limit of the service, as this node holds it",
+        "Requests to the service in flight from this node under adaptive concurrency",
+    );
+    gauges(
+        out,
+        "weft_concurrency_limit",
+        limit,
+        services,
+        labels,
+        |c| c.limit,
+    );
+    gauges(
+        out,
+        "weft_concurrency_in_flight",
+        in_flight,
+        services,
+        labels,
+        |c| f64::from(c.in_flight),
+    );
+}
+
+/// A gauge family with a series per row (`labels`: the row's, escaped).
+fn gauges<T>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    rows: &[T],
+    labels: impl Fn(&T) -> String,
+    value: impl Fn(&T) -> f64,
+) {
+    family(out, name, help);
+    for row in rows {
+        let _ = writeln!(out, "{name}{{{}}} {}", labels(row), value(row));
     }
 }
 
@@ -179,7 +215,7 @@ mod tests {
             &RouterSnapshot::default(),
             &StatsSnapshot::default(),
             |_| 0.0,
-            &[],
+            &Admission::default(),
         );
         assert!(out.contains("# TYPE weft_instances gauge"));
         assert!(!out.contains("weft_instances{"), "{out}");

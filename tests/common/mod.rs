@@ -449,6 +449,12 @@ pub enum Behavior {
     /// 200, but every `every`-th request (by this upstream's count) only
     /// after `delay`: a tail, like a pause in the instance.
     Tail { every: u64, delay: Duration },
+    /// 200 after `service_time`, serving at most `concurrent` requests at
+    /// once; the rest wait their turn (a fixed capacity).
+    Capacity {
+        concurrent: usize,
+        service_time: Duration,
+    },
 }
 
 /// A real HTTP/1.1 upstream on 127.0.0.1 that counts the requests it gets.
@@ -484,6 +490,10 @@ impl Upstream {
         let counter = hits.clone();
         let failed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let failures = failed.clone();
+        let capacity = std::sync::Arc::new(tokio::sync::Semaphore::new(match behavior {
+            Behavior::Capacity { concurrent, .. } => concurrent,
+            _ => 0,
+        }));
         let task = tokio::spawn(async move {
             // Connections live in this set: aborting the server drops them all,
             // as a dying process would.
@@ -494,10 +504,12 @@ impl Upstream {
                 };
                 let counter = counter.clone();
                 let failures = failures.clone();
+                let capacity = capacity.clone();
                 conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |_req| {
                         let counter = counter.clone();
                         let failures = failures.clone();
+                        let capacity = capacity.clone();
                         async move {
                             let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let status = match behavior {
@@ -505,6 +517,11 @@ impl Upstream {
                                     if (n + 1).is_multiple_of(every.max(1)) {
                                         tokio::time::sleep(delay).await;
                                     }
+                                    200
+                                }
+                                Behavior::Capacity { service_time, .. } => {
+                                    let _turn = capacity.acquire().await;
+                                    tokio::time::sleep(service_time).await;
                                     200
                                 }
                                 Behavior::Fixed(status, delay) => {

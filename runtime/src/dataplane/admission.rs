@@ -1,29 +1,90 @@
-//! Admission: whether a request may go on at all, asked before an instance
-//! is picked. Today that is the cluster's rate limits
-//! ([`crate::policy::rate`]): each node admits its share of each limit, in
-//! proportion to the demand it sees against the demand the other nodes
-//! gossip.
+//! Admission: whether a request may go on at all. Two checks, each
+//! sharing a cluster-wide number among the nodes in proportion to the
+//! demand each sees against the demand the others gossip:
 //!
-//! With no limit set, a request pays one atomic load here.
+//! - the cluster's rate limits ([`crate::policy::rate`]), asked before an
+//!   instance is picked; with no limit set, a request pays one atomic load;
+//! - adaptive concurrency ([`crate::policy::concurrency`]) for services
+//!   registered with it: a [`Slot`] holds a request in flight.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
 
+use crate::policy::concurrency::{self, ConcurrencyState, Others, Overloaded};
 use crate::policy::rate::{LimitState, OverLimit, RateLimit, RateLimits};
 
 /// Demand per limit scope (`service` or `service/caller`), requests a
 /// second: what a node gossips, and what the others add up to.
 pub type Demand = BTreeMap<String, f64>;
 
-/// The cluster's rate limits as this node enforces them.
+/// What a node gossips of each service under adaptive concurrency.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ConcurrencyReport {
+    /// Its cluster-wide limit.
+    #[serde(rename = "l")]
+    pub limit: f64,
+    /// Its demand, requests a second.
+    #[serde(rename = "d")]
+    pub demand: f64,
+    /// Its requests in flight.
+    #[serde(rename = "f")]
+    pub in_flight: u32,
+}
+
+/// The cluster's rate limits and adaptive concurrency as this node
+/// enforces them.
 #[derive(Debug, Default)]
 pub struct Admission {
     limits: ArcSwap<RateLimits>,
     /// Per limit scope, this node's demand and bucket.
     states: Mutex<HashMap<String, LimitState>>,
+    /// Per service under adaptive concurrency, this node's controller.
+    concurrency: Mutex<HashMap<String, ConcurrencyState>>,
+}
+
+/// A request admitted under its service's adaptive concurrency: in flight
+/// until dropped, with the latency of its last attempt.
+#[derive(Debug)]
+pub struct Slot<'a> {
+    admission: &'a Admission,
+    service: String,
+    probed: bool,
+    latency: Option<Duration>,
+}
+
+impl Slot<'_> {
+    /// An attempt took `latency`.
+    pub fn observe(&mut self, latency: Duration) {
+        self.latency = Some(latency);
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut states = self.admission.lock_concurrency();
+        if let Some(state) = states.get_mut(&self.service) {
+            state.finish(self.latency, self.probed, Instant::now());
+        }
+    }
+}
+
+/// One service under adaptive concurrency as this node sees it now.
+#[derive(Debug, Clone)]
+pub struct ConcurrencyStatus {
+    /// The service.
+    pub service: String,
+    /// The cluster-wide limit (the mean of the live nodes').
+    pub limit: f64,
+    /// This node's share of it.
+    pub share: f64,
+    /// This node's requests in flight.
+    pub in_flight: u32,
+    /// The latency at low load, once measured.
+    pub min_rtt: Option<Duration>,
 }
 
 /// A request refused at a rate limit.
@@ -120,8 +181,76 @@ impl Admission {
             .collect()
     }
 
+    /// Admits a request to `service` (registered with adaptive
+    /// concurrency) if this node's share of its limit has room.
+    pub fn enter(&self, service: &str) -> Result<Slot<'_>, Overloaded> {
+        let since_epoch = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let probe = concurrency::probing(since_epoch);
+        let mut states = self.lock_concurrency();
+        let state = match states.get_mut(service) {
+            Some(state) => state,
+            None => states.entry(service.to_string()).or_default(),
+        };
+        let probed = state.enter(probe, Instant::now())?;
+        Ok(Slot {
+            admission: self,
+            service: service.to_string(),
+            probed,
+            latency: None,
+        })
+    }
+
+    /// This node's report of each service under adaptive concurrency, for
+    /// gossip.
+    pub fn concurrency_reports(&self) -> BTreeMap<String, ConcurrencyReport> {
+        let now = Instant::now();
+        self.lock_concurrency()
+            .iter_mut()
+            .map(|(service, state)| {
+                let (limit, demand, in_flight) = state.report(now);
+                let report = ConcurrencyReport {
+                    limit,
+                    demand,
+                    in_flight,
+                };
+                (service.clone(), report)
+            })
+            .collect()
+    }
+
+    /// What the other live nodes report, per service.
+    pub fn set_concurrency_others(&self, others: &BTreeMap<String, Others>) {
+        for (service, state) in self.lock_concurrency().iter_mut() {
+            state.set_others(others.get(service).copied().unwrap_or_default());
+        }
+    }
+
+    /// Every service under adaptive concurrency, as this node sees it now.
+    pub fn concurrency_status(&self) -> Vec<ConcurrencyStatus> {
+        let now = Instant::now();
+        let mut states = self.lock_concurrency();
+        let mut all: Vec<ConcurrencyStatus> = states
+            .iter_mut()
+            .map(|(service, state)| ConcurrencyStatus {
+                service: service.clone(),
+                limit: state.cluster_limit(),
+                share: state.share(now),
+                in_flight: state.report(now).2,
+                min_rtt: state.min_rtt(),
+            })
+            .collect();
+        all.sort_by(|a, b| a.service.cmp(&b.service));
+        all
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, LimitState>> {
         self.states.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_concurrency(&self) -> MutexGuard<'_, HashMap<String, ConcurrencyState>> {
+        self.concurrency.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -21,8 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use weft_gossip::Instance;
 
-use super::endpoints::{Endpoint, Protocol};
 use super::admission::RateLimited;
+use super::endpoints::{Endpoint, Protocol};
 use super::error::{MeshError, WEFT_ERROR};
 use super::hedge;
 use super::limits::accept_each;
@@ -36,6 +36,7 @@ use super::{
 use crate::access_log::{rfc3339, AccessEntry};
 use crate::caller;
 use crate::outcome::{Outcome, OutcomeClass};
+use crate::policy::concurrency::Overloaded;
 use crate::policy::intentions::Decision;
 use crate::policy::retry::{self, AttemptResult};
 use crate::tunnel::{self, TunnelError};
@@ -237,6 +238,14 @@ async fn proxy(
             Err(error) => return no_instance(error, &service),
         };
     }
+    // A service under adaptive concurrency: this node's share of its limit.
+    let mut slot = None;
+    if endpoint.instance.adaptive_concurrency {
+        match dp.admission.enter(&service) {
+            Ok(admitted) => slot = Some(admitted),
+            Err(over) => return overloaded(&service, fwd.caller.as_str(), &over),
+        }
+    }
     let mut tried: Vec<Endpoint> = Vec::new();
     let mut attempt: u8 = 0;
     loop {
@@ -283,6 +292,9 @@ async fn proxy(
         };
         let latency = start.elapsed();
         dp.finished(&endpoint, latency);
+        if let Some(slot) = &mut slot {
+            slot.observe(latency);
+        }
         // A hedge that answered first is this attempt's instance.
         endpoint = answered;
         if record.logged || record.spans.is_some() {
@@ -414,6 +426,18 @@ pub(super) fn rate_limited(
     resp.headers_mut()
         .insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
     resp
+}
+
+/// A call over its service's adaptive concurrency limit: 503 at once,
+/// counted in `weft_requests_overloaded_total{service,caller}`.
+fn overloaded(service: &str, caller: &str, over: &Overloaded) -> Response<ProxyBody> {
+    metrics::counter!("weft_requests_overloaded_total",
+        "service" => service.to_string(), "caller" => caller.to_string())
+    .increment(1);
+    MeshError::Overloaded.response(&format!(
+        "{service} has {} requests in flight from this node, its share ({:.1}) of the cluster's adaptive concurrency limit",
+        over.in_flight, over.share
+    ))
 }
 
 /// A request the proxy refuses before any instance is picked.

@@ -316,7 +316,11 @@ mod tests {
     fn an_unused_limit_does_not_grow() {
         let mut state = ConcurrencyState::default();
         drive(&mut state, 2, 10);
-        assert!(state.cluster_limit() <= INITIAL_LIMIT, "{}", state.cluster_limit());
+        assert!(
+            state.cluster_limit() <= INITIAL_LIMIT,
+            "{}",
+            state.cluster_limit()
+        );
     }
 
     #[test]
@@ -345,11 +349,15 @@ mod tests {
         let t0 = Instant::now();
         let mut g = Gradient::default();
         g.record(Duration::from_millis(10), true, t0);
-        let mut feed = |g: &mut Gradient, ms: u64, from: u64| {
+        let feed = |g: &mut Gradient, ms: u64, from: u64| {
             let mut t = from;
             for _ in 0..40 {
                 for _ in 0..10 {
-                    g.record(Duration::from_millis(ms), false, t0 + Duration::from_millis(t));
+                    g.record(
+                        Duration::from_millis(ms),
+                        false,
+                        t0 + Duration::from_millis(t),
+                    );
                 }
                 t += 300;
                 g.update(g.limit(), true, t0 + Duration::from_millis(t));

@@ -207,7 +207,11 @@ impl RateLimits {
             }
             // A deserialized rate was parsed, but a built one may not be.
             if limit.rate.count == 0 || limit.rate.count > MAX_COUNT {
-                return Err(format!("{}: rate {} is out of range", limit.scope(), limit.rate));
+                return Err(format!(
+                    "{}: rate {} is out of range",
+                    limit.scope(),
+                    limit.rate
+                ));
             }
         }
         if !self.limits.windows(2).all(|w| order(&w[0]) < order(&w[1])) {
@@ -532,6 +536,9 @@ mod tests {
         // n1's demand rose 12x at 10 s: by 13 s it has its share (600 of
         // 850 asked: 212/s).
         let n1 = admitted[12][0];
-        assert!((190..=235).contains(&n1), "n1 admitted {n1} in its third second");
+        assert!(
+            (190..=235).contains(&n1),
+            "n1 admitted {n1} in its third second"
+        );
     }
 }
