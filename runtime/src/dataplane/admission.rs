@@ -120,6 +120,8 @@ impl Admission {
 
     /// Counts a request of `caller` to `service` against every limit that
     /// applies to it, and admits it if this node's share of each has room.
+    /// A refusal is counted in
+    /// `weft_requests_rate_limited_total{service,caller}`.
     pub fn check(&self, service: &str, caller: &str) -> Result<(), RateLimited> {
         let limits = self.limits.load();
         if limits.is_empty() {
@@ -131,10 +133,13 @@ impl Admission {
         for limit in applying {
             let states = states.get_or_insert_with(|| self.lock());
             let state = states.entry(limit.scope()).or_default();
-            state.admit(limit.rate, now).map_err(|over| RateLimited {
-                limit: limit.clone(),
-                over,
-            })?;
+            if let Err(over) = state.admit(limit.rate, now) {
+                metrics::counter!("weft_requests_rate_limited_total",
+                    "service" => service.to_string(), "caller" => caller.to_string())
+                .increment(1);
+                let limit = limit.clone();
+                return Err(RateLimited { limit, over });
+            }
         }
         Ok(())
     }

@@ -191,7 +191,7 @@ async fn proxy(
         return forbidden(fwd.caller.as_str(), &fwd.service, &denied);
     }
     if let Err(limited) = dp.admission.check(&fwd.service, fwd.caller.as_str()) {
-        return rate_limited(&fwd.service, fwd.caller.as_str(), &limited);
+        return rate_limited(&limited);
     }
     // Only an upgrade takes hyper's pending-upgrade handle out of the request.
     let upgrade = if fwd.upgrade {
@@ -405,16 +405,8 @@ pub(super) fn forbidden(caller: &str, service: &str, denied: &Decision) -> Respo
 }
 
 /// A call over the cluster's rate limit: 429 with `Retry-After` (whole
-/// seconds, at least 1), counted in
-/// `weft_requests_rate_limited_total{service,caller}`.
-pub(super) fn rate_limited(
-    service: &str,
-    caller: &str,
-    limited: &RateLimited,
-) -> Response<ProxyBody> {
-    metrics::counter!("weft_requests_rate_limited_total",
-        "service" => service.to_string(), "caller" => caller.to_string())
-    .increment(1);
+/// seconds, at least 1).
+fn rate_limited(limited: &RateLimited) -> Response<ProxyBody> {
     let RateLimited { limit, over } = limited;
     let mut resp = MeshError::RateLimited.response(&format!(
         "{} is limited to {} across the cluster; this node's share is {:.1}/s now",

@@ -67,9 +67,6 @@ async fn connect(
     }
     // A TCP service's limit counts connections.
     if let Err(limited) = dp.admission.check(service, caller.as_str()) {
-        metrics::counter!("weft_requests_rate_limited_total",
-            "service" => service.to_string(), "caller" => caller.as_str().to_string())
-        .increment(1);
         reset_tcp(client);
         return Err(format!(
             "over the rate limit {} of {}",
