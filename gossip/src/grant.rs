@@ -56,6 +56,12 @@ pub trait Authority: Send + Sync + std::fmt::Debug {
     fn verify(&self, grant: &Grant) -> Result<String, String>;
 }
 
+/// Hex SHA-256 of the canonical JSON of `object`: what an operator's grant
+/// over a cluster config object covers.
+pub fn digest_json<T: Serialize>(object: &T) -> String {
+    digest(&serde_json::to_vec(object).unwrap_or_default())
+}
+
 /// Hex SHA-256 of `bytes`: the digest objects put in their grants.
 pub fn digest(bytes: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, bytes)

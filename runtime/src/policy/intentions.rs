@@ -181,10 +181,7 @@ impl Intentions {
     /// The next version with `change` made, or why it cannot be.
     pub fn changed(&self, change: Change) -> Result<Intentions, String> {
         let mut next = self.clone();
-        next.version = self
-            .version
-            .checked_add(1)
-            .ok_or("the intentions' version cannot grow further")?;
+        next.version = super::next_version(self.version, "intentions")?;
         match change {
             Change::Set(rule) => {
                 next.rules
@@ -248,8 +245,7 @@ impl Intentions {
     /// What an operator's grant signs: the hex SHA-256 of the canonical
     /// JSON of the version, the default and the rules.
     pub fn digest(&self) -> String {
-        let canonical = serde_json::to_vec(self).unwrap_or_default();
-        weft_gossip::grant::digest(&canonical)
+        weft_gossip::grant::digest_json(self)
     }
 }
 

@@ -14,3 +14,11 @@ pub mod recovery;
 pub mod retry;
 pub mod routes;
 pub mod stats;
+
+/// The version after `version` of the cluster config object named
+/// `object` (`"routes"`), or why there is none.
+fn next_version(version: u64, object: &str) -> Result<u64, String> {
+    version
+        .checked_add(1)
+        .ok_or_else(|| format!("the {object}' version cannot grow further"))
+}

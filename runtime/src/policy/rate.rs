@@ -167,10 +167,7 @@ impl RateLimits {
         rate: Option<Rate>,
     ) -> Result<RateLimits, String> {
         let mut next = self.clone();
-        next.version = self
-            .version
-            .checked_add(1)
-            .ok_or("the limits' version cannot grow further")?;
+        next.version = super::next_version(self.version, "limits")?;
         let same = |l: &RateLimit| l.service == service && l.caller.as_deref() == caller;
         let held = next.limits.iter().position(same);
         match (rate, held) {
@@ -223,8 +220,7 @@ impl RateLimits {
     /// What an operator's grant signs: the hex SHA-256 of the canonical
     /// JSON of the version and the limits.
     pub fn digest(&self) -> String {
-        let canonical = serde_json::to_vec(self).unwrap_or_default();
-        weft_gossip::grant::digest(&canonical)
+        weft_gossip::grant::digest_json(self)
     }
 }
 

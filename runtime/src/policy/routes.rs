@@ -56,10 +56,7 @@ impl Routes {
     /// its route removed).
     pub fn with(&self, service: &str, splits: Option<Vec<Split>>) -> Result<Routes, String> {
         let mut next = self.clone();
-        next.version = self
-            .version
-            .checked_add(1)
-            .ok_or("the routes' version cannot grow further")?;
+        next.version = super::next_version(self.version, "routes")?;
         match splits.filter(|s| !s.is_empty()) {
             Some(mut splits) => {
                 splits.sort_by(|a, b| a.tag.cmp(&b.tag));
@@ -118,8 +115,7 @@ impl Routes {
     /// What an operator's grant signs: the hex SHA-256 of the canonical
     /// JSON of the version and the splits.
     pub fn digest(&self) -> String {
-        let canonical = serde_json::to_vec(self).unwrap_or_default();
-        weft_gossip::grant::digest(&canonical)
+        weft_gossip::grant::digest_json(self)
     }
 }
 
