@@ -160,9 +160,19 @@ impl<R: ConfigRecord> ClusterConfig<R> {
         })
     }
 
-    /// Checks grants with `authority` from now on.
-    pub fn trust_operators(&self, authority: Arc<dyn Authority>) {
+    /// Starts the object's life in the cluster: grants are checked with
+    /// `authority` (the cluster's operators) from now on, and gossip and
+    /// the object are kept in step (see [`ClusterConfig::follow`]).
+    pub fn run(
+        self,
+        authority: Arc<dyn Authority>,
+        views: watch::Receiver<Arc<ClusterView>>,
+        writer: GossipWriter,
+    ) -> Arc<Self> {
         let _ = self.authority.set(authority);
+        let this = Arc::new(self);
+        this.clone().follow(views, writer);
+        this
     }
 
     /// The version held now.
@@ -211,7 +221,7 @@ impl<R: ConfigRecord> ClusterConfig<R> {
     /// Keeps gossip and the object in step: offers what this node holds
     /// under the object's key, and adopts newer granted versions live
     /// members offer.
-    pub fn follow(self: Arc<Self>, views: watch::Receiver<Arc<ClusterView>>, writer: GossipWriter) {
+    fn follow(self: Arc<Self>, views: watch::Receiver<Arc<ClusterView>>, writer: GossipWriter) {
         self.offer(&writer);
         let adopted = self.adopted.subscribe();
         let this = self.clone();

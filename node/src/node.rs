@@ -191,15 +191,13 @@ async fn serve(
         registered: Registered::new(registry.subscribe()),
         keys: Some(keys.clone() as Arc<dyn weft_runtime::dataplane::keys::KeyVault>),
     });
-    let intentions = Arc::new(crate::intentions::load(&cfg.data_dir, dataplane.clone())?);
-    intentions.trust_operators(Arc::new(tls::OperatorAuthority::new(tunnels.trust())));
-    intentions.clone().follow(cluster.views(), writer.clone());
-    let routes = Arc::new(crate::routes::load(&cfg.data_dir, dataplane.clone())?);
-    routes.trust_operators(Arc::new(tls::OperatorAuthority::new(tunnels.trust())));
-    routes.clone().follow(cluster.views(), writer.clone());
-    let limits = Arc::new(crate::limits::load(&cfg.data_dir, dataplane.clone())?);
-    limits.trust_operators(Arc::new(tls::OperatorAuthority::new(tunnels.trust())));
-    limits.clone().follow(cluster.views(), writer.clone());
+    let operators = || Arc::new(tls::OperatorAuthority::new(tunnels.trust()));
+    let intentions = crate::intentions::load(&cfg.data_dir, dataplane.clone())?;
+    let intentions = intentions.run(operators(), cluster.views(), writer.clone());
+    let routes = crate::routes::load(&cfg.data_dir, dataplane.clone())?;
+    let routes = routes.run(operators(), cluster.views(), writer.clone());
+    let limits = crate::limits::load(&cfg.data_dir, dataplane.clone())?;
+    let limits = limits.run(operators(), cluster.views(), writer.clone());
     crate::admission::follow(dataplane.clone(), cluster.views(), writer.clone());
     let router = {
         let (views, handle, dp) = (cluster.views(), router_handle.clone(), dataplane.clone());
