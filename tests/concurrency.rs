@@ -9,17 +9,10 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
-use http_body_util::Full;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use serde_json::json;
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 const CAPACITY: Behavior = Behavior::Capacity {
     concurrent: 4,
@@ -41,72 +34,38 @@ struct Answers {
 }
 
 /// `rate` GETs a second of `service` through each of `proxies` for
-/// `seconds`, each on its own schedule (an open loop); a request the client
-/// gave up on after `patience` is `other`.
-async fn open_loop(
-    client: &HttpClient,
+/// `seconds` (an open loop); a request the client gave up on after
+/// `patience` is `other`.
+async fn load(
+    client: &PooledClient,
     proxies: &[SocketAddr],
-    service: &'static str,
+    service: &str,
     rate: u64,
     seconds: u64,
     patience: Duration,
 ) -> Answers {
-    let answers = Arc::new(Mutex::new(Answers {
+    let mut answers = Answers {
         served: vec![Vec::new(); seconds as usize],
         ..Answers::default()
-    }));
-    let start = Instant::now();
-    let mut senders = Vec::new();
-    for &proxy in proxies {
-        let (client, answers) = (client.clone(), answers.clone());
-        senders.push(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(Duration::from_secs(1) / rate as u32);
-            let mut inflight = Vec::new();
-            for _ in 0..rate * seconds {
-                ticks.tick().await;
-                let second = start.elapsed().as_secs().min(seconds - 1) as usize;
-                let (client, answers) = (client.clone(), answers.clone());
-                inflight.push(tokio::spawn(async move {
-                    let sent = Instant::now();
-                    let answer =
-                        tokio::time::timeout(patience, call(&client, proxy, service)).await;
-                    let took = sent.elapsed();
-                    let mut answers = answers.lock().unwrap();
-                    match answer {
-                        Ok(Ok(200)) => answers.served[second].push(took),
-                        Ok(Ok(503)) => answers.refused.push(took),
-                        Ok(Ok(status)) => answers.other.push(format!("status {status}")),
-                        Ok(Err(e)) => answers.other.push(e),
-                        Err(_) => answers.other.push(format!("no answer within {patience:?}")),
-                    }
-                }));
-            }
-            for request in inflight {
-                request.await.unwrap();
-            }
-        }));
+    };
+    let rates = vec![rate; proxies.len()];
+    for sent in open_loop(client, proxies, &rates, service, seconds, patience).await {
+        match overloaded(sent.answer) {
+            Ok(200) => answers.served[sent.second].push(sent.took),
+            Ok(503) => answers.refused.push(sent.took),
+            Ok(status) => answers.other.push(format!("status {status}")),
+            Err(e) => answers.other.push(e),
+        }
     }
-    for sender in senders {
-        sender.await.unwrap();
-    }
-    Arc::try_unwrap(answers)
-        .ok()
-        .expect("every request done")
-        .into_inner()
-        .unwrap()
+    answers
 }
 
-/// One GET of `service` through `proxy`: 200, a 503 the mesh made for
-/// overload, or what else it was.
-async fn call(client: &HttpClient, proxy: SocketAddr, service: &str) -> Result<u16, String> {
-    let req = hyper::Request::get(format!("http://{proxy}/"))
-        .header("host", service)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = client.request(req).await.map_err(|e| e.to_string())?;
-    let error = resp.headers().get("weft-error").cloned();
-    match resp.status().as_u16() {
-        503 if error.as_ref().is_some_and(|e| e == "overloaded") => Ok(503),
+/// The status, with a 503 only if the mesh made it for overload.
+fn overloaded(answer: Answer) -> Result<u16, String> {
+    let (status, headers) = answer?;
+    let error = headers.get("weft-error");
+    match status {
+        503 if error.is_some_and(|e| e == "overloaded") => Ok(503),
         503 => Err(format!("503 weft-error {error:?}")),
         status => Ok(status),
     }
@@ -151,9 +110,7 @@ async fn three_nodes_share_a_learned_limit_and_keep_latency_at_three_times_capac
     let raw = Upstream::with(0, CAPACITY).await;
     register(&c, "capped", capped.port, true).await;
     register(&c, "raw", raw.port, false).await;
-    let client: HttpClient = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(1024)
-        .build_http();
+    let client = pooled_client();
     let proxies: Vec<SocketAddr> = c.nodes.iter().map(|n| n.proxy).collect();
 
     // Unloaded: one request at a time from each node.
@@ -161,7 +118,10 @@ async fn three_nodes_share_a_learned_limit_and_keep_latency_at_three_times_capac
     for _ in 0..20 {
         for &proxy in &proxies {
             let sent = Instant::now();
-            assert_eq!(call(&client, proxy, "capped").await, Ok(200));
+            assert_eq!(
+                overloaded(pooled_get(&client, proxy, "capped").await),
+                Ok(200)
+            );
             unloaded.push(sent.elapsed());
         }
     }
@@ -170,7 +130,7 @@ async fn three_nodes_share_a_learned_limit_and_keep_latency_at_three_times_capac
     // Three times the capacity, from three nodes.
     let per_node = (3.0 * CAPACITY_RPS / 3.0) as u64;
     let patience = Duration::from_secs(5);
-    let limited = open_loop(&client, &proxies, "capped", per_node, 10, patience).await;
+    let limited = load(&client, &proxies, "capped", per_node, 10, patience).await;
     let mut steady = served_in(&limited, 3..10);
     let goodput = steady.len() as f64 / 7.0;
     let admitted_p99 = quantile(&mut steady, 0.99);
@@ -179,7 +139,7 @@ async fn three_nodes_share_a_learned_limit_and_keep_latency_at_three_times_capac
     let refused_p99 = quantile(&mut refused, 0.99);
 
     // The same load without a limit, for a shorter while.
-    let unlimited = open_loop(&client, &proxies, "raw", per_node, 4, patience).await;
+    let unlimited = load(&client, &proxies, "raw", per_node, 4, patience).await;
     let mut raw_latencies = served_in(&unlimited, 0..4);
     let raw_p99 = quantile(&mut raw_latencies, 0.99);
 

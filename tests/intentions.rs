@@ -10,36 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-/// `weft intentions ARGS` against node `node`'s socket, as the operator
-/// when `as_operator`; stdout on success, stderr on failure.
-fn intentions(
-    c: &TestCluster,
-    node: usize,
-    args: &[&str],
-    as_operator: bool,
-) -> Result<String, String> {
-    let mut cmd = std::process::Command::new(weft_bin());
-    cmd.arg("--socket")
-        .arg(&c.nodes[node].socket)
-        .arg("intentions")
-        .args(args)
-        .env_remove("WEFT_OPERATOR_CERT")
-        .env_remove("WEFT_OPERATOR_KEY");
-    if as_operator {
-        let (cert, key) = operator(c);
-        cmd.arg("--operator-cert")
-            .arg(cert)
-            .arg("--operator-key")
-            .arg(key);
-    }
-    let out = cmd.output().expect("run weft intentions");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
 async fn version(c: &TestCluster, node: usize) -> Option<u64> {
     let (_, body) = get(&c.nodes[node].socket, "/v1/intentions").await.ok()?;
     body["intentions"]["version"].as_u64()
@@ -101,7 +71,13 @@ async fn a_deny_reaches_every_node_holds_on_both_ends_and_survives_a_restart() {
 
     // No operator, no change: the CLI needs the certificate, and the node
     // refuses a version without a grant.
-    assert!(intentions(&c, 2, &["deny", "checkout", "payments"], false).is_err());
+    assert!(weft_at(
+        &c,
+        2,
+        &["intentions", "deny", "checkout", "payments"],
+        false
+    )
+    .is_err());
     let ungranted = json!({"intentions": {"version": 1, "default": "allow",
         "rules": [{"source": "checkout", "destination": "payments", "action": "deny"}]}});
     let (status, body) = put_json(&c.nodes[2].socket, "/v1/intentions", &ungranted)
@@ -124,7 +100,7 @@ async fn a_deny_reaches_every_node_holds_on_both_ends_and_survives_a_restart() {
         answers
     });
     let started = Instant::now();
-    intentions(&c, 2, &["deny", "checkout", "payments"], true).expect("deny");
+    weft_at(&c, 2, &["intentions", "deny", "checkout", "payments"], true).expect("deny");
     for node in 0..3 {
         wait_for(Duration::from_secs(10), "version 1 everywhere", || async {
             (version(&c, node).await == Some(1)).then_some(())
@@ -189,12 +165,18 @@ async fn a_deny_reaches_every_node_holds_on_both_ends_and_survives_a_restart() {
     );
     // Others still call: the shared proxy's anonymous caller.
     assert_eq!(pay(c.nodes[0].proxy).await.0, 200);
-    let check = intentions(&c, 1, &["check", "checkout", "payments"], false).unwrap();
+    let check = weft_at(
+        &c,
+        1,
+        &["intentions", "check", "checkout", "payments"],
+        false,
+    )
+    .unwrap();
     assert!(
         check.contains("deny by rule checkout -> payments: deny"),
         "{check}"
     );
-    let check = intentions(&c, 1, &["check", "-", "payments"], false).unwrap();
+    let check = weft_at(&c, 1, &["intentions", "check", "-", "payments"], false).unwrap();
     assert!(check.contains("allow by the cluster default"), "{check}");
 
     // A full restart: every node comes back with version 1 from its disk,
@@ -221,7 +203,13 @@ async fn a_deny_reaches_every_node_holds_on_both_ends_and_survives_a_restart() {
     assert_eq!((status, error.as_deref()), (403, Some("forbidden")));
 
     // Removing the rule lets the call through again.
-    intentions(&c, 0, &["remove", "checkout", "payments"], true).expect("remove");
+    weft_at(
+        &c,
+        0,
+        &["intentions", "remove", "checkout", "payments"],
+        true,
+    )
+    .expect("remove");
     wait_for(
         Duration::from_secs(10),
         "the call goes through again",
@@ -229,6 +217,7 @@ async fn a_deny_reaches_every_node_holds_on_both_ends_and_survives_a_restart() {
     )
     .await;
     let listed: Value =
-        serde_json::from_str(&intentions(&c, 1, &["list", "--json"], false).unwrap()).unwrap();
+        serde_json::from_str(&weft_at(&c, 1, &["intentions", "list", "--json"], false).unwrap())
+            .unwrap();
     assert_eq!(listed["intentions"]["version"], 2, "{listed}");
 }

@@ -9,16 +9,9 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
 use common::*;
-use http_body_util::Full;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// Per second of a phase and per node: (admitted, limited).
 type Tally = Vec<[(u32, u32); 3]>;
@@ -32,71 +25,38 @@ struct Answers {
 }
 
 /// Sends `rates[i]` GETs a second of `api` through node i's proxy for
-/// `seconds`, each on its own schedule whatever the answers take (an open
-/// loop), and tallies the answers by the second they were sent in.
-async fn open_loop(
-    client: &HttpClient,
+/// `seconds` (an open loop) and tallies the answers by the second they were
+/// sent in.
+async fn open_loop_api(
+    client: &PooledClient,
     proxies: &[SocketAddr],
     rates: [u64; 3],
     seconds: u64,
 ) -> Answers {
-    let answers = Arc::new(Mutex::new(Answers {
+    let mut answers = Answers {
         tally: vec![[(0, 0); 3]; seconds as usize],
         unexpected: Vec::new(),
-    }));
-    let start = Instant::now();
-    let mut senders = Vec::new();
-    for (node, rate) in rates.into_iter().enumerate() {
-        let (client, proxy, answers) = (client.clone(), proxies[node], answers.clone());
-        senders.push(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(Duration::from_secs(1) / rate as u32);
-            let mut inflight = Vec::new();
-            for _ in 0..rate * seconds {
-                ticks.tick().await;
-                let second = start.elapsed().as_secs().min(seconds - 1) as usize;
-                let (client, answers) = (client.clone(), answers.clone());
-                inflight.push(tokio::spawn(async move {
-                    let answer = call(&client, proxy).await;
-                    let mut answers = answers.lock().unwrap();
-                    match answer {
-                        Ok(true) => answers.tally[second][node].0 += 1,
-                        Ok(false) => answers.tally[second][node].1 += 1,
-                        Err(e) => answers.unexpected.push(e),
-                    }
-                }));
-            }
-            for request in inflight {
-                request.await.unwrap();
-            }
-        }));
+    };
+    let patience = Duration::from_secs(30);
+    for sent in open_loop(client, proxies, &rates, "api", seconds, patience).await {
+        let cell = &mut answers.tally[sent.second][sent.proxy];
+        match admitted(sent.answer) {
+            Ok(true) => cell.0 += 1,
+            Ok(false) => cell.1 += 1,
+            Err(e) => answers.unexpected.push(e),
+        }
     }
-    for sender in senders {
-        sender.await.unwrap();
-    }
-    Arc::try_unwrap(answers)
-        .ok()
-        .expect("every request done")
-        .into_inner()
-        .unwrap()
+    answers
 }
 
-/// One GET of `api` through `proxy`: admitted (200), limited (a 429 that
-/// says so and when to come back), or what else it was.
-async fn call(client: &HttpClient, proxy: SocketAddr) -> Result<bool, String> {
-    let req = hyper::Request::get(format!("http://{proxy}/"))
-        .header("host", "api")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = client.request(req).await.map_err(|e| e.to_string())?;
-    let header = |name: &str| {
-        resp.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(String::from)
-    };
-    match resp.status().as_u16() {
+/// Admitted (200), limited (a 429 that says so and when to come back), or
+/// what else it was.
+fn admitted(answer: Answer) -> Result<bool, String> {
+    let (status, headers) = answer?;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    match status {
         200 => Ok(true),
-        429 if header("weft-error").as_deref() == Some("rate-limited")
+        429 if header("weft-error") == Some("rate-limited")
             && header("retry-after").is_some_and(|s| s.parse::<u64>().is_ok_and(|n| n >= 1)) =>
         {
             Ok(false)
@@ -138,23 +98,6 @@ fn print(name: &str, rates: [u64; 3], tally: &Tally) {
     }
 }
 
-/// Runs `weft limit ARGS` against n1, signed when `signed`.
-fn limit(c: &TestCluster, args: &[&str], signed: bool) -> std::process::Output {
-    let (cert, key) = operator(c);
-    let mut cmd = std::process::Command::new(weft_bin());
-    cmd.arg("--socket")
-        .arg(&c.nodes[0].socket)
-        .arg("limit")
-        .args(args);
-    if signed {
-        cmd.arg("--operator-cert")
-            .arg(&cert)
-            .arg("--operator-key")
-            .arg(&key);
-    }
-    cmd.output().expect("weft limit")
-}
-
 /// Waits until every node enforces `rate` for api (`None`: no limit).
 async fn enforced_everywhere(c: &TestCluster, rate: Option<&str>) {
     for node in &c.nodes {
@@ -178,27 +121,22 @@ async fn the_cluster_admits_its_limit_and_shares_follow_demand() {
     let instance = Upstream::start(0, 200).await;
     register_everywhere(&c, 0, "api", instance.port, "http").await;
 
-    assert!(!limit(&c, &["api", "300/s"], false).status.success());
-    let bad = limit(&c, &["api", "300/h"], true);
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("COUNT/s"));
-    let out = limit(&c, &["api", "300/s"], true);
-    assert!(out.status.success(), "{out:?}");
+    assert!(weft_at(&c, 0, &["limit", "api", "300/s"], false).is_err());
+    let bad = weft_at(&c, 0, &["limit", "api", "300/h"], true).unwrap_err();
+    assert!(bad.contains("COUNT/s"), "{bad}");
+    weft_at(&c, 0, &["limit", "api", "300/s"], true).expect("limit");
     enforced_everywhere(&c, Some("300/s")).await;
-    let listed = limit(&c, &[], false);
-    let table = String::from_utf8_lossy(&listed.stdout);
+    let table = weft_at(&c, 0, &["limit"], false).expect("limit");
     assert!(table.contains("api") && table.contains("300/s"), "{table}");
 
-    let client: HttpClient = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(256)
-        .build_http();
+    let client = pooled_client();
     let proxies: Vec<SocketAddr> = c.nodes.iter().map(|n| n.proxy).collect();
     let hits_before = instance.hits();
     let first = [50, 200, 600];
-    let before = open_loop(&client, &proxies, first, 8).await;
+    let before = open_loop_api(&client, &proxies, first, 8).await;
     print("before the swap", first, &before.tally);
     let swapped = [600, 200, 50];
-    let after = open_loop(&client, &proxies, swapped, 8).await;
+    let after = open_loop_api(&client, &proxies, swapped, 8).await;
     print("after it", swapped, &after.tally);
 
     for (name, answers) in [("before the swap", &before), ("after it", &after)] {
@@ -242,9 +180,9 @@ async fn the_cluster_admits_its_limit_and_shares_follow_demand() {
     assert!(metric_sum(&text, "weft_rate_limit_share", &["service=\"api\""]) > 0.0);
 
     // Cleared, nothing is limited.
-    assert!(limit(&c, &["api", "--clear"], true).status.success());
+    weft_at(&c, 0, &["limit", "api", "--clear"], true).expect("limit --clear");
     enforced_everywhere(&c, None).await;
-    let open = open_loop(&client, &proxies, [100, 100, 100], 2).await;
+    let open = open_loop_api(&client, &proxies, [100, 100, 100], 2).await;
     assert!(open.unexpected.is_empty(), "{:?}", open.unexpected);
     assert_eq!(admitted_total(&open.tally, 0..2), 300.0);
 }

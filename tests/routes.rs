@@ -77,24 +77,8 @@ async fn a_split_holds_its_weights_and_an_unhealthy_tag_gives_its_share_back() {
     everywhere(&c, "v2", 1).await;
 
     // A change needs an operator; n1 takes it and gossip brings it to all.
-    let (cert, key) = operator(&c);
-    let route = |args: &[&str], signed: bool| {
-        let mut cmd = std::process::Command::new(weft_bin());
-        cmd.arg("--socket")
-            .arg(&c.nodes[0].socket)
-            .arg("route")
-            .args(args);
-        if signed {
-            cmd.arg("--operator-cert")
-                .arg(&cert)
-                .arg("--operator-key")
-                .arg(&key);
-        }
-        cmd.output().expect("weft route")
-    };
-    assert!(!route(&["api", "v1=90", "v2=10"], false).status.success());
-    let out = route(&["api", "v1=90", "v2=10"], true);
-    assert!(out.status.success(), "{out:?}");
+    assert!(weft_at(&c, 0, &["route", "api", "v1=90", "v2=10"], false).is_err());
+    weft_at(&c, 0, &["route", "api", "v1=90", "v2=10"], true).expect("route");
     for node in &c.nodes {
         wait_for(
             Duration::from_secs(10),
@@ -141,13 +125,12 @@ async fn a_split_holds_its_weights_and_an_unhealthy_tag_gives_its_share_back() {
     assert!(v2_hits > 0);
 
     // `weft route` lists it; --clear removes it.
-    let list = route(&[], false);
-    let text = String::from_utf8_lossy(&list.stdout);
+    let text = weft_at(&c, 0, &["route"], false).expect("route");
     assert!(
         text.contains("api") && text.contains("v2") && text.contains("10"),
         "{text}"
     );
-    assert!(route(&["api", "--clear"], true).status.success());
+    weft_at(&c, 0, &["route", "api", "--clear"], true).expect("route --clear");
     let (_, body) = get(&c.nodes[0].socket, "/v1/routes").await.unwrap();
     assert_eq!(body["routes"]["version"], 2);
     assert!(body["routes"]["splits"]["api"].is_null(), "{body}");

@@ -697,6 +697,126 @@ pub fn operator(c: &TestCluster) -> (std::path::PathBuf, std::path::PathBuf) {
     (cert, key)
 }
 
+/// A client that keeps its connections to the proxies open.
+pub type PooledClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+/// A [`PooledClient`] that keeps up to 1024 idle connections per proxy.
+pub fn pooled_client() -> PooledClient {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build_http()
+}
+
+/// A response's status and head, or why there is none.
+pub type Answer = Result<(u16, hyper::HeaderMap), String>;
+
+/// One GET of `service` through `proxy` on a pooled connection.
+pub async fn pooled_get(client: &PooledClient, proxy: SocketAddr, service: &str) -> Answer {
+    let req = Request::get(format!("http://{proxy}/"))
+        .header("host", service)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    Ok((resp.status().as_u16(), resp.headers().clone()))
+}
+
+/// One request of an [`open_loop`].
+pub struct Sent {
+    /// The index of the proxy it went through.
+    pub proxy: usize,
+    /// The second of the load it was sent in.
+    pub second: usize,
+    /// How long its answer took.
+    pub took: Duration,
+    /// The answer; none within the loop's patience is an error.
+    pub answer: Answer,
+}
+
+/// `rates[i]` GETs a second of `service` through `proxies[i]` for
+/// `seconds`, each sent on its own schedule whatever the answers take (an
+/// open loop); every request, once all are answered or `patience` passed
+/// for each.
+pub async fn open_loop(
+    client: &PooledClient,
+    proxies: &[SocketAddr],
+    rates: &[u64],
+    service: &str,
+    seconds: u64,
+    patience: Duration,
+) -> Vec<Sent> {
+    let start = Instant::now();
+    let service: std::sync::Arc<str> = service.into();
+    let mut senders = Vec::new();
+    for (i, (&proxy, &rate)) in proxies.iter().zip(rates).enumerate() {
+        let (client, service) = (client.clone(), service.clone());
+        senders.push(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_secs(1) / rate as u32);
+            let mut requests = Vec::new();
+            for _ in 0..rate * seconds {
+                ticks.tick().await;
+                let second = start.elapsed().as_secs().min(seconds - 1) as usize;
+                let (client, service) = (client.clone(), service.clone());
+                requests.push(tokio::spawn(async move {
+                    let sent = Instant::now();
+                    let answer =
+                        tokio::time::timeout(patience, pooled_get(&client, proxy, &service))
+                            .await
+                            .unwrap_or_else(|_| Err(format!("no answer within {patience:?}")));
+                    Sent {
+                        proxy: i,
+                        second,
+                        took: sent.elapsed(),
+                        answer,
+                    }
+                }));
+            }
+            let mut all = Vec::new();
+            for request in requests {
+                all.push(request.await.expect("request task"));
+            }
+            all
+        }));
+    }
+    let mut all = Vec::new();
+    for sender in senders {
+        all.extend(sender.await.expect("sender task"));
+    }
+    all
+}
+
+/// `weft ARGS` against node `node`'s socket, signed as the cluster's
+/// operator when `as_operator` (never by an operator named in the
+/// environment otherwise): stdout on success, stderr on failure.
+pub fn weft_at(
+    c: &TestCluster,
+    node: usize,
+    args: &[&str],
+    as_operator: bool,
+) -> Result<String, String> {
+    let mut cmd = Command::new(weft_bin());
+    cmd.arg("--socket")
+        .arg(&c.nodes[node].socket)
+        .args(args)
+        .env_remove("WEFT_OPERATOR_CERT")
+        .env_remove("WEFT_OPERATOR_KEY");
+    if as_operator {
+        let (cert, key) = operator(c);
+        cmd.arg("--operator-cert")
+            .arg(cert)
+            .arg("--operator-key")
+            .arg(key);
+    }
+    let out = cmd.output().expect("run weft");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 /// An HTTP GET head for `instance` of `service` that names `caller`
 /// (`weft-caller`), sent straight over a tunnel connection to node
 /// `target` presenting `cert_pem`/`key_pem`: the head the node answers
