@@ -10,10 +10,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use weft_gossip::{ClusterView, Key};
-use weft_runtime::dataplane::admission::{ConcurrencyReport, Demand};
+use weft_runtime::dataplane::admission::Demand;
 use weft_runtime::dataplane::DataPlane;
 use weft_runtime::gossip_writer::GossipWriter;
-use weft_runtime::policy::concurrency::Others;
+use weft_runtime::policy::concurrency::{ConcurrencyReport, Others};
 
 /// How often a node gossips its side and takes the others' into its
 /// shares: with gossip's own round on top, a node whose demand rises gets

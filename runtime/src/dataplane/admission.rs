@@ -11,29 +11,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
-use serde::{Deserialize, Serialize};
-
-use crate::policy::concurrency::{self, ConcurrencyState, Others, Overloaded};
+use crate::policy::concurrency::{self, ConcurrencyReport, ConcurrencyState, Others, Overloaded};
 use crate::policy::rate::{LimitState, OverLimit, RateLimit, RateLimits};
+use arc_swap::ArcSwap;
 
 /// Demand per limit scope (`service` or `service/caller`), requests a
 /// second: what a node gossips, and what the others add up to.
 pub type Demand = BTreeMap<String, f64>;
-
-/// What a node gossips of each service under adaptive concurrency.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct ConcurrencyReport {
-    /// Its cluster-wide limit.
-    #[serde(rename = "l")]
-    pub limit: f64,
-    /// Its demand, requests a second.
-    #[serde(rename = "d")]
-    pub demand: f64,
-    /// Its requests in flight.
-    #[serde(rename = "f")]
-    pub in_flight: u32,
-}
 
 /// The cluster's rate limits and adaptive concurrency as this node
 /// enforces them.
@@ -213,15 +197,7 @@ impl Admission {
         let now = Instant::now();
         self.lock_concurrency()
             .iter_mut()
-            .map(|(service, state)| {
-                let (limit, demand, in_flight) = state.report(now);
-                let report = ConcurrencyReport {
-                    limit,
-                    demand,
-                    in_flight,
-                };
-                (service.clone(), report)
-            })
+            .map(|(service, state)| (service.clone(), state.report(now)))
             .collect()
     }
 
@@ -242,7 +218,7 @@ impl Admission {
                 service: service.clone(),
                 limit: state.cluster_limit(),
                 share: state.share(now),
-                in_flight: state.report(now).2,
+                in_flight: state.in_flight(),
                 min_rtt: state.min_rtt(),
             })
             .collect();

@@ -20,6 +20,8 @@
 
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use super::rate::DemandMeter;
 
 /// How often the limit moves (given [`MIN_SAMPLES`]).
@@ -163,6 +165,20 @@ pub struct ConcurrencyState {
     others: Others,
 }
 
+/// What a node gossips of each service under adaptive concurrency.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ConcurrencyReport {
+    /// Its cluster-wide limit.
+    #[serde(rename = "l")]
+    pub limit: f64,
+    /// Its demand, requests a second.
+    #[serde(rename = "d")]
+    pub demand: f64,
+    /// Its requests in flight.
+    #[serde(rename = "f")]
+    pub in_flight: u32,
+}
+
 /// What the other live nodes report for a service.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Others {
@@ -241,8 +257,17 @@ impl ConcurrencyState {
     }
 
     /// This node's own limit, demand and in-flight count, for gossip.
-    pub fn report(&mut self, now: Instant) -> (f64, f64, u32) {
-        (self.gradient.limit(), self.demand.rate(now), self.in_flight)
+    pub fn report(&mut self, now: Instant) -> ConcurrencyReport {
+        ConcurrencyReport {
+            limit: self.gradient.limit(),
+            demand: self.demand.rate(now),
+            in_flight: self.in_flight,
+        }
+    }
+
+    /// Requests in flight from this node now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight
     }
 
     /// What the other live nodes last reported.
