@@ -39,6 +39,11 @@ pub enum Key {
     /// What this node learned of each service under adaptive concurrency
     /// (its limit, demand and requests in flight).
     Concurrency,
+    /// The cluster's rollouts the node adopted, with their operator grant.
+    Rollouts,
+    /// How far each rollout has come as this node knows it, and its
+    /// statistics of the current step.
+    Rollout,
     /// An instance this node hosts.
     Svc(String),
     /// What this node's checker or outlier detector concluded about an instance.
@@ -84,6 +89,8 @@ impl Key {
             Key::Limits => "limits".to_string(),
             Key::Demand => "demand".to_string(),
             Key::Concurrency => "concurrency".to_string(),
+            Key::Rollouts => "rollouts".to_string(),
+            Key::Rollout => "rollout".to_string(),
             Key::Svc(id) => format!("svc/{id}"),
             Key::Health(id) => format!("health/{id}"),
             Key::Stats(svc) => format!("stats/{svc}"),
@@ -105,6 +112,8 @@ impl Key {
             "limits" => return Some(Key::Limits),
             "demand" => return Some(Key::Demand),
             "concurrency" => return Some(Key::Concurrency),
+            "rollouts" => return Some(Key::Rollouts),
+            "rollout" => return Some(Key::Rollout),
             _ => {}
         }
         let (prefix, rest) = raw.split_once('/')?;
@@ -192,6 +201,8 @@ mod tests {
             Key::Limits,
             Key::Demand,
             Key::Concurrency,
+            Key::Rollouts,
+            Key::Rollout,
             Key::Svc("web-n1-8080".into()),
             Key::Health("db.1".into()),
             Key::Stats("web".into()),

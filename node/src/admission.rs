@@ -7,13 +7,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use weft_gossip::{ClusterView, Key};
 use weft_runtime::dataplane::admission::Demand;
 use weft_runtime::dataplane::DataPlane;
 use weft_runtime::gossip_writer::GossipWriter;
 use weft_runtime::policy::concurrency::{ConcurrencyReport, Others};
+
+use crate::follow::{reports, OwnKey};
 
 /// How often a node gossips its side and takes the others' into its
 /// shares: with gossip's own round on top, a node whose demand rises gets
@@ -49,35 +50,6 @@ pub fn follow(
     });
 }
 
-/// One of this node's gossip keys, written only when its value changes and
-/// deleted when there is nothing to say.
-struct OwnKey {
-    key: Key,
-    written: String,
-}
-
-impl OwnKey {
-    fn new(key: Key) -> Self {
-        OwnKey {
-            key,
-            written: "{}".into(),
-        }
-    }
-
-    fn write<T: serde::Serialize>(&mut self, writer: &GossipWriter, value: &BTreeMap<String, T>) {
-        let value = serde_json::to_string(value).unwrap_or_default();
-        if value == self.written {
-            return;
-        }
-        if value == "{}" {
-            writer.delete(self.key.clone());
-        } else {
-            writer.set(self.key.clone(), value.clone());
-        }
-        self.written = value;
-    }
-}
-
 /// To a tenth, so that a steady load is not written again every round.
 fn tenth(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
@@ -105,19 +77,6 @@ fn rounded_reports(
             (service.clone(), rounded)
         })
         .collect()
-}
-
-/// Every other live member's value of `key`, parsed.
-fn reports<'a, T: DeserializeOwned>(
-    view: &'a ClusterView,
-    me: &'a str,
-    key: &Key,
-) -> impl Iterator<Item = T> + 'a {
-    let key = key.encode();
-    view.nodes
-        .iter()
-        .filter(move |n| n.live && n.name != me)
-        .filter_map(move |n| serde_json::from_str(n.kv.get(&key)?).ok())
 }
 
 /// A reported number believed within bounds, or none.

@@ -24,6 +24,7 @@ use crate::intentions::ClusterIntentions;
 use crate::keyring::{ClusterKeys, KeysError};
 use crate::limits::ClusterLimits;
 use crate::registry::Registry;
+use crate::rollouts::RolloutDriver;
 use crate::routes::ClusterRoutes;
 use crate::upstreams::Upstreams;
 use crate::NodeError;
@@ -60,6 +61,9 @@ pub struct ApiState {
     pub routes: Arc<ClusterRoutes>,
     /// The cluster's rate limits (`PUT /v1/limits`, socket only).
     pub limits: Arc<ClusterLimits>,
+    /// The cluster's rollouts and where each stands (`PUT /v1/rollouts`,
+    /// socket only).
+    pub rollouts: Arc<RolloutDriver>,
     /// Local registrations.
     pub registry: Arc<Registry>,
     /// The routing table.
@@ -241,6 +245,9 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
         }
         (&Method::GET, ["v1", "routes"]) => reply(StatusCode::OK, &json!(state.routes.current())),
         (&Method::GET, ["v1", "limits"]) => reply(StatusCode::OK, &json!(state.limits.current())),
+        (&Method::GET, ["v1", "rollouts"]) => {
+            reply(StatusCode::OK, &json!(state.rollouts.config.current()))
+        }
         (&Method::GET, ["v1", "upstreams"]) => get_upstreams(state).await,
         (&Method::GET, ["metrics"]) if read_only => get_metrics(state),
         (_, ["v1", ..]) if read_only && method != Method::GET => error(
@@ -294,6 +301,10 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             Ok(body) => put_config(&state.limits, body),
             Err(reply) => reply,
         },
+        (&Method::PUT, ["v1", "rollouts"]) => match read_json(req).await {
+            Ok(body) => put_config(&state.rollouts.config, body),
+            Err(reply) => reply,
+        },
         (&Method::GET, ["v1", "keys"]) => reply(
             StatusCode::OK,
             &state.keys.list(&state.cluster.views().borrow()),
@@ -330,6 +341,7 @@ async fn route(state: &ApiState, req: Request<Incoming>, origin: Origin) -> Repl
             | ["v1", "intentions"]
             | ["v1", "routes"]
             | ["v1", "limits"]
+            | ["v1", "rollouts"]
             | ["v1", "services", _]
             | ["v1", "services", _, "ttl"]
             | ["v1", "upstreams"]
@@ -846,6 +858,7 @@ fn get_health(state: &ApiState) -> Reply {
             "services": services,
             "limits": limits_json(state),
             "concurrency": concurrency_json(state),
+            "rollouts": state.rollouts.status(),
         }),
     )
 }
@@ -868,6 +881,7 @@ mod tests {
             "/v1/intentions",
             "/v1/routes",
             "/v1/limits",
+            "/v1/rollouts",
             "/v1/upstreams",
             "/v1/upstreams/{listen}",
             "/v1/keys",

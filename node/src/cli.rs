@@ -83,6 +83,13 @@ pub enum Command {
     /// caller's; over it, 429 `weft-error: rate-limited`. Without a
     /// service, list the limits and this node's share of each.
     Limit(LimitArgs),
+    /// Roll a new version out by itself: `weft rollout api --to v2` moves
+    /// api's traffic to the instances tagged v2 step by step (5, 25, 50,
+    /// 100 %) while their error rate and p99, measured by the whole
+    /// cluster, stay within bounds of the stable tag's, and back at once
+    /// when they do not. `weft rollout status` shows where each stands;
+    /// `--clear` ends one. Changes are signed by an operator certificate.
+    Rollout(RolloutArgs),
     /// Register a local service instance with the node.
     Register(RegisterArgs),
     /// Remove a registration by id.
@@ -282,6 +289,42 @@ pub struct LimitArgs {
     #[arg(long)]
     pub clear: bool,
     /// Print JSON (when listing).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub signing: Signing,
+}
+
+/// `weft rollout [status | SERVICE --to TAG [...] | SERVICE --clear]`
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    /// The service to roll out; `status` or nothing shows every rollout.
+    pub service: Option<String>,
+    /// The canary's tag.
+    #[arg(long, value_name = "TAG", conflicts_with = "clear")]
+    pub to: Option<String>,
+    /// The tag that serves now (default: the heaviest other tag of the
+    /// service's route, else the one other tag its instances carry).
+    #[arg(long, value_name = "TAG", conflicts_with = "clear")]
+    pub from: Option<String>,
+    /// The canary's share at each step, in percent [default: 5,25,50,100].
+    #[arg(long, value_name = "PCT,...", conflicts_with = "clear")]
+    pub steps: Option<String>,
+    /// How long each step lasts before it is judged [default: 30s].
+    #[arg(long, value_name = "DURATION", conflicts_with = "clear")]
+    pub interval: Option<String>,
+    /// Roll back when the canary fails more than this share of its
+    /// requests [default: 1%].
+    #[arg(long, value_name = "PCT", conflicts_with = "clear")]
+    pub max_error_rate: Option<String>,
+    /// Roll back when the canary's p99 is over this many times the stable
+    /// tag's [default: 1.5x].
+    #[arg(long, value_name = "RATIO", conflicts_with = "clear")]
+    pub max_p99: Option<String>,
+    /// End the service's rollout: it follows its route again.
+    #[arg(long)]
+    pub clear: bool,
+    /// Print JSON (with `status`).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]

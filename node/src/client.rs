@@ -203,6 +203,56 @@ pub fn limits_table(limits: &Value, health: &Value) -> String {
     out
 }
 
+/// `weft rollout status` as a table: one line per rollout, and why it
+/// stands where it does.
+pub fn rollouts_table(rollouts: &Value) -> String {
+    let tag = |t: &Value| {
+        let n = t["n"].as_u64().unwrap_or(0);
+        let errors = t["errors"].as_u64().unwrap_or(0) as f64;
+        let p99 = t["p99_us"].as_u64().unwrap_or(0) as f64 / 1000.0;
+        match n {
+            0 => "-".to_string(),
+            n => format!(
+                "{n} req, {:.1}% err, p99 {p99:.1} ms",
+                errors * 100.0 / n as f64
+            ),
+        }
+    };
+    let all = rollouts.as_array().map(Vec::as_slice).unwrap_or_default();
+    if all.is_empty() {
+        return "no rollouts\n".into();
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|r| {
+            vec![
+                s(&r["service"]),
+                format!("{} -> {}", s(&r["from"]), s(&r["to"])),
+                format!("{}/{}", s(&r["step"]), s(&r["steps"])),
+                format!("{}%", s(&r["weight"])),
+                s(&r["phase"]),
+                tag(&r["canary"]),
+                tag(&r["stable"]),
+            ]
+        })
+        .collect();
+    let headers = [
+        "SERVICE",
+        "TAGS",
+        "STEP",
+        "CANARY",
+        "PHASE",
+        "CANARY STATS",
+        "STABLE STATS",
+    ];
+    let mut out = table(&headers, &rows);
+    for r in all {
+        out.push_str(&format!("\n{}: {}", s(&r["service"]), s(&r["why"])));
+    }
+    out.push('\n');
+    out
+}
+
 /// `weft edges` as a table.
 pub fn edges_table(body: &Value) -> String {
     let pct = |v: &Value| match v.as_f64() {

@@ -42,6 +42,7 @@ mod logging;
 mod node;
 mod otlp;
 mod registry;
+mod rollouts;
 mod routes;
 mod store;
 mod tap_command;
@@ -304,6 +305,7 @@ fn client_command(cmd: Command, socket: Option<&std::path::Path>) -> Result<(), 
             Command::Intentions(cmd) => intentions_command::run(&socket, cmd).await,
             Command::Route(args) => routes::run(&socket, args).await,
             Command::Limit(args) => limits::run(&socket, args).await,
+            Command::Rollout(args) => rollouts::run(&socket, args).await,
             Command::Cert(cli::CertCommand::PublishCrl { crl }) => {
                 let pem = std::fs::read_to_string(&crl)
                     .map_err(|e| NodeError::Config(format!("{}: {e}", crl.display())))?;

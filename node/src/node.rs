@@ -32,6 +32,7 @@ use crate::init;
 use crate::keyring::ClusterKeys;
 use crate::logging::{announce, Logging};
 use crate::registry::Registry;
+use crate::rollouts::RolloutDriver;
 use crate::upstreams::Upstreams;
 use crate::NodeError;
 
@@ -199,6 +200,10 @@ async fn serve(
     let limits = crate::limits::load(&cfg.data_dir, dataplane.clone())?;
     let limits = limits.run(operators(), cluster.views(), writer.clone());
     crate::admission::follow(dataplane.clone(), cluster.views(), writer.clone());
+    let rollouts = crate::rollouts::load(&cfg.data_dir)?;
+    let rollouts = rollouts.run(operators(), cluster.views(), writer.clone());
+    let rollouts =
+        RolloutDriver::start(rollouts, dataplane.clone(), cluster.views(), writer.clone());
     let router = {
         let (views, handle, dp) = (cluster.views(), router_handle.clone(), dataplane.clone());
         Supervisor::start(move |_| Router::with_handle(views, handle).maintaining(dp))
@@ -211,6 +216,7 @@ async fn serve(
         intentions,
         routes,
         limits,
+        rollouts,
         registry: registry.clone(),
         router: router_handle.clone(),
         upstreams: upstreams.clone(),
@@ -686,6 +692,7 @@ fn export_alert_counters() {
                 "ungranted_intentions",
                 "ungranted_routes",
                 "ungranted_limits",
+                "ungranted_rollouts",
             ],
         ),
     ];

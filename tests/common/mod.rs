@@ -455,6 +455,9 @@ pub enum Behavior {
         concurrent: usize,
         service_time: Duration,
     },
+    /// Every `every`-th request (by this upstream's count) `status`, the
+    /// rest 200: a version that fails a share of its requests.
+    FailEvery { every: u64, status: u16 },
 }
 
 /// A real HTTP/1.1 upstream on 127.0.0.1 that counts the requests it gets.
@@ -518,6 +521,13 @@ impl Upstream {
                                         tokio::time::sleep(delay).await;
                                     }
                                     200
+                                }
+                                Behavior::FailEvery { every, status } => {
+                                    if (n + 1).is_multiple_of(every.max(1)) {
+                                        status
+                                    } else {
+                                        200
+                                    }
                                 }
                                 Behavior::Capacity { service_time, .. } => {
                                     let _turn = capacity.acquire().await;

@@ -14,6 +14,7 @@
 //! - [`body`]: conversions between hyper bodies and tunnel streams.
 //! - [`limits`]: the caps the mesh enforces itself, each counted by name.
 //! - [`admission`]: the cluster's rate limits, asked before a pick.
+//! - [`rollouts`]: each rollout's step, measured per tag.
 
 pub mod admission;
 pub mod body;
@@ -28,6 +29,7 @@ pub mod named;
 pub mod outbound;
 mod pool;
 pub mod request;
+pub mod rollouts;
 mod spans;
 pub mod splice;
 pub mod tap;
@@ -56,7 +58,7 @@ use crate::policy::episodes::{exponential_delay, learned_delay, outage_hold};
 use crate::policy::intentions::{Action, Decision, Intentions};
 use crate::policy::outlier::{Change, OutlierConfig, OutlierDetector};
 use crate::policy::retry::ServiceBudgets;
-use crate::policy::routes::Routes;
+use crate::policy::routes::{Routes, Split};
 use crate::policy::stats::learned_timeout;
 use crate::router::{RouterHandle, RouterSnapshot};
 use crate::stats_aggregator::StatsHandle;
@@ -207,11 +209,16 @@ pub struct DataPlane {
     pub instance_slots: inbound::InstanceSlots,
     /// The gossip keys this node hands to members that ask.
     pub keys: Option<Arc<dyn keys::KeyVault>>,
+    /// The rollouts under way, each step's attempts counted per tag.
+    pub rollouts: rollouts::RolloutMeters,
     /// The cluster's intentions this node adopted (everything allowed
     /// until an operator says otherwise).
     intentions: ArcSwap<Intentions>,
-    /// The cluster's routes (weighted splits by tag) this node adopted.
+    /// The splits requests follow: the cluster's routes, with each
+    /// rollout's split over its service's route.
     routes: ArcSwap<Routes>,
+    /// What `routes` is made of.
+    splits: Mutex<SplitSources>,
     /// This node's name as a `weft-caller-node` value, made once.
     pub(crate) node_header: http::HeaderValue,
     outliers: Mutex<OutlierDetector<(String, String)>>,
@@ -219,6 +226,27 @@ pub struct DataPlane {
     budgets: Mutex<ServiceBudgets>,
     stats: StatsHandle,
     policy: RetryPolicy,
+}
+
+/// The splits the data plane follows are made of: the routes the cluster
+/// adopted and the split of each rollout under way.
+#[derive(Debug, Default)]
+struct SplitSources {
+    routes: Arc<Routes>,
+    rollouts: HashMap<String, Vec<Split>>,
+}
+
+impl SplitSources {
+    fn effective(&self) -> Arc<Routes> {
+        if self.rollouts.is_empty() {
+            return self.routes.clone();
+        }
+        let mut routes = Routes::clone(&self.routes);
+        for (service, split) in &self.rollouts {
+            routes.splits.insert(service.clone(), split.clone());
+        }
+        Arc::new(routes)
+    }
 }
 
 /// What a data plane is built from.
@@ -299,8 +327,10 @@ impl DataPlane {
             admission: admission::Admission::default(),
             instance_slots: inbound::InstanceSlots::default(),
             keys,
+            rollouts: rollouts::RolloutMeters::default(),
             intentions: ArcSwap::default(),
             routes: ArcSwap::default(),
+            splits: Mutex::default(),
             node_header,
             outliers: Mutex::new(OutlierDetector::new(OutlierConfig::default())),
             writer,
@@ -315,9 +345,23 @@ impl DataPlane {
         self.intentions.store(intentions);
     }
 
-    /// Splits traffic by `routes` from now on.
+    /// Splits traffic by `routes` from now on (a rollout's split still
+    /// wins for its service).
     pub fn set_routes(&self, routes: Arc<Routes>) {
-        self.routes.store(routes);
+        let mut sources = self.splits.lock().unwrap_or_else(|p| p.into_inner());
+        sources.routes = routes;
+        self.routes.store(sources.effective());
+    }
+
+    /// Splits each service of `rollouts` as given, over its route, from
+    /// now on.
+    pub fn set_rollout_splits(&self, rollouts: HashMap<String, Vec<Split>>) {
+        let mut sources = self.splits.lock().unwrap_or_else(|p| p.into_inner());
+        if sources.rollouts == rollouts {
+            return;
+        }
+        sources.rollouts = rollouts;
+        self.routes.store(sources.effective());
     }
 
     /// Whether `caller` may call `service` under the cluster's intentions.

@@ -316,6 +316,8 @@ async fn proxy(
         }
         let retryable = retry::is_retryable(result_kind);
         dp.observe_outcome(&service, &endpoint, retryable);
+        dp.rollouts
+            .observe(&service, &endpoint, class != OutcomeClass::Success, latency);
         if attempt > 0 {
             let outcome = if retryable { "failure" } else { "success" };
             metrics::counter!("weft_retries_total", "service" => service.clone(), "outcome" => outcome)

@@ -12,6 +12,7 @@ pub mod outlier;
 pub mod rate;
 pub mod recovery;
 pub mod retry;
+pub mod rollout;
 pub mod routes;
 pub mod stats;
 
