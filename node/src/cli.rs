@@ -282,7 +282,8 @@ pub struct LimitArgs {
     #[arg(conflicts_with = "clear")]
     pub rate: Option<String>,
     /// Limit only this calling service's requests (its own limit, beside
-    /// the service-wide one).
+    /// the service-wide one); `-` is the shared proxy's callers, which name
+    /// no service.
     #[arg(long, value_name = "SERVICE")]
     pub caller: Option<String>,
     /// Remove the limit.

@@ -1,9 +1,10 @@
 //! `weft demo`: a whole mesh on this machine with no setup. Three nodes (child
 //! processes of this binary) on free loopback ports, demo services (a
 //! frontend that calls a catalog and payments; one payments instance flaps),
-//! steady traffic through the mesh, the live health table every second and
-//! the dashboard URL. Ctrl-C or `--for` stops everything it started and
-//! removes its files.
+//! steady traffic through the mesh, operator config at work (an intention,
+//! a rollout of catalog's v2, a rate limit on payments), the live health,
+//! rollout and limit tables every second and the dashboard URL. Ctrl-C or
+//! `--for` stops everything it started and removes its files.
 
 use std::convert::Infallible;
 use std::io::{IsTerminal, Write};
@@ -23,11 +24,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use weft_runtime::caller::ANONYMOUS;
 use weft_runtime::policy::intentions::{Action, Change, Intentions, Rule};
+use weft_runtime::policy::rate::RateLimits;
+use weft_runtime::policy::rollout::{Rollout, Rollouts};
+use weft_runtime::tls::OperatorKey;
 
 use crate::cluster_config::ConfigRecord;
-use crate::intentions::Record;
-use crate::{client, init, NodeError};
+use crate::{client, init, intentions, limits, rollouts, NodeError};
 
 const NODES: usize = 3;
 
@@ -64,7 +68,7 @@ async fn demo(dir: &WorkDir, nodes: &mut Nodes, limit: Option<Duration>) -> Resu
     nodes.wait_formed(Duration::from_secs(30)).await?;
     let services = DemoServices::start().await?;
     services.register(nodes).await?;
-    deny_direct_catalog(&cluster, &dir.path, nodes).await?;
+    configure(&cluster, &dir.path, nodes).await?;
     tokio::spawn(traffic(nodes.list[0].proxy, "frontend", 20));
     tokio::spawn(traffic(nodes.list[2].proxy, "payments", 10));
     // Denied: catalog answers frontend only.
@@ -101,6 +105,20 @@ async fn demo(dir: &WorkDir, nodes: &mut Nodes, limit: Option<Duration>) -> Resu
             started.elapsed().as_secs()
         );
         let _ = writeln!(out, "{}", client::health_table(&health));
+        let _ = writeln!(
+            out,
+            "catalog v2 rolling out by itself (weft rollout status)\n{}",
+            client::rollouts_table(&health["rollouts"])
+        );
+        if let Ok((_, limits)) =
+            client::call(&nodes.list[0].socket, Method::GET, "/v1/limits", None).await
+        {
+            let _ = writeln!(
+                out,
+                "the shared proxy's calls to payments limited across the cluster (weft limit)\n{}",
+                client::limits_table(&limits, &health)
+            );
+        }
         if let Ok((_, edges)) =
             client::call(&nodes.list[0].socket, Method::GET, "/v1/edges", None).await
         {
@@ -118,10 +136,53 @@ async fn demo(dir: &WorkDir, nodes: &mut Nodes, limit: Option<Duration>) -> Resu
     }
 }
 
-/// The demo's one intention, signed by an operator certificate issued for
-/// the demo: the shared proxy's anonymous caller may not call catalog
-/// directly (frontend may), so one edge of the graph shows a deny.
-async fn deny_direct_catalog(cluster: &Path, dir: &Path, nodes: &Nodes) -> Result<(), NodeError> {
+/// The demo's cluster config, signed by an operator certificate issued for
+/// the demo: one intention (the shared proxy's anonymous caller may not
+/// call catalog directly; frontend may), so one edge of the graph shows a
+/// deny; a rollout of catalog's v2 in steps of 5 s; and a limit of 5
+/// requests a second on the anonymous caller's 10 a second to payments
+/// (frontend's calls are not limited).
+async fn configure(cluster: &Path, dir: &Path, nodes: &Nodes) -> Result<(), NodeError> {
+    let operator = demo_operator(cluster, dir)?;
+    let socket = &nodes.list[0].socket;
+    let intentions = Intentions::default()
+        .changed(Change::Set(Rule {
+            source: "-".into(),
+            destination: "catalog".into(),
+            action: Action::Deny,
+        }))
+        .map_err(NodeError::Io)?;
+    let record = intentions::Record {
+        intentions,
+        grant: None,
+    };
+    put_signed(&operator, socket, "/v1/intentions", record).await?;
+    let rollout = Rollout {
+        steps: vec![25, 50, 100],
+        interval_secs: 5,
+        ..Rollout::new("v1", "v2")
+    };
+    let rollouts = Rollouts::default()
+        .with("catalog", Some(rollout))
+        .map_err(NodeError::Io)?;
+    let record = rollouts::Record {
+        rollouts,
+        grant: None,
+    };
+    put_signed(&operator, socket, "/v1/rollouts", record).await?;
+    let rate = "5/s".parse().map_err(NodeError::Io)?;
+    let limits = RateLimits::default()
+        .with("payments", Some(ANONYMOUS), Some(rate))
+        .map_err(NodeError::Io)?;
+    let record = limits::Record {
+        limits,
+        grant: None,
+    };
+    put_signed(&operator, socket, "/v1/limits", record).await
+}
+
+/// An operator certificate for the demo, from its cluster's CA.
+fn demo_operator(cluster: &Path, dir: &Path) -> Result<OperatorKey, NodeError> {
     let read = |f: &str| {
         std::fs::read_to_string(cluster.join(f)).map_err(|e| NodeError::Io(format!("{f}: {e}")))
     };
@@ -132,22 +193,20 @@ async fn deny_direct_catalog(cluster: &Path, dir: &Path, nodes: &Nodes) -> Resul
     let (cert, key) =
         weft_runtime::tls::write_node_cert(&dir.join("operator"), "demo", &cert, &key)
             .map_err(tls_error)?;
-    let operator = weft_runtime::tls::OperatorKey::load(&cert, &key).map_err(tls_error)?;
-    let intentions = Intentions::default()
-        .changed(Change::Set(Rule {
-            source: "-".into(),
-            destination: "catalog".into(),
-            action: Action::Deny,
-        }))
-        .map_err(NodeError::Io)?;
-    let grant = operator.grant(Record::OBJECT, intentions.version, &intentions.digest());
-    let record = Record {
-        intentions,
-        grant: Some(grant),
-    };
-    let body = serde_json::to_value(&record).map_err(|e| NodeError::Io(e.to_string()))?;
-    let socket = &nodes.list[0].socket;
-    let (status, reply) = client::call(socket, Method::PUT, "/v1/intentions", Some(body)).await?;
+    OperatorKey::load(&cert, &key).map_err(tls_error)
+}
+
+/// `record` signed by `operator`, put at `path` of the node at `socket`.
+async fn put_signed<R: ConfigRecord>(
+    operator: &OperatorKey,
+    socket: &Path,
+    path: &str,
+    record: R,
+) -> Result<(), NodeError> {
+    let grant = operator.grant(R::OBJECT, record.version(), &record.digest());
+    let body =
+        serde_json::to_value(record.with_grant(grant)).map_err(|e| NodeError::Io(e.to_string()))?;
+    let (status, reply) = client::call(socket, Method::PUT, path, Some(body)).await?;
     client::check(status, &reply)
 }
 
@@ -347,6 +406,8 @@ enum Behaviour {
 struct Instance {
     service: &'static str,
     node: usize,
+    /// Its version's tag, for the service rolled out.
+    tag: Option<&'static str>,
     port: u16,
     /// Where to put its own outbound proxy port, if it calls others.
     outbound: Option<&'static OnceLock<SocketAddr>>,
@@ -361,13 +422,14 @@ impl DemoServices {
         static FRONTEND_OUTBOUND: OnceLock<SocketAddr> = OnceLock::new();
         let outbound = &FRONTEND_OUTBOUND;
         let plan = [
-            ("frontend", 0, Behaviour::Frontend { outbound }),
-            ("catalog", 1, Behaviour::Steady { delay_ms: 5 }),
-            ("catalog", 2, Behaviour::Steady { delay_ms: 8 }),
-            ("payments", 1, Behaviour::Steady { delay_ms: 12 }),
+            ("frontend", 0, None, Behaviour::Frontend { outbound }),
+            ("catalog", 1, Some("v1"), Behaviour::Steady { delay_ms: 5 }),
+            ("catalog", 2, Some("v2"), Behaviour::Steady { delay_ms: 6 }),
+            ("payments", 1, None, Behaviour::Steady { delay_ms: 12 }),
             (
                 "payments",
                 2,
+                None,
                 Behaviour::Flapping {
                     down_ms: 400,
                     period_ms: 2000,
@@ -375,7 +437,7 @@ impl DemoServices {
             ),
         ];
         let mut instances = Vec::new();
-        for (service, node, behaviour) in plan {
+        for (service, node, tag, behaviour) in plan {
             let port = serve(service, behaviour).await?;
             let outbound = match behaviour {
                 Behaviour::Frontend { outbound } => Some(outbound),
@@ -384,6 +446,7 @@ impl DemoServices {
             instances.push(Instance {
                 service,
                 node,
+                tag,
                 port,
                 outbound,
             });
@@ -407,6 +470,9 @@ impl DemoServices {
             });
             if inst.outbound.is_some() {
                 body["outbound"] = json!(true);
+            }
+            if let Some(tag) = inst.tag {
+                body["tags"] = json!([tag]);
             }
             let socket = &nodes.list[inst.node].socket;
             let (status, reply) =

@@ -187,8 +187,9 @@ impl RateLimits {
         Ok(next)
     }
 
-    /// Services and callers are names, at most one limit per (service,
-    /// caller), sorted; at most [`MAX_LIMITS`].
+    /// Services and callers are names (or `-`, the anonymous caller), at
+    /// most one limit per (service, caller), sorted; at most
+    /// [`MAX_LIMITS`].
     pub fn validate(&self) -> Result<(), String> {
         if self.limits.len() > MAX_LIMITS {
             return Err(format!(
@@ -197,8 +198,12 @@ impl RateLimits {
             ));
         }
         for limit in &self.limits {
-            let names = std::iter::once(&limit.service).chain(&limit.caller);
-            for name in names {
+            // The anonymous caller (the shared proxy's) may have a limit too.
+            let caller = limit
+                .caller
+                .iter()
+                .filter(|c| *c != crate::caller::ANONYMOUS);
+            for name in std::iter::once(&limit.service).chain(caller) {
                 weft_gossip::keys::validate_name(name)
                     .map_err(|_| format!("{name:?} is not a service name"))?;
             }
@@ -408,6 +413,11 @@ mod tests {
         assert!(removed.with("api", Some("web"), None).is_err());
         assert!(RateLimits::default()
             .with("Api", None, Some(rate("1/s")))
+            .is_err());
+        let anonymous = RateLimits::default().with("api", Some("-"), Some(rate("5/s")));
+        assert!(anonymous.is_ok(), "the shared proxy's callers");
+        assert!(RateLimits::default()
+            .with("api", Some("-x"), Some(rate("5/s")))
             .is_err());
         assert_ne!(limits.digest(), changed.digest());
         let mut unsorted = limits.clone();
