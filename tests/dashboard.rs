@@ -53,6 +53,10 @@ async fn the_dashboard_renders_the_cluster_in_a_browser() {
     for _ in 0..20 {
         assert_eq!(proxy_get(c.nodes[0].proxy, "web").await, 200);
     }
+    // A rollout (waiting: no instance carries its tags) and a limit.
+    let rollout = ["rollout", "web", "--from", "v1", "--to", "v2"];
+    weft_at(&c, 0, &rollout, true).expect("rollout");
+    weft_at(&c, 0, &["limit", "web", "300/s"], true).expect("limit");
     let url = format!("http://{}/", c.nodes[0].admin);
     // The page is HTML, built into the binary, with no outside resource.
     let page = Command::new("curl").args(["-sf", &url]).output().unwrap();
@@ -78,7 +82,9 @@ async fn the_dashboard_renders_the_cluster_in_a_browser() {
                 // The row, with the cluster-wide rate already merged in.
                 let rps = dom.split("data-field=\"rps\">").nth(1)?;
                 let shown = rps.starts_with(|c: char| c.is_ascii_digit());
-                (dom.contains("data-service=\"web\"") && shown).then_some(dom)
+                let traffic =
+                    dom.contains("data-rollout=\"web\"") && dom.contains("data-limit=\"web\"");
+                (dom.contains("data-service=\"web\"") && shown && traffic).then_some(dom)
             }
         },
     )
