@@ -73,9 +73,18 @@ fn schemathesis(python: &Path, url: &str) -> (bool, String) {
     (out.status.success(), report)
 }
 
-/// `weft ARGS --json` against `socket`, checked against the response
-/// schema of `operation` (`path`, `method`) in the document.
-fn cli_output_matches(python: &Path, socket: &Path, args: &[&str], (path, method): (&str, &str)) {
+/// The JSON pointer of the schema of `method` `path`'s 200 answer in
+/// `docs/api.yaml`.
+fn answer_schema(path: &str, method: &str) -> String {
+    format!(
+        "/paths/{}/{method}/responses/200/content/application~1json/schema",
+        path.replace('~', "~0").replace('/', "~1")
+    )
+}
+
+/// Checks that `weft ARGS --json` matches the schema at `pointer` in
+/// `docs/api.yaml`.
+fn cli_output_matches(python: &Path, socket: &Path, args: &[&str], pointer: &str) {
     let out = Command::new(weft_bin())
         .arg("--socket")
         .arg(socket)
@@ -84,10 +93,6 @@ fn cli_output_matches(python: &Path, socket: &Path, args: &[&str], (path, method
         .output()
         .expect("run weft");
     assert!(out.status.success(), "weft {args:?}: {out:?}");
-    let pointer = format!(
-        "/paths/{}/{method}/responses/200/content/application~1json/schema",
-        path.replace('~', "~0").replace('/', "~1")
-    );
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let verdict = run_with_input(
         Command::new(python)
@@ -98,7 +103,7 @@ fn cli_output_matches(python: &Path, socket: &Path, args: &[&str], (path, method
     );
     assert!(
         verdict.status.success(),
-        "weft {args:?} --json does not match {path} {method}:\n{}\n{}",
+        "weft {args:?} --json does not match {pointer}:\n{}\n{}",
         String::from_utf8_lossy(&verdict.stdout),
         String::from_utf8_lossy(&out.stdout)
     );
@@ -139,17 +144,32 @@ async fn generated_requests_get_no_server_error_and_only_documented_answers() {
     .await
     .unwrap();
     assert_eq!(status, 200);
-    for (args, operation) in [
-        (&["services"][..], ("/v1/services", "get")),
-        (&["members"], ("/v1/members", "get")),
-        (&["health"], ("/v1/health", "get")),
-        (&["edges"], ("/v1/edges", "get")),
-        (&["intentions", "list"], ("/v1/intentions", "get")),
-        (&["route"], ("/v1/routes", "get")),
-        (&["limit"], ("/v1/limits", "get")),
-        (&["keys", "list"], ("/v1/keys", "get")),
+    let rollout = ["rollout", "web", "--from", "v1", "--to", "v2"];
+    weft_at(&c, 0, &rollout, true).expect("rollout");
+    wait_for(Duration::from_secs(5), "the rollout under way", || async {
+        let (_, health) = get(&node.socket, "/v1/health").await.ok()?;
+        (health["rollouts"][0]["service"] == "web").then_some(())
+    })
+    .await;
+    let health = answer_schema("/v1/health", "get");
+    for (args, pointer) in [
+        (&["services"][..], answer_schema("/v1/services", "get")),
+        (&["members"], answer_schema("/v1/members", "get")),
+        (&["health"], health.clone()),
+        (&["edges"], answer_schema("/v1/edges", "get")),
+        (
+            &["intentions", "list"],
+            answer_schema("/v1/intentions", "get"),
+        ),
+        (&["route"], answer_schema("/v1/routes", "get")),
+        (&["limit"], answer_schema("/v1/limits", "get")),
+        (
+            &["rollout", "status"],
+            format!("{health}/properties/rollouts"),
+        ),
+        (&["keys", "list"], answer_schema("/v1/keys", "get")),
     ] {
-        cli_output_matches(&python, &node.socket, args, operation);
+        cli_output_matches(&python, &node.socket, args, &pointer);
     }
     // Still serving, and still whole.
     wait_for(Duration::from_secs(5), "the node answers", || async {
