@@ -98,7 +98,7 @@ fn cli_output_matches(python: &Path, socket: &Path, args: &[&str], pointer: &str
         Command::new(python)
             .arg(root.join("tests/clients/check_schema.py"))
             .arg(root.join("docs/api.yaml"))
-            .arg(&pointer),
+            .arg(pointer),
         &out.stdout,
     );
     assert!(

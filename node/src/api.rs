@@ -14,9 +14,9 @@ use serde_json::{json, Value};
 use weft_gossip::grant::Grant;
 use weft_gossip::keys::validate_name;
 use weft_gossip::Cluster;
+use weft_runtime::dataplane::tables::RouterHandle;
 use weft_runtime::dataplane::tap::{self, ClusterLine, Filter, Line};
 use weft_runtime::listener::{ApiBody, HttpHandler, Origin};
-use weft_runtime::router::RouterHandle;
 
 use crate::callers::{CallerPorts, Wanted};
 use crate::cluster_config::{ClusterConfig, ConfigRecord, Refused};
@@ -30,9 +30,9 @@ use crate::upstreams::Upstreams;
 use crate::NodeError;
 use metrics_exporter_prometheus::PrometheusHandle;
 use weft_gossip::registration::parse_registration;
+use weft_runtime::dataplane::tables::StatsHandle;
 use weft_runtime::dataplane::DataPlane;
 use weft_runtime::health_checker::{HealthChecker, TtlPass};
-use weft_runtime::stats_aggregator::StatsHandle;
 use weft_runtime::supervision::Crash;
 
 /// This API described in OpenAPI 3.1 (`docs/api.yaml`), as JSON.

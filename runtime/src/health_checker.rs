@@ -178,6 +178,8 @@ impl Named for HealthChecker {
     const NAME: &'static str = "health_checker";
 }
 
+crate::supervision::handle_crash!(HealthChecker);
+
 /// The probes were aborted when the actor stopped; `started` rebuilds them
 /// from the registrations, each instance `unknown` until its first result.
 impl Supervised for HealthChecker {

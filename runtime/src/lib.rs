@@ -3,8 +3,9 @@
 //! # Layout
 //!
 //! - [`router`]: the **Router** actor. It owns the routing table derived from
-//!   gossip and publishes immutable [`router::RouterSnapshot`]s through an
-//!   `ArcSwap`, so request handlers read the table without a mailbox round trip.
+//!   gossip and publishes immutable [`dataplane::tables::RouterSnapshot`]s
+//!   through an `ArcSwap`, so request handlers read the table without a
+//!   mailbox round trip.
 //! - [`listener`]: the **Listener** actor. It owns the accept loops (the local
 //!   Unix socket and the admin address); each connection is a plain tokio task.
 //!
@@ -16,15 +17,17 @@
 //! - [`state_metrics`]: gauges of current state (instances, learned delays)
 //!   drawn from those two snapshots at scrape time.
 //! - [`dataplane`]: the outbound HTTP proxy, TCP upstreams and the inbound
-//!   side of the tunnel; connection tasks read the Router's snapshot.
+//!   side of the tunnel; connection tasks read the Router's snapshot. It
+//!   sits below the actors: they drive it, and it names none of them.
 //! - [`tunnel`]: pooled QUIC connections to peer nodes, and stream IO.
 //! - [`access_log`]: one JSON line per proxied request, written off the
 //!   request path.
 //! - [`caller`]: who calls (`weft-caller`): stamped by the calling node,
 //!   checked by the serving one.
 //! - [`outcome`]: request outcomes, sent in one bounded channel to statistics.
-//! - [`policy`]: pure decision logic (load balancing, later retries and
-//!   health), tested without sockets or sleeps.
+//! - [`policy`]: pure decision logic (load balancing, retries, health,
+//!   statistics, intentions, routes, limits, concurrency, rollouts), tested
+//!   without sockets or sleeps.
 //! - [`wire`]: the tunnel codec (heads and body framing), the one module
 //!   that touches bincode.
 //! - [`tls`]: node certificates and the mTLS configuration of the tunnel.

@@ -123,6 +123,8 @@ impl Named for Listener {
     const NAME: &'static str = "listener";
 }
 
+crate::supervision::handle_crash!(Listener);
+
 /// The accept loops are tasks of their own: a restarted Listener finds
 /// them still serving and keeps its table of upstreams.
 impl Supervised for Listener {}

@@ -1,44 +1,21 @@
 //! The Router actor: turns gossip views into the routing table and publishes it.
 //!
-//! Readers (API handlers, and the data plane later) call [`RouterHandle::load`]
+//! Readers (API handlers and the data plane) call [`RouterHandle::load`]
 //! and get an `Arc` of the latest snapshot: no lock, no actor round trip.
+//! The table itself lives with the data plane that reads it
+//! ([`crate::dataplane::tables`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::dataplane::endpoints::Endpoints;
+use crate::dataplane::tables::{RouterHandle, RouterSnapshot};
 use crate::dataplane::{DataPlane, Upkeep};
 use crate::supervision::{guard, Named};
 use actix::prelude::*;
-use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use weft_gossip::view::{CatalogDeriver, CatalogDiff};
-use weft_gossip::{Catalog, ClusterView, Member, MemberState};
-
-/// One immutable routing table.
-#[derive(Debug, Clone, Default)]
-pub struct RouterSnapshot {
-    /// Members and their states.
-    pub members: Vec<Member>,
-    /// Service name -> instances (shared with the previous snapshot while
-    /// it does not change).
-    pub catalog: Arc<Catalog>,
-    /// The same instances, typed for the data plane, with their load.
-    pub endpoints: Arc<Endpoints>,
-}
-
-/// Cheap, cloneable read access to the latest snapshot.
-#[derive(Debug, Clone, Default)]
-pub struct RouterHandle {
-    current: Arc<ArcSwap<RouterSnapshot>>,
-}
-
-impl RouterHandle {
-    /// The latest snapshot.
-    pub fn load(&self) -> Arc<RouterSnapshot> {
-        self.current.load_full()
-    }
-}
+use weft_gossip::{ClusterView, Member, MemberState};
 
 /// How often the router runs the data plane's upkeep
 /// ([`DataPlane::maintain`]).
@@ -101,11 +78,11 @@ impl Router {
             let endpoints = Endpoints::build(&catalog, &previous.endpoints);
             (catalog, Arc::new(endpoints))
         };
-        self.handle.current.store(Arc::new(RouterSnapshot {
+        self.handle.publish(RouterSnapshot {
             members,
             catalog,
             endpoints,
-        }));
+        });
     }
 }
 
@@ -172,6 +149,8 @@ impl Supervised for Router {}
 impl Named for Router {
     const NAME: &'static str = "router";
 }
+
+crate::supervision::handle_crash!(Router);
 
 /// A fresh gossip view arrived.
 #[derive(Message)]

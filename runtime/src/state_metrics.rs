@@ -9,8 +9,7 @@
 use std::fmt::Write;
 
 use crate::dataplane::admission::{Admission, ConcurrencyStatus, LimitStatus};
-use crate::router::RouterSnapshot;
-use crate::stats_aggregator::StatsSnapshot;
+use crate::dataplane::tables::{RouterSnapshot, StatsSnapshot};
 
 /// Health states `weft_instances` reports, every one per service (0 included).
 const HEALTH: [&str; 4] = ["passing", "failing", "unknown", "ejected"];

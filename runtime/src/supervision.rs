@@ -11,7 +11,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use actix::{Actor, ActorContext, Context, Handler, Message};
+use actix::{Actor, ActorContext, Context, Message};
 
 /// An actor's name, the `actor` label of `weft_actor_restarts_total`.
 pub trait Named {
@@ -62,31 +62,26 @@ where
     });
 }
 
-/// Implements `Handler<Crash>` for guarded actors.
+/// Implements `Handler<Crash>` for a guarded actor; each actor's module
+/// invokes it, so this one names none of them.
 macro_rules! handle_crash {
-    ($($actor:ty),+) => {$(
-        impl Handler<Crash> for $actor {
+    ($actor:ty) => {
+        impl actix::Handler<$crate::supervision::Crash> for $actor {
             type Result = ();
 
-            fn handle(&mut self, _msg: Crash, ctx: &mut Self::Context) {
-                crash(self, ctx);
+            fn handle(&mut self, _msg: $crate::supervision::Crash, ctx: &mut Self::Context) {
+                $crate::supervision::crash(self, ctx);
             }
         }
-    )+};
+    };
 }
-
-handle_crash!(
-    crate::listener::Listener,
-    crate::router::Router,
-    crate::health_checker::HealthChecker,
-    crate::stats_aggregator::StatsAggregator
-);
+pub(crate) use handle_crash;
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use actix::{Supervised, Supervisor};
+    use actix::{Handler, Supervised, Supervisor};
 
     use super::*;
 

@@ -15,6 +15,7 @@
 //! - [`limits`]: the caps the mesh enforces itself, each counted by name.
 //! - [`admission`]: the cluster's rate limits, asked before a pick.
 //! - [`rollouts`]: each rollout's step, measured per tag.
+//! - [`tables`]: the routing table and statistics the actors publish.
 
 pub mod admission;
 pub mod body;
@@ -32,6 +33,7 @@ pub mod request;
 pub mod rollouts;
 mod spans;
 pub mod splice;
+pub mod tables;
 pub mod tap;
 pub mod tcp;
 
@@ -51,6 +53,7 @@ use bytes::Bytes;
 use weft_gossip::{Catalog, Key, MemberState};
 
 use self::endpoints::{Endpoint, Protocol};
+use self::tables::{RouterHandle, RouterSnapshot, StatsHandle};
 use crate::access_log::AccessLog;
 use crate::gossip_writer::GossipWriter;
 use crate::outcome::OutcomeSink;
@@ -60,8 +63,6 @@ use crate::policy::outlier::{Change, OutlierConfig, OutlierDetector};
 use crate::policy::retry::ServiceBudgets;
 use crate::policy::routes::{Routes, Split};
 use crate::policy::stats::learned_timeout;
-use crate::router::{RouterHandle, RouterSnapshot};
-use crate::stats_aggregator::StatsHandle;
 use crate::trace::Tracer;
 use crate::tunnel::TunnelPool;
 
@@ -382,11 +383,11 @@ impl DataPlane {
         Err(decision)
     }
 
-    /// The data plane's upkeep, run by the router every
-    /// [`crate::router::MAINTENANCE`]: pooled tunnels to nodes that died,
+    /// The data plane's upkeep, run by its driver a few times a second:
+    /// pooled tunnels to nodes that died,
     /// left or restarted are closed, state of departed instances is
     /// forgotten when the catalog moved, and when an ejection ends this
-    /// node's gossip vote is withdrawn. `upkeep` is the router's memory
+    /// node's gossip vote is withdrawn. `upkeep` is the driver's memory
     /// between runs.
     pub fn maintain(&self, upkeep: &mut Upkeep) {
         let snap = self.router.load();

@@ -82,6 +82,9 @@ async fn connect(
     let instance = &endpoint.instance;
     let start = Instant::now();
     let record = |class| {
+        let failed = class != OutcomeClass::Success;
+        dp.rollouts
+            .observe(service, &endpoint, failed, start.elapsed());
         dp.outcomes.record(Outcome {
             service: service.to_string(),
             caller: caller.clone(),

@@ -4,14 +4,12 @@
 //! raises it at once (the peak), faster ones pull it down exponentially, and
 //! with no traffic it drifts toward zero so an endpoint that was slow once is
 //! tried again later. Its cost is that estimate times the requests in flight
-//! plus one. [`Balancer::pick`] samples two distinct candidates at random and
-//! takes the cheaper (Mitzenmacher's power of two choices, as in Linkerd and
+//! plus one. [`pick_preferring`] samples two distinct candidates at random
+//! and takes the cheaper (Mitzenmacher's power of two choices, as in Linkerd and
 //! tower), which avoids herding every request onto the one fastest endpoint.
 //!
 //! Pure logic: time comes in as `now`, randomness as an [`Rng`].
 
-use std::collections::HashMap;
-use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -108,125 +106,6 @@ impl PeakEwma {
     }
 }
 
-// === impl Balancer ===
-
-/// Per-endpoint estimates plus the P2C choice, so callers only say which
-/// endpoints are eligible and report what happened.
-#[derive(Debug, Clone)]
-pub struct Balancer<K> {
-    endpoints: HashMap<K, PeakEwma>,
-    default_rtt: Duration,
-    decay: Duration,
-}
-
-impl<K: Eq + Hash + Clone> Default for Balancer<K> {
-    /// Linkerd's defaults: [`DEFAULT_RTT`] and [`DEFAULT_DECAY`].
-    fn default() -> Self {
-        Self::new(DEFAULT_RTT, DEFAULT_DECAY)
-    }
-}
-
-impl<K: Eq + Hash + Clone> Balancer<K> {
-    /// A balancer that assumes `default_rtt` for new endpoints and forgets
-    /// peaks with time constant `decay`.
-    pub fn new(default_rtt: Duration, decay: Duration) -> Self {
-        Self {
-            endpoints: HashMap::new(),
-            default_rtt,
-            decay,
-        }
-    }
-
-    /// Chooses among `candidates` (the healthy instances of a service):
-    /// `None` when empty, the only one when alone, else the cheaper of two
-    /// distinct random ones. Endpoints seen for the first time are
-    /// registered at the default RTT.
-    pub fn pick<R: Rng>(&mut self, candidates: &[K], now: Instant, rng: &mut R) -> Option<K> {
-        self.choose(candidates.len(), |i| candidates.get(i), now, rng)
-    }
-
-    /// Like [`Balancer::pick`], but avoids `exclude` (the instances already
-    /// tried) when any other candidate exists, so a retry prefers another
-    /// instance; falls back to the excluded ones rather than giving up.
-    pub fn pick_excluding<R: Rng>(
-        &mut self,
-        candidates: &[K],
-        exclude: &[K],
-        now: Instant,
-        rng: &mut R,
-    ) -> Option<K> {
-        pick_preferring(
-            candidates,
-            |_| true,
-            |k| !exclude.contains(k),
-            |k| self.entry(k, now).cost(now),
-            rng,
-        )
-        .cloned()
-    }
-
-    /// Records a measured round trip to `key` (registering it if new).
-    pub fn observe(&mut self, key: &K, rtt: Duration, now: Instant) {
-        self.entry(key, now).observe(rtt, now);
-    }
-
-    /// Counts a request sent to `key`. Call it after [`Balancer::pick`] or
-    /// [`Balancer::observe`] registered the endpoint; an unknown key is
-    /// ignored (there is no `now` to start its estimate).
-    pub fn start(&mut self, key: &K) {
-        if let Some(e) = self.endpoints.get_mut(key) {
-            e.start();
-        }
-    }
-
-    /// Counts a request to `key` finished; pairs with [`Balancer::start`].
-    pub fn end(&mut self, key: &K) {
-        if let Some(e) = self.endpoints.get_mut(key) {
-            e.end();
-        }
-    }
-
-    /// Current cost of `key` (default RTT if never seen), for metrics and
-    /// the routing snapshot.
-    pub fn cost(&self, key: &K, now: Instant) -> f64 {
-        self.endpoints
-            .get(key)
-            .map_or_else(|| nanos(self.default_rtt), |e| e.cost(now))
-    }
-
-    /// The estimate of `key`, if it has been registered.
-    pub fn endpoint(&self, key: &K) -> Option<&PeakEwma> {
-        self.endpoints.get(key)
-    }
-
-    /// Forgets endpoints for which `keep` is false (instances that left the
-    /// catalog), so the map does not grow forever.
-    pub fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
-        self.endpoints.retain(|k, _| keep(k));
-    }
-
-    fn entry(&mut self, key: &K, now: Instant) -> &mut PeakEwma {
-        let (default_rtt, decay) = (self.default_rtt, self.decay);
-        self.endpoints
-            .entry(key.clone())
-            .or_insert_with(|| PeakEwma::new(default_rtt, decay, now))
-    }
-
-    /// P2C over `n` candidates reachable through `nth`.
-    fn choose<'a, R: Rng>(
-        &mut self,
-        n: usize,
-        nth: impl Fn(usize) -> Option<&'a K>,
-        now: Instant,
-        rng: &mut R,
-    ) -> Option<K>
-    where
-        K: 'a,
-    {
-        p2c(n, nth, |k| self.entry(k, now).cost(now), rng).cloned()
-    }
-}
-
 /// The power of two choices among the `items` that `eligible` accepts,
 /// preferring those `fresh` also accepts (instances not tried yet) and
 /// falling back to every eligible one rather than giving up. Allocates
@@ -276,6 +155,8 @@ pub fn p2c<T, R: Rng + ?Sized>(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
@@ -283,17 +164,69 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
+    /// Endpoints by name, each with its estimate, chosen among as the
+    /// routing table does: [`pick_preferring`] over the estimates' costs.
+    #[derive(Default)]
+    struct Pool(HashMap<&'static str, PeakEwma>);
+
+    impl Pool {
+        fn endpoint(&mut self, key: &'static str, now: Instant) -> &mut PeakEwma {
+            self.0
+                .entry(key)
+                .or_insert_with(|| PeakEwma::new(DEFAULT_RTT, DEFAULT_DECAY, now))
+        }
+
+        fn observe(&mut self, key: &'static str, rtt: Duration, now: Instant) {
+            self.endpoint(key, now).observe(rtt, now);
+        }
+
+        fn cost(&mut self, key: &'static str, now: Instant) -> f64 {
+            self.endpoint(key, now).cost(now)
+        }
+
+        /// P2C among `candidates`, avoiding `exclude` while another exists.
+        fn pick_excluding(
+            &mut self,
+            candidates: &[&'static str],
+            exclude: &[&'static str],
+            now: Instant,
+            rng: &mut StdRng,
+        ) -> Option<&'static str> {
+            for k in candidates {
+                self.endpoint(k, now);
+            }
+            let estimates = &self.0;
+            pick_preferring(
+                candidates,
+                |_| true,
+                |k| !exclude.contains(k),
+                |k| estimates[**k].cost(now),
+                rng,
+            )
+            .copied()
+        }
+
+        fn pick(
+            &mut self,
+            candidates: &[&'static str],
+            now: Instant,
+            rng: &mut StdRng,
+        ) -> Option<&'static str> {
+            self.pick_excluding(candidates, &[], now, rng)
+        }
+    }
+
     fn ms(cost_ns: f64) -> f64 {
         cost_ns / 1e6
     }
 
     #[test]
     fn empty_gives_none_and_single_is_always_chosen() {
-        let mut b = Balancer::<&str>::default();
+        let mut b = Pool::default();
         let mut rng = StdRng::seed_from_u64(1);
         let now = Instant::now();
         assert_eq!(b.pick(&[], now, &mut rng), None);
-        b.observe(&"only", Duration::from_secs(5), now);
+        b.observe("only", Duration::from_secs(5), now);
         for _ in 0..100 {
             assert_eq!(b.pick(&["only"], now, &mut rng), Some("only"));
         }
@@ -301,22 +234,22 @@ mod tests {
 
     #[test]
     fn fast_endpoint_wins_over_slow() {
-        let mut b = Balancer::default();
+        let mut b = Pool::default();
         let mut rng = StdRng::seed_from_u64(7);
         let mut now = Instant::now();
         let candidates = ["slow", "fast"];
         let mut fast = 0;
         for _ in 0..10_000 {
             let k = b.pick(&candidates, now, &mut rng).unwrap();
-            b.start(&k);
+            b.endpoint(k, now).start();
             let rtt = if k == "fast" {
                 fast += 1;
                 5 * MS
             } else {
                 200 * MS
             };
-            b.observe(&k, rtt, now);
-            b.end(&k);
+            b.observe(k, rtt, now);
+            b.endpoint(k, now).end();
             now += 10 * MS;
         }
         assert!(fast > 9_000, "fast got {fast} of 10000");
@@ -383,21 +316,21 @@ mod tests {
         assert!((e.cost(now) - idle).abs() < 1e-6);
 
         // In the balancer, a loaded endpoint loses to an idle equal one.
-        let mut b = Balancer::default();
+        let mut b = Pool::default();
         let mut rng = StdRng::seed_from_u64(3);
-        b.observe(&"busy", 10 * MS, now);
-        b.observe(&"idle", 10 * MS, now);
-        b.start(&"busy");
+        b.observe("busy", 10 * MS, now);
+        b.observe("idle", 10 * MS, now);
+        b.endpoint("busy", now).start();
         for _ in 0..1_000 {
             assert_eq!(b.pick(&["busy", "idle"], now, &mut rng), Some("idle"));
         }
-        b.end(&"busy");
-        assert_eq!(b.cost(&"busy", now), b.cost(&"idle", now));
+        b.endpoint("busy", now).end();
+        assert_eq!(b.cost("busy", now), b.cost("idle", now));
     }
 
     #[test]
     fn equal_endpoints_share_evenly() {
-        let mut b = Balancer::default();
+        let mut b = Pool::default();
         let mut rng = StdRng::seed_from_u64(11);
         let now = Instant::now();
         let mut a = 0;
@@ -412,7 +345,7 @@ mod tests {
     #[test]
     fn picks_are_distinct_pairs_among_many() {
         // With three equal endpoints every one gets roughly a third.
-        let mut b = Balancer::default();
+        let mut b = Pool::default();
         let mut rng = StdRng::seed_from_u64(5);
         let now = Instant::now();
         let keys = ["a", "b", "c"];
@@ -430,13 +363,13 @@ mod tests {
 
     #[test]
     fn pick_excluding_prefers_others() {
-        let mut b = Balancer::default();
+        let mut b = Pool::default();
         let mut rng = StdRng::seed_from_u64(9);
         let now = Instant::now();
         // Make the excluded one the cheapest: it must still be avoided.
-        b.observe(&"tried", MS, now);
-        b.observe(&"b", 100 * MS, now);
-        b.observe(&"c", 100 * MS, now);
+        b.observe("tried", MS, now);
+        b.observe("b", 100 * MS, now);
+        b.observe("c", 100 * MS, now);
         for _ in 0..1_000 {
             let k = b
                 .pick_excluding(&["tried", "b", "c"], &["tried"], now, &mut rng)
@@ -459,30 +392,14 @@ mod tests {
 
     #[test]
     fn unknown_endpoints_start_at_default_rtt() {
-        let mut b = Balancer::default();
+        let mut b = Pool::default();
         let mut rng = StdRng::seed_from_u64(2);
         let now = Instant::now();
-        b.observe(&"measured", 50 * MS, now);
-        assert!((ms(b.cost(&"new", now)) - 30.0).abs() < 1e-9);
+        b.observe("measured", 50 * MS, now);
+        assert!((ms(b.cost("new", now)) - 30.0).abs() < 1e-9);
         for _ in 0..100 {
             assert_eq!(b.pick(&["measured", "new"], now, &mut rng), Some("new"));
         }
-        assert!(b.endpoint(&"new").is_some());
-    }
-
-    #[test]
-    fn retain_forgets_departed_endpoints() {
-        let mut b = Balancer::default();
-        let now = Instant::now();
-        b.observe(&"stay", MS, now);
-        b.observe(&"go", MS, now);
-        b.retain(|k| *k == "stay");
-        assert!(b.endpoint(&"stay").is_some());
-        assert!(b.endpoint(&"go").is_none());
-        // Unknown keys are ignored by start/end.
-        b.start(&"go");
-        b.end(&"go");
-        assert!(b.endpoint(&"go").is_none());
     }
 
     #[test]
