@@ -72,6 +72,8 @@ SCEN_LIST=${SCEN_LIST:-"direct nginx2 nginx2-mtls haproxy2 weft-local weft-2node
 
 log() { printf '%s\n' "$*" >&2; }
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 # ---------------------------------------------------------------- install
 install_pkgs() {
@@ -145,21 +147,6 @@ mkdir -p "$T/www" "$T/tmp"; head -c "$BODY" /dev/zero | tr '\0' 'x' > "$T/www/bo
 [ "$STREAM_1G" = 1 ] && truncate -s 1G "$T/www/big"   # sparse: no disk, nginx sendfile
 chmod -R a+rX "$T"
 
-# nginx2-mtls: a CA, a server certificate for B and a client certificate for A
-make_certs() {
-  local d=$T/pki
-  mkdir -p "$d"
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench-ca \
-    -keyout "$d/ca.key" -out "$d/ca.pem" 2>/dev/null || return 1
-  local who
-  for who in server client; do
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$who" \
-      -keyout "$d/$who.key" -out "$d/$who.csr" 2>/dev/null || return 1
-    printf 'subjectAltName=DNS:bench-b,IP:127.0.0.1\n' > "$d/$who.ext"
-    openssl x509 -req -in "$d/$who.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
-      -extfile "$d/$who.ext" -out "$d/$who.pem" 2>/dev/null || return 1
-  done
-}
 nginx_head() { # name: the lines every proxy config starts with
   cat <<EOF
 worker_processes $WORKERS;
@@ -307,7 +294,7 @@ start_cluster() { # k [weft binary]
   wait_until 30 "cluster $k: n2 lists up@n2" up_listed "$s2" || return 1
 }
 
-make_certs || { log "openssl could not make the nginx2-mtls certificates"; exit 1; }
+make_certs "$T/pki" || { log "openssl could not make the nginx2-mtls certificates"; exit 1; }
 nginx_conf up "$UP"; nginx_conf na "$NA" "$NB"; nginx_conf nb "$NB" "$UP"; nginx_mtls_conf
 haproxy_conf ha "$HA" "$HB" http; haproxy_conf hb "$HB" "$UP" http
 for n in up na nb ta tb h2f; do start "$n" nginx -p "$T" -e "$T/$n.err" -c "$T/$n.conf" -g 'daemon off;'; done

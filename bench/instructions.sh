@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# instructions.sh -- instructions per request through two proxies, counted
+# by valgrind's callgrind: a figure the noise of a shared machine cannot
+# move, to keep beside mesh_baseline.sh's timed table.
+#
+# Three chains, each to the same upstream nginx (a static 1 KiB body, not
+# counted), all on 127.0.0.1:
+#   nginx2      : oha -> nginx A -> nginx B -> upstream
+#   nginx2-mtls : oha -> nginx A -> TLS 1.3 with client certificates -> nginx B -> upstream
+#   weft-2node  : oha -> weft n1 proxy -> QUIC (mTLS) -> weft n2 -> upstream
+# Every proxy process runs under callgrind (nginx with one process and no
+# master; weft with --worker-threads 1). For each chain: WARMUP requests,
+# the counters zeroed, N requests at C at a time (oha), the counters
+# dumped; instructions per request = the process's instructions / N.
+# weft's are then split by stage from callgrind's inclusive costs of the
+# functions that do each stage; what no stage claims (the runtime's
+# scheduling, tracing, statistics, gossip and timers during the window,
+# the allocator outside the stages) is "everything else".
+#
+# Counts are user space only: the kernel's TCP and UDP work is in neither
+# side's figure. The weft nodes gossip during the window (a few thousand
+# instructions per request at these rates); nginx has nothing like it.
+#
+# Installs what it needs (apt: valgrind nginx-light openssl jq; cargo: oha)
+# and builds weft (`cargo build --release --locked -p weft`; WEFT_BIN=path
+# skips the build). Only processes this script started are killed.
+set -uo pipefail
+
+N=${N:-2000}              # requests counted per chain
+C=${C:-4}                 # at a time
+WARMUP=${WARMUP:-200}     # requests before the counters are zeroed
+PORT0=${PORT0:-39400}     # upstream; the proxies use PORT0+1..
+KEEP=${KEEP:-0}           # 1: keep the temp dir (callgrind files, logs)
+
+log() { printf '%s\n' "$*" >&2; }
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+
+need=()
+for tool in valgrind:valgrind nginx:nginx-light openssl:openssl jq:jq; do
+  command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+done
+if ((${#need[@]})); then
+  log "# installing: ${need[*]}"
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+fi
+OHA=$(command -v oha || echo "$HOME/.cargo/bin/oha")
+if [ ! -x "$OHA" ]; then
+  log "# building oha with cargo"
+  cargo install oha --locked --version 1.16.0 >/dev/null 2>&1 || { log "cannot install oha"; exit 1; }
+fi
+if [ -z "${WEFT_BIN:-}" ]; then
+  (cd "$ROOT" && cargo build --release --locked -p weft) >&2 || { log "weft build failed"; exit 1; }
+  WEFT_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/weft
+fi
+
+T=$(mktemp -d /tmp/instructions.XXXXXX); chmod 755 "$T"
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  sleep 0.5
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  [ "$KEEP" = 1 ] && log "# kept $T" || rm -rf "$T"
+}
+trap cleanup EXIT
+start() { # name cmd...: runs in the background, its pid in PID_<name>
+  local name=$1; shift
+  "$@" >"$T/$name.out" 2>&1 &
+  PIDS+=($!); eval "PID_${name//-/_}=$!"
+}
+wait_until() { # timeout_s description cmd...: polls, never a bare sleep
+  local end=$((SECONDS + $1)) what=$2; shift 2
+  while ! "$@" >/dev/null 2>&1; do
+    ((SECONDS < end)) || { log "# timed out waiting for: $what"; return 1; }
+    sleep 0.2
+  done
+}
+callgrind() { # name cmd...: cmd under callgrind, dumps in $T/cg.<name>.*
+  local name=$1; shift
+  start "$name" valgrind --tool=callgrind --callgrind-out-file="$T/cg.$name" "$@"
+}
+
+UP=$PORT0; NA=$((PORT0+1)); NB=$((PORT0+2)); TA=$((PORT0+3)); TB=$((PORT0+4))
+head -c 1024 /dev/zero | tr '\0' 'x' > "$T/body"
+make_certs "$T/pki" || { log "openssl could not make certificates"; exit 1; }
+nginx_conf() { # name server-block: one process, no master, so callgrind sees it all
+  cat > "$T/$1.conf" <<EOF
+master_process off; daemon off; worker_processes 1;
+pid $T/$1.pid; error_log $T/$1.err warn;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 100000000; keepalive_timeout 60s;
+  client_body_temp_path $T/$1.cb; proxy_temp_path $T/$1.px; fastcgi_temp_path $T/$1.fc;
+  uwsgi_temp_path $T/$1.uw; scgi_temp_path $T/$1.sc;
+  $2 }
+EOF
+}
+keep='proxy_http_version 1.1; proxy_set_header Connection "";'
+pool='keepalive 64; keepalive_requests 100000000;'
+d=$T/pki
+nginx_conf up "server { listen 127.0.0.1:$UP; location / { root $T; try_files /body =404; } }"
+nginx_conf na "upstream b { server 127.0.0.1:$NB; $pool } server { listen 127.0.0.1:$NA; location / { proxy_pass http://b; $keep } }"
+nginx_conf nb "upstream u { server 127.0.0.1:$UP; $pool } server { listen 127.0.0.1:$NB; location / { proxy_pass http://u; $keep } }"
+nginx_conf ta "upstream b { server 127.0.0.1:$TB; $pool } server { listen 127.0.0.1:$TA; location / { proxy_pass https://b; $keep
+  proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on; proxy_ssl_name bench-b; proxy_ssl_verify on;
+  proxy_ssl_certificate $d/client.pem; proxy_ssl_certificate_key $d/client.key; proxy_ssl_trusted_certificate $d/ca.pem; } }"
+nginx_conf tb "upstream u { server 127.0.0.1:$UP; $pool } server { listen 127.0.0.1:$TB ssl; ssl_protocols TLSv1.3;
+  ssl_certificate $d/server.pem; ssl_certificate_key $d/server.key; ssl_client_certificate $d/ca.pem; ssl_verify_client on;
+  location / { proxy_pass http://u; $keep } }"
+start up nginx -p "$T" -c "$T/up.conf"
+for n in na nb ta tb; do callgrind "$n" nginx -p "$T" -c "$T/$n.conf"; done
+
+# weft: n2 holds the instance `up`, n1's proxy is the 2-node path.
+"$WEFT_BIN" init --dir "$T/cluster" >"$T/init.out" 2>&1 || { cat "$T/init.out" >&2; exit 1; }
+for i in 1 2; do
+  mkdir -p "$T/n$i"
+  callgrind "n$i" env RUST_LOG=warn "$WEFT_BIN" node --name "n$i" --cluster "$T/cluster" \
+    --gossip "127.0.0.1:$((PORT0+10+i))" --tunnel "127.0.0.1:$((PORT0+20+i))" \
+    --proxy "127.0.0.1:$((PORT0+30+i))" --admin "127.0.0.1:$((PORT0+40+i))" \
+    --data-dir "$T/n$i" --socket "$T/n$i/weft.sock" --seeds "127.0.0.1:$((PORT0+11))" \
+    --worker-threads 1
+done
+alive() { [ "$("$WEFT_BIN" --socket "$T/n$1/weft.sock" members --json | jq '[.members[] | select(.state=="alive")] | length')" = 2 ]; }
+wait_until 120 "n1 sees 2 alive" alive 1 && wait_until 120 "n2 sees 2 alive" alive 2 || exit 1
+"$WEFT_BIN" --socket "$T/n2/weft.sock" register up --port "$UP" >/dev/null || exit 1
+listed() { "$WEFT_BIN" --socket "$T/n1/weft.sock" services --json | jq -e '.services.up // [] | any(.node=="n2")'; }
+wait_until 120 "n1 lists up on n2" listed || exit 1
+
+# measure chain port host procs...: instructions per request of each process
+measure() {
+  local chain=$1 port=$2 host=$3; shift 3
+  local url="http://127.0.0.1:$port/" p
+  "$OHA" -n "$WARMUP" -c "$C" --no-tui -H "Host: $host" "$url" >/dev/null 2>&1
+  for p in "$@"; do callgrind_control -z "$(pid_of "$p")" >/dev/null; done
+  "$OHA" -n "$N" -c "$C" --no-tui -H "Host: $host" "$url" > "$T/$chain.oha" 2>&1
+  grep -q 'Success rate:.*100.00%' "$T/$chain.oha" || { log "# $chain: not every request succeeded"; cat "$T/$chain.oha" >&2; exit 1; }
+  for p in "$@"; do
+    rm -f "$T/cg.$p".*
+    callgrind_control -d "$(pid_of "$p")" >/dev/null
+    wait_until 60 "$p's dump" compgen -G "$T/cg.$p.*" || exit 1
+    wait_until 60 "$p's dump written" grep -q '^totals:' "$T"/cg."$p".*
+    IR[$p]=$(( $(awk '/^totals:/ {print $2}' "$T"/cg."$p".*) / N ))
+  done
+}
+pid_of() { local v="PID_$1"; echo "${!v}"; }
+declare -A IR
+measure nginx2 "$NA" localhost na nb
+measure nginx2-mtls "$TA" localhost ta tb
+measure weft-2node "$((PORT0+31))" up n1 n2
+
+echo "# instructions per request (callgrind, user space), N=$N at C=$C after $WARMUP, 1 KiB body"
+echo "# weft: $("$WEFT_BIN" --version | head -n 1) (WEFT_BIN=$WEFT_BIN); $(nginx -v 2>&1)"
+printf '%-12s | %9s %9s | %9s | %s\n' chain "proxy A" "proxy B" both "vs nginx2"
+row() { # chain a b
+  local both=$((IR[$2] + IR[$3])) base=$((IR[na] + IR[nb]))
+  printf '%-12s | %9d %9d | %9d | %sx\n' "$1" "${IR[$2]}" "${IR[$3]}" "$both" "$(awk "BEGIN {printf \"%.2f\", $both / $base}")"
+}
+row nginx2 na nb; row nginx2-mtls ta tb; row weft-2node n1 n2
+
+# weft-2node by stage: the largest inclusive cost of each function named
+# (inlined copies appear more than once), summed over a stage's functions.
+for n in n1 n2; do
+  callgrind_annotate --inclusive=yes --threshold=99.99 "$T"/cg.$n.* > "$T/annotate.$n" 2>/dev/null
+done
+python3 - "$T/annotate.n1" "$T/annotate.n2" "$N" "${IR[n1]}" "${IR[n2]}" <<'PY'
+import re, sys
+
+def inclusive(path):
+    best = {}
+    for line in open(path):
+        m = re.match(r'^\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S.*)$', line)
+        if not m:
+            continue
+        where = re.sub(r' \[[^\]]*\]$', '', m.group(2))
+        name = re.sub(r' \(\d[\d,]*x\)$', '', where.split(':', 1)[-1])
+        best[name] = max(best.get(name, 0), int(m.group(1).replace(',', '')))
+    return best
+
+n1, n2 = inclusive(sys.argv[1]), inclusive(sys.argv[2])
+n = int(sys.argv[3])
+totals = int(sys.argv[4]), int(sys.argv[5])
+QUIC_SEND = ["quinn_proto::connection::Connection::poll_transmit",
+             "<quinn::runtime::tokio::UdpSocket as quinn::runtime::AsyncUdpSocket>::try_send"]
+QUIC_RECV = ["quinn::endpoint::RecvState::poll_socket",
+             "quinn_proto::connection::Connection::handle_event"]
+STAGES = [  # stage, n1's functions, n2's
+    ("accept and parse", ["hyper::proto::h1::conn::Conn<I,B,T>::poll_read_head",
+                          "weft_runtime::dataplane::request::Forward::parse"], []),
+    ("pick", ["weft_runtime::dataplane::outbound::pick_http"], []),
+    ("wire encode", ["weft_runtime::wire::encode"], ["weft_runtime::wire::encode"]),
+    ("QUIC send", QUIC_SEND, QUIC_SEND),
+    ("QUIC receive", QUIC_RECV, QUIC_RECV),
+    ("wire decode", ["weft_runtime::wire::decode"], ["weft_runtime::wire::decode"]),
+    ("instance call", [], ["weft_runtime::dataplane::pool::Http1Pool::connect::{{closure}}::{{closure}}",
+                           "weft_runtime::dataplane::local::LocalClients::call::{{closure}}"]),
+    ("response back", ["weft_runtime::dataplane::outbound::response",
+                       "hyper::proto::h1::conn::Conn<I,B,T>::write_head"], []),
+]
+print("# weft-2node by stage, instructions per request (n1 = proxy side, n2 = serving side)")
+print(f"{'stage':<18} | {'n1':>7} {'n2':>7} | {'both':>7}")
+claimed = [0, 0]
+for stage, f1, f2 in STAGES:
+    per = [sum(side.get(f, 0) for f in fs) // n for side, fs in ((n1, f1), (n2, f2))]
+    missing = [f for side, fs in ((n1, f1), (n2, f2)) for f in fs if f not in side]
+    claimed = [c + p for c, p in zip(claimed, per)]
+    note = f"  (not found: {', '.join(missing)})" if missing else ""
+    print(f"{stage:<18} | {per[0]:>7} {per[1]:>7} | {sum(per):>7}{note}")
+rest = [t - c for t, c in zip(totals, claimed)]
+print(f"{'everything else':<18} | {rest[0]:>7} {rest[1]:>7} | {sum(rest):>7}")
+print(f"{'total':<18} | {totals[0]:>7} {totals[1]:>7} | {sum(totals):>7}")
+PY
