@@ -116,9 +116,10 @@ for n in na nb ta tb; do callgrind "$n" nginx -p "$T" -c "$T/$n.conf"; done
 
 # weft: n2 holds the instance `up`, n1's proxy is the 2-node path.
 "$WEFT_BIN" init --dir "$T/cluster" >"$T/init.out" 2>&1 || { cat "$T/init.out" >&2; exit 1; }
+export RUST_LOG=warn
 for i in 1 2; do
   mkdir -p "$T/n$i"
-  callgrind "n$i" env RUST_LOG=warn "$WEFT_BIN" node --name "n$i" --cluster "$T/cluster" \
+  callgrind "n$i" "$WEFT_BIN" node --name "n$i" --cluster "$T/cluster" \
     --gossip "127.0.0.1:$((PORT0+10+i))" --tunnel "127.0.0.1:$((PORT0+20+i))" \
     --proxy "127.0.0.1:$((PORT0+30+i))" --admin "127.0.0.1:$((PORT0+40+i))" \
     --data-dir "$T/n$i" --socket "$T/n$i/weft.sock" --seeds "127.0.0.1:$((PORT0+11))" \
@@ -135,12 +136,12 @@ measure() {
   local chain=$1 port=$2 host=$3; shift 3
   local url="http://127.0.0.1:$port/" p
   "$OHA" -n "$WARMUP" -c "$C" --no-tui -H "Host: $host" "$url" >/dev/null 2>&1
-  for p in "$@"; do callgrind_control -z "$(pid_of "$p")" >/dev/null; done
+  for p in "$@"; do callgrind_control -z "$(pid_of "$p")" >/dev/null 2>&1; done
   "$OHA" -n "$N" -c "$C" --no-tui -H "Host: $host" "$url" > "$T/$chain.oha" 2>&1
   grep -q 'Success rate:.*100.00%' "$T/$chain.oha" || { log "# $chain: not every request succeeded"; cat "$T/$chain.oha" >&2; exit 1; }
   for p in "$@"; do
     rm -f "$T/cg.$p".*
-    callgrind_control -d "$(pid_of "$p")" >/dev/null
+    callgrind_control -d "$(pid_of "$p")" >/dev/null 2>&1
     wait_until 60 "$p's dump" compgen -G "$T/cg.$p.*" || exit 1
     wait_until 60 "$p's dump written" grep -q '^totals:' "$T"/cg."$p".*
     IR[$p]=$(( $(awk '/^totals:/ {print $2}' "$T"/cg."$p".*) / N ))
