@@ -18,8 +18,12 @@
 # the allocator outside the stages) is "everything else".
 #
 # Counts are user space only: the kernel's TCP and UDP work is in neither
-# side's figure. The weft nodes gossip during the window (a few thousand
-# instructions per request at these rates); nginx has nothing like it.
+# side's figure. What a process runs with no request at all (weft's gossip
+# and timers; nginx has next to nothing) is measured for IDLE s before the
+# run and taken off in proportion to the run's time: under valgrind a
+# request is ~50x slower, so background per request would otherwise be ~50x
+# too big. Packet coalescing depends on timing, so weft's QUIC stages move
+# by a few percent between runs; nginx's totals by well under 1%.
 #
 # Installs what it needs (apt: valgrind nginx-light openssl jq; cargo: oha)
 # and builds weft (`cargo build --release --locked -p weft`; WEFT_BIN=path
@@ -29,6 +33,7 @@ set -uo pipefail
 N=${N:-2000}              # requests counted per chain
 C=${C:-4}                 # at a time
 WARMUP=${WARMUP:-200}     # requests before the counters are zeroed
+IDLE=${IDLE:-5}           # s of no requests, to measure what runs anyway
 PORT0=${PORT0:-39400}     # upstream; the proxies use PORT0+1..
 KEEP=${KEEP:-0}           # 1: keep the temp dir (callgrind files, logs)
 
@@ -131,24 +136,42 @@ wait_until 120 "n1 sees 2 alive" alive 1 && wait_until 120 "n2 sees 2 alive" ali
 listed() { "$WEFT_BIN" --socket "$T/n1/weft.sock" services --json | jq -e '.services.up // [] | any(.node=="n2")'; }
 wait_until 120 "n1 lists up on n2" listed || exit 1
 
-# measure chain port host procs...: instructions per request of each process
+zero() { # procs...: zeroes their counters
+  local p
+  for p in "$@"; do callgrind_control -z "$(pid_of "$p")" >/dev/null 2>&1; done
+}
+counted() { # proc: the instructions it ran since its counters were zeroed
+  local p=$1
+  rm -f "$T/cg.$p".*
+  callgrind_control -d "$(pid_of "$p")" >/dev/null 2>&1
+  wait_until 60 "$p's dump" grep -qs '^totals:' "$T"/cg."$p".* || exit 1
+  awk '/^totals:/ {print $2}' "$T"/cg."$p".*
+}
+now() { date +%s.%N; }
+# measure chain port host procs...: instructions per request of each
+# process, less what it runs with no request at all (gossip, timers:
+# measured for IDLE s first, and taken off in proportion to the run's time).
 measure() {
   local chain=$1 port=$2 host=$3; shift 3
   local url="http://127.0.0.1:$port/" p
+  declare -A idle
   "$OHA" -n "$WARMUP" -c "$C" --no-tui -H "Host: $host" "$url" >/dev/null 2>&1
-  for p in "$@"; do callgrind_control -z "$(pid_of "$p")" >/dev/null 2>&1; done
+  zero "$@"
+  sleep "$IDLE"   # the idle window itself, not a wait for readiness
+  for p in "$@"; do idle[$p]=$(counted "$p"); done
+  zero "$@"
+  local began; began=$(now)
   "$OHA" -n "$N" -c "$C" --no-tui -H "Host: $host" "$url" > "$T/$chain.oha" 2>&1
+  local took; took=$(awk -v a="$began" -v b="$(now)" 'BEGIN {print b - a}')
   grep -q 'Success rate:.*100.00%' "$T/$chain.oha" || { log "# $chain: not every request succeeded"; cat "$T/$chain.oha" >&2; exit 1; }
   for p in "$@"; do
-    rm -f "$T/cg.$p".*
-    callgrind_control -d "$(pid_of "$p")" >/dev/null 2>&1
-    wait_until 60 "$p's dump" compgen -G "$T/cg.$p.*" || exit 1
-    wait_until 60 "$p's dump written" grep -q '^totals:' "$T"/cg."$p".*
-    IR[$p]=$(( $(awk '/^totals:/ {print $2}' "$T"/cg."$p".*) / N ))
+    local all; all=$(counted "$p")
+    BG[$p]=$(awk -v i="${idle[$p]}" -v s="$IDLE" -v d="$took" -v n="$N" 'BEGIN {printf "%d", i / s * d / n}')
+    IR[$p]=$(( all / N - BG[$p] ))
   done
 }
 pid_of() { local v="PID_$1"; echo "${!v}"; }
-declare -A IR
+declare -A IR BG
 measure nginx2 "$NA" localhost na nb
 measure nginx2-mtls "$TA" localhost ta tb
 measure weft-2node "$((PORT0+31))" up n1 n2
@@ -161,6 +184,7 @@ row() { # chain a b
   printf '%-12s | %9d %9d | %9d | %sx\n' "$1" "${IR[$2]}" "${IR[$3]}" "$both" "$(awk "BEGIN {printf \"%.2f\", $both / $base}")"
 }
 row nginx2 na nb; row nginx2-mtls ta tb; row weft-2node n1 n2
+echo "# taken off as background (idle rate x run time, per request): nginx2 $((BG[na] + BG[nb])), nginx2-mtls $((BG[ta] + BG[tb])), weft-2node $((BG[n1] + BG[n2]))"
 
 # weft-2node by stage: the largest inclusive cost of each function named
 # (inlined copies appear more than once), summed over a stage's functions.

@@ -220,6 +220,12 @@ async fn a_request_through_two_nodes_is_one_trace_and_a_retry_shows_its_attempts
         .await
         .unwrap();
     assert_eq!(status, 200, "{reply}");
+    wait_for(Duration::from_secs(10), "n1 routes to near", || async {
+        instance_ids(&c.nodes[0].socket, "near")
+            .await
+            .filter(|ids| !ids.is_empty())
+    })
+    .await;
     assert_eq!(call(c.nodes[0].proxy, "near", "/ok", None).await, 200);
     let given = near_seen.lock().unwrap()["/ok"][0].clone();
     let (trace, instance_parent) = parts(&given);
