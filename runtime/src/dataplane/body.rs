@@ -119,7 +119,7 @@ fn tunnel_frames(
             }
             Ok(BodyEvent::Trailers(t)) => {
                 tunnel::close_read(recv);
-                Some((Ok((Frame::trailers(header_map(&t)), true)), None))
+                Some((Ok((Frame::trailers(header_map(t)), true)), None))
             }
             Ok(BodyEvent::End) => {
                 tunnel::close_read(recv);

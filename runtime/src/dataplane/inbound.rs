@@ -310,7 +310,7 @@ async fn handle_stream(
             .await
         }
         StreamKind::Tcp => {
-            let mut headers = header_map(&head.headers);
+            let mut headers = header_map(head.headers);
             if admit_caller(dp, peer, &head.service, &mut headers).is_err() {
                 let mut send = send;
                 return refuse(&mut send, MeshError::Forbidden).await;
@@ -415,8 +415,8 @@ struct Inbound<'a> {
 }
 
 impl Inbound<'_> {
-    async fn http(self, mut send: SendStream, mut recv: RecvStream) -> Result<(), TunnelError> {
-        let mut req = match Forward::from_wire(&self.head, body::empty()) {
+    async fn http(mut self, mut send: SendStream, mut recv: RecvStream) -> Result<(), TunnelError> {
+        let mut req = match Forward::from_wire(&mut self.head, body::empty()) {
             Ok(req) => req,
             Err(detail) => {
                 refuse(&mut send, MeshError::BadRequest).await?;

@@ -654,7 +654,7 @@ fn response(
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    *resp.headers_mut() = header_map(&head.headers);
+    *resp.headers_mut() = header_map(head.headers);
     Ok(resp)
 }
 

@@ -145,8 +145,12 @@ impl Forward {
         }
     }
 
-    /// The request a peer's head describes, for this node's instance.
-    pub fn from_wire(head: &RequestHead, body: ProxyBody) -> Result<Request<ProxyBody>, String> {
+    /// The request a peer's head describes, for this node's instance (the
+    /// head's headers are taken, not copied).
+    pub fn from_wire(
+        head: &mut RequestHead,
+        body: ProxyBody,
+    ) -> Result<Request<ProxyBody>, String> {
         let method =
             Method::from_bytes(head.method.as_bytes()).map_err(|e| format!("bad method: {e}"))?;
         let target: PathAndQuery = head.uri.parse().map_err(|e| format!("bad target: {e}"))?;
@@ -158,7 +162,7 @@ impl Forward {
         } else {
             Version::HTTP_11
         };
-        *req.headers_mut() = header_map(&head.headers);
+        *req.headers_mut() = header_map(std::mem::take(&mut head.headers));
         Ok(req)
     }
 }
@@ -314,12 +318,13 @@ pub fn wire_pairs(headers: &HeaderMap) -> Vec<(String, Vec<u8>)> {
 
 /// A header map from wire pairs, skipping anything invalid. The sender
 /// already removed hop-by-hop headers (and kept the upgrade ones on purpose).
-pub fn header_map(pairs: &[(String, Vec<u8>)]) -> HeaderMap {
+/// Each value's bytes become the header value as they are, not copied.
+pub fn header_map(pairs: Vec<(String, Vec<u8>)>) -> HeaderMap {
     let mut map = HeaderMap::with_capacity(pairs.len());
     for (name, value) in pairs {
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_bytes(value),
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(value)),
         ) {
             map.append(n, v);
         }
