@@ -136,16 +136,23 @@ wait_until 120 "n1 sees 2 alive" alive 1 && wait_until 120 "n2 sees 2 alive" ali
 listed() { "$WEFT_BIN" --socket "$T/n1/weft.sock" services --json | jq -e '.services.up // [] | any(.node=="n2")'; }
 wait_until 120 "n1 lists up on n2" listed || exit 1
 
-zero() { # procs...: zeroes their counters
+zero() { # procs...: zeroes their counters (callgrind_control waits for each)
   local p
-  for p in "$@"; do callgrind_control -z "$(pid_of "$p")" >/dev/null 2>&1; done
+  for p in "$@"; do
+    callgrind_control -z "$(pid_of "$p")" 2>&1 | grep -q OK || { log "# could not zero $p"; exit 1; }
+  done
 }
 counted() { # proc: the instructions it ran since its counters were zeroed
   local p=$1
   rm -f "$T/cg.$p".*
-  callgrind_control -d "$(pid_of "$p")" >/dev/null 2>&1
-  wait_until 60 "$p's dump" grep -qs '^totals:' "$T"/cg."$p".* || exit 1
+  callgrind_control -d "$(pid_of "$p")" 2>&1 | grep -q OK || return 1
+  wait_until 60 "$p's dump" grep -qs '^totals:' "$T"/cg."$p".* || return 1
   awk '/^totals:/ {print $2}' "$T"/cg."$p".*
+}
+count() { # var proc: sets var to counted proc, or stops the script
+  local counted_ir
+  counted_ir=$(counted "$2") && [ "${counted_ir:-0}" -gt 0 ] || { log "# no count from $2"; exit 1; }
+  printf -v "$1" '%s' "$counted_ir"
 }
 now() { date +%s.%N; }
 # measure chain port host procs...: instructions per request of each
@@ -158,14 +165,15 @@ measure() {
   "$OHA" -n "$WARMUP" -c "$C" --no-tui -H "Host: $host" "$url" >/dev/null 2>&1
   zero "$@"
   sleep "$IDLE"   # the idle window itself, not a wait for readiness
-  for p in "$@"; do idle[$p]=$(counted "$p"); done
+  local ir
+  for p in "$@"; do count ir "$p"; idle[$p]=$ir; done
   zero "$@"
   local began; began=$(now)
   "$OHA" -n "$N" -c "$C" --no-tui -H "Host: $host" "$url" > "$T/$chain.oha" 2>&1
   local took; took=$(awk -v a="$began" -v b="$(now)" 'BEGIN {print b - a}')
   grep -q 'Success rate:.*100.00%' "$T/$chain.oha" || { log "# $chain: not every request succeeded"; cat "$T/$chain.oha" >&2; exit 1; }
   for p in "$@"; do
-    local all; all=$(counted "$p")
+    local all; count all "$p"
     BG[$p]=$(awk -v i="${idle[$p]}" -v s="$IDLE" -v d="$took" -v n="$N" 'BEGIN {printf "%d", i / s * d / n}')
     IR[$p]=$(( all / N - BG[$p] ))
   done

@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Version};
 use super::error::MeshError;
 use super::ProxyBody;
 use crate::caller::Caller;
-use crate::wire::{RequestHead, StreamKind, MAX_HEAD_BYTES, WIRE_VERSION};
+use crate::wire::{RequestHead, RequestHeadRef, StreamKind, MAX_HEAD_BYTES, WIRE_VERSION};
 
 /// The header that counts mesh hops.
 pub const HOPS: HeaderName = HeaderName::from_static("weft-hops");
@@ -122,22 +122,23 @@ impl Forward {
         req
     }
 
-    /// The head that carries this request across the tunnel.
-    pub fn wire_head(
-        &self,
-        instance: &str,
+    /// The head that carries this request across the tunnel, borrowed
+    /// from it.
+    pub fn wire_head<'a>(
+        &'a self,
+        instance: &'a str,
         deadline_ms: u32,
         attempt: u8,
         end_stream: bool,
-    ) -> RequestHead {
-        RequestHead {
+    ) -> RequestHeadRef<'a> {
+        RequestHeadRef {
             version: WIRE_VERSION,
             kind: StreamKind::Http,
-            service: self.service.clone(),
-            instance: instance.to_string(),
-            method: self.method.as_str().to_string(),
-            uri: self.target.as_str().to_string(),
-            headers: wire_pairs(&self.headers),
+            service: &self.service,
+            instance,
+            method: self.method.as_str(),
+            uri: self.target.as_str(),
+            headers: &self.headers,
             deadline_ms,
             attempt,
             http2: self.http2,

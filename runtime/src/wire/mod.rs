@@ -174,6 +174,36 @@ pub struct RequestHead {
     pub end_stream: bool,
 }
 
+/// A [`RequestHead`] borrowed from the request it describes, for sending:
+/// it encodes to the same bytes without copying the request's strings and
+/// headers into owned ones first.
+#[derive(Debug, Serialize)]
+pub struct RequestHeadRef<'a> {
+    /// As [`RequestHead::version`].
+    pub version: u8,
+    /// As [`RequestHead::kind`].
+    pub kind: StreamKind,
+    /// As [`RequestHead::service`].
+    pub service: &'a str,
+    /// As [`RequestHead::instance`].
+    pub instance: &'a str,
+    /// As [`RequestHead::method`].
+    pub method: &'a str,
+    /// As [`RequestHead::uri`].
+    pub uri: &'a str,
+    /// As [`RequestHead::headers`]: every value of the map, in its order.
+    #[serde(serialize_with = "header_list::serialize_map")]
+    pub headers: &'a http::HeaderMap,
+    /// As [`RequestHead::deadline_ms`].
+    pub deadline_ms: u32,
+    /// As [`RequestHead::attempt`].
+    pub attempt: u8,
+    /// As [`RequestHead::http2`].
+    pub http2: bool,
+    /// As [`RequestHead::end_stream`].
+    pub end_stream: bool,
+}
+
 /// First frame of every response on a tunnel stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResponseHead {
@@ -398,8 +428,26 @@ mod header_list {
     }
 
     pub(super) fn serialize<S: Serializer>(headers: &Headers, s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(headers.len()))?;
-        for (name, value) in headers {
+        let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
+        serialize_pairs(headers.len(), pairs, s)
+    }
+
+    /// The same list from a header map: each value as one pair.
+    pub(super) fn serialize_map<S: Serializer>(
+        headers: &&http::HeaderMap,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
+        serialize_pairs(headers.len(), pairs, s)
+    }
+
+    fn serialize_pairs<'a, S: Serializer>(
+        len: usize,
+        pairs: impl Iterator<Item = (&'a str, &'a [u8])>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(len))?;
+        for (name, value) in pairs {
             seq.serialize_element(&(name, BytesRef(value)))?;
         }
         seq.end()

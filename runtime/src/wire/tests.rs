@@ -57,6 +57,39 @@ fn request_round_trip() {
 }
 
 #[test]
+fn a_borrowed_head_encodes_as_the_owned_one() {
+    let mut headers = http::HeaderMap::new();
+    headers.append("accept", "*/*".parse().unwrap());
+    headers.append("x-twice", "1".parse().unwrap());
+    headers.append("x-twice", "2".parse().unwrap());
+    headers.append(
+        "x-bin",
+        http::HeaderValue::from_bytes(&[0xff, 0x80]).unwrap(),
+    );
+    let owned = RequestHead {
+        headers: headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        ..sample_request()
+    };
+    let borrowed = RequestHeadRef {
+        version: owned.version,
+        kind: owned.kind,
+        service: &owned.service,
+        instance: &owned.instance,
+        method: &owned.method,
+        uri: &owned.uri,
+        headers: &headers,
+        deadline_ms: owned.deadline_ms,
+        attempt: owned.attempt,
+        http2: owned.http2,
+        end_stream: owned.end_stream,
+    };
+    assert_eq!(encode(&borrowed).unwrap(), encode(&owned).unwrap());
+}
+
+#[test]
 fn response_round_trip_leaves_body_alone() {
     let head = sample_response();
     let mut bytes = encode(&head).unwrap();
