@@ -77,6 +77,7 @@ start() { # name cmd...: runs in the background, its pid in PID_<name>
   local name=$1; shift
   "$@" >"$T/$name.out" 2>&1 &
   PIDS+=($!); eval "PID_${name//-/_}=$!"
+  disown $!   # stopped by cleanup, by pid: no job notices
 }
 wait_until() { # timeout_s description cmd...: polls, never a bare sleep
   local end=$((SECONDS + $1)) what=$2; shift 2
