@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::fault::Channel;
 use crate::hosts::{self, Hosts};
 use crate::links::Links;
-use crate::process::free_port;
+use crate::process::{bind_fresh_udp, free_port};
 use crate::relay::{Front, Relay};
 use crate::ChaosError;
 
@@ -63,8 +63,8 @@ impl Network {
                         .into_iter()
                         .enumerate()
                 {
-                    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
-                        .map_err(|e| ChaosError::Io(format!("relay front: {e}")))?;
+                    // Not a port already handed out to a node that binds it later.
+                    let socket = bind_fresh_udp()?;
                     advertised[slot] = socket
                         .local_addr()
                         .map_err(|e| ChaosError::Io(e.to_string()))?;

@@ -227,6 +227,26 @@ pub fn free_port() -> Result<u16, ChaosError> {
     Err(ChaosError::Io("no free port found in 200 probes".into()))
 }
 
+/// A UDP socket bound on 127.0.0.1 to a port [`free_port`] never handed
+/// out (nor will): a port probed and handed out for a node that binds it
+/// later is not taken meanwhile by a socket of this process.
+pub fn bind_fresh_udp() -> Result<UdpSocket, ChaosError> {
+    for _ in 0..200 {
+        let udp = UdpSocket::bind("127.0.0.1:0")
+            .map_err(|e| ChaosError::Io(format!("cannot bind a UDP socket: {e}")))?;
+        let port = udp
+            .local_addr()
+            .map_err(|e| ChaosError::Io(e.to_string()))?
+            .port();
+        let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if !seen.contains(&port) {
+            seen.push(port);
+            return Ok(udp);
+        }
+    }
+    Err(ChaosError::Io("no fresh UDP port in 200 tries".into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,6 +30,10 @@
 //!   without sockets or sleeps.
 //! - [`wire`]: the tunnel codec (heads and body framing), the one module
 //!   that touches bincode.
+//! - [`supervision`]: the panic guard and restart every actor's handlers
+//!   run inside.
+//! - [`gossip_writer`]: this node's own gossip keys, written from any task.
+//! - [`trace`]: W3C trace context and the spans exported over OTLP.
 //! - [`tls`]: node certificates and the mTLS configuration of the tunnel.
 //!
 //! Actors run on the `actix::System` thread of a multi-thread tokio runtime;

@@ -13,9 +13,15 @@
 //! - [`splice`]: raw bytes between a connection and a tunnel stream.
 //! - [`body`]: conversions between hyper bodies and tunnel streams.
 //! - [`limits`]: the caps the mesh enforces itself, each counted by name.
-//! - [`admission`]: the cluster's rate limits, asked before a pick.
+//! - [`admission`]: the cluster's rate limits and adaptive concurrency.
 //! - [`rollouts`]: each rollout's step, measured per tag.
 //! - [`tables`]: the routing table and statistics the actors publish.
+//! - [`endpoints`]: the routing table's typed instances and the pick.
+//! - `hedge`: a second attempt raced against a slow first one (learned).
+//! - `pool`: keep-alive HTTP/1.1 connections to this node's own instances.
+//! - `spans`: the spans of a sampled request and its attempts.
+//! - [`keys`]: gossip keys handed to members that ask over the tunnel.
+//! - [`tap`]: request lines for `weft tap`, made only while someone listens.
 
 pub mod admission;
 pub mod body;
