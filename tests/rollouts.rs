@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// Requests sent at the proxies of some nodes until stopped, a few at a
 /// time on each, counting the answers that were not 200.
@@ -63,16 +63,6 @@ impl Load {
             self.failed.load(Ordering::Relaxed),
         )
     }
-}
-
-/// Registers an `api` instance tagged `tag` on `node`.
-async fn register(c: &TestCluster, node: usize, tag: &str, port: u16) {
-    let body = json!({"name": "api", "id": format!("api-{tag}-{node}"), "port": port,
-        "tags": [tag], "check": {"tcp": true, "interval_ms": 200}});
-    let (status, reply) = put_json(&c.nodes[node].socket, "/v1/services", &body)
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{reply}");
 }
 
 /// Waits until `node` sees `n` passing instances of api.
@@ -151,12 +141,12 @@ async fn cluster_with(canary: Behavior) -> (TestCluster, Vec<Upstream>, Vec<Upst
     let mut v2 = Vec::new();
     for node in [0, 1] {
         let up = Upstream::start(0, 200).await;
-        register(&c, node, "v1", up.port).await;
+        register_tagged_api(&c, node, "v1", up.port).await;
         v1.push(up);
     }
     for node in [0, 2] {
         let up = Upstream::with(0, canary).await;
-        register(&c, node, "v2", up.port).await;
+        register_tagged_api(&c, node, "v2", up.port).await;
         v2.push(up);
     }
     weft_at(&c, 0, &["route", "api", "v1=1"], true).expect("route");

@@ -8,7 +8,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::json;
 
 /// `n` GETs of `api` through every node's proxy, `per_node` at a time on
 /// each; all must answer 200.
@@ -28,17 +27,6 @@ async fn load(c: &TestCluster, n: usize, per_node: usize) {
     for t in tasks {
         t.await.unwrap();
     }
-}
-
-/// Registers an `api` instance tagged `tag` on `node`, checked every 200 ms
-/// (by TCP connect: no probe counts as a request).
-async fn register(c: &TestCluster, node: usize, tag: &str, port: u16) {
-    let body = json!({"name": "api", "id": format!("api-{tag}-{node}"), "port": port,
-        "tags": [tag], "check": {"tcp": true, "interval_ms": 200}});
-    let (status, reply) = put_json(&c.nodes[node].socket, "/v1/services", &body)
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{reply}");
 }
 
 /// Waits until every node sees `passing` instances of api with `tag`.
@@ -67,12 +55,12 @@ async fn a_split_holds_its_weights_and_an_unhealthy_tag_gives_its_share_back() {
     let mut v1 = Vec::new();
     for node in 0..3 {
         let instance = Upstream::start(0, 200).await;
-        register(&c, node, "v1", instance.port).await;
+        register_tagged_api(&c, node, "v1", instance.port).await;
         v1.push(instance);
     }
     let v2 = Upstream::start(0, 200).await;
     let v2_port = v2.port;
-    register(&c, 2, "v2", v2_port).await;
+    register_tagged_api(&c, 2, "v2", v2_port).await;
     everywhere(&c, "v1", 3).await;
     everywhere(&c, "v2", 1).await;
 

@@ -208,28 +208,22 @@ static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 /// handed out twice by this process.
 pub fn free_port() -> Result<u16, ChaosError> {
     for _ in 0..200 {
-        let udp = UdpSocket::bind("127.0.0.1:0")
-            .map_err(|e| ChaosError::Io(format!("cannot probe a free port: {e}")))?;
+        let udp = bind_fresh_udp()?;
         let port = udp
             .local_addr()
             .map_err(|e| ChaosError::Io(e.to_string()))?
             .port();
-        if TcpListener::bind(("127.0.0.1", port)).is_err() {
-            continue;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
         }
-        let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.contains(&port) {
-            continue;
-        }
-        seen.push(port);
-        return Ok(port);
     }
     Err(ChaosError::Io("no free port found in 200 probes".into()))
 }
 
-/// A UDP socket bound on 127.0.0.1 to a port [`free_port`] never handed
-/// out (nor will): a port probed and handed out for a node that binds it
-/// later is not taken meanwhile by a socket of this process.
+/// A UDP socket bound on 127.0.0.1 to a port never handed out before (by
+/// this or by [`free_port`]), and now marked handed out: a port probed and
+/// handed out for a node that binds it later is not taken meanwhile by a
+/// socket of this process.
 pub fn bind_fresh_udp() -> Result<UdpSocket, ChaosError> {
     for _ in 0..200 {
         let udp = UdpSocket::bind("127.0.0.1:0")

@@ -400,6 +400,17 @@ pub async fn member_state(socket: &Path, name: &str) -> Option<String> {
         .and_then(|m| m["state"].as_str().map(String::from))
 }
 
+/// Registers an `api` instance tagged `tag` on node `node` at `port`,
+/// checked every 200 ms by TCP connect (no probe counts as a request).
+pub async fn register_tagged_api(c: &TestCluster, node: usize, tag: &str, port: u16) {
+    let body = serde_json::json!({"name": "api", "id": format!("api-{tag}-{node}"),
+        "port": port, "tags": [tag], "check": {"tcp": true, "interval_ms": 200}});
+    let (status, reply) = put_json(&c.nodes[node].socket, "/v1/services", &body)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{reply}");
+}
+
 /// Registers `service` on node `socket` at `port` (with `extra` JSON fields) and
 /// waits until every node in `all` lists the instance.
 pub async fn register_everywhere(
