@@ -13,10 +13,12 @@
 //! what moved, from the changed nodes alone.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::records::{Health, NodeInfo, Protocol, RetryPolicy};
 use crate::view::{member_state, ClusterView, MemberState, NodeKeys, NodeSnapshot};
 
 /// One instance of a service, as the catalog lists it.
@@ -28,22 +30,23 @@ pub struct Instance {
     pub node: String,
     /// Port on that node's loopback.
     pub port: u16,
-    /// "http" or "tcp".
-    pub protocol: String,
-    /// "passing", "failing", "unknown" or "ejected".
-    pub health: String,
+    /// What it speaks.
+    pub protocol: Protocol,
+    /// Its health, as routing sees it.
+    pub health: Health,
     /// Tags given at registration.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
-    /// The hosting node's tunnel address.
+    /// The hosting node's tunnel address (parsed once per change of the
+    /// node's keys).
     #[serde(skip)]
-    pub tunnel_addr: Option<String>,
+    pub tunnel_addr: Option<SocketAddr>,
     /// Request timeout override (ms).
     #[serde(skip)]
     pub timeout_ms: Option<u64>,
     /// Retry wait policy override.
     #[serde(skip)]
-    pub retry: Option<String>,
+    pub retry: Option<RetryPolicy>,
     /// Non-idempotent methods may be retried.
     #[serde(skip)]
     pub retry_non_idempotent: bool,
@@ -227,17 +230,17 @@ impl Inputs {
             return services;
         }
         let parsed = self.keys.parsed();
-        let tunnel_addr = parsed.info.as_ref().map(|i| i.tunnel.clone());
+        let tunnel_addr = parsed.info.as_ref().and_then(NodeInfo::tunnel_addr);
         for (record, own_health) in &parsed.records {
             let votes = self
                 .votes
                 .iter()
                 .find(|(id, _)| *id == record.id)
                 .map_or(0, |(_, n)| *n);
-            let health = if votes >= 2 && *own_health != "failing" {
-                "ejected"
+            let health = if votes >= 2 && *own_health != Health::Failing {
+                Health::Ejected
             } else {
-                own_health
+                *own_health
             };
             services
                 .entry(record.name.clone())
@@ -246,12 +249,12 @@ impl Inputs {
                     id: record.id.clone(),
                     node: node.to_string(),
                     port: record.port,
-                    protocol: record.protocol.as_str().to_string(),
-                    health: health.to_string(),
+                    protocol: record.protocol,
+                    health,
                     tags: record.tags.clone(),
-                    tunnel_addr: tunnel_addr.clone(),
+                    tunnel_addr,
                     timeout_ms: record.timeout_ms,
-                    retry: record.retry.clone(),
+                    retry: record.retry.as_deref().and_then(RetryPolicy::parse),
                     retry_non_idempotent: record.retry_non_idempotent,
                     hedge: record.hedge,
                     adaptive_concurrency: record.concurrency.is_some(),

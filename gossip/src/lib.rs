@@ -29,7 +29,9 @@ pub mod view;
 
 pub use cluster::{Cluster, ClusterConfig};
 pub use keys::Key;
-pub use records::{Check, NodeInfo, NodeStatus, Protocol, ServiceRecord, SCHEMA};
+pub use records::{
+    Check, Health, NodeInfo, NodeStatus, Protocol, RetryPolicy, ServiceRecord, SCHEMA,
+};
 pub use view::{Catalog, ClusterView, Instance, Member, MemberState, NodeKeys};
 
 /// Errors of the gossip layer.

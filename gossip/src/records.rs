@@ -38,6 +38,13 @@ pub struct NodeInfo {
     pub status: NodeStatus,
 }
 
+impl NodeInfo {
+    /// The tunnel address, parsed (`None` when it does not parse).
+    pub fn tunnel_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tunnel.parse().ok()
+    }
+}
+
 /// Lifecycle of a node as it announces it itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -51,7 +58,9 @@ pub enum NodeStatus {
 }
 
 /// Application protocol of an instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// HTTP/1.1 (and h2c if the instance speaks it).
@@ -67,6 +76,65 @@ impl Protocol {
         match self {
             Protocol::Http => "http",
             Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// An instance's health as the catalog lists it: what its owner's checks
+/// concluded, or `ejected` by the callers' outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Its checks pass (or it has no check).
+    Passing,
+    /// Not checked yet.
+    Unknown,
+    /// Ejected by two or more callers' outlier detection (gossiped votes).
+    Ejected,
+    /// Its checks fail: never routed to.
+    Failing,
+}
+
+impl Health {
+    /// The lowercase name used in gossip, JSON and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Passing => "passing",
+            Health::Unknown => "unknown",
+            Health::Ejected => "ejected",
+            Health::Failing => "failing",
+        }
+    }
+
+    /// Whether requests may go to it (ejected ones only in panic routing).
+    pub fn routable(self) -> bool {
+        self != Health::Failing
+    }
+}
+
+/// How long a retry to the same instance waits.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RetryPolicy {
+    /// The learned delay: how long this service's outages usually last.
+    #[default]
+    Learned,
+    /// Envoy's default: 25 ms base, 250 ms cap, exponential, full jitter.
+    Exponential,
+    /// No retries at all (the baseline of the learning scenarios).
+    None,
+}
+
+impl RetryPolicy {
+    /// Parses "learned", "exponential" or "none".
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "learned" => Some(RetryPolicy::Learned),
+            "exponential" => Some(RetryPolicy::Exponential),
+            "none" => Some(RetryPolicy::None),
+            _ => None,
         }
     }
 }

@@ -6,7 +6,7 @@
 use serde_json::Value;
 
 use crate::keys::{validate_id, validate_name};
-use crate::records::{Check, Concurrency, Protocol, ServiceRecord};
+use crate::records::{Check, Concurrency, Protocol, RetryPolicy, ServiceRecord};
 
 /// Validates a registration request, naming the first bad field.
 pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, String> {
@@ -91,9 +91,7 @@ pub fn parse_registration(body: &Value, node: &str) -> Result<ServiceRecord, Str
     };
     let retry = match obj.get("retry") {
         None | Some(Value::Null) => None,
-        Some(Value::String(p)) if matches!(p.as_str(), "learned" | "exponential" | "none") => {
-            Some(p.clone())
-        }
+        Some(Value::String(p)) if RetryPolicy::parse(p).is_some() => Some(p.clone()),
         Some(_) => {
             return Err("field \"retry\" must be \"learned\", \"exponential\" or \"none\"".into())
         }

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 pub use crate::catalog::{Catalog, CatalogDeriver, CatalogDiff, Instance, Instances};
 use crate::keys::Key;
-use crate::records::{reads_schema, NodeInfo, NodeStatus, ServiceRecord};
+use crate::records::{reads_schema, Health, NodeInfo, NodeStatus, ServiceRecord};
 use crate::registration::parse_gossiped;
 
 /// One node as seen in gossip, owned data only.
@@ -56,7 +56,7 @@ pub(crate) struct Parsed {
     /// `svc/<id>` records that pass a local registration's rules and whose
     /// id matches their key, with the
     /// health their owner concluded (`health/<id>`, in the same keys).
-    pub(crate) records: Vec<(ServiceRecord, &'static str)>,
+    pub(crate) records: Vec<(ServiceRecord, Health)>,
     /// `eject/<owner>/<id>` votes, as (owner, id).
     pub(crate) votes: Vec<(String, String)>,
 }
@@ -187,8 +187,8 @@ pub struct Member {
     pub name: String,
     /// Gossip address.
     pub gossip_addr: String,
-    /// Tunnel address, once the node announced it.
-    pub tunnel_addr: Option<String>,
+    /// Tunnel address, once the node announced it (and it parses).
+    pub tunnel_addr: Option<SocketAddr>,
     /// Admin address, once the node announced it.
     pub admin_addr: Option<String>,
     /// Membership state.
@@ -226,7 +226,7 @@ impl ClusterView {
                 Member {
                     name: node.name.clone(),
                     gossip_addr: node.gossip_addr.to_string(),
-                    tunnel_addr: info.map(|i| i.tunnel.clone()),
+                    tunnel_addr: info.and_then(NodeInfo::tunnel_addr),
                     admin_addr: info.map(|i| i.admin.clone()),
                     state,
                     last_heard_ms: if node.name == self.self_name {
@@ -271,15 +271,15 @@ pub(crate) fn member_state(
 }
 
 /// Health of an instance from its owner's own conclusion (`health/<id>`).
-fn instance_health(keys: &BTreeMap<String, String>, record: &ServiceRecord) -> &'static str {
+fn instance_health(keys: &BTreeMap<String, String>, record: &ServiceRecord) -> Health {
     match keys
         .get(&Key::Health(record.id.clone()).encode())
         .map(String::as_str)
     {
-        Some("passing") => "passing",
-        Some("failing") => "failing",
-        _ if record.check.is_none() => "passing",
-        _ => "unknown",
+        Some("passing") => Health::Passing,
+        Some("failing") => Health::Failing,
+        _ if record.check.is_none() => Health::Passing,
+        _ => Health::Unknown,
     }
 }
 
@@ -389,7 +389,7 @@ mod tests {
         let v4 = view(vec![n1.clone(), n2.clone(), n3, n4]);
         let (c4, diff) = deriver.update(&v4);
         assert_eq!(*c4, v4.catalog());
-        assert_eq!(c4.instances("web")[0].health, "ejected");
+        assert_eq!(c4.instances("web")[0].health, Health::Ejected);
         assert_eq!(diff.changed, vec![key("web", "n1", "w1")]);
         assert!(Arc::ptr_eq(&c3.services["db"], &c4.services["db"]));
 
@@ -525,7 +525,7 @@ mod tests {
             node("n1", 1, true, &[("web", "w1", 8080)]),
             n2.clone(),
         ]);
-        assert_eq!(v.catalog().instances("web")[0].health, "passing");
+        assert_eq!(v.catalog().instances("web")[0].health, Health::Passing);
         let mut n3 = node("n3", 1, true, &[]);
         Arc::make_mut(&mut n3.kv).insert("eject/n1/w1".into(), "1".into());
         let v = view(vec![
@@ -533,11 +533,11 @@ mod tests {
             n2.clone(),
             n3.clone(),
         ]);
-        assert_eq!(v.catalog().instances("web")[0].health, "ejected");
+        assert_eq!(v.catalog().instances("web")[0].health, Health::Ejected);
         // A dead observer's vote does not count.
         n3.live = false;
         let v = view(vec![node("n1", 1, true, &[("web", "w1", 8080)]), n2, n3]);
-        assert_eq!(v.catalog().instances("web")[0].health, "passing");
+        assert_eq!(v.catalog().instances("web")[0].health, Health::Passing);
     }
 
     #[test]
@@ -551,13 +551,13 @@ mod tests {
         Arc::make_mut(&mut n3.kv).insert("eject/n1/w1".into(), "1".into());
         let v = view(vec![node("n1", 1, true, &[("web", "w1", 8080)]), n2, n3]);
         let catalog = v.catalog();
-        let health: Vec<(&str, &str)> = catalog
+        let health: Vec<(&str, Health)> = catalog
             .instances("web")
             .iter()
-            .map(|i| (i.node.as_str(), i.health.as_str()))
+            .map(|i| (i.node.as_str(), i.health))
             .collect();
-        assert!(health.contains(&("n1", "ejected")), "{health:?}");
-        assert!(health.contains(&("n2", "passing")), "{health:?}");
+        assert!(health.contains(&("n1", Health::Ejected)), "{health:?}");
+        assert!(health.contains(&("n2", Health::Passing)), "{health:?}");
     }
 
     #[test]

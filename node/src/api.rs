@@ -13,7 +13,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use weft_gossip::grant::Grant;
 use weft_gossip::keys::validate_name;
-use weft_gossip::Cluster;
+use weft_gossip::{Cluster, Health};
 use weft_runtime::dataplane::tables::RouterHandle;
 use weft_runtime::dataplane::tap::{self, ClusterLine, Filter, Line};
 use weft_runtime::listener::{ApiBody, HttpHandler, Origin};
@@ -803,8 +803,8 @@ fn get_health(state: &ApiState) -> Reply {
         .into_iter()
         .map(|name| {
             let list = snap.catalog.instances(name);
-            let passing = list.iter().filter(|i| i.health == "passing").count();
-            let ejected = list.iter().filter(|i| i.health == "ejected").count();
+            let passing = list.iter().filter(|i| i.health == Health::Passing).count();
+            let ejected = list.iter().filter(|i| i.health == Health::Ejected).count();
             let s = stats.services.get(name).cloned().unwrap_or_default();
             let configured = list.iter().find_map(|i| i.timeout_ms);
             let (timeout, timeout_source) = state.dataplane.request_timeout(name, configured);

@@ -613,7 +613,7 @@ fn key_fetcher(
             .members()
             .into_iter()
             .find(|m| m.name == node)
-            .and_then(|m| m.tunnel_addr?.parse::<SocketAddr>().ok());
+            .and_then(|m| m.tunnel_addr);
         Box::pin(async move {
             let addr = addr.ok_or_else(|| format!("{node} announces no tunnel address"))?;
             weft_runtime::dataplane::keys::fetch(&tunnels, &node, addr, &id.to_string())

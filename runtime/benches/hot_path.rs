@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use weft_gossip::{Catalog, Instance};
-use weft_runtime::dataplane::endpoints::{Endpoints, Protocol};
+use weft_gossip::{Catalog, Health, Instance, Protocol};
+use weft_runtime::dataplane::endpoints::Endpoints;
 use weft_runtime::policy::episodes::EpisodeStats;
 use weft_runtime::policy::stats::{merge, Summary};
 use weft_runtime::wire::{self, Decoded, RequestHead, StreamKind, WIRE_VERSION};
@@ -26,8 +26,8 @@ fn instance(service: usize, node: usize) -> Instance {
         id: format!("svc{service}-{node}"),
         node: format!("node-{node}"),
         port: 8080,
-        protocol: "http".into(),
-        health: "passing".into(),
+        protocol: Protocol::Http,
+        health: Health::Passing,
         tags: Vec::new(),
         tunnel_addr: None,
         timeout_ms: None,

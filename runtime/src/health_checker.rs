@@ -16,10 +16,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use weft_gossip::{Check, Key, ServiceRecord};
+use weft_gossip::{Check, Health, Key, ServiceRecord};
 
 use crate::gossip_writer::GossipWriter;
-use crate::policy::health::{Health, HealthState, Thresholds, Ttl};
+use crate::policy::health::{HealthState, Thresholds, Ttl};
 use crate::supervision::{guard, Named};
 
 /// Default probe period.

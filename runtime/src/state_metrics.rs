@@ -7,12 +7,18 @@
 //! `/metrics` in the same scrape.
 
 use std::fmt::Write;
+use weft_gossip::Health;
 
 use crate::dataplane::admission::{Admission, ConcurrencyStatus, LimitStatus};
 use crate::dataplane::tables::{RouterSnapshot, StatsSnapshot};
 
 /// Health states `weft_instances` reports, every one per service (0 included).
-const HEALTH: [&str; 4] = ["passing", "failing", "unknown", "ejected"];
+const HEALTH: [Health; 4] = [
+    Health::Passing,
+    Health::Failing,
+    Health::Unknown,
+    Health::Ejected,
+];
 
 /// Appends, in Prometheus text format, `weft_instances{service,health}`,
 /// `weft_learned_retry_delay_seconds{service}`,
@@ -49,8 +55,9 @@ fn instances(out: &mut String, routing: &RouterSnapshot) {
             let n = instances.iter().filter(|i| i.health == health).count();
             let _ = writeln!(
                 out,
-                "weft_instances{{service=\"{}\",health=\"{health}\"}} {n}",
-                escape(service)
+                "weft_instances{{service=\"{}\",health=\"{}\"}} {n}",
+                escape(service),
+                health.as_str()
             );
         }
     }

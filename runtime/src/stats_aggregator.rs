@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::{mpsc, watch};
-use weft_gossip::{ClusterView, Key};
+use weft_gossip::{ClusterView, Health, Key};
 
 use crate::caller::Caller;
 use crate::dataplane::tables::{EdgeStats, RouterHandle, ServiceStats, StatsHandle, StatsSnapshot};
@@ -143,7 +143,7 @@ impl StatsAggregator {
         for (service, instances) in &snap.catalog.services {
             let healthy = instances
                 .iter()
-                .any(|i| matches!(i.health.as_str(), "passing" | "unknown"));
+                .any(|i| matches!(i.health, Health::Passing | Health::Unknown));
             let local = self
                 .local
                 .entry(service.clone())

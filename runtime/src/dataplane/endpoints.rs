@@ -1,6 +1,6 @@
 //! The routing table's hot half: per service, the instances a request may go
-//! to, typed (health, protocol and retry policy as enums) and indexed when
-//! the catalog changes rather than per request.
+//! to (the catalog's typed records) and indexed when the catalog changes
+//! rather than per request.
 //!
 //! Each [`Endpoint`] carries its instance's load, latency estimate and
 //! ejection in an [`EndpointState`] that every snapshot listing the instance
@@ -15,62 +15,11 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use weft_gossip::view::Instances;
-use weft_gossip::{Catalog, Instance};
+use weft_gossip::{Catalog, Health, Instance, Protocol};
 
-use super::{MeshError, RetryPolicy};
+use super::MeshError;
 use crate::policy::balancer::{pick_preferring, PeakEwma, DEFAULT_DECAY, DEFAULT_RTT};
 use crate::policy::routes::{choose_tag, Split};
-
-/// An instance's health as routing sees it (the catalog's string, parsed
-/// once per catalog change).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    /// Its checks pass.
-    Passing,
-    /// Not checked yet, or not checked at all.
-    Unknown,
-    /// Ejected by the callers' outlier detection (gossiped votes).
-    Ejected,
-    /// Its checks fail: never routed to.
-    Failing,
-}
-
-impl Health {
-    /// The catalog's `health` field.
-    pub fn parse(s: &str) -> Health {
-        match s {
-            "passing" => Health::Passing,
-            "unknown" => Health::Unknown,
-            "ejected" => Health::Ejected,
-            _ => Health::Failing,
-        }
-    }
-
-    /// Whether requests may go to it (ejected ones only in panic routing).
-    pub fn routable(self) -> bool {
-        self != Health::Failing
-    }
-}
-
-/// What an instance speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// HTTP/1.1 or h2c.
-    Http,
-    /// Raw TCP.
-    Tcp,
-}
-
-impl Protocol {
-    /// The catalog's `protocol` field (`None` for one this node cannot serve).
-    pub fn parse(s: &str) -> Option<Protocol> {
-        match s {
-            "http" => Some(Protocol::Http),
-            "tcp" => Some(Protocol::Tcp),
-            _ => None,
-        }
-    }
-}
 
 /// The instant every [`EndpointState`] time is counted from, so times fit
 /// in atomics.
@@ -151,18 +100,13 @@ impl EndpointState {
     }
 }
 
-/// One routable instance: its catalog record, its parsed fields and its
-/// shared state. Cloning it is two reference counts.
+/// One routable instance: its catalog record and its shared state.
+/// Cloning it is two reference counts.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    /// The catalog's record.
+    /// The catalog's record (typed: health, protocol, retry policy and
+    /// tunnel address were parsed once, when the catalog changed).
     pub instance: Arc<Instance>,
-    /// Health, parsed.
-    pub health: Health,
-    /// Protocol, parsed (`None`: one this node does not speak).
-    pub protocol: Option<Protocol>,
-    /// The retry policy it was registered with, if any.
-    pub retry: Option<RetryPolicy>,
     /// Load, latency and ejection on this node.
     pub state: Arc<EndpointState>,
 }
@@ -176,7 +120,7 @@ impl Endpoint {
     /// Whether it is ejected at `now`: by gossip (two callers' votes) or by
     /// this node's own outlier detection.
     pub fn is_ejected(&self, now: Instant) -> bool {
-        self.health == Health::Ejected || self.state.is_ejected(now)
+        self.instance.health == Health::Ejected || self.state.is_ejected(now)
     }
 
     /// Whether `self` and `other` are the same instance.
@@ -255,7 +199,7 @@ impl Endpoints {
         if all.is_empty() {
             return Err(MeshError::UnknownService);
         }
-        let usable = |e: &Endpoint| e.protocol == Some(protocol) && e.health.routable();
+        let usable = |e: &Endpoint| e.instance.protocol == protocol && e.instance.health.routable();
         let fresh = |e: &Endpoint| usable(e) && !e.is_ejected(now);
         let panic = !all.iter().any(fresh);
         let eligible = |e: &Endpoint| if panic { usable(e) } else { fresh(e) };
@@ -286,9 +230,6 @@ fn endpoints_of(
         .iter()
         .map(|i| Endpoint {
             instance: Arc::clone(i),
-            health: Health::parse(&i.health),
-            protocol: Protocol::parse(&i.protocol),
-            retry: i.retry.as_deref().and_then(RetryPolicy::parse),
             state: known
                 .get(&(i.node.as_str(), i.id.as_str()))
                 .map_or_else(|| Arc::new(EndpointState::new(now)), |s| Arc::clone(s)),
@@ -300,13 +241,13 @@ fn endpoints_of(
 mod tests {
     use super::*;
 
-    fn instance(node: &str, id: &str, health: &str) -> Instance {
+    fn instance(node: &str, id: &str, health: Health) -> Instance {
         Instance {
             id: id.into(),
             node: node.into(),
             port: 8080,
-            protocol: "http".into(),
-            health: health.into(),
+            protocol: Protocol::Http,
+            health,
             tags: Vec::new(),
             tunnel_addr: None,
             timeout_ms: None,
@@ -327,23 +268,23 @@ mod tests {
     #[test]
     fn an_instance_keeps_its_state_across_catalog_changes() {
         let first = Endpoints::build(
-            &catalog(vec![instance("n1", "a", "passing")]),
+            &catalog(vec![instance("n1", "a", Health::Passing)]),
             &Endpoints::default(),
         );
         let a = first.service("api")[0].clone();
         a.state.start();
         let second = Endpoints::build(
             &catalog(vec![
-                instance("n1", "a", "failing"),
-                instance("n2", "b", "unknown"),
+                instance("n1", "a", Health::Failing),
+                instance("n2", "b", Health::Unknown),
             ]),
             &first,
         );
         let eps = second.service("api");
         assert!(eps[0].same(&a), "the same instance shares its state");
-        assert_eq!(eps[0].health, Health::Failing);
+        assert_eq!(eps[0].instance.health, Health::Failing);
         assert!(!eps[1].same(&a));
-        assert_eq!(eps[1].health, Health::Unknown);
+        assert_eq!(eps[1].instance.health, Health::Unknown);
         assert!(second.service("other").is_empty());
     }
 
@@ -355,15 +296,5 @@ mod tests {
         s.eject_until(now + Duration::from_secs(5));
         assert!(s.is_ejected(now + Duration::from_secs(4)));
         assert!(!s.is_ejected(now + Duration::from_secs(6)));
-    }
-
-    #[test]
-    fn fields_are_parsed_once() {
-        assert_eq!(Health::parse("passing"), Health::Passing);
-        assert_eq!(Health::parse("ejected"), Health::Ejected);
-        assert_eq!(Health::parse("critical?"), Health::Failing);
-        assert!(!Health::Failing.routable());
-        assert_eq!(Protocol::parse("tcp"), Some(Protocol::Tcp));
-        assert_eq!(Protocol::parse("udp"), None);
     }
 }

@@ -47,6 +47,7 @@ pub use error::{MeshError, WEFT_ERROR};
 pub use inbound::count_refused;
 pub use limits::{ConnectionLimit, Limit, Limits};
 pub use local::LocalClients;
+pub use weft_gossip::RetryPolicy;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,9 +57,9 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
-use weft_gossip::{Catalog, Key, MemberState};
+use weft_gossip::{Catalog, Key, MemberState, Protocol};
 
-use self::endpoints::{Endpoint, Protocol};
+use self::endpoints::Endpoint;
 use self::tables::{RouterHandle, RouterSnapshot, StatsHandle};
 use crate::access_log::AccessLog;
 use crate::gossip_writer::GossipWriter;
@@ -76,30 +77,6 @@ use crate::tunnel::TunnelPool;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type the proxy serves and sends.
 pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
-
-/// How long a retry to the same instance waits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RetryPolicy {
-    /// The learned delay: how long this service's outages usually last.
-    #[default]
-    Learned,
-    /// Envoy's default: 25 ms base, 250 ms cap, exponential, full jitter.
-    Exponential,
-    /// No retries at all (the baseline of the learning scenarios).
-    None,
-}
-
-impl RetryPolicy {
-    /// Parses "learned", "exponential" or "none".
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "learned" => Some(RetryPolicy::Learned),
-            "exponential" => Some(RetryPolicy::Exponential),
-            "none" => Some(RetryPolicy::None),
-            _ => None,
-        }
-    }
-}
 
 /// The default of [`Timeouts::body_idle`]: long enough for a slow upload
 /// or a quiet stream of events, short enough that a stalled peer does not
@@ -603,7 +580,7 @@ impl DataPlane {
             .endpoints
             .service(service)
             .iter()
-            .filter(|e| e.health.routable())
+            .filter(|e| e.instance.health.routable())
             .peekable();
         routable.peek().is_some() && routable.all(|e| e.is_ejected(now))
     }

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use weft_gossip::Protocol;
 
 use super::limits::accept_each;
 use super::request::Entrance;
@@ -51,6 +52,6 @@ fn speaks_tcp(dp: &DataPlane, service: &str) -> bool {
         .services
         .get(service)
         .is_some_and(|instances| {
-            !instances.is_empty() && instances.iter().all(|i| i.protocol == "tcp")
+            !instances.is_empty() && instances.iter().all(|i| i.protocol == Protocol::Tcp)
         })
 }

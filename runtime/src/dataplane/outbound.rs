@@ -6,7 +6,6 @@
 //! upgrade, the splice of the two upgraded connections.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,10 +18,10 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
-use weft_gossip::Instance;
+use weft_gossip::{Instance, Protocol};
 
 use super::admission::RateLimited;
-use super::endpoints::{Endpoint, Protocol};
+use super::endpoints::Endpoint;
 use super::error::{MeshError, WEFT_ERROR};
 use super::hedge;
 use super::limits::accept_each;
@@ -215,7 +214,7 @@ async fn proxy(
         TimeoutSource::Configured | TimeoutSource::Default => (timeout, timeout),
     };
     let deadline = Instant::now() + overall;
-    let retry_policy = endpoint.retry;
+    let retry_policy = endpoint.instance.retry;
     let retry_method = !fwd.upgrade
         && dp.retry_policy(retry_policy) != RetryPolicy::None
         && (retry::method_is_idempotent(fwd.method.as_str())
@@ -373,7 +372,7 @@ async fn proxy(
         // Another instance: go now. The same one again: wait as long as this
         // service usually takes to recover (or Envoy's backoff, if asked).
         if tried.iter().any(|t| t.same(&next)) {
-            let wait = dp.retry_wait(&service, next.retry, attempt);
+            let wait = dp.retry_wait(&service, next.instance.retry, attempt);
             let wait = wait.min(deadline.saturating_duration_since(Instant::now()));
             record.wait(wait);
             tokio::time::sleep(wait).await;
@@ -562,17 +561,12 @@ impl Attempt<'_> {
         upgrade: Option<OnUpgrade>,
     ) -> Result<Response<ProxyBody>, Failure> {
         let node = &self.instance.node;
-        let addr: SocketAddr = self
-            .instance
-            .tunnel_addr
-            .as_deref()
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| {
-                Failure(
-                    MeshError::UpstreamUnreachable,
-                    format!("node {node} announced no tunnel address"),
-                )
-            })?;
+        let addr = self.instance.tunnel_addr.ok_or_else(|| {
+            Failure(
+                MeshError::UpstreamUnreachable,
+                format!("node {node} announced no tunnel address"),
+            )
+        })?;
         let (mut send, mut recv) = self.dp.tunnels.open(node, addr, StreamKind::Http).await?;
         let idle = self.dp.timeouts.body_idle;
         let deadline_ms = u32::try_from(self.remaining.as_millis())

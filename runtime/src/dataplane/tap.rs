@@ -389,10 +389,7 @@ fn peers(dp: &DataPlane) -> Vec<(String, Option<SocketAddr>)> {
                 MemberState::Alive | MemberState::Suspect | MemberState::Draining
             )
         })
-        .map(|m| {
-            let addr = m.tunnel_addr.as_deref().and_then(|a| a.parse().ok());
-            (m.name.clone(), addr)
-        })
+        .map(|m| (m.name.clone(), m.tunnel_addr))
         .collect()
 }
 

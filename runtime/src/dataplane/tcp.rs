@@ -3,7 +3,6 @@
 //! instance is on this host). A FIN travels as a FIN and a reset as a reset,
 //! both ways.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
+use weft_gossip::Protocol;
 
-use super::endpoints::Protocol;
 use super::limits::accept_each;
 use super::splice::{reset_tcp, splice};
 use super::{ConnectionLimit, DataPlane, Limit, MeshError};
@@ -109,10 +108,8 @@ async fn connect(
         splice_local(client, upstream).await;
         return Ok(());
     }
-    let addr: SocketAddr = instance
+    let addr = instance
         .tunnel_addr
-        .as_deref()
-        .and_then(|a| a.parse().ok())
         .ok_or_else(|| format!("node {} announced no tunnel address", instance.node))?;
     let opened = dp.tunnels.open(&instance.node, addr, StreamKind::Tcp).await;
     let (mut send, mut recv) = match opened {

@@ -3,27 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-/// What the checker concluded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    /// Not enough results yet.
-    Unknown,
-    /// Checks pass.
-    Passing,
-    /// Checks fail.
-    Failing,
-}
-
-impl Health {
-    /// The value written to gossip and shown to users.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Health::Unknown => "unknown",
-            Health::Passing => "passing",
-            Health::Failing => "failing",
-        }
-    }
-}
+use weft_gossip::Health;
 
 /// Consecutive results needed to change state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
