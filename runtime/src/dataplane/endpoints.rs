@@ -19,6 +19,7 @@ use weft_gossip::{Catalog, Health, Instance, Protocol};
 
 use super::MeshError;
 use crate::policy::balancer::{pick_preferring, PeakEwma, DEFAULT_DECAY, DEFAULT_RTT};
+use crate::policy::retry::ServiceBudget;
 use crate::policy::routes::{choose_tag, Split};
 
 /// The instant every [`EndpointState`] time is counted from, so times fit
@@ -100,6 +101,21 @@ impl EndpointState {
     }
 }
 
+/// One service's live state on this node, shared by every snapshot that
+/// lists the service: its retry budget, behind a lock of its own, so
+/// requests to different services never wait for each other.
+#[derive(Debug, Default)]
+pub struct ServiceState {
+    budget: Mutex<ServiceBudget>,
+}
+
+impl ServiceState {
+    /// The service's retry budget on this node.
+    pub fn budget(&self) -> std::sync::MutexGuard<'_, ServiceBudget> {
+        self.budget.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// One routable instance: its catalog record and its shared state.
 /// Cloning it is two reference counts.
 #[derive(Debug, Clone)]
@@ -140,21 +156,24 @@ pub struct Endpoints {
     services: HashMap<String, ServiceEndpoints>,
 }
 
-/// One service's endpoints and the catalog list they were built from.
+/// One service's endpoints and state, and the catalog list they were
+/// built from.
 #[derive(Debug, Clone)]
 struct ServiceEndpoints {
     /// Compared by identity: the catalog shares a service's list until one
     /// of its instances changes.
     instances: Instances,
     endpoints: Arc<[Endpoint]>,
+    state: Arc<ServiceState>,
 }
 
 impl Endpoints {
     /// The endpoints of `catalog`. A service whose catalog list is the one
     /// `previous` was built from keeps its endpoints as they are; in the
     /// others, instances already in `previous` keep their state (load,
-    /// latency, ejection) and new ones start fresh. The cost is the size of
-    /// the services that changed.
+    /// latency, ejection) and new ones start fresh. A service keeps its
+    /// state (retry budget) while the catalog lists it. The cost is the
+    /// size of the services that changed.
     pub fn build(catalog: &Catalog, previous: &Endpoints) -> Endpoints {
         let now = Instant::now();
         let services = catalog
@@ -167,6 +186,7 @@ impl Endpoints {
                     _ => ServiceEndpoints {
                         instances: Arc::clone(instances),
                         endpoints: endpoints_of(instances, before, now),
+                        state: before.map(|b| Arc::clone(&b.state)).unwrap_or_default(),
                     },
                 };
                 (name.clone(), service)
@@ -178,6 +198,12 @@ impl Endpoints {
     /// The endpoints of `service` (empty when unknown).
     pub fn service(&self, service: &str) -> &[Endpoint] {
         self.services.get(service).map_or(&[], |s| &s.endpoints)
+    }
+
+    /// The state of `service` on this node (`None` when the catalog does
+    /// not list it).
+    pub fn service_state(&self, service: &str) -> Option<&ServiceState> {
+        self.services.get(service).map(|s| &*s.state)
     }
 
     /// Chooses an instance of `service` speaking `protocol`, or says why
@@ -282,6 +308,8 @@ mod tests {
         );
         let eps = second.service("api");
         assert!(eps[0].same(&a), "the same instance shares its state");
+        let kept = |e: &Endpoints| e.service_state("api").map(|s| s as *const ServiceState);
+        assert_eq!(kept(&first), kept(&second), "the service keeps its budget");
         assert_eq!(eps[0].instance.health, Health::Failing);
         assert!(!eps[1].same(&a));
         assert_eq!(eps[1].instance.health, Health::Unknown);

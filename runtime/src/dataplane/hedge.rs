@@ -14,31 +14,27 @@ use weft_gossip::Instance;
 use super::endpoints::Endpoint;
 use super::outbound::{pick_http, Attempt, Failure};
 use super::{DataPlane, ProxyBody};
+use crate::policy::attempts::AttemptPlan;
 use crate::policy::retry;
-use crate::policy::stats::MAX_MS;
 use hyper::Response;
 
-/// Requests in the cluster's window before its p95 is trusted.
-pub const MIN_REQUESTS: u64 = 100;
-
-/// How long to wait before hedging a first attempt to `instance`, if the
-/// request may be hedged at all.
+/// How long to wait before hedging the attempt `plan` is at, to
+/// `instance`, if the request may be hedged at all (see
+/// [`AttemptPlan::hedge_after`]).
 pub(super) fn delay(
     dp: &DataPlane,
+    plan: &AttemptPlan,
     service: &str,
     instance: &Instance,
     method: &http::Method,
-    attempt: u8,
 ) -> Option<Duration> {
-    if !instance.hedge || attempt > 0 || !retry::method_is_idempotent(method.as_str()) {
+    let hedgeable = instance.hedge && retry::method_is_idempotent(method.as_str());
+    if !hedgeable {
         return None;
     }
     let stats = dp.stats.load();
     let cluster = &stats.services.get(service)?.cluster;
-    let p95 = cluster
-        .p95_ms
-        .filter(|ms| cluster.requests >= MIN_REQUESTS && ms.is_finite() && *ms >= 0.0)?;
-    Some(Duration::from_secs_f64(p95.min(MAX_MS) / 1e3).max(Duration::from_millis(1)))
+    plan.hedge_after(hedgeable, cluster.p95_ms, cluster.requests)
 }
 
 /// What a possibly hedged attempt came to: the instance that answered

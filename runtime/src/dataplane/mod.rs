@@ -67,7 +67,7 @@ use crate::outcome::OutcomeSink;
 use crate::policy::episodes::{exponential_delay, learned_delay, outage_hold};
 use crate::policy::intentions::{Action, Decision, Intentions};
 use crate::policy::outlier::{Change, OutlierConfig, OutlierDetector};
-use crate::policy::retry::ServiceBudgets;
+use crate::policy::retry::ServiceBudget;
 use crate::policy::routes::{Routes, Split};
 use crate::policy::stats::learned_timeout;
 use crate::trace::Tracer;
@@ -207,7 +207,6 @@ pub struct DataPlane {
     pub(crate) node_header: http::HeaderValue,
     outliers: Mutex<OutlierDetector<(String, String)>>,
     writer: Option<GossipWriter>,
-    budgets: Mutex<ServiceBudgets>,
     stats: StatsHandle,
     policy: RetryPolicy,
 }
@@ -318,7 +317,6 @@ impl DataPlane {
             node_header,
             outliers: Mutex::new(OutlierDetector::new(OutlierConfig::default())),
             writer,
-            budgets: Mutex::new(ServiceBudgets::default()),
             stats,
             policy,
         })
@@ -416,17 +414,20 @@ impl DataPlane {
             .collect();
         let known = |k: &(String, String)| live.contains(&(k.0.as_str(), k.1.as_str()));
         self.outliers().retain(known);
-        self.budgets()
-            .retain(|service| catalog.services.contains_key(service));
     }
 
-    fn budgets(&self) -> std::sync::MutexGuard<'_, ServiceBudgets> {
-        self.budgets.lock().unwrap_or_else(|p| p.into_inner())
+    /// Runs `f` on `service`'s retry budget (`None` when the catalog does
+    /// not list the service). The lock is the service's own.
+    fn budget<T>(&self, service: &str, f: impl FnOnce(&mut ServiceBudget) -> T) -> Option<T> {
+        let snap = self.router.load();
+        let state = snap.endpoints.service_state(service)?;
+        let mut budget = state.budget();
+        Some(f(&mut budget))
     }
 
     /// Counts a client request toward `service`'s retry budget.
     pub fn record_request(&self, service: &str) {
-        self.budgets().record_request(service, Instant::now());
+        self.budget(service, |b| b.record_request(Instant::now()));
     }
 
     /// Asks `service`'s budget for one retry; the cluster-wide floor is
@@ -438,8 +439,8 @@ impl DataPlane {
             .services
             .get(service)
             .map_or(1, |s| s.cluster.nodes);
-        self.budgets()
-            .try_withdraw(service, callers, Instant::now())
+        self.budget(service, |b| b.try_withdraw(callers, Instant::now()))
+            .unwrap_or(false)
     }
 
     /// The timeout of a request to `service`: `configured_ms` (the
@@ -467,7 +468,8 @@ impl DataPlane {
 
     /// Fraction of `service`'s retry budget in use on this node.
     pub fn budget_used(&self, service: &str) -> f64 {
-        self.budgets().used_fraction(service, Instant::now())
+        self.budget(service, |b| b.used_fraction(Instant::now()))
+            .unwrap_or(0.0)
     }
 
     /// A service's retry policy: its own, else this node's.

@@ -35,6 +35,7 @@ use super::{
 use crate::access_log::{rfc3339, AccessEntry};
 use crate::caller;
 use crate::outcome::{Outcome, OutcomeClass};
+use crate::policy::attempts::{AttemptPlan, Next, Replay};
 use crate::policy::concurrency::Overloaded;
 use crate::policy::intentions::Decision;
 use crate::policy::retry::{self, AttemptResult};
@@ -184,13 +185,8 @@ async fn proxy(
         .tracer
         .join(&fwd.headers)
         .map(|ctx| RequestSpans::begin(ctx, &fwd, &dp.node));
-    if let Err(denied) = dp.authorize(fwd.caller.as_str(), &fwd.service) {
-        dp.outcomes
-            .record(Outcome::denied(&fwd.service, &fwd.caller));
-        return forbidden(fwd.caller.as_str(), &fwd.service, &denied);
-    }
-    if let Err(limited) = dp.admission.check(&fwd.service, fwd.caller.as_str()) {
-        return rate_limited(&limited);
+    if let Some(refused) = refusal(dp, &fwd) {
+        return refused;
     }
     // Only an upgrade takes hyper's pending-upgrade handle out of the request.
     let upgrade = if fwd.upgrade {
@@ -202,7 +198,7 @@ async fn proxy(
         record.service = Some(fwd.service.clone());
         record.path = fwd.target.path().to_string();
     }
-    let mut endpoint = match pick_http(dp, &fwd.service, &[]) {
+    let endpoint = match pick_http(dp, &fwd.service, &[]) {
         Ok(e) => e,
         Err(error) => return no_instance(error, &fwd.service),
     };
@@ -213,172 +209,241 @@ async fn proxy(
         TimeoutSource::Learned => (dp.timeouts.request, timeout),
         TimeoutSource::Configured | TimeoutSource::Default => (timeout, timeout),
     };
-    let deadline = Instant::now() + overall;
-    let retry_policy = endpoint.instance.retry;
-    let retry_method = !fwd.upgrade
-        && dp.retry_policy(retry_policy) != RetryPolicy::None
+    let began = Instant::now();
+    let may_retry = !fwd.upgrade
+        && dp.retry_policy(endpoint.instance.retry) != RetryPolicy::None
         && (retry::method_is_idempotent(fwd.method.as_str())
             || endpoint.instance.retry_non_idempotent);
     dp.record_request(&fwd.service);
     // Bodies up to 64 KiB are kept so that an attempt can be sent again.
-    let mut body = if retry_method {
-        Replay::buffer(body).await
+    let body = if may_retry {
+        RequestBody::buffer(body).await
     } else {
-        Replay::Once(Some(body.map_err(Into::into).boxed()))
+        RequestBody::Once(Some(body.map_err(Into::into).boxed()))
     };
-    let mut upgrade = upgrade;
-    let service = fwd.service.clone();
-    // Arrived during an outage: wait for the recovery, then pick again.
-    let held = dp.hold_in_outage(&service, retry_policy, deadline).await;
-    if !held.is_zero() {
-        record.wait(held);
-        endpoint = match pick_http(dp, &service, &[]) {
-            Ok(e) => e,
-            Err(error) => return no_instance(error, &service),
-        };
+    let replay = match (may_retry, body.is_streamed()) {
+        (false, _) => Replay::NotRetryable,
+        (true, true) => Replay::NotBufferable,
+        (true, false) => Replay::Yes,
+    };
+    let plan = AttemptPlan::new(began, overall, per_attempt, replay);
+    let request = Attempts {
+        dp,
+        fwd: &mut fwd,
+        timeout,
+        plan,
+        body,
+        upgrade,
+    };
+    request.run(endpoint, record).await
+}
+
+/// The answer when the cluster's intentions or limits refuse a request,
+/// before any instance is picked.
+fn refusal(dp: &DataPlane, fwd: &Forward) -> Option<Response<ProxyBody>> {
+    if let Err(denied) = dp.authorize(fwd.caller.as_str(), &fwd.service) {
+        dp.outcomes
+            .record(Outcome::denied(&fwd.service, &fwd.caller));
+        return Some(forbidden(fwd.caller.as_str(), &fwd.service, &denied));
     }
-    // A service under adaptive concurrency: this node's share of its limit.
-    let mut slot = None;
-    if endpoint.instance.adaptive_concurrency {
-        match dp.admission.enter(&service) {
-            Ok(admitted) => slot = Some(admitted),
-            Err(over) => return overloaded(&service, fwd.caller.as_str(), &over),
+    let limited = dp
+        .admission
+        .check(&fwd.service, fwd.caller.as_str())
+        .err()?;
+    Some(rate_limited(&limited))
+}
+
+/// A request on its way through its attempts: the IO around an
+/// [`AttemptPlan`], which decides.
+struct Attempts<'a> {
+    dp: &'a DataPlane,
+    fwd: &'a mut Forward,
+    timeout: Duration,
+    plan: AttemptPlan,
+    body: RequestBody,
+    upgrade: Option<OnUpgrade>,
+}
+
+impl Attempts<'_> {
+    /// Sends the request to `endpoint`, then as the plan says, until it
+    /// answers the app.
+    async fn run(mut self, mut endpoint: Endpoint, record: &mut Record) -> Response<ProxyBody> {
+        let dp = self.dp;
+        let service = self.fwd.service.clone();
+        // Arrived during an outage: wait for the recovery, then pick again.
+        let retry_policy = endpoint.instance.retry;
+        let held = dp
+            .hold_in_outage(&service, retry_policy, self.plan.deadline())
+            .await;
+        if !held.is_zero() {
+            record.wait(held);
+            endpoint = match pick_http(dp, &service, &[]) {
+                Ok(e) => e,
+                Err(error) => return no_instance(error, &service),
+            };
+        }
+        // A service under adaptive concurrency: this node's share of its limit.
+        let mut slot = None;
+        if endpoint.instance.adaptive_concurrency {
+            match dp.admission.enter(&service) {
+                Ok(admitted) => slot = Some(admitted),
+                Err(over) => return overloaded(&service, self.fwd.caller.as_str(), &over),
+            }
+        }
+        let mut tried: Vec<Endpoint> = Vec::new();
+        loop {
+            let attempt = self.plan.attempt();
+            record.attempts = attempt + 1;
+            let start = Instant::now();
+            let (answered, result) = match self.send(&endpoint, start, record).await {
+                Some(sent) => sent,
+                // Cannot happen: a streamed body is never retried.
+                None => return MeshError::UpstreamUnreachable.response("body already sent"),
+            };
+            let latency = start.elapsed();
+            dp.finished(&endpoint, latency);
+            if let Some(slot) = &mut slot {
+                slot.observe(latency);
+            }
+            // A hedge that answered first is this attempt's instance.
+            endpoint = answered;
+            if record.logged || record.spans.is_some() {
+                record.instance = Some(endpoint.key());
+            }
+            let (class, status, result_kind, resp) = match classify(result) {
+                Classified::Instance(class, status, kind, resp) => (class, status, kind, resp),
+                // The mesh's own limit: not the instance's doing, never retried.
+                Classified::MeshLimit(resp) => return resp,
+            };
+            if let (Some(spans), Some(instance)) = (&mut record.spans, &record.instance) {
+                spans.end_attempt(&dp.tracer, attempt, instance.clone(), &resp);
+            }
+            let retryable = retry::is_retryable(result_kind);
+            dp.observe_outcome(&service, &endpoint, retryable);
+            dp.rollouts
+                .observe(&service, &endpoint, class != OutcomeClass::Success, latency);
+            if attempt > 0 {
+                let outcome = if retryable { "failure" } else { "success" };
+                count_retry(&service, outcome);
+            }
+            // Decide whether another attempt is due before reporting this one.
+            let next = self
+                .plan
+                .after(result_kind, Instant::now(), || dp.try_retry(&service));
+            dp.outcomes.record(Outcome {
+                service: service.clone(),
+                caller: self.fwd.caller.clone(),
+                class,
+                status,
+                latency,
+                attempt,
+                last: next != Next::Retry,
+            });
+            match next {
+                Next::Respond => return resp,
+                Next::Refused(why) => {
+                    count_retry(&service, why);
+                    return resp;
+                }
+                Next::BudgetExhausted => return budget_exhausted(&service, class, status),
+                Next::Retry => {}
+            }
+            tried.push(endpoint.clone());
+            let Ok(next) = pick_http(dp, &service, &tried) else {
+                return resp;
+            };
+            drop(resp);
+            // Another instance: go now. The same one again: wait as long as
+            // this service usually takes to recover (or Envoy's backoff).
+            let same = tried.iter().any(|t| t.same(&next));
+            let policy_wait = dp.retry_wait(&service, next.instance.retry, self.plan.attempt());
+            let wait = self.plan.wait(same, policy_wait, Instant::now());
+            if !wait.is_zero() {
+                record.wait(wait);
+                tokio::time::sleep(wait).await;
+            }
+            endpoint = next;
         }
     }
-    let mut tried: Vec<Endpoint> = Vec::new();
-    let mut attempt: u8 = 0;
-    loop {
-        let Some(attempt_body) = body.next() else {
-            // Cannot happen: a streamed body is never retried.
-            return MeshError::UpstreamUnreachable.response("body already sent");
-        };
-        dp.started(&endpoint);
-        record.attempts = attempt + 1;
+
+    /// One attempt at `endpoint` starting at `start`, raced against a hedge
+    /// when the plan says so: the instance that answered and its answer
+    /// (`None` when the body is gone).
+    async fn send(
+        &mut self,
+        endpoint: &Endpoint,
+        start: Instant,
+        record: &mut Record,
+    ) -> Option<(Endpoint, Result<Response<ProxyBody>, Failure>)> {
+        let dp = self.dp;
+        let attempt_body = self.body.next()?;
+        dp.started(endpoint);
         if let Some(spans) = &mut record.spans {
-            spans.begin_attempt(&mut fwd.headers);
+            spans.begin_attempt(&mut self.fwd.headers);
         }
-        let start = Instant::now();
-        let remaining = deadline.saturating_duration_since(start).min(per_attempt);
+        let remaining = self.plan.window(start);
         let sent = Attempt {
             dp,
-            fwd: &fwd,
+            fwd: self.fwd,
             instance: &endpoint.instance,
             remaining,
-            attempt,
+            attempt: self.plan.attempt(),
         };
-        let hedge_after = if body.is_streamed() || fwd.upgrade {
-            None
-        } else {
-            hedge::delay(dp, &service, &endpoint.instance, &fwd.method, attempt)
-        };
-        let hedge = hedge_after.and_then(|after| body.next().map(|second| (after, second)));
-        let (answered, result) = match hedge {
+        let hedge = hedge::delay(
+            dp,
+            &self.plan,
+            &self.fwd.service,
+            &endpoint.instance,
+            &self.fwd.method,
+        )
+        .and_then(|after| self.body.next().map(|second| (after, second)));
+        let answered = match hedge {
             Some((after, second_body)) => {
-                let raced = tokio::time::timeout(
-                    remaining,
-                    hedge::race(sent, &endpoint, attempt_body, second_body, after),
-                )
-                .await;
-                match raced {
-                    Ok(raced) => (raced.endpoint, Ok(raced.result)),
-                    Err(elapsed) => (endpoint.clone(), Err(elapsed)),
+                let raced = hedge::race(sent, endpoint, attempt_body, second_body, after);
+                match tokio::time::timeout(remaining, raced).await {
+                    Ok(raced) => (raced.endpoint, raced.result),
+                    Err(_) => (endpoint.clone(), Err(self.timed_out())),
                 }
             }
             None => {
-                let sent = tokio::time::timeout(remaining, sent.send(attempt_body, upgrade.take()));
-                (endpoint.clone(), sent.await)
+                let sent = sent.send(attempt_body, self.upgrade.take());
+                match tokio::time::timeout(remaining, sent).await {
+                    Ok(result) => (endpoint.clone(), result),
+                    Err(_) => (endpoint.clone(), Err(self.timed_out())),
+                }
             }
         };
-        let latency = start.elapsed();
-        dp.finished(&endpoint, latency);
-        if let Some(slot) = &mut slot {
-            slot.observe(latency);
-        }
-        // A hedge that answered first is this attempt's instance.
-        endpoint = answered;
-        if record.logged || record.spans.is_some() {
-            record.instance = Some(endpoint.key());
-        }
-        let result = result.unwrap_or_else(|_| {
-            Err(Failure(
-                MeshError::UpstreamTimeout,
-                format!("no response within {timeout:?}"),
-            ))
-        });
-        let (class, status, result_kind, resp) = match classify(result) {
-            Classified::Instance(class, status, kind, resp) => (class, status, kind, resp),
-            // The mesh's own limit: not the instance's doing, never retried.
-            Classified::MeshLimit(resp) => return resp,
-        };
-        if let (Some(spans), Some(instance)) = (&mut record.spans, &record.instance) {
-            spans.end_attempt(&dp.tracer, attempt, instance.clone(), &resp);
-        }
-        let retryable = retry::is_retryable(result_kind);
-        dp.observe_outcome(&service, &endpoint, retryable);
-        dp.rollouts
-            .observe(&service, &endpoint, class != OutcomeClass::Success, latency);
-        if attempt > 0 {
-            let outcome = if retryable { "failure" } else { "success" };
-            metrics::counter!("weft_retries_total", "service" => service.clone(), "outcome" => outcome)
-                .increment(1);
-        }
-        // Decide whether another attempt is due before reporting this one.
-        let time_left = deadline.saturating_duration_since(Instant::now());
-        let verdict = if !retryable || attempt >= retry::MAX_RETRIES || time_left.is_zero() {
-            Verdict::Done
-        } else if !retry_method {
-            Verdict::Refused("not_retryable")
-        } else if body.is_streamed() {
-            Verdict::Refused("not_bufferable")
-        } else if !dp.try_retry(&service) {
-            Verdict::BudgetExhausted
-        } else {
-            Verdict::Retry
-        };
-        dp.outcomes.record(Outcome {
-            service: service.clone(),
-            caller: fwd.caller.clone(),
-            class,
-            status,
-            latency,
-            attempt,
-            last: verdict != Verdict::Retry,
-        });
-        match verdict {
-            Verdict::Done => return resp,
-            Verdict::Refused(why) => {
-                metrics::counter!("weft_retries_total", "service" => service.clone(), "outcome" => why)
-                    .increment(1);
-                return resp;
-            }
-            Verdict::BudgetExhausted => {
-                metrics::counter!("weft_retries_total", "service" => service.clone(), "outcome" => "budget_exhausted")
-                    .increment(1);
-                metrics::counter!("weft_retry_budget_exhausted_total", "service" => service.clone())
-                    .increment(1);
-                let what = status.map_or_else(|| class.as_str().to_string(), |s| s.to_string());
-                return MeshError::RetryBudgetExhausted.response(&format!(
-                    "attempt failed ({what}) and the retry budget is spent"
-                ));
-            }
-            Verdict::Retry => {}
-        }
-        tried.push(endpoint.clone());
-        let Ok(next) = pick_http(dp, &service, &tried) else {
-            return resp;
-        };
-        drop(resp);
-        attempt += 1;
-        // Another instance: go now. The same one again: wait as long as this
-        // service usually takes to recover (or Envoy's backoff, if asked).
-        if tried.iter().any(|t| t.same(&next)) {
-            let wait = dp.retry_wait(&service, next.instance.retry, attempt);
-            let wait = wait.min(deadline.saturating_duration_since(Instant::now()));
-            record.wait(wait);
-            tokio::time::sleep(wait).await;
-        }
-        endpoint = next;
+        Some(answered)
     }
+
+    fn timed_out(&self) -> Failure {
+        Failure(
+            MeshError::UpstreamTimeout,
+            format!("no response within {:?}", self.timeout),
+        )
+    }
+}
+
+/// Counts a retry's fate in `weft_retries_total{service,outcome}`.
+fn count_retry(service: &str, outcome: &'static str) {
+    metrics::counter!("weft_retries_total", "service" => service.to_string(), "outcome" => outcome)
+        .increment(1);
+}
+
+/// The answer when an attempt failed, a retry was due and the service's
+/// retry budget is spent (counted).
+fn budget_exhausted(
+    service: &str,
+    class: OutcomeClass,
+    status: Option<u16>,
+) -> Response<ProxyBody> {
+    count_retry(service, "budget_exhausted");
+    metrics::counter!("weft_retry_budget_exhausted_total", "service" => service.to_string())
+        .increment(1);
+    let what = status.map_or_else(|| class.as_str().to_string(), |s| s.to_string());
+    MeshError::RetryBudgetExhausted.response(&format!(
+        "attempt failed ({what}) and the retry budget is spent"
+    ))
 }
 
 /// An HTTP instance of `service` from the current routing table, not one
@@ -442,14 +507,6 @@ fn refuse(error: MeshError, detail: &str) -> Response<ProxyBody> {
     };
     limit.count();
     error.response(detail)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    Done,
-    Retry,
-    Refused(&'static str),
-    BudgetExhausted,
 }
 
 /// Why an attempt produced no response from the instance.
@@ -653,21 +710,21 @@ fn response(
 }
 
 /// A request body that can be sent again (buffered) or only once (streamed).
-enum Replay {
+enum RequestBody {
     Buffered(Bytes),
     Once(Option<ProxyBody>),
 }
 
-impl Replay {
+impl RequestBody {
     /// Reads up to [`retry::MAX_BUFFERED_BODY`]; a larger body streams once,
     /// with what was read put back in front.
-    async fn buffer(mut body: Incoming) -> Replay {
+    async fn buffer(mut body: Incoming) -> RequestBody {
         use hyper::body::Body as _;
         if body.is_end_stream() {
-            return Replay::Buffered(Bytes::new());
+            return RequestBody::Buffered(Bytes::new());
         }
         if body.size_hint().lower() > retry::MAX_BUFFERED_BODY as u64 {
-            return Replay::Once(Some(body.map_err(Into::into).boxed()));
+            return RequestBody::Once(Some(body.map_err(Into::into).boxed()));
         }
         let mut read: Vec<Bytes> = Vec::new();
         let mut total = 0usize;
@@ -678,35 +735,35 @@ impl Replay {
                     for b in read {
                         all.extend_from_slice(&b);
                     }
-                    return Replay::Buffered(all.freeze());
+                    return RequestBody::Buffered(all.freeze());
                 }
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         total += data.len();
                         read.push(data);
                         if total > retry::MAX_BUFFERED_BODY {
-                            return Replay::Once(Some(prepend(read, body, None)));
+                            return RequestBody::Once(Some(prepend(read, body, None)));
                         }
                     }
-                    Err(frame) => return Replay::Once(Some(prepend(read, body, Some(frame)))),
+                    Err(frame) => return RequestBody::Once(Some(prepend(read, body, Some(frame)))),
                 },
                 Some(Err(e)) => {
                     let err: BoxError = e.into();
                     let failed = futures::stream::iter(vec![Err::<Frame<Bytes>, BoxError>(err)]);
-                    return Replay::Once(Some(StreamBody::new(failed).boxed()));
+                    return RequestBody::Once(Some(StreamBody::new(failed).boxed()));
                 }
             }
         }
     }
 
     fn is_streamed(&self) -> bool {
-        matches!(self, Replay::Once(_))
+        matches!(self, RequestBody::Once(_))
     }
 
     fn next(&mut self) -> Option<ProxyBody> {
         match self {
-            Replay::Buffered(b) => Some(body::full(b.clone())),
-            Replay::Once(body) => body.take(),
+            RequestBody::Buffered(b) => Some(body::full(b.clone())),
+            RequestBody::Once(body) => body.take(),
         }
     }
 }

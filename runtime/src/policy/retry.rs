@@ -5,8 +5,8 @@
 //! timeout before headers, 502/503/504), at most [`MAX_RETRIES`], bodies up to
 //! [`MAX_BUFFERED_BODY`]. The [`RetryBudget`] is Finagle's and Linkerd's: a
 //! retry is allowed while, over every stretch of the last `ttl`, retries
-//! stay within `ratio * requests + min_per_sec * ttl`. [`ServiceBudgets`]
-//! keeps one per service and shares the floor among the nodes calling the
+//! stay within `ratio * requests + min_per_sec * ttl`. [`ServiceBudget`]
+//! is one service's, and shares the floor among the nodes calling the
 //! service, so the floor does not grow with the size of the cluster.
 //!
 //! Pure logic: time comes in as `now`.
@@ -244,75 +244,53 @@ impl RetryBudget {
     }
 }
 
-// === impl ServiceBudgets ===
+// === impl ServiceBudget ===
 
-/// Retries allowed per service: each node may retry 20% of its own requests
-/// to a service, plus its share of a floor of 10 retries per second for the
+/// One service's retries on this node: 20% of this node's requests to it,
+/// plus this node's share of a floor of 10 retries per second for the
 /// service, cluster-wide: the floor is split evenly among the nodes calling
 /// it (gossip's summaries say how many). So however many nodes call a
 /// failing service, it sees at most 1.2 times its requests plus 10 per
 /// second, not 10 per second more for every caller.
 #[derive(Debug, Clone)]
-pub struct ServiceBudgets {
-    budgets: std::collections::HashMap<String, RetryBudget>,
-    template: RetryBudget,
+pub struct ServiceBudget {
+    budget: RetryBudget,
     floor_per_sec: f64,
 }
 
-impl Default for ServiceBudgets {
-    /// 20% of requests plus 10/s per service cluster-wide, over 10 s.
+impl Default for ServiceBudget {
+    /// 20% of requests plus 10/s cluster-wide, over 10 s.
     fn default() -> Self {
-        ServiceBudgets::new(0.2, 10.0, Duration::from_secs(10))
+        ServiceBudget::new(0.2, 10.0, Duration::from_secs(10))
     }
 }
 
-impl ServiceBudgets {
-    /// Budgets of `ratio` retries per request plus a cluster-wide
-    /// `floor_per_sec` per service, counted over `ttl`.
+impl ServiceBudget {
+    /// A budget of `ratio` retries per request plus a cluster-wide
+    /// `floor_per_sec`, counted over `ttl`.
     pub fn new(ratio: f64, floor_per_sec: f64, ttl: Duration) -> Self {
-        ServiceBudgets {
-            budgets: std::collections::HashMap::new(),
-            template: RetryBudget::new(ratio, floor_per_sec, ttl),
+        ServiceBudget {
+            budget: RetryBudget::new(ratio, floor_per_sec, ttl),
             floor_per_sec: non_negative(floor_per_sec),
         }
     }
 
-    fn budget(&mut self, service: &str) -> &mut RetryBudget {
-        if !self.budgets.contains_key(service) {
-            self.budgets
-                .insert(service.to_string(), self.template.clone());
-        }
-        // Inserted just above when missing.
-        self.budgets
-            .get_mut(service)
-            .expect("the budget of a service exists once asked for")
+    /// Counts one original request.
+    pub fn record_request(&mut self, now: Instant) {
+        self.budget.record_request(now);
     }
 
-    /// Counts one original request to `service`.
-    pub fn record_request(&mut self, service: &str, now: Instant) {
-        self.budget(service).record_request(now);
-    }
-
-    /// Asks for one retry to `service`, which `callers` nodes call (this
+    /// Asks for one retry to a service that `callers` nodes call (this
     /// one included; at least 1).
-    pub fn try_withdraw(&mut self, service: &str, callers: usize, now: Instant) -> bool {
+    pub fn try_withdraw(&mut self, callers: usize, now: Instant) -> bool {
         let share = self.floor_per_sec / callers.max(1) as f64;
-        let budget = self.budget(service);
-        budget.set_min_per_sec(share);
-        budget.try_withdraw(now)
+        self.budget.set_min_per_sec(share);
+        self.budget.try_withdraw(now)
     }
 
-    /// How much of `service`'s budget is spent, in [0, 1].
-    pub fn used_fraction(&self, service: &str, now: Instant) -> f64 {
-        self.budgets
-            .get(service)
-            .map_or(0.0, |b| b.used_fraction(now))
-    }
-
-    /// Keeps the budgets of the services `keep` accepts (those still in the
-    /// catalog), so the map does not grow with service churn.
-    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
-        self.budgets.retain(|service, _| keep(service));
+    /// How much of the budget is spent, in [0, 1].
+    pub fn used_fraction(&self, now: Instant) -> f64 {
+        self.budget.used_fraction(now)
     }
 }
 

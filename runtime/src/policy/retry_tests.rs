@@ -251,25 +251,18 @@ proptest! {
 fn the_floor_is_shared_by_the_nodes_calling_a_service() {
     let t0 = Instant::now();
     // No requests: only the floor, 10/s over 10 s, split five ways.
-    let mut alone = ServiceBudgets::default();
-    let mut crowd = ServiceBudgets::default();
-    let count = |b: &mut ServiceBudgets, callers: usize| {
-        (0..1000)
-            .filter(|_| b.try_withdraw("api", callers, t0))
-            .count()
+    let mut alone = ServiceBudget::default();
+    let mut crowd = ServiceBudget::default();
+    let count = |b: &mut ServiceBudget, callers: usize| {
+        (0..1000).filter(|_| b.try_withdraw(callers, t0)).count()
     };
     assert_eq!(count(&mut alone, 1), 100);
     assert_eq!(count(&mut crowd, 5), 20);
-    // Each service has its own budget.
-    assert!(crowd.try_withdraw("other", 5, t0));
-    assert!(crowd.used_fraction("api", t0) >= 1.0 - 1e-9);
-    assert!(crowd.used_fraction("other", t0) < 0.1);
+    assert!(crowd.used_fraction(t0) >= 1.0 - 1e-9);
+    assert!(ServiceBudget::default().used_fraction(t0) < 0.1);
     // Requests earn 20% of a retry each, on top.
     for _ in 0..100 {
-        crowd.record_request("api", t0);
+        crowd.record_request(t0);
     }
     assert_eq!(count(&mut crowd, 5), 20);
-    // Services that left the catalog are forgotten.
-    crowd.retain(|s| s == "other");
-    assert_eq!(crowd.used_fraction("api", t0), 0.0);
 }
