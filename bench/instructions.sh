@@ -65,77 +65,12 @@ fi
 
 T=$(mktemp -d /tmp/instructions.XXXXXX); chmod 755 "$T"
 PIDS=()
-cleanup() {
-  local p
-  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-  sleep 0.5
-  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
-  [ "$KEEP" = 1 ] && log "# kept $T" || rm -rf "$T"
-}
-trap cleanup EXIT
-start() { # name cmd...: runs in the background, its pid in PID_<name>
-  local name=$1; shift
-  "$@" >"$T/$name.out" 2>&1 &
-  PIDS+=($!); eval "PID_${name//-/_}=$!"
-  disown $!   # stopped by cleanup, by pid: no job notices
-}
-wait_until() { # timeout_s description cmd...: polls, never a bare sleep
-  local end=$((SECONDS + $1)) what=$2; shift 2
-  while ! "$@" >/dev/null 2>&1; do
-    ((SECONDS < end)) || { log "# timed out waiting for: $what"; return 1; }
-    sleep 0.2
-  done
-}
+trap stop_all EXIT
 callgrind() { # name cmd...: cmd under callgrind, dumps in $T/cg.<name>.*
   local name=$1; shift
   start "$name" valgrind --tool=callgrind --callgrind-out-file="$T/cg.$name" "$@"
 }
-
-UP=$PORT0; NA=$((PORT0+1)); NB=$((PORT0+2)); TA=$((PORT0+3)); TB=$((PORT0+4))
-head -c 1024 /dev/zero | tr '\0' 'x' > "$T/body"
-make_certs "$T/pki" || { log "openssl could not make certificates"; exit 1; }
-nginx_conf() { # name server-block: one process, no master, so callgrind sees it all
-  cat > "$T/$1.conf" <<EOF
-master_process off; daemon off; worker_processes 1;
-pid $T/$1.pid; error_log $T/$1.err warn;
-events { worker_connections 1024; }
-http { access_log off; keepalive_requests 100000000; keepalive_timeout 60s;
-  client_body_temp_path $T/$1.cb; proxy_temp_path $T/$1.px; fastcgi_temp_path $T/$1.fc;
-  uwsgi_temp_path $T/$1.uw; scgi_temp_path $T/$1.sc;
-  $2 }
-EOF
-}
-keep='proxy_http_version 1.1; proxy_set_header Connection "";'
-pool='keepalive 64; keepalive_requests 100000000;'
-d=$T/pki
-nginx_conf up "server { listen 127.0.0.1:$UP; location / { root $T; try_files /body =404; } }"
-nginx_conf na "upstream b { server 127.0.0.1:$NB; $pool } server { listen 127.0.0.1:$NA; location / { proxy_pass http://b; $keep } }"
-nginx_conf nb "upstream u { server 127.0.0.1:$UP; $pool } server { listen 127.0.0.1:$NB; location / { proxy_pass http://u; $keep } }"
-nginx_conf ta "upstream b { server 127.0.0.1:$TB; $pool } server { listen 127.0.0.1:$TA; location / { proxy_pass https://b; $keep
-  proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on; proxy_ssl_name bench-b; proxy_ssl_verify on;
-  proxy_ssl_certificate $d/client.pem; proxy_ssl_certificate_key $d/client.key; proxy_ssl_trusted_certificate $d/ca.pem; } }"
-nginx_conf tb "upstream u { server 127.0.0.1:$UP; $pool } server { listen 127.0.0.1:$TB ssl; ssl_protocols TLSv1.3;
-  ssl_certificate $d/server.pem; ssl_certificate_key $d/server.key; ssl_client_certificate $d/ca.pem; ssl_verify_client on;
-  location / { proxy_pass http://u; $keep } }"
-start up nginx -p "$T" -c "$T/up.conf"
-for n in na nb ta tb; do callgrind "$n" nginx -p "$T" -c "$T/$n.conf"; done
-
-# weft: n2 holds the instance `up`, n1's proxy is the 2-node path.
-"$WEFT_BIN" init --dir "$T/cluster" >"$T/init.out" 2>&1 || { cat "$T/init.out" >&2; exit 1; }
-export RUST_LOG=warn
-for i in 1 2; do
-  mkdir -p "$T/n$i"
-  callgrind "n$i" "$WEFT_BIN" node --name "n$i" --cluster "$T/cluster" \
-    --gossip "127.0.0.1:$((PORT0+10+i))" --tunnel "127.0.0.1:$((PORT0+20+i))" \
-    --proxy "127.0.0.1:$((PORT0+30+i))" --admin "127.0.0.1:$((PORT0+40+i))" \
-    --data-dir "$T/n$i" --socket "$T/n$i/weft.sock" --seeds "127.0.0.1:$((PORT0+11))" \
-    --worker-threads 1
-done
-alive() { [ "$("$WEFT_BIN" --socket "$T/n$1/weft.sock" members --json | jq '[.members[] | select(.state=="alive")] | length')" = 2 ]; }
-wait_until 120 "n1 sees 2 alive" alive 1 && wait_until 120 "n2 sees 2 alive" alive 2 || exit 1
-"$WEFT_BIN" --socket "$T/n2/weft.sock" register up --port "$UP" >/dev/null || exit 1
-listed() { "$WEFT_BIN" --socket "$T/n1/weft.sock" services --json | jq -e '.services.up // [] | any(.node=="n2")'; }
-wait_until 120 "n1 lists up on n2" listed || exit 1
+start_chains callgrind || exit 1
 
 zero() { # procs...: zeroes their counters (callgrind_control waits for each)
   local p
@@ -179,10 +114,9 @@ measure() {
     IR[$p]=$(( all / N - BG[$p] ))
   done
 }
-pid_of() { local v="PID_$1"; echo "${!v}"; }
 declare -A IR BG
-measure nginx2 "$NA" localhost na nb
-measure nginx2-mtls "$TA" localhost ta tb
+measure nginx2 "$((PORT0+1))" localhost na nb
+measure nginx2-mtls "$((PORT0+3))" localhost ta tb
 measure weft-2node "$((PORT0+31))" up n1 n2
 
 echo "# instructions per request (callgrind, user space), N=$N at C=$C after $WARMUP, 1 KiB body"
