@@ -19,6 +19,7 @@ use weft_gossip::{Catalog, Health, Instance, Protocol};
 
 use super::MeshError;
 use crate::policy::balancer::{pick_preferring, PeakEwma, DEFAULT_DECAY, DEFAULT_RTT};
+use crate::policy::outlier::{OutlierConfig, OutlierDetector};
 use crate::policy::retry::ServiceBudget;
 use crate::policy::routes::{choose_tag, Split};
 
@@ -102,17 +103,36 @@ impl EndpointState {
 }
 
 /// One service's live state on this node, shared by every snapshot that
-/// lists the service: its retry budget, behind a lock of its own, so
-/// requests to different services never wait for each other.
-#[derive(Debug, Default)]
+/// lists the service: its retry budget and its instances' outlier
+/// detection, each behind a lock of its own, so requests to different
+/// services never wait for each other.
+#[derive(Debug)]
 pub struct ServiceState {
     budget: Mutex<ServiceBudget>,
+    outliers: Mutex<OutlierDetector<InstanceKey>>,
+}
+
+/// (node, id): an instance's key for the outlier detector and logs.
+pub type InstanceKey = (String, String);
+
+impl Default for ServiceState {
+    fn default() -> Self {
+        ServiceState {
+            budget: Mutex::default(),
+            outliers: Mutex::new(OutlierDetector::new(OutlierConfig::default())),
+        }
+    }
 }
 
 impl ServiceState {
     /// The service's retry budget on this node.
     pub fn budget(&self) -> std::sync::MutexGuard<'_, ServiceBudget> {
         self.budget.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This node's outlier detection of the service's instances.
+    pub fn outliers(&self) -> std::sync::MutexGuard<'_, OutlierDetector<InstanceKey>> {
+        self.outliers.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -129,7 +149,7 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// (node, id): the instance's key for the outlier detector and logs.
-    pub fn key(&self) -> (String, String) {
+    pub fn key(&self) -> InstanceKey {
         (self.instance.node.clone(), self.instance.id.clone())
     }
 
@@ -204,6 +224,13 @@ impl Endpoints {
     /// not list it).
     pub fn service_state(&self, service: &str) -> Option<&ServiceState> {
         self.services.get(service).map(|s| &*s.state)
+    }
+
+    /// Every service's state, by name.
+    pub fn service_states(&self) -> impl Iterator<Item = (&str, &Arc<ServiceState>)> {
+        self.services
+            .iter()
+            .map(|(name, s)| (name.as_str(), &s.state))
     }
 
     /// Chooses an instance of `service` speaking `protocol`, or says why

@@ -49,7 +49,7 @@ pub use limits::{ConnectionLimit, Limit, Limits};
 pub use local::LocalClients;
 pub use weft_gossip::RetryPolicy;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -59,14 +59,14 @@ use bytes::Bytes;
 
 use weft_gossip::{Catalog, Key, MemberState, Protocol};
 
-use self::endpoints::Endpoint;
+use self::endpoints::{Endpoint, Endpoints, InstanceKey, ServiceState};
 use self::tables::{RouterHandle, RouterSnapshot, StatsHandle};
 use crate::access_log::AccessLog;
 use crate::gossip_writer::GossipWriter;
 use crate::outcome::OutcomeSink;
 use crate::policy::episodes::{exponential_delay, learned_delay, outage_hold};
 use crate::policy::intentions::{Action, Decision, Intentions};
-use crate::policy::outlier::{Change, OutlierConfig, OutlierDetector};
+use crate::policy::outlier::Change;
 use crate::policy::retry::ServiceBudget;
 use crate::policy::routes::{Routes, Split};
 use crate::policy::stats::learned_timeout;
@@ -205,7 +205,6 @@ pub struct DataPlane {
     splits: Mutex<SplitSources>,
     /// This node's name as a `weft-caller-node` value, made once.
     pub(crate) node_header: http::HeaderValue,
-    outliers: Mutex<OutlierDetector<(String, String)>>,
     writer: Option<GossipWriter>,
     stats: StatsHandle,
     policy: RetryPolicy,
@@ -271,6 +270,46 @@ pub struct Upkeep {
     generations: HashMap<String, u64>,
     /// The catalog departed instances were last forgotten against.
     catalog: Option<Arc<Catalog>>,
+    /// Every service's state as of that catalog.
+    services: Vec<Arc<ServiceState>>,
+    /// Services that left the catalog while this node had one of their
+    /// instances ejected: kept until the ejection ends, so the gossip vote
+    /// is withdrawn (a vote left behind would count against an instance
+    /// that comes back with the same id).
+    departed: Vec<Arc<ServiceState>>,
+}
+
+impl Upkeep {
+    /// Forgets the outlier state of instances that left the catalog
+    /// `endpoints` were built from, so the detectors do not grow with
+    /// instance churn (their load and latency go with the last snapshot
+    /// that lists them), and keeps the services that left while one of
+    /// their instances is ejected.
+    fn forget_departed(&mut self, endpoints: &Endpoints) {
+        for (service, state) in endpoints.service_states() {
+            let live: HashSet<(&str, &str)> = endpoints
+                .service(service)
+                .iter()
+                .map(|e| (e.instance.node.as_str(), e.instance.id.as_str()))
+                .collect();
+            state
+                .outliers()
+                .retain(|(node, id)| live.contains(&(node.as_str(), id.as_str())));
+        }
+        let current: Vec<Arc<ServiceState>> = endpoints
+            .service_states()
+            .map(|(_, state)| Arc::clone(state))
+            .collect();
+        for gone in std::mem::replace(&mut self.services, current) {
+            let listed = self.services.iter().any(|s| Arc::ptr_eq(s, &gone));
+            if !listed {
+                gone.outliers().retain(|_| false);
+                if !gone.outliers().is_empty() {
+                    self.departed.push(gone);
+                }
+            }
+        }
+    }
 }
 
 impl DataPlane {
@@ -315,7 +354,6 @@ impl DataPlane {
             routes: ArcSwap::default(),
             splits: Mutex::default(),
             node_header,
-            outliers: Mutex::new(OutlierDetector::new(OutlierConfig::default())),
             writer,
             stats,
             policy,
@@ -390,30 +428,20 @@ impl DataPlane {
             .as_ref()
             .is_some_and(|seen| Arc::ptr_eq(seen, &snap.catalog));
         if catalog_moved {
-            self.forget_departed(&snap.catalog);
+            upkeep.forget_departed(&snap.endpoints);
             upkeep.catalog = Some(Arc::clone(&snap.catalog));
         }
-        let expired = self.outliers().expired(Instant::now());
-        for (node, id) in expired {
-            tracing::info!(node, id, "outlier ejection ended");
-            if let (Some(w), true) = (&self.writer, node != self.node) {
-                w.delete(Key::Eject { node, id });
+        let now = Instant::now();
+        let states = snap.endpoints.service_states().map(|(_, state)| state);
+        for state in states.chain(&upkeep.departed) {
+            for (node, id) in state.outliers().expired(now) {
+                tracing::info!(node, id, "outlier ejection ended");
+                if let (Some(w), true) = (&self.writer, node != self.node) {
+                    w.delete(Key::Eject { node, id });
+                }
             }
         }
-    }
-
-    /// Forgets the outlier state of instances that left `catalog`, so the
-    /// map does not grow with instance churn (their load and latency go
-    /// with the last snapshot that lists them).
-    fn forget_departed(&self, catalog: &Catalog) {
-        let live: std::collections::HashSet<(&str, &str)> = catalog
-            .services
-            .values()
-            .flat_map(|list| list.iter())
-            .map(|i| (i.node.as_str(), i.id.as_str()))
-            .collect();
-        let known = |k: &(String, String)| live.contains(&(k.0.as_str(), k.1.as_str()));
-        self.outliers().retain(known);
+        upkeep.departed.retain(|state| !state.outliers().is_empty());
     }
 
     /// Runs `f` on `service`'s retry budget (`None` when the catalog does
@@ -531,22 +559,21 @@ impl DataPlane {
         began.elapsed()
     }
 
-    fn outliers(&self) -> std::sync::MutexGuard<'_, OutlierDetector<(String, String)>> {
-        self.outliers.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Feeds one attempt's result to passive outlier detection. A success
-    /// to an instance the detector holds nothing for takes no lock.
+    /// Feeds one attempt's result to passive outlier detection, the
+    /// service's own. A success to an instance the detector holds nothing
+    /// for takes no lock.
     pub fn observe_outcome(&self, service: &str, endpoint: &Endpoint, failed: bool) {
         if !failed && !endpoint.state.is_suspect() {
             return;
         }
+        let snap = self.router.load();
+        let Some(state) = snap.endpoints.service_state(service) else {
+            return;
+        };
         let key = endpoint.key();
         // The sibling list only matters for failures (the ejection cap).
-        let siblings: Vec<(String, String)> = if failed {
-            self.router
-                .load()
-                .endpoints
+        let siblings: Vec<InstanceKey> = if failed {
+            snap.endpoints
                 .service(service)
                 .iter()
                 .map(Endpoint::key)
@@ -556,7 +583,7 @@ impl DataPlane {
         };
         let change = {
             let mut rng = rand::thread_rng();
-            let mut outliers = self.outliers();
+            let mut outliers = state.outliers();
             let change = outliers.observe(&key, failed, &siblings, Instant::now(), &mut rng);
             endpoint.state.set_suspect(!outliers.is_quiet(&key));
             change
@@ -617,5 +644,77 @@ impl DataPlane {
     /// Marks the end of a request and feeds its latency to the balancer.
     pub fn finished(&self, endpoint: &Endpoint, latency: Duration) {
         endpoint.state.finish(latency, Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+    use weft_gossip::{Catalog, Health, Instance, Protocol};
+
+    use super::*;
+
+    fn catalog(ids: &[&str]) -> Catalog {
+        let instance = |id: &&str| {
+            Arc::new(Instance {
+                id: id.to_string(),
+                node: "n2".into(),
+                port: 8080,
+                protocol: Protocol::Http,
+                health: Health::Passing,
+                tags: Vec::new(),
+                tunnel_addr: None,
+                timeout_ms: None,
+                retry: None,
+                retry_non_idempotent: false,
+                hedge: false,
+                adaptive_concurrency: false,
+            })
+        };
+        let mut c = Catalog::default();
+        if !ids.is_empty() {
+            c.services
+                .insert("api".into(), ids.iter().map(instance).collect());
+        }
+        c
+    }
+
+    /// Ejects `id` of `api` in `endpoints`' outlier detection at `now`.
+    fn eject(endpoints: &Endpoints, id: &str, now: Instant) {
+        let state = endpoints.service_state("api").unwrap();
+        let siblings: Vec<InstanceKey> =
+            endpoints.service("api").iter().map(Endpoint::key).collect();
+        let key = ("n2".to_string(), id.to_string());
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..5 {
+            state
+                .outliers()
+                .observe(&key, true, &siblings, now, &mut rng);
+        }
+        assert!(state.outliers().is_ejected(&key, now));
+    }
+
+    #[test]
+    fn a_service_that_leaves_keeps_its_ejections_until_they_end() {
+        let now = Instant::now();
+        let mut upkeep = Upkeep::default();
+        let first = Endpoints::build(&catalog(&["a", "b", "c"]), &Endpoints::default());
+        upkeep.forget_departed(&first);
+        eject(&first, "a", now);
+        // b leaves: its state goes; a stays ejected in the same service.
+        let second = Endpoints::build(&catalog(&["a", "c"]), &first);
+        upkeep.forget_departed(&second);
+        assert!(upkeep.departed.is_empty());
+        // The whole service leaves while a is ejected.
+        let third = Endpoints::build(&catalog(&[]), &second);
+        upkeep.forget_departed(&third);
+        assert_eq!(upkeep.departed.len(), 1, "kept until the ejection ends");
+        let ended = upkeep.departed[0]
+            .outliers()
+            .expired(now + Duration::from_secs(400));
+        assert_eq!(ended, vec![("n2".to_string(), "a".to_string())]);
     }
 }

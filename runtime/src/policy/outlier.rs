@@ -148,6 +148,11 @@ impl<K: Eq + Hash + Clone> OutlierDetector<K> {
         Change::Ejected(until)
     }
 
+    /// Whether it holds no instance's state.
+    pub fn is_empty(&self) -> bool {
+        self.instances.is_empty()
+    }
+
     /// Instances whose ejection ended by `now` (each reported once).
     pub fn expired(&mut self, now: Instant) -> Vec<K> {
         let mut out = Vec::new();
@@ -243,9 +248,10 @@ mod tests {
         d.retain(|_| false);
         assert!(d.is_ejected(&"a", t0));
         assert_eq!(d.instances.len(), 1);
+        assert!(!d.is_empty());
         assert_eq!(d.expired(until), vec!["a"]);
         d.retain(|_| false);
-        assert!(d.instances.is_empty());
+        assert!(d.is_empty());
     }
 
     #[test]
