@@ -26,7 +26,7 @@ make_certs() { # dir
 #   weft-2node  : weft n1's proxy on PORT0+31 -> QUIC -> weft n2 -> upstream (the service `up`)
 #   weft-local  : weft n2's proxy on PORT0+32 -> upstream
 # Each proxy process runs through WRAP (a function: name cmd...), nginx
-# with one process and no master, weft with --worker-threads 1.
+# with one process and no master, weft with --worker-threads WEFT_THREADS (1).
 
 start() { # name cmd...: runs in the background, its pid in PID_<name>
   local name=$1; shift
@@ -84,7 +84,7 @@ start_chains() { # WRAP
       --gossip "127.0.0.1:$((PORT0+10+i))" --tunnel "127.0.0.1:$((PORT0+20+i))" \
       --proxy "127.0.0.1:$((PORT0+30+i))" --admin "127.0.0.1:$((PORT0+40+i))" \
       --data-dir "$T/n$i" --socket "$T/n$i/weft.sock" --seeds "127.0.0.1:$((PORT0+11))" \
-      --worker-threads 1
+      --worker-threads "${WEFT_THREADS:-1}"
   done
   _alive() { [ "$("$WEFT_BIN" --socket "$T/n$1/weft.sock" members --json | jq '[.members[] | select(.state=="alive")] | length')" = 2 ]; }
   wait_until 120 "n1 sees 2 alive" _alive 1 && wait_until 120 "n2 sees 2 alive" _alive 2 || return 1
