@@ -145,7 +145,7 @@ echo "# wake-up), one at a time and at $RATE/s; preempted = involuntary; system 
 printf '%-12s | %6s %6s %7s | %-4s %6s %6s %5s %5s | %s\n' chain p50 p99 "p50@$RATE" proc sleeps "@$RATE" prmpt calls "system calls per request (>= 0.5)"
 row() { # chain procs...
   local chain=$1 p lead; shift
-  lead=$(printf '%-12s | %6.3f %6.3f %7s' "$chain" "${P50[$chain]}" "${P99[$chain]}" "$(printf '%.3f' "${RP50[$chain]:-0}")")
+  lead=$(printf '%-12s | %6.3f %6.3f %7s' "$chain" "${P50[$chain]}" "${P99[$chain]}" "$( [ -n "${RP50[$chain]:-}" ] && printf '%.3f' "${RP50[$chain]}" || echo -)")
   ((${#@})) || { echo "$lead |"; return; }
   for p in "$@"; do
     printf '%s | %-4s %6s %6s %5s %5s | %s\n' "$lead" "$p" "${CS[$chain.$p]}" "${CS[$chain@rate.$p]}" \

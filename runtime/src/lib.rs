@@ -25,9 +25,9 @@
 //! - [`caller`]: who calls (`weft-caller`): stamped by the calling node,
 //!   checked by the serving one.
 //! - [`outcome`]: request outcomes, sent in one bounded channel to statistics.
-//! - [`policy`]: pure decision logic (load balancing, retries, health,
-//!   statistics, intentions, routes, limits, concurrency, rollouts), tested
-//!   without sockets or sleeps.
+//! - [`policy`]: pure decision logic (load balancing, a request's attempts,
+//!   retries, health, statistics, intentions, routes, limits, concurrency,
+//!   rollouts), tested without sockets or sleeps.
 //! - [`wire`]: the tunnel codec (heads and body framing), the one module
 //!   that touches bincode.
 //! - [`supervision`]: the panic guard and restart every actor's handlers
