@@ -15,7 +15,11 @@
 # weft's are then split by stage from callgrind's inclusive costs of the
 # functions that do each stage; what no stage claims (the runtime's
 # scheduling, tracing, statistics, gossip and timers during the window,
-# the allocator outside the stages) is "everything else".
+# the allocator outside the stages) is "everything else". Allocations per
+# request are the calls to malloc, calloc and realloc (glibc's, or in
+# weft jemalloc's) in the same dumps
+# (nginx allocates most of a request from its per-request pools, which
+# these do not count).
 #
 # Counts are user space only: the kernel's TCP and UDP work is in neither
 # side's figure. What a process runs with no request at all (weft's gossip
@@ -90,6 +94,18 @@ count() { # var proc: sets var to counted proc, or stops the script
   counted_ir=$(counted "$2") && [ "${counted_ir:-0}" -gt 0 ] || { log "# no count from $2"; exit 1; }
   printf -v "$1" '%s' "$counted_ir"
 }
+# allocations proc: calls to malloc, calloc and realloc in its last dump,
+# glibc's or jemalloc's (weft's allocator: _rjem_malloc, _rjem_mallocx...)
+# (the dump names a function once as "(id) name", then as "(id)"; each
+# "calls=N" line counts the calls to the "cfn" line before it)
+allocations() {
+  awk '
+    /^c?fn=\(/ { id = $0; sub(/^c?fn=/, "", id); name = id; sub(/\) .*/, ")", id)
+                  if (name != id) { sub(/^\([0-9]+\) /, "", name); names[id] = name } }
+    /^cfn=/     { callee = names[id] }
+    /^calls=/   { if (callee ~ /^(_rjem_)?(malloc|mallocx|calloc|realloc|rallocx)('"'"'[0-9]+)?$/) { split($0, c, /[= ]/); n += c[2] } }
+    END { print n + 0 }' "$T"/cg."$1".*
+}
 now() { date +%s.%N; }
 # measure chain port host procs...: instructions per request of each
 # process, less what it runs with no request at all (gossip, timers:
@@ -102,7 +118,8 @@ measure() {
   zero "$@"
   sleep "$IDLE"   # the idle window itself, not a wait for readiness
   local ir
-  for p in "$@"; do count ir "$p"; idle[$p]=$ir; done
+  declare -A idle_allocs
+  for p in "$@"; do count ir "$p"; idle[$p]=$ir; idle_allocs[$p]=$(allocations "$p"); done
   zero "$@"
   local began; began=$(now)
   "$OHA" -n "$N" -c "$C" --no-tui -H "Host: $host" "$url" > "$T/$chain.oha" 2>&1
@@ -112,9 +129,11 @@ measure() {
     local all; count all "$p"
     BG[$p]=$(awk -v i="${idle[$p]}" -v s="$IDLE" -v d="$took" -v n="$N" 'BEGIN {printf "%d", i / s * d / n}')
     IR[$p]=$(( all / N - BG[$p] ))
+    ALLOCS[$p]=$(awk -v i="${idle_allocs[$p]}" -v a="$(allocations "$p")" -v s="$IDLE" -v d="$took" -v n="$N" \
+      'BEGIN {printf "%.1f", (a - i / s * d) / n}')
   done
 }
-declare -A IR BG
+declare -A IR BG ALLOCS
 measure nginx2 "$((PORT0+1))" localhost na nb
 measure nginx2-mtls "$((PORT0+3))" localhost ta tb
 measure weft-2node "$((PORT0+31))" up n1 n2
@@ -127,6 +146,7 @@ row() { # chain a b
   printf '%-12s | %9d %9d | %9d | %sx\n' "$1" "${IR[$2]}" "${IR[$3]}" "$both" "$(awk "BEGIN {printf \"%.2f\", $both / $base}")"
 }
 row nginx2 na nb; row nginx2-mtls ta tb; row weft-2node n1 n2
+echo "# allocations per request (calls to malloc, calloc, realloc, less the idle rate; nginx also allocates from per-request pools): nginx2 ${ALLOCS[na]} + ${ALLOCS[nb]}, nginx2-mtls ${ALLOCS[ta]} + ${ALLOCS[tb]}, weft-2node ${ALLOCS[n1]} + ${ALLOCS[n2]}"
 echo "# taken off as background (idle rate x run time, per request): nginx2 $((BG[na] + BG[nb])), nginx2-mtls $((BG[ta] + BG[tb])), weft-2node $((BG[n1] + BG[n2]))"
 
 # weft-2node by stage: the largest inclusive cost of each function named
