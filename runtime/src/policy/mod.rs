@@ -17,6 +17,28 @@ pub mod rollout;
 pub mod routes;
 pub mod stats;
 
+/// Serde for a value written as text (`300/s`, `1%`, `1.5x`): with
+/// `#[serde(try_from = "String", into = "String")]` on the type, it is read
+/// through its `FromStr` and written through its `Display`.
+macro_rules! serde_as_text {
+    ($($t:ty),+) => {$(
+        impl TryFrom<String> for $t {
+            type Error = String;
+
+            fn try_from(s: String) -> Result<Self, String> {
+                s.parse()
+            }
+        }
+
+        impl From<$t> for String {
+            fn from(value: $t) -> String {
+                value.to_string()
+            }
+        }
+    )+};
+}
+use serde_as_text;
+
 /// The version after `version` of the cluster config object named
 /// `object` (`"routes"`), or why there is none.
 fn next_version(version: u64, object: &str) -> Result<u64, String> {

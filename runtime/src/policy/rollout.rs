@@ -81,19 +81,6 @@ impl fmt::Display for ErrorRate {
     }
 }
 
-impl TryFrom<String> for ErrorRate {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<ErrorRate> for String {
-    fn from(r: ErrorRate) -> String {
-        r.to_string()
-    }
-}
-
 /// How many times the stable tag's p99 the canary's may be, in
 /// hundredths; written `1.5x`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -130,18 +117,7 @@ impl fmt::Display for LatencyRatio {
     }
 }
 
-impl TryFrom<String> for LatencyRatio {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<LatencyRatio> for String {
-    fn from(r: LatencyRatio) -> String {
-        r.to_string()
-    }
-}
+super::serde_as_text!(ErrorRate, LatencyRatio);
 
 /// One service's rollout as the operator asked for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
