@@ -92,3 +92,28 @@ start_chains() { # WRAP
   _listed() { "$WEFT_BIN" --socket "$T/n1/weft.sock" services --json | jq -e '.services.up // [] | any(.node=="n2")'; }
   wait_until 120 "n1 lists up on n2" _listed
 }
+
+# The tools and binaries the chain scripts need, before anything is measured.
+install_missing() { # cmd:debian-package...: apt-installs the packages of the missing commands
+  local need=() tool
+  for tool in "$@"; do
+    command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+  done
+  ((${#need[@]})) || return 0
+  log "# installing: ${need[*]}"
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+}
+need_oha() { # sets OHA, installing oha 1.16.0 with cargo if missing
+  OHA=$(command -v oha || echo "$HOME/.cargo/bin/oha")
+  [ -x "$OHA" ] && return 0
+  log "# building oha with cargo"
+  cargo install oha --locked --version 1.16.0 >/dev/null 2>&1 || { log "cannot install oha"; return 1; }
+}
+need_weft() { # sets WEFT_BIN, building weft in release unless it is given
+  [ -n "${WEFT_BIN:-}" ] && return 0
+  (cd "$ROOT" && cargo build --release --locked -p weft) >&2 || { log "weft build failed"; return 1; }
+  WEFT_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/weft
+}

@@ -36,26 +36,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
-need=()
-for tool in nginx:nginx-light openssl:openssl jq:jq strace:strace; do
-  command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
-done
-if ((${#need[@]})); then
-  log "# installing: ${need[*]}"
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-  rm -f /usr/sbin/policy-rc.d
-fi
-OHA=$(command -v oha || echo "$HOME/.cargo/bin/oha")
-if [ ! -x "$OHA" ]; then
-  log "# building oha with cargo"
-  cargo install oha --locked --version 1.16.0 >/dev/null 2>&1 || { log "cannot install oha"; exit 1; }
-fi
-if [ -z "${WEFT_BIN:-}" ]; then
-  (cd "$ROOT" && cargo build --release --locked -p weft) >&2 || { log "weft build failed"; exit 1; }
-  WEFT_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/weft
-fi
+install_missing nginx:nginx-light openssl:openssl jq:jq strace:strace
+need_oha || exit 1
+need_weft || exit 1
 
 T=$(mktemp -d /tmp/wakeups.XXXXXX); chmod 755 "$T"
 PIDS=()
