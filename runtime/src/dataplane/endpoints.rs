@@ -291,10 +291,11 @@ fn endpoints_of(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn instance(node: &str, id: &str, health: Health) -> Instance {
+    /// An HTTP instance `id` on `node`, with nothing registered but its port.
+    pub(in crate::dataplane) fn instance(node: &str, id: &str, health: Health) -> Instance {
         Instance {
             id: id.into(),
             node: node.into(),
@@ -311,10 +312,13 @@ mod tests {
         }
     }
 
-    fn catalog(instances: Vec<Instance>) -> Catalog {
+    /// A catalog of the service `api` with `instances` (none: no `api`).
+    pub(in crate::dataplane) fn catalog(instances: Vec<Instance>) -> Catalog {
         let mut c = Catalog::default();
-        let list: Instances = instances.into_iter().map(Arc::new).collect();
-        c.services.insert("api".into(), list);
+        if !instances.is_empty() {
+            let list: Instances = instances.into_iter().map(Arc::new).collect();
+            c.services.insert("api".into(), list);
+        }
         c
     }
 

@@ -300,13 +300,18 @@ impl Upkeep {
             .service_states()
             .map(|(_, state)| Arc::clone(state))
             .collect();
+        let listed: HashSet<*const ServiceState> = current.iter().map(Arc::as_ptr).collect();
         for gone in std::mem::replace(&mut self.services, current) {
-            let listed = self.services.iter().any(|s| Arc::ptr_eq(s, &gone));
-            if !listed {
-                gone.outliers().retain(|_| false);
-                if !gone.outliers().is_empty() {
-                    self.departed.push(gone);
-                }
+            if listed.contains(&Arc::as_ptr(&gone)) {
+                continue;
+            }
+            let still_ejected = {
+                let mut outliers = gone.outliers();
+                outliers.retain(|_| false);
+                !outliers.is_empty()
+            };
+            if still_ejected {
+                self.departed.push(gone);
             }
         }
     }
@@ -653,33 +658,15 @@ mod tests {
 
     use rand::rngs::StdRng;
     use rand::SeedableRng;
-    use weft_gossip::{Catalog, Health, Instance, Protocol};
+    use weft_gossip::{Catalog, Health};
 
+    use super::endpoints::tests::instance;
     use super::*;
 
+    /// A catalog of `api` with instances `ids` on n2 (none: no `api`).
     fn catalog(ids: &[&str]) -> Catalog {
-        let instance = |id: &&str| {
-            Arc::new(Instance {
-                id: id.to_string(),
-                node: "n2".into(),
-                port: 8080,
-                protocol: Protocol::Http,
-                health: Health::Passing,
-                tags: Vec::new(),
-                tunnel_addr: None,
-                timeout_ms: None,
-                retry: None,
-                retry_non_idempotent: false,
-                hedge: false,
-                adaptive_concurrency: false,
-            })
-        };
-        let mut c = Catalog::default();
-        if !ids.is_empty() {
-            c.services
-                .insert("api".into(), ids.iter().map(instance).collect());
-        }
-        c
+        let instances = ids.iter().map(|id| instance("n2", id, Health::Passing));
+        endpoints::tests::catalog(instances.collect())
     }
 
     /// Ejects `id` of `api` in `endpoints`' outlier detection at `now`.

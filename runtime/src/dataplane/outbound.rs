@@ -356,7 +356,7 @@ impl Attempts<'_> {
             // Another instance: go now. The same one again: wait as long as
             // this service usually takes to recover (or Envoy's backoff).
             let same = tried.iter().any(|t| t.same(&next));
-            let policy_wait = dp.retry_wait(&service, next.instance.retry, self.plan.attempt());
+            let policy_wait = || dp.retry_wait(&service, next.instance.retry, self.plan.attempt());
             let wait = self.plan.wait(same, policy_wait, Instant::now());
             if !wait.is_zero() {
                 record.wait(wait);

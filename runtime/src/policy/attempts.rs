@@ -123,13 +123,18 @@ impl AttemptPlan {
     }
 
     /// The wait before the next attempt at `now`: none on another instance;
-    /// on the one just tried, `wait` (the service's learned delay or
-    /// backoff), cut short by the deadline.
-    pub fn wait(&self, same_instance: bool, wait: Duration, now: Instant) -> Duration {
+    /// on the one just tried, `wait()` (the service's learned delay or
+    /// backoff, asked for only then), cut short by the deadline.
+    pub fn wait(
+        &self,
+        same_instance: bool,
+        wait: impl FnOnce() -> Duration,
+        now: Instant,
+    ) -> Duration {
         if !same_instance {
             return Duration::ZERO;
         }
-        wait.min(self.deadline.saturating_duration_since(now))
+        wait().min(self.deadline.saturating_duration_since(now))
     }
 }
 
@@ -203,12 +208,15 @@ mod tests {
         let late = now + Duration::from_millis(9_500);
         assert_eq!(p.window(late), Duration::from_millis(500));
         assert_eq!(
-            p.wait(true, Duration::from_secs(3), late),
+            p.wait(true, || Duration::from_secs(3), late),
             Duration::from_millis(500)
         );
-        assert_eq!(p.wait(false, Duration::from_secs(3), late), Duration::ZERO);
         assert_eq!(
-            p.wait(true, Duration::from_millis(40), now),
+            p.wait(false, || Duration::from_secs(3), late),
+            Duration::ZERO
+        );
+        assert_eq!(
+            p.wait(true, || Duration::from_millis(40), now),
             Duration::from_millis(40)
         );
         let over = now + Duration::from_secs(10);
