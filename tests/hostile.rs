@@ -107,6 +107,8 @@ fn node_info(tunnel: SocketAddr) -> String {
         admin: "127.0.0.1:1".into(),
         version: "0.1.0".into(),
         status: NodeStatus::Alive,
+        zone: None,
+        bridge: false,
     })
     .unwrap()
 }

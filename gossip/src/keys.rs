@@ -67,6 +67,14 @@ pub enum Key {
         /// The calling service, or `-`.
         caller: String,
     },
+    /// `zone/<zone>/<service>`: what `zone` offers of `service`, written by
+    /// bridges ([`crate::records::ZoneOffer`]).
+    Zone {
+        /// The zone that offers it.
+        zone: String,
+        /// The service.
+        service: String,
+    },
 }
 
 impl Key {
@@ -96,6 +104,7 @@ impl Key {
             Key::Stats(svc) => format!("stats/{svc}"),
             Key::Eject { node, id } => format!("eject/{node}/{id}"),
             Key::Edge { service, caller } => format!("edge/{service}/{caller}"),
+            Key::Zone { zone, service } => format!("zone/{zone}/{service}"),
         }
     }
 
@@ -135,6 +144,15 @@ impl Key {
             return Some(Key::Edge {
                 service: service.to_string(),
                 caller: caller.to_string(),
+            });
+        }
+        if prefix == "zone" {
+            let (zone, service) = rest.split_once('/')?;
+            validate_name(zone).ok()?;
+            validate_name(service).ok()?;
+            return Some(Key::Zone {
+                zone: zone.to_string(),
+                service: service.to_string(),
             });
         }
         if validate_id(rest).is_err() {
@@ -218,6 +236,10 @@ mod tests {
                 service: "payments".into(),
                 caller: "-".into(),
             },
+            Key::Zone {
+                zone: "eu-west".into(),
+                service: "payments".into(),
+            },
         ] {
             assert_eq!(Key::decode(&key.encode()), Some(key));
         }
@@ -238,6 +260,9 @@ mod tests {
             "eject/n1/a b",
             "eject/n1/x/y",
             "edge/web",
+            "zone/eu",
+            "zone/EU/web",
+            "zone/eu/web/x",
             "edge/web/Admin",
             "edge/web/--",
             "edge/web/a/b",

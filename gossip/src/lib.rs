@@ -15,6 +15,8 @@
 //! - [`attest`]: signed node state: each node signs its keys with its
 //!   certificate, and receivers believe only what verifies.
 //! - [`grant`]: operator grants, the signatures that cluster config needs.
+//! - [`zones`]: zones joined by bridges: the view a bridge routes from and
+//!   the gateway instances that stand in for other zones' services.
 //! - [`seal`]: the authenticated gossip transport (AEAD-sealed datagrams) and its keyring.
 
 pub mod attest;
@@ -26,11 +28,12 @@ pub mod records;
 pub mod registration;
 pub mod seal;
 pub mod view;
+pub mod zones;
 
 pub use cluster::{Cluster, ClusterConfig};
 pub use keys::Key;
 pub use records::{
-    Check, Health, NodeInfo, NodeStatus, Protocol, RetryPolicy, ServiceRecord, SCHEMA,
+    Check, Health, NodeInfo, NodeStatus, Protocol, RetryPolicy, ServiceRecord, ZoneOffer, SCHEMA,
 };
 pub use view::{Catalog, ClusterView, Instance, Member, MemberState, NodeKeys};
 

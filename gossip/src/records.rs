@@ -36,6 +36,14 @@ pub struct NodeInfo {
     pub version: String,
     /// Whether the node is serving, draining or gone.
     pub status: NodeStatus,
+    /// The zone (gossip pool) the node was started in; `None` is the
+    /// default zone, as nodes from before zones wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// The node is a bridge of its zone: it also gossips in the pool
+    /// between zones and relays requests across them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bridge: bool,
 }
 
 impl NodeInfo {
@@ -221,4 +229,17 @@ pub struct ServiceRecord {
     /// Callers limit the requests in flight to the service (`"adaptive"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<Concurrency>,
+}
+
+/// What a zone offers of one service, stored under `zone/<zone>/<service>`
+/// by bridges: in the pool between zones for their own zone, and in their
+/// zone's pool for every other zone they heard of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZoneOffer {
+    /// Routable instances of the service in the zone.
+    pub healthy: u32,
+    /// The zone's merged statistics of the service, as a `stats/<service>`
+    /// summary (absent before the zone has any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<String>,
 }

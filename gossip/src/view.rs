@@ -16,7 +16,7 @@ use serde::Serialize;
 
 pub use crate::catalog::{Catalog, CatalogDeriver, CatalogDiff, Instance, Instances};
 use crate::keys::Key;
-use crate::records::{reads_schema, Health, NodeInfo, NodeStatus, ServiceRecord};
+use crate::records::{reads_schema, Health, NodeInfo, NodeStatus, ServiceRecord, ZoneOffer};
 use crate::registration::parse_gossiped;
 
 /// One node as seen in gossip, owned data only.
@@ -59,6 +59,9 @@ pub(crate) struct Parsed {
     pub(crate) records: Vec<(ServiceRecord, Health)>,
     /// `eject/<owner>/<id>` votes, as (owner, id).
     pub(crate) votes: Vec<(String, String)>,
+    /// `zone/<zone>/<service>` offers a bridge wrote, as (zone, service,
+    /// offer).
+    pub(crate) offers: Vec<(String, String, ZoneOffer)>,
 }
 
 impl NodeKeys {
@@ -89,6 +92,11 @@ impl NodeKeys {
                         }
                     }
                     Some(Key::Eject { node, id }) => parsed.votes.push((node, id)),
+                    Some(Key::Zone { zone, service }) => {
+                        if let Ok(offer) = serde_json::from_str::<ZoneOffer>(value) {
+                            parsed.offers.push((zone, service, offer));
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -199,6 +207,12 @@ pub struct Member {
     pub version: Option<String>,
     /// Incarnation (start time in ms): a restarted node has a new one.
     pub generation: u64,
+    /// Its zone, when it was started in one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// It bridges its zone to the others.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub bridge: bool,
 }
 
 impl ClusterView {
@@ -236,6 +250,8 @@ impl ClusterView {
                     },
                     version: info.map(|i| i.version.clone()),
                     generation: node.generation,
+                    zone: info.and_then(|i| i.zone.clone()),
+                    bridge: info.is_some_and(|i| i.bridge),
                 }
             })
             .collect()
@@ -296,6 +312,8 @@ mod tests {
             admin: "127.0.0.1:9646".into(),
             version: "0.1.0".into(),
             status: NodeStatus::Alive,
+            zone: None,
+            bridge: false,
         };
         kv.insert("node".to_string(), serde_json::to_string(&info).unwrap());
         for (svc, id, port) in svcs {

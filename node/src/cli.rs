@@ -446,6 +446,24 @@ pub struct NodeArgs {
     /// Comma-separated seed gossip addresses (host:port).
     #[arg(long, env = "WEFT_SEEDS", value_name = "A,B", value_delimiter = ',')]
     pub seeds: Option<Vec<String>>,
+    /// Zone this node gossips in: [a-z0-9][a-z0-9-]{0,62}. Nodes of other
+    /// zones are reached through bridges [default: the one default zone].
+    #[arg(long, env = "WEFT_ZONE", value_name = "NAME")]
+    pub zone: Option<String>,
+    /// Make this node a bridge of its zone: it also gossips with the other
+    /// zones' bridges on this UDP address, and relays requests between
+    /// zones. Needs --zone.
+    #[arg(long, env = "WEFT_BRIDGE", value_name = "ADDR")]
+    pub bridge: Option<String>,
+    /// Comma-separated addresses (host:port) of other bridges' --bridge
+    /// sockets, any zone.
+    #[arg(
+        long,
+        env = "WEFT_BRIDGE_SEEDS",
+        value_name = "A,B",
+        value_delimiter = ','
+    )]
+    pub bridge_seeds: Option<Vec<String>>,
     /// Outbound HTTP proxy address [default: 127.0.0.1:4140].
     #[arg(long, env = "WEFT_PROXY", value_name = "ADDR")]
     pub proxy: Option<String>,

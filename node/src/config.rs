@@ -45,6 +45,9 @@ pub struct FileConfig {
     key: Option<PathBuf>,
     crl: Option<PathBuf>,
     seeds: Option<Vec<String>>,
+    zone: Option<String>,
+    bridge: Option<String>,
+    bridge_seeds: Option<Vec<String>>,
     proxy: Option<String>,
     admin: Option<String>,
     data_dir: Option<PathBuf>,
@@ -85,6 +88,10 @@ pub struct NodeConfig {
     pub crl: Option<PathBuf>,
     /// Seeds.
     pub seeds: Vec<String>,
+    /// The zone (`None`: the default zone).
+    pub zone: Option<String>,
+    /// Where this node gossips with other zones' bridges, when it bridges.
+    pub bridge: Option<BridgeConfig>,
     /// Proxy address.
     pub proxy: SocketAddr,
     /// Admin address.
@@ -115,6 +122,38 @@ pub struct NodeConfig {
     pub log_level: Option<String>,
     /// The config file, re-read on SIGHUP.
     pub config_file: Option<PathBuf>,
+}
+
+/// A bridge's second gossip pool, between zones (`--bridge`,
+/// `--bridge-seeds`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BridgeConfig {
+    /// UDP address to bind.
+    pub listen: SocketAddr,
+    /// Other bridges' addresses.
+    pub seeds: Vec<String>,
+}
+
+impl BridgeConfig {
+    /// From the flags, else the file's `bridge` and `bridge_seeds`.
+    fn resolve(
+        args: &NodeArgs,
+        (listen, seeds): (Option<String>, Option<Vec<String>>),
+        zone: Option<&str>,
+    ) -> Result<Option<Self>, NodeError> {
+        let Some(listen) = args.bridge.clone().or(listen) else {
+            return Ok(None);
+        };
+        let listen = addr("--bridge", &listen)?;
+        if zone.is_none() {
+            return Err(NodeError::Config(
+                "--bridge needs --zone: a bridge offers its zone's services under the zone's name"
+                    .into(),
+            ));
+        }
+        let seeds = seed_list(args.bridge_seeds.clone().or(seeds))?;
+        Ok(Some(BridgeConfig { listen, seeds }))
+    }
 }
 
 /// Span export over OTLP (`--otlp-endpoint`, `--trace-sampling`).
@@ -256,15 +295,17 @@ impl NodeConfig {
                 .or(file.admin.as_deref())
                 .unwrap_or(DEFAULT_ADMIN),
         )?;
-        let seeds = args.seeds.clone().or(file.seeds).unwrap_or_default();
-        let seeds: Vec<String> = seeds
-            .into_iter()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        for seed in &seeds {
-            validate_seed(seed)?;
+        let seeds = seed_list(args.seeds.clone().or(file.seeds))?;
+        let zone = args.zone.clone().or(file.zone);
+        if let Some(zone) = &zone {
+            weft_gossip::keys::validate_name(zone).map_err(|_| {
+                NodeError::Config(format!(
+                    "--zone {zone:?} must match [a-z0-9][a-z0-9-]{{0,62}}"
+                ))
+            })?;
         }
+        let bridge =
+            BridgeConfig::resolve(args, (file.bridge, file.bridge_seeds), zone.as_deref())?;
         let gossip_interval = duration(
             "--gossip-interval",
             args.gossip_interval
@@ -349,6 +390,8 @@ impl NodeConfig {
             cert_key,
             crl: args.crl.clone().or(file.crl),
             seeds,
+            zone,
+            bridge,
             proxy,
             admin,
             data_dir,
@@ -444,6 +487,20 @@ fn load_file(path: &Path) -> Result<FileConfig, NodeError> {
 fn addr(flag: &str, raw: &str) -> Result<SocketAddr, NodeError> {
     raw.parse()
         .map_err(|_| NodeError::Config(format!("{flag} {raw:?} is not an IP:port address")))
+}
+
+/// Seed addresses, trimmed, each checked.
+fn seed_list(seeds: Option<Vec<String>>) -> Result<Vec<String>, NodeError> {
+    let seeds: Vec<String> = seeds
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for seed in &seeds {
+        validate_seed(seed)?;
+    }
+    Ok(seeds)
 }
 
 fn validate_seed(seed: &str) -> Result<(), NodeError> {

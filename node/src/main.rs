@@ -23,6 +23,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod admission;
 mod api;
+mod bridge;
 mod callers;
 mod cli;
 mod client;

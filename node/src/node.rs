@@ -25,9 +25,10 @@ use weft_runtime::trace::Tracer;
 use weft_runtime::tunnel::TunnelPool;
 
 use crate::api::{self, ApiState, Faults};
+use crate::bridge::{self, Bridge};
 use crate::callers::CallerPorts;
 use crate::cli::NodeArgs;
-use crate::config::NodeConfig;
+use crate::config::{BridgeConfig, NodeConfig};
 use crate::crl;
 use crate::init;
 use crate::keyring::ClusterKeys;
@@ -112,6 +113,8 @@ async fn serve(
             .unwrap_or_else(|_| cfg.admin.to_string()),
         version: env!("CARGO_PKG_VERSION").to_string(),
         status: NodeStatus::Alive,
+        zone: cfg.zone.clone(),
+        bridge: cfg.bridge.is_some(),
     };
     let mut initial = vec![(Key::Node, to_json(&info)), (Key::Keyring, keys.record())];
     initial.extend(registry.initial_keys().await);
@@ -130,7 +133,7 @@ async fn serve(
         advertise_addr: advertise,
         seeds: cfg.seeds.clone(),
         interval: cfg.gossip_interval,
-        cluster_id: cluster_id(&cluster_dir)?,
+        cluster_id: bridge::zone_id(&cluster_id(&cluster_dir)?, cfg.zone.as_deref()),
         attestor: Some(Arc::new(attestor)),
     };
     let transport =
@@ -159,13 +162,41 @@ async fn serve(
     let callers = Arc::new(CallerPorts::load(&cfg.data_dir)?);
     let router_handle = RouterHandle::default();
     let stats = StatsHandle::default();
+    let bridge = match &cfg.bridge {
+        Some(bridge) => {
+            let zone = (
+                cfg.zone.as_deref().unwrap_or_default(),
+                &*cluster,
+                writer.clone(),
+            );
+            let tables = (router_handle.clone(), stats.clone());
+            let between = BetweenZones {
+                cfg: &cfg,
+                bridge,
+                cluster_id: cluster_id(&cluster_dir)?,
+                generation,
+                info: &info,
+            };
+            Some(
+                between
+                    .start(&tunnel_tls.identity, &tunnels, &keys, zone, tables)
+                    .await?,
+            )
+        }
+        None => None,
+    };
+    // A bridge routes from its zone's view joined with the other zones'
+    // bridges; every other node from its zone's.
+    let routing_views = bridge
+        .as_ref()
+        .map_or_else(|| cluster.views(), |b| b.views.clone());
     let (outcomes, outcome_rx) = OutcomeSink::channel(16 * 1024);
     let stats_aggregator = {
         let aggregator = StatsAggregator::new(
             cfg.name.clone(),
             stats.clone(),
             writer.clone(),
-            cluster.views(),
+            routing_views.clone(),
             router_handle.clone(),
             outcome_rx,
         );
@@ -206,7 +237,7 @@ async fn serve(
     let rollouts =
         RolloutDriver::start(rollouts, dataplane.clone(), cluster.views(), writer.clone());
     let router = {
-        let (views, handle, dp) = (cluster.views(), router_handle.clone(), dataplane.clone());
+        let (views, handle, dp) = (routing_views, router_handle.clone(), dataplane.clone());
         Supervisor::start(move |_| Router::with_handle(views, handle).maintaining(dp))
     };
     let state = Arc::new(ApiState {
@@ -271,6 +302,7 @@ async fn serve(
         cfg,
         cluster_dir,
         cluster,
+        between: bridge.map(|b| b.between),
         registry,
         listener,
         info,
@@ -381,6 +413,8 @@ struct Running {
     cfg: NodeConfig,
     cluster_dir: PathBuf,
     cluster: Arc<Cluster>,
+    /// The pool between zones, when this node is a bridge.
+    between: Option<Arc<Cluster>>,
     registry: Arc<Registry>,
     listener: actix::Addr<Listener>,
     info: NodeInfo,
@@ -508,6 +542,7 @@ impl Running {
             listener,
             info,
             in_flight,
+            between,
             ..
         } = self;
         announce(&format!(
@@ -519,6 +554,9 @@ impl Running {
             ..info.clone()
         };
         let _ = cluster.set(&Key::Node, &to_json(&draining)).await;
+        if let Some(between) = &between {
+            let _ = between.set(&Key::Node, &to_json(&draining)).await;
+        }
         listener.do_send(StopAccepting);
         // Peers stop picking our instances once they hear we drain.
         tokio::time::sleep(cluster.interval() * 2).await;
@@ -534,6 +572,9 @@ impl Running {
             ..info
         };
         let _ = cluster.set(&Key::Node, &to_json(&leaving)).await;
+        if let Some(between) = &between {
+            let _ = between.set(&Key::Node, &to_json(&leaving)).await;
+        }
         registry.withdraw_all(&cluster).await;
         // Two gossip rounds carry the leave to peers before we go quiet.
         tokio::time::sleep(cluster.interval() * 2 + Duration::from_millis(100)).await;
@@ -831,6 +872,54 @@ fn describe_metrics() {
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
+}
+
+/// What a bridge needs to join the pool between zones.
+struct BetweenZones<'a> {
+    cfg: &'a NodeConfig,
+    bridge: &'a BridgeConfig,
+    cluster_id: String,
+    generation: u64,
+    info: &'a NodeInfo,
+}
+
+impl BetweenZones<'_> {
+    /// Joins the pool between zones, sealed with the cluster's gossip keys
+    /// and signed with the node's certificate as its zone's pool is.
+    async fn start(
+        self,
+        identity: &tls::Identity,
+        tunnels: &TunnelPool,
+        keys: &ClusterKeys,
+        zone: (&str, &Cluster, GossipWriter),
+        tables: (RouterHandle, StatsHandle),
+    ) -> Result<Bridge, NodeError> {
+        let listen = self.bridge.listen;
+        let advertise = if listen.ip().is_unspecified() {
+            let ip = self.cfg.advertise_gossip.map_or(listen.ip(), |a| a.ip());
+            SocketAddr::new(ip, listen.port())
+        } else {
+            listen
+        };
+        let attestor = tls::NodeAttestor::new(identity, tunnels.trust())
+            .map_err(|e| NodeError::Config(e.to_string()))?;
+        let config = ClusterConfig {
+            node_name: self.cfg.name.clone(),
+            generation: self.generation,
+            listen_addr: listen,
+            advertise_addr: advertise,
+            seeds: self.bridge.seeds.clone(),
+            interval: self.cfg.gossip_interval * bridge::ROUND_FACTOR,
+            cluster_id: bridge::between_id(&self.cluster_id),
+            attestor: Some(Arc::new(attestor)),
+        };
+        let transport = weft_gossip::seal::SealedTransport::with_keyring(keys.ring())
+            .with_advertised(advertise);
+        let initial = vec![(Key::Node, to_json(self.info))];
+        Bridge::start(&config, initial, &transport, zone, tables)
+            .await
+            .map_err(|e| NodeError::Config(format!("--bridge {listen}: {e}")))
+    }
 }
 
 /// Distinct clusters never mix: the id is derived from the cluster CA

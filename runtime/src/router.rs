@@ -5,6 +5,7 @@
 //! The table itself lives with the data plane that reads it
 //! ([`crate::dataplane::tables`]).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use crate::supervision::{guard, Named};
 use actix::prelude::*;
 use tokio::sync::watch;
 use weft_gossip::view::{CatalogDeriver, CatalogDiff};
-use weft_gossip::{ClusterView, Member, MemberState};
+use weft_gossip::{zones, Catalog, ClusterView, Instance, Member, MemberState};
 
 /// How often the router runs the data plane's upkeep
 /// ([`DataPlane::maintain`]).
@@ -34,6 +35,16 @@ pub struct Router {
     /// Derives each view's catalog from the last one's, redoing only the
     /// nodes whose keys or state moved.
     catalog: CatalogDeriver,
+    /// The last derived catalog, the gateways other zones offered into it,
+    /// and the catalog with them: kept while neither moves.
+    zoned: Option<Zoned>,
+}
+
+/// A derived catalog with the gateways of other zones added.
+struct Zoned {
+    derived: Arc<Catalog>,
+    gateways: BTreeMap<String, Vec<Arc<Instance>>>,
+    catalog: Arc<Catalog>,
 }
 
 impl Router {
@@ -53,6 +64,7 @@ impl Router {
             dataplane: None,
             upkeep: Upkeep::default(),
             catalog: CatalogDeriver::default(),
+            zoned: None,
         }
     }
 
@@ -70,7 +82,8 @@ impl Router {
         let members = view.members();
         let previous = self.handle.load();
         export_member_gauges(&members);
-        let (catalog, diff) = self.catalog.update(view);
+        let (derived, diff) = self.catalog.update(view);
+        let catalog = self.with_gateways(derived, view);
         let (catalog, endpoints) = if Arc::ptr_eq(&catalog, &previous.catalog) {
             (catalog, previous.endpoints.clone())
         } else {
@@ -82,7 +95,32 @@ impl Router {
             members,
             catalog,
             endpoints,
+            place: zones::Place::of(view),
         });
+    }
+}
+
+impl Router {
+    /// `derived` with the gateways to the services only other zones offer;
+    /// the previous result while neither moved, so the endpoints are kept.
+    fn with_gateways(&mut self, derived: Arc<Catalog>, view: &ClusterView) -> Arc<Catalog> {
+        let gateways = zones::gateways(view);
+        if gateways.is_empty() {
+            self.zoned = None;
+            return derived;
+        }
+        if let Some(zoned) = &self.zoned {
+            if Arc::ptr_eq(&zoned.derived, &derived) && zoned.gateways == gateways {
+                return zoned.catalog.clone();
+            }
+        }
+        let catalog = zones::with_gateways(&derived, &gateways);
+        self.zoned = Some(Zoned {
+            derived,
+            gateways,
+            catalog: catalog.clone(),
+        });
+        catalog
     }
 }
 

@@ -3,20 +3,20 @@
 //! second under `stats/<service>`, merges every node's summaries, and
 //! publishes the cluster view (including the learned retry delay) for readers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::{mpsc, watch};
-use weft_gossip::{ClusterView, Health, Key};
+use weft_gossip::{ClusterView, Health, Key, ZoneOffer};
 
 use crate::caller::Caller;
 use crate::dataplane::tables::{EdgeStats, RouterHandle, ServiceStats, StatsHandle, StatsSnapshot};
 use crate::gossip_writer::GossipWriter;
 use crate::outcome::{Outcome, OutcomeClass, RequestMetrics};
 use crate::policy::episodes::{EpisodeStats, EpisodeTracker};
-use crate::policy::stats::{merge, ServiceWindow, Summary};
+use crate::policy::stats::{merge, merge_trusting, ServiceWindow, Summary};
 use crate::supervision::{guard, Named};
 
 struct Local {
@@ -204,14 +204,24 @@ impl StatsAggregator {
     /// the snapshot readers see.
     fn merge_view(&mut self, now: Instant) {
         let view = self.views.borrow().clone();
+        let own_zone = self.router.load().place.zone.clone();
         let mut by_service: BTreeMap<String, Vec<(String, Summary)>> = BTreeMap::new();
         let mut by_edge: BTreeMap<(String, String), Vec<(String, Summary)>> = BTreeMap::new();
+        // Other zones' summaries, one per zone and service (each of the
+        // zone's bridges copies the same one).
+        let mut zones: BTreeMap<(String, String), Summary> = BTreeMap::new();
         for node in view.nodes.iter().filter(|n| n.live) {
             for (k, v) in node.kv.iter() {
                 let summaries = match Key::decode(k) {
                     Some(Key::Stats(service)) => by_service.entry(service).or_default(),
                     Some(Key::Edge { service, caller }) => {
                         by_edge.entry((caller, service)).or_default()
+                    }
+                    Some(Key::Zone { zone, service }) if Some(&zone) != own_zone.as_ref() => {
+                        if let Some(summary) = zone_summary(v) {
+                            zones.insert((service, zone_source(&zone)), summary);
+                        }
+                        continue;
                     }
                     _ => continue,
                 };
@@ -221,14 +231,26 @@ impl StatsAggregator {
             }
         }
         let mut services = BTreeMap::new();
-        for name in by_service.keys().chain(self.local.keys()) {
-            if services.contains_key(name) {
-                continue;
-            }
-            let cluster = by_service
-                .get(name)
-                .map(|s| merge(s, Some(&self.node)))
-                .unwrap_or_default();
+        let names: BTreeSet<&String> = by_service
+            .keys()
+            .chain(self.local.keys())
+            .chain(zones.keys().map(|(service, _)| service))
+            .collect();
+        for name in names {
+            let own = by_service.get(name).map_or(&[][..], Vec::as_slice);
+            let zone = merge(own, Some(&self.node));
+            let mut with_zones = own.to_vec();
+            with_zones.extend(
+                zones
+                    .range((name.clone(), String::new())..)
+                    .take_while(|((service, _), _)| service == name)
+                    .map(|((_, source), summary)| (source.clone(), *summary)),
+            );
+            let cluster = if with_zones.len() == own.len() {
+                zone
+            } else {
+                merge_trusting(&with_zones, |n| *n == self.node || is_zone_source(n))
+            };
             let (local, effective, episode_start, explore) = self
                 .local
                 .get(name)
@@ -243,6 +265,7 @@ impl StatsAggregator {
                 .unwrap_or_default();
             let stats = ServiceStats {
                 cluster,
+                zone,
                 local,
                 effective,
                 episode_start,
@@ -264,6 +287,22 @@ impl StatsAggregator {
             .collect();
         self.handle.publish(StatsSnapshot { services, edges });
     }
+}
+
+/// The name another zone's summary is merged under: no node's name, as
+/// node names have no `:`.
+fn zone_source(zone: &str) -> String {
+    format!("zone:{zone}")
+}
+
+fn is_zone_source(name: &str) -> bool {
+    name.starts_with("zone:")
+}
+
+/// The statistics a zone offer carries.
+fn zone_summary(value: &str) -> Option<Summary> {
+    let offer: ZoneOffer = serde_json::from_str(value).ok()?;
+    Summary::decode(offer.stats.as_deref()?)
 }
 
 /// The success the calling apps saw, over the summaries that report it,

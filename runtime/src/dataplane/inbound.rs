@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use weft_gossip::{MemberState, Protocol, ServiceRecord};
 
+use super::bridge::{self, Relayed};
 use super::error::MeshError;
 use super::local::LocalFailure;
 use super::request::{header_map, is_upgrade, wire_pairs, Forward};
@@ -279,6 +280,14 @@ async fn handle_stream(
         tunnel::close_read(recv);
         return super::tap::serve(dp, &head, send).await;
     }
+    let (head, mut send, recv) = if bridge::is_gateway(&head) {
+        match bridge::relay(dp, peer, head, send, recv).await? {
+            Relayed::Done => return Ok(()),
+            Relayed::Here(head, send, recv) => (head, send, recv),
+        }
+    } else {
+        (head, send, recv)
+    };
     let admitted = match dp.registered.authorize(&head) {
         Ok(admitted) => admitted,
         Err(refusal) => {
@@ -551,15 +560,18 @@ fn admit_caller(
     service: &str,
     headers: &mut http::HeaderMap,
 ) -> Result<http::HeaderValue, Decision> {
+    let routing = dp.router.load();
     let hosts = |caller: &str| {
-        let routing = dp.router.load();
         routing
             .catalog
-            .services
-            .get(caller)
-            .is_some_and(|instances| instances.iter().any(|i| i.node == peer))
+            .instances(caller)
+            .iter()
+            .any(|i| i.node == peer)
     };
-    if caller::admit_claim(headers, peer, hosts) == Claim::NotHosted {
+    // A bridge relays a caller it or the bridge before it checked, with
+    // the node the request came from.
+    let vouched = headers.contains_key(caller::CALLER_NODE) && routing.is_bridge(peer);
+    if !vouched && caller::admit_claim(headers, peer, hosts) == Claim::NotHosted {
         metrics::counter!("weft_caller_claims_rejected_total").increment(1);
         tracing::warn!(
             peer,

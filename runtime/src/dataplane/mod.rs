@@ -25,6 +25,7 @@
 
 pub mod admission;
 pub mod body;
+mod bridge;
 pub mod endpoints;
 pub mod error;
 mod hedge;

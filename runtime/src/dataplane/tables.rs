@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
+use weft_gossip::zones::Place;
 use weft_gossip::{Catalog, Member};
 
 use super::endpoints::Endpoints;
@@ -26,6 +27,15 @@ pub struct RouterSnapshot {
     pub catalog: Arc<Catalog>,
     /// The same instances, typed for the data plane, with their load.
     pub endpoints: Arc<Endpoints>,
+    /// This node's zone, and whether it bridges it.
+    pub place: Place,
+}
+
+impl RouterSnapshot {
+    /// Whether `node` is a live member that bridges zones.
+    pub fn is_bridge(&self, node: &str) -> bool {
+        self.members.iter().any(|m| m.name == node && m.bridge)
+    }
 }
 
 /// Cheap, cloneable read access to the latest snapshot.
@@ -49,8 +59,12 @@ impl RouterHandle {
 /// What readers see for one service.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceStats {
-    /// Merged over every node's summary.
+    /// Merged over every node's summary, and the summaries of other zones
+    /// that offer the service.
     pub cluster: ClusterStats,
+    /// Merged over this zone's nodes alone: what a bridge offers other
+    /// zones (the same as `cluster` without zones).
+    pub zone: ClusterStats,
     /// This node's attempts.
     pub local: WindowStats,
     /// This node's client requests (last attempts only): the success the app saw.

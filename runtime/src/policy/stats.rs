@@ -428,6 +428,42 @@ impl Summary {
         }
     }
 
+    /// A zone's merged statistics as one summary, for other zones: what
+    /// was not learned (a quantile fewer than two nodes reported) is left
+    /// out, and so are episodes without their quantiles.
+    pub fn of_merged(cluster: &ClusterStats) -> Self {
+        let mut episodes = cluster.episodes;
+        if episodes.p50_ms.is_none() || episodes.p90_ms.is_none() || episodes.p99_ms.is_none() {
+            episodes = EpisodeStats::default();
+        }
+        let summary = Summary {
+            requests: cluster.requests,
+            failures: cluster.failures.min(cluster.requests),
+            retries: cluster.retries,
+            rps: cluster.rps,
+            p50_ms: cluster.p50_ms,
+            p95_ms: cluster.p95_ms,
+            p99_ms: cluster.p99_ms,
+            p999_ok_ms: cluster.p999_ok_ms,
+            episodes,
+            error_rate: cluster.success_rate.map_or(0.0, |ok| 1.0 - ok),
+            effective_error_rate: None,
+        };
+        // Medians of different weights need not stay in order: keep the
+        // episodes, which are what other zones learn from, over latency.
+        if summary.normalized().is_some() {
+            summary
+        } else {
+            Summary {
+                p50_ms: None,
+                p95_ms: None,
+                p99_ms: None,
+                p999_ok_ms: None,
+                ..summary
+            }
+        }
+    }
+
     /// Adds the effective error rate of the client requests in `requests`.
     pub fn with_effective(mut self, requests: &WindowStats) -> Self {
         self.effective_error_rate =
@@ -684,6 +720,13 @@ impl Votes {
 /// Nodes without requests (or without episodes) weigh nothing in the
 /// corresponding quantiles. Invalid summaries are skipped.
 pub fn merge<N: PartialEq>(summaries: &[(N, Summary)], own: Option<&N>) -> ClusterStats {
+    merge_trusting(summaries, |node| own == Some(node))
+}
+
+/// [`merge`], believing whole every summary `trusted` names (this node's
+/// own, and the merged summaries of other zones, which their bridges
+/// already merged robustly).
+pub fn merge_trusting<N>(summaries: &[(N, Summary)], trusted: impl Fn(&N) -> bool) -> ClusterStats {
     let mut out = ClusterStats::default();
     let mut requests = Votes::default();
     let (mut l50, mut l95, mut l99, mut l999) = (
@@ -695,7 +738,7 @@ pub fn merge<N: PartialEq>(summaries: &[(N, Summary)], own: Option<&N>) -> Clust
     let (mut e50, mut e90, mut e99) = (Votes::default(), Votes::default(), Votes::default());
     for (node, s) in summaries {
         let Some(s) = s.normalized() else { continue };
-        let own = own == Some(node);
+        let own = trusted(node);
         out.nodes += 1;
         out.requests = out.requests.saturating_add(s.requests);
         out.failures = out.failures.saturating_add(s.failures);

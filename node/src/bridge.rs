@@ -1,0 +1,187 @@
+//! A bridge's part in zones ([`weft_gossip::zones`]): a second gossip pool
+//! between zones, the view the bridge routes from (its zone's joined with
+//! that pool), and once a second the offers it writes: its zone's services
+//! into the pool between zones, every other zone's into its zone.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use weft_gossip::seal::SealedTransport;
+use weft_gossip::zones::{self, gateway_zone};
+use weft_gossip::{Cluster, ClusterConfig, ClusterView, Key, ZoneOffer};
+use weft_runtime::dataplane::tables::{RouterHandle, StatsHandle};
+use weft_runtime::gossip_writer::GossipWriter;
+use weft_runtime::policy::stats::Summary;
+
+/// How often the offers are written (when they changed).
+const OFFER_PERIOD: Duration = Duration::from_secs(1);
+
+/// The pool between zones, rounds this many times slower than a zone's:
+/// it holds a few bridges per zone, and what it carries changes slowly.
+pub const ROUND_FACTOR: u32 = 4;
+
+/// The chitchat cluster id of the pool between zones.
+pub fn between_id(cluster_id: &str) -> String {
+    format!("{cluster_id}/zones")
+}
+
+/// The chitchat cluster id of `zone`'s pool (the default zone keeps the
+/// cluster's id, so nodes from before zones stay in it).
+pub fn zone_id(cluster_id: &str, zone: Option<&str>) -> String {
+    match zone {
+        Some(zone) => format!("{cluster_id}/zone/{zone}"),
+        None => cluster_id.to_string(),
+    }
+}
+
+/// What a running bridge holds.
+pub struct Bridge {
+    /// The pool between zones.
+    pub between: Arc<Cluster>,
+    /// The bridge's zone view joined with the pool between zones.
+    pub views: watch::Receiver<Arc<ClusterView>>,
+}
+
+impl Bridge {
+    /// Joins the pool between zones and starts the view joiner and the
+    /// offer writer.
+    pub async fn start(
+        config: &ClusterConfig,
+        initial: Vec<(Key, String)>,
+        transport: &SealedTransport,
+        (own_zone, zone, zone_writer): (&str, &Cluster, GossipWriter),
+        tables: (RouterHandle, StatsHandle),
+    ) -> Result<Bridge, weft_gossip::GossipError> {
+        let between = Arc::new(Cluster::start(config, initial, transport).await?);
+        let views = joined_views(zone.views(), between.views());
+        let offers = Offers {
+            own_zone: own_zone.to_string(),
+            between: between.clone(),
+            zone_writer,
+            router: tables.0,
+            stats: tables.1,
+            written_between: BTreeMap::new(),
+            written_zone: BTreeMap::new(),
+        };
+        tokio::spawn(offers.run());
+        Ok(Bridge { between, views })
+    }
+}
+
+/// A watch of `zone` joined with `between`, new whenever either moves.
+fn joined_views(
+    mut zone: watch::Receiver<Arc<ClusterView>>,
+    mut between: watch::Receiver<Arc<ClusterView>>,
+) -> watch::Receiver<Arc<ClusterView>> {
+    let first = zones::join(&zone.borrow_and_update(), &between.borrow_and_update());
+    let (tx, rx) = watch::channel(Arc::new(first));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                moved = zone.changed() => if moved.is_err() { return },
+                moved = between.changed() => if moved.is_err() { return },
+            }
+            let joined = zones::join(&zone.borrow_and_update(), &between.borrow_and_update());
+            if tx.send(Arc::new(joined)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Writes the offers, each only when it changed; withdraws what is no
+/// longer offered.
+struct Offers {
+    own_zone: String,
+    between: Arc<Cluster>,
+    zone_writer: GossipWriter,
+    router: RouterHandle,
+    stats: StatsHandle,
+    written_between: BTreeMap<Key, String>,
+    written_zone: BTreeMap<Key, String>,
+}
+
+impl Offers {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(OFFER_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let own = self.own_offers();
+            self.write_between(own).await;
+            let theirs = zones::other_zones(&self.between.views().borrow());
+            self.write_zone(theirs);
+        }
+    }
+
+    /// This zone's services with an instance in it (gateways are other
+    /// zones'), with the zone's merged statistics of each.
+    fn own_offers(&self) -> BTreeMap<Key, String> {
+        let (routing, stats) = (self.router.load(), self.stats.load());
+        let mut offers = BTreeMap::new();
+        for (service, instances) in &routing.catalog.services {
+            let own: Vec<_> = instances
+                .iter()
+                .filter(|i| gateway_zone(&i.id).is_none())
+                .collect();
+            if own.is_empty() {
+                continue;
+            }
+            let healthy = own.iter().filter(|i| i.health.routable()).count();
+            let merged = stats.services.get(service).map(|s| s.zone);
+            let offer = ZoneOffer {
+                healthy: u32::try_from(healthy).unwrap_or(u32::MAX),
+                stats: merged
+                    .filter(|m| m.requests > 0 || m.episodes.samples > 0)
+                    .map(|m| Summary::of_merged(&m).encode()),
+            };
+            let key = Key::Zone {
+                zone: self.own_zone.clone(),
+                service: service.clone(),
+            };
+            offers.insert(key, json(&offer));
+        }
+        offers
+    }
+
+    async fn write_between(&mut self, offers: BTreeMap<Key, String>) {
+        for (key, value) in &offers {
+            if self.written_between.get(key) != Some(value) {
+                if let Err(e) = self.between.set(key, value).await {
+                    tracing::warn!(error = %e, "could not offer a service to other zones");
+                }
+            }
+        }
+        for key in self.written_between.keys() {
+            if !offers.contains_key(key) {
+                self.between.delete(key).await;
+            }
+        }
+        self.written_between = offers;
+    }
+
+    fn write_zone(&mut self, theirs: BTreeMap<(String, String), ZoneOffer>) {
+        let offers: BTreeMap<Key, String> = theirs
+            .into_iter()
+            .map(|((zone, service), offer)| (Key::Zone { zone, service }, json(&offer)))
+            .collect();
+        for (key, value) in &offers {
+            if self.written_zone.get(key) != Some(value) {
+                self.zone_writer.set(key.clone(), value.clone());
+            }
+        }
+        for key in self.written_zone.keys() {
+            if !offers.contains_key(key) {
+                self.zone_writer.delete(key.clone());
+            }
+        }
+        self.written_zone = offers;
+    }
+}
+
+fn json(offer: &ZoneOffer) -> String {
+    serde_json::to_string(offer).unwrap_or_default()
+}
