@@ -19,13 +19,23 @@
 //!   does on a change elsewhere), and its JSON encoding (as `GET
 //!   /v1/services` does), median of 20.
 //!
+//! `--zones Z` runs Z zones of N nodes each (`--nodes` is then per zone),
+//! each its own gossip pool, and makes the first three nodes of each zone
+//! bridges, which also gossip in one pool between zones at four times the
+//! interval (as `weft node --zone --bridge` does). Formation then waits for
+//! every node to see its zone and every bridge to see all bridges;
+//! registration and kill are measured in the zone of the node they touch,
+//! and a fourth row measures an offer a bridge writes reaching every other
+//! bridge.
+//!
 //! `--instances K` gives every node K instances instead of one (100 nodes
 //! with 100 each is a 10,000-instance catalog). `--signed` gives every node
 //! a certificate of one CA and signs and checks node state as a real node
 //! does (`weft_gossip::attest`, with `weft_runtime::tls::NodeAttestor`).
 //!
 //! `ulimit -n 16384; cargo run --release -p weft-gossip --example scale --
-//! --nodes 50,200 [--trials 10] [--rest 10] [--instances 1] [--port 30000] [--signed]`
+//! --nodes 50,200 [--trials 10] [--rest 10] [--instances 1] [--port 30000] [--signed]
+//! [--zones 3]`
 //!
 //! Prints one table row per N. On a 2-core machine the larger N saturate
 //! the CPU; the rest CPU column says how much.
@@ -52,7 +62,11 @@ struct Args {
     instances: usize,
     port: u16,
     signed: bool,
+    zones: usize,
 }
+
+/// Bridges per zone, as `docs/scale.md` plans.
+const BRIDGES_PER_ZONE: usize = 3;
 
 fn args() -> Args {
     let argv: Vec<String> = std::env::args().collect();
@@ -76,6 +90,7 @@ fn args() -> Args {
         instances: value("--instances").map_or(1, |k| k.parse().expect("--instances K")),
         port: value("--port").map_or(30_000, |p| p.parse().expect("--port P")),
         signed: argv.iter().any(|a| a == "--signed"),
+        zones: value("--zones").map_or(1, |z| z.parse().expect("--zones Z")),
     }
 }
 
@@ -128,9 +143,37 @@ impl Drop for Signers {
 /// One node of the harness.
 struct Node {
     name: String,
+    /// Its zone's index (0 without zones).
+    zone: usize,
     cluster: Option<Cluster>,
     views: watch::Receiver<Arc<ClusterView>>,
     stats: Arc<SealStats>,
+    /// The pool between zones, for a bridge.
+    between: Option<Cluster>,
+}
+
+/// Where node `i` stands: its zone, of `per_zone` nodes, and whether it
+/// bridges (only with more than one zone).
+#[derive(Clone, Copy)]
+struct Layout {
+    per_zone: usize,
+    zones: usize,
+}
+
+impl Layout {
+    fn zone(self, i: usize) -> usize {
+        i / self.per_zone
+    }
+
+    fn is_bridge(self, i: usize) -> bool {
+        self.zones > 1 && i % self.per_zone < BRIDGES_PER_ZONE
+    }
+
+    /// The nodes of node `i`'s zone.
+    fn zone_of(self, i: usize) -> std::ops::Range<usize> {
+        let first = self.zone(i) * self.per_zone;
+        first..first + self.per_zone
+    }
 }
 
 async fn start_node(
@@ -139,25 +182,36 @@ async fn start_node(
     instances: usize,
     key: [u8; 32],
     attestor: Option<Arc<dyn weft_gossip::attest::Attestor>>,
+    layout: Layout,
 ) -> Node {
     let name = format!("n{i}");
     let addr: SocketAddr = ([127, 0, 0, 1], port0 + i as u16).into();
+    let zone = layout.zone(i);
+    let zone_seed = port0 + (zone * layout.per_zone) as u16;
     let config = ClusterConfig {
         node_name: name.clone(),
         generation: 1,
         listen_addr: addr,
         advertise_addr: addr,
-        seeds: vec![format!("127.0.0.1:{port0}")],
+        seeds: vec![format!("127.0.0.1:{zone_seed}")],
         interval: INTERVAL,
-        cluster_id: "scale".into(),
-        attestor,
+        cluster_id: if layout.zones > 1 {
+            format!("scale/zone/z{zone}")
+        } else {
+            "scale".into()
+        },
+        attestor: attestor.clone(),
     };
-    let info = serde_json::json!({
+    let mut info = serde_json::json!({
         "tunnel": format!("127.0.0.1:{}", port0 + 20_000 + i as u16),
         "admin": format!("127.0.0.1:{}", port0 + 30_000 + i as u16),
         "version": "scale",
         "status": "alive",
     });
+    if layout.zones > 1 {
+        info["zone"] = format!("z{zone}").into();
+        info["bridge"] = layout.is_bridge(i).into();
+    }
     let transport = SealedTransport::new(key).with_advertised(addr);
     let stats = transport.stats();
     // One instance per node by default, as most hosts have; `--instances`
@@ -175,6 +229,25 @@ async fn start_node(
             panic!("{name} on {addr}: {e} (ulimit -n too low, or the port is taken?)")
         });
     let views = cluster.views();
+    let between = if layout.is_bridge(i) {
+        let addr: SocketAddr = ([127, 0, 0, 1], port0 + 10_000 + i as u16).into();
+        let config = ClusterConfig {
+            listen_addr: addr,
+            advertise_addr: addr,
+            seeds: vec![format!("127.0.0.1:{}", port0 + 10_000)],
+            interval: INTERVAL * 4,
+            cluster_id: "scale/zones".into(),
+            ..config
+        };
+        let transport = SealedTransport::new(key).with_advertised(addr);
+        let initial = vec![(Key::Node, info.to_string())];
+        let between = Cluster::start(&config, initial, &transport)
+            .await
+            .unwrap_or_else(|e| panic!("{name} between zones on {addr}: {e}"));
+        Some(between)
+    } else {
+        None
+    };
     // What the node's router does with every view: the members, and the
     // catalog when its inputs moved.
     let mut derive = cluster.views();
@@ -188,9 +261,11 @@ async fn start_node(
     });
     Node {
         name,
+        zone,
         cluster: Some(cluster),
         views,
         stats,
+        between,
     }
 }
 
@@ -269,6 +344,10 @@ fn cpu_time() -> Duration {
 
 struct Row {
     n: usize,
+    zones: usize,
+    /// An offer written in the pool between zones, until every other
+    /// bridge holds it (`None` without zones).
+    between_reach: Option<Duration>,
     formed: Option<Duration>,
     reg: Vec<Duration>,
     reg_missed: usize,
@@ -285,25 +364,52 @@ struct Row {
     encode: Duration,
 }
 
+/// `n` nodes per zone, in `args.zones` zones.
 async fn measure(n: usize, args: &Args) -> Row {
+    let layout = Layout {
+        per_zone: n,
+        zones: args.zones,
+    };
+    let total = n * args.zones;
     let key: [u8; 32] = rand::thread_rng().gen();
     let signers = args.signed.then(Signers::new);
-    let mut attestors: Vec<_> = (0..n)
+    let mut attestors: Vec<_> = (0..total)
         .map(|i| signers.as_ref().map(|s| s.attestor(&format!("n{i}"))))
         .collect();
     let t0 = Instant::now();
-    let started = futures_join_all(
-        (0..n).map(|i| start_node(i, args.port, args.instances, key, attestors[i].take())),
-    )
+    let started = futures_join_all((0..total).map(|i| {
+        start_node(
+            i,
+            args.port,
+            args.instances,
+            key,
+            attestors[i].take(),
+            layout,
+        )
+    }))
     .await;
     let mut nodes = started;
-    let all: Vec<usize> = (0..n).collect();
+    let all: Vec<usize> = (0..total).collect();
+    // Every node sees its zone; every bridge sees every bridge.
     let formed = each_until(&nodes, &all, t0, Duration::from_secs(180), move |v| {
         alive_in(v) >= n
     })
     .await;
+    let bridges = between_views(&nodes);
+    let bridges_formed = each_until(
+        &bridges,
+        &(0..bridges.len()).collect::<Vec<_>>(),
+        t0,
+        Duration::from_secs(180),
+        {
+            let all_bridges = bridges.len();
+            move |v| alive_in(v) >= all_bridges
+        },
+    )
+    .await;
     let formed = formed
         .iter()
+        .chain(&bridges_formed)
         .copied()
         .collect::<Option<Vec<_>>>()
         .and_then(|t| t.into_iter().max());
@@ -332,6 +438,7 @@ async fn measure(n: usize, args: &Args) -> Row {
     }
     let false_deaths = doubting.len();
     let rss_mb = rss_bytes() as f64 / 1e6;
+    let between_reach = offer_reach(&bridges, &nodes).await;
     let (derive, derive_one, encode) = catalog_costs(&nodes[0].views.borrow());
     let instances: usize = {
         let view = nodes[0].views.borrow();
@@ -344,14 +451,14 @@ async fn measure(n: usize, args: &Args) -> Row {
     let secs = rest0.elapsed().as_secs_f64();
     let vcpu = (cpu_time().saturating_sub(cpu0)).as_secs_f64() / secs;
     let (sent1, datagrams1) = sent(&nodes);
-    let bytes_per_node = (sent1 - sent0) as f64 / secs / n as f64;
+    let bytes_per_node = (sent1 - sent0) as f64 / secs / total as f64;
     let datagram_bytes = (sent1 - sent0) as f64 / (datagrams1 - datagrams0).max(1) as f64;
 
     // Registration propagation.
     let mut reg = Vec::new();
     let mut reg_missed = 0;
     for trial in 0..args.trials {
-        let owner = rand::thread_rng().gen_range(0..n);
+        let owner = rand::thread_rng().gen_range(0..total);
         let id = format!("probe-{trial}");
         let key = Key::svc(&id).expect("probe id");
         let raw = key.encode();
@@ -361,7 +468,8 @@ async fn measure(n: usize, args: &Args) -> Row {
         if let Some(c) = &nodes[owner].cluster {
             c.set(&key, &record.to_string()).await.expect("set probe");
         }
-        let seen = each_until(&nodes, &all, t, Duration::from_secs(30), move |v| {
+        let zone: Vec<usize> = layout.zone_of(owner).collect();
+        let seen = each_until(&nodes, &zone, t, Duration::from_secs(30), move |v| {
             v.nodes
                 .iter()
                 .any(|x| x.name == owner_name && x.kv.contains_key(&raw))
@@ -377,12 +485,12 @@ async fn measure(n: usize, args: &Args) -> Row {
     reg.sort();
 
     // kill: one node stops without a goodbye.
-    let victim = rand::thread_rng().gen_range(1..n);
+    let victim = rand::thread_rng().gen_range(BRIDGES_PER_ZONE.min(n - 1)..n);
     let victim_name = nodes[victim].name.clone();
     if let Some(c) = nodes[victim].cluster.take() {
         c.shutdown().await;
     }
-    let survivors: Vec<usize> = (0..n).filter(|&i| i != victim).collect();
+    let survivors: Vec<usize> = layout.zone_of(victim).filter(|&i| i != victim).collect();
     let t = Instant::now();
     let seen = each_until(&nodes, &survivors, t, Duration::from_secs(60), move |v| {
         v.nodes.iter().any(|x| x.name == victim_name && !x.live)
@@ -394,16 +502,20 @@ async fn measure(n: usize, args: &Args) -> Row {
         None => (None, None),
     };
     // All at once: one after another takes minutes at the larger sizes.
+    drop(bridges);
     let shutdowns: Vec<_> = nodes
         .iter_mut()
-        .filter_map(|node| node.cluster.take())
+        .flat_map(|node| [node.cluster.take(), node.between.take()])
+        .flatten()
         .map(|c| tokio::spawn(c.shutdown()))
         .collect();
     for s in shutdowns {
         let _ = s.await;
     }
     Row {
-        n,
+        n: total,
+        zones: args.zones,
+        between_reach,
         formed,
         reg,
         reg_missed,
@@ -419,6 +531,46 @@ async fn measure(n: usize, args: &Args) -> Row {
         derive_one,
         encode,
     }
+}
+
+/// The bridges' views of the pool between zones, as harness nodes (named
+/// and zoned as their node), for [`each_until`].
+fn between_views(nodes: &[Node]) -> Vec<Node> {
+    nodes
+        .iter()
+        .filter_map(|node| {
+            let between = node.between.as_ref()?;
+            Some(Node {
+                name: node.name.clone(),
+                zone: node.zone,
+                cluster: None,
+                views: between.views(),
+                stats: node.stats.clone(),
+                between: None,
+            })
+        })
+        .collect()
+}
+
+/// A bridge of the first zone offers a service in the pool between zones;
+/// how long until every other bridge holds the offer.
+async fn offer_reach(bridges: &[Node], nodes: &[Node]) -> Option<Duration> {
+    let writer = nodes.iter().find_map(|n| n.between.as_ref())?;
+    let key = Key::Zone {
+        zone: "z0".into(),
+        service: "probe".into(),
+    };
+    let raw = key.encode();
+    let t = Instant::now();
+    writer.set(&key, r#"{"healthy":1}"#).await.expect("offer");
+    let which: Vec<usize> = (1..bridges.len()).collect();
+    let seen = each_until(bridges, &which, t, Duration::from_secs(30), move |v| {
+        v.nodes.iter().any(|x| x.kv.contains_key(&raw))
+    })
+    .await;
+    seen.into_iter()
+        .collect::<Option<Vec<_>>>()
+        .and_then(|t| t.into_iter().max())
 }
 
 /// The process's resident memory, from /proc.
@@ -498,8 +650,8 @@ async fn main() {
         args.trials,
         args.rest.as_secs()
     );
-    println!("| nodes | instances | formed | reg p50 ms | reg p99 ms | reg all ms | kill: first dead ms | kill: all dead ms | sent per node at rest | mean datagram | CPU at rest | nodes that saw a false death | RSS | catalog: derive whole / after one node changed / JSON |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| nodes | zones | offer between zones | instances | formed | reg p50 ms | reg p99 ms | reg all ms | kill: first dead ms | kill: all dead ms | sent per node at rest | mean datagram | CPU at rest | nodes that saw a false death | RSS | catalog: derive whole / after one node changed / JSON |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (k, &n) in args.sizes.iter().enumerate() {
         // A fresh port range per size, so sockets of the last size that
         // are still closing never collide.
@@ -508,8 +660,10 @@ async fn main() {
         let r = measure(n, &this).await;
         let all = r.reg.last().copied();
         println!(
-            "| {} | {} | {} | {} | {} | {}{} | {} | {} | {:.1} KB/s | {:.0} B | {:.2} vCPU ({:.1} mCPU per node) | {} | {:.0} MB | {:.2} / {:.3} / {:.2} ms |",
+            "| {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {:.1} KB/s | {:.0} B | {:.2} vCPU ({:.1} mCPU per node) | {} | {:.0} MB | {:.2} / {:.3} / {:.2} ms |",
             r.n,
+            r.zones,
+            r.between_reach.map_or("-".into(), |d| format!("{} ms", ms(d))),
             r.instances,
             r.formed.map_or("not within 180 s".into(), |d| format!("{:.1} s", d.as_secs_f64())),
             ms(quantile(&r.reg, 0.5)),

@@ -292,27 +292,36 @@ pub fn edges_table(body: &Value) -> String {
     )
 }
 
-/// `weft members` as a table.
+/// `weft members` as a table; with a ZONE column when members are in
+/// zones (a bridge's zone is marked `(bridge)`).
 pub fn members_table(body: &Value) -> String {
-    let rows: Vec<Vec<String>> = body
+    let members: &[Value] = body
         .get("members")
         .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+        .map_or(&[], Vec::as_slice);
+    let zoned = members.iter().any(|m| m.get("zone").is_some());
+    let rows: Vec<Vec<String>> = members
+        .iter()
         .map(|m| {
-            vec![
+            let mut row = vec![
                 s(&m["name"]),
                 s(&m["state"]),
                 s(&m["gossip_addr"]),
                 s(&m["tunnel_addr"]),
                 s(&m["last_heard_ms"]),
-            ]
+            ];
+            if zoned {
+                let bridge = if m["bridge"] == true { " (bridge)" } else { "" };
+                row.push(format!("{}{bridge}", s(&m["zone"])));
+            }
+            row
         })
         .collect();
-    table(
-        &["NAME", "STATE", "GOSSIP", "TUNNEL", "LAST HEARD (ms)"],
-        &rows,
-    )
+    let mut headers = vec!["NAME", "STATE", "GOSSIP", "TUNNEL", "LAST HEARD (ms)"];
+    if zoned {
+        headers.push("ZONE");
+    }
+    table(&headers, &rows)
 }
 
 /// `weft keys list`: a key per row, with how many live members hold it

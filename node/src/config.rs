@@ -593,6 +593,24 @@ mod tests {
     }
 
     #[test]
+    fn a_bridge_needs_a_zone() {
+        let mut a = args("n1");
+        a.bridge = Some("127.0.0.1:7948".into());
+        let err = NodeConfig::resolve(&a, None).unwrap_err().to_string();
+        assert!(err.contains("--bridge needs --zone"), "{err}");
+        a.zone = Some("Eu".into());
+        let err = NodeConfig::resolve(&a, None).unwrap_err().to_string();
+        assert!(err.contains("--zone"), "{err}");
+        a.zone = Some("eu".into());
+        a.bridge_seeds = Some(vec!["10.0.0.2:7948".into(), " ".into()]);
+        let cfg = NodeConfig::resolve(&a, None).unwrap();
+        let bridge = cfg.bridge.expect("a bridge");
+        assert_eq!(bridge.listen.to_string(), "127.0.0.1:7948");
+        assert_eq!(bridge.seeds, ["10.0.0.2:7948"]);
+        assert_eq!(cfg.zone.as_deref(), Some("eu"));
+    }
+
+    #[test]
     fn file_fills_gaps_and_flags_win() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("weft.toml");

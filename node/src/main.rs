@@ -6,6 +6,7 @@
 //! - `config`: flags over `WEFT_*` over TOML over defaults, validated.
 //! - `init`: `weft init` (cluster CA and gossip key).
 //! - `node`: `weft node`, wiring gossip, actors and the local API; signals.
+//! - `bridge`: a bridge's pool between zones, its joined view and offers.
 //! - `logging`: text or JSON logs with a level SIGHUP can change.
 //! - `registry`: local registrations, persisted and announced.
 //! - `store`: atomically written JSON state files.

@@ -84,6 +84,7 @@ pub(super) async fn relay(
             return Ok(Relayed::Here(head, send, recv));
         }
     }
+    metrics::counter!("weft_bridge_relayed_total", "zone" => zone).increment(1);
     let started = Instant::now();
     let answer = forward(dp, &next, &head, send, recv).await;
     if own_zone {

@@ -5,6 +5,7 @@
 //!
 //! - [`outbound`]: the HTTP/1.1 + h2c proxy apps call (`127.0.0.1:4140`).
 //! - [`inbound`]: QUIC streams from peer nodes, handed to local instances.
+//! - `bridge`: streams for another zone's gateway, relayed one hop on.
 //! - [`tcp`]: `weft upstream` listeners, one QUIC stream per connection.
 //! - [`named`]: a service's named upstreams, HTTP or TCP by the target.
 //! - [`request`]: what is forwarded of a request (target, headers, hops).
@@ -600,8 +601,10 @@ impl DataPlane {
             tracing::warn!(service, node, id, secs = ?until.saturating_duration_since(Instant::now()), "instance ejected by outlier detection");
             metrics::counter!("weft_outlier_ejections_total", "service" => service.to_string())
                 .increment(1);
-            // Vote in gossip; the owner's own instances are judged by its checks.
-            if let (Some(w), true) = (&self.writer, node != self.node) {
+            // Vote in gossip; the owner's own instances are judged by its
+            // checks, and a gateway to another zone is no one's instance.
+            let votes = node != self.node && weft_gossip::zones::gateway_zone(&id).is_none();
+            if let (Some(w), true) = (&self.writer, votes) {
                 w.set(Key::Eject { node, id }, "1".to_string());
             }
         }
