@@ -87,6 +87,10 @@ fn zone_of(node: &NodeSnapshot) -> Option<Option<&str>> {
 pub fn gateways(view: &ClusterView) -> BTreeMap<String, Vec<Arc<Instance>>> {
     let me = Place::of(view);
     let mut out: BTreeMap<String, Vec<Arc<Instance>>> = BTreeMap::new();
+    // The default zone has no bridges: nothing leads out of it.
+    if me.zone.is_none() {
+        return out;
+    }
     for node in view.current_incarnations() {
         if node.name == view.self_name || !node.live {
             continue;

@@ -239,17 +239,16 @@ impl StatsAggregator {
         for name in names {
             let own = by_service.get(name).map_or(&[][..], Vec::as_slice);
             let zone = merge(own, Some(&self.node));
-            let mut with_zones = own.to_vec();
-            with_zones.extend(
-                zones
-                    .range((name.clone(), String::new())..)
-                    .take_while(|((service, _), _)| service == name)
-                    .map(|((_, source), summary)| (source.clone(), *summary)),
-            );
-            let cluster = if with_zones.len() == own.len() {
+            let mut from_zones = zones
+                .range((name.clone(), String::new())..)
+                .take_while(|((service, _), _)| service == name)
+                .map(|((_, source), summary)| (source.clone(), *summary))
+                .peekable();
+            let cluster = if from_zones.peek().is_none() {
                 zone
             } else {
-                merge_trusting(&with_zones, |n| *n == self.node || is_zone_source(n))
+                let all: Vec<(String, Summary)> = own.iter().cloned().chain(from_zones).collect();
+                merge_trusting(&all, |n| *n == self.node || is_zone_source(n))
             };
             let (local, effective, episode_start, explore) = self
                 .local

@@ -13,7 +13,7 @@
 //! checked it already; the last hop records the request's outcome, so the
 //! serving zone learns from the calls other zones send it too.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use quinn::{RecvStream, SendStream, VarInt};
 use rand::seq::SliceRandom;
@@ -33,6 +33,10 @@ use crate::wire::{RequestHead, ResponseHead, StreamKind};
 
 /// The QUIC error code of a relayed reset.
 const RESET: VarInt = VarInt::from_u32(1);
+
+/// How much longer than the caller's deadline a relay waits for the next
+/// hop's response head.
+const HEAD_GRACE: Duration = Duration::from_secs(1);
 
 /// Whether `head` names a gateway instance rather than a registered one.
 pub(super) fn is_gateway(head: &RequestHead) -> bool {
@@ -159,6 +163,10 @@ async fn forward(
         let _ = refuse(&mut send, MeshError::UpstreamUnreachable).await;
         return Err(MeshError::UpstreamUnreachable);
     };
+    // The caller gives up at its deadline and resets its stream; the
+    // relay stops waiting for the head soon after, whatever the next hop
+    // does.
+    let patience = Duration::from_millis(u64::from(head.deadline_ms)) + HEAD_GRACE;
     dp.started(next);
     let started = Instant::now();
     let request = async {
@@ -167,11 +175,21 @@ async fn forward(
         }
     };
     let response = async {
-        let Ok(answer) = tunnel::read_frame::<ResponseHead>(&mut out_recv).await else {
-            let _ = refuse(&mut send, MeshError::UpstreamUnreachable).await;
-            return Err(MeshError::UpstreamUnreachable);
-        };
+        let answer =
+            tokio::time::timeout(patience, tunnel::read_frame::<ResponseHead>(&mut out_recv)).await;
         dp.finished(next, started.elapsed());
+        let answer = match answer {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => {
+                let _ = refuse(&mut send, MeshError::UpstreamUnreachable).await;
+                return Err(MeshError::UpstreamUnreachable);
+            }
+            Err(_) => {
+                let _ = refuse(&mut send, MeshError::UpstreamTimeout).await;
+                let _ = out_recv.stop(RESET);
+                return Err(MeshError::UpstreamTimeout);
+            }
+        };
         let status = match &answer.error {
             Some(code) => Err(MeshError::from_code(code).unwrap_or(MeshError::UpstreamUnreachable)),
             None => Ok(answer.status),
