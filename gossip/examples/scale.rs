@@ -28,6 +28,11 @@
 //! and a fourth row measures an offer a bridge writes reaching every other
 //! bridge.
 //!
+//! `--heap` profiles the heap (dhat) from the start until the end of the
+//! rest window and writes `dhat-heap-<N>.json`, whose bytes live at the end
+//! `bench/heap_sites.py` sums by allocation site. It slows every
+//! allocation: use it for memory, not for times.
+//!
 //! `--instances K` gives every node K instances instead of one (100 nodes
 //! with 100 each is a 10,000-instance catalog). `--signed` gives every node
 //! a certificate of one CA and signs and checks node state as a real node
@@ -35,7 +40,7 @@
 //!
 //! `ulimit -n 16384; cargo run --release -p weft-gossip --example scale --
 //! --nodes 50,200 [--trials 10] [--rest 10] [--instances 1] [--port 30000] [--signed]
-//! [--zones 3]`
+//! [--zones 3] [--heap]`
 //!
 //! Prints one table row per N. On a 2-core machine the larger N saturate
 //! the CPU; the rest CPU column says how much.
@@ -54,6 +59,10 @@ use weft_gossip::{Cluster, ClusterConfig, ClusterView, Key};
 
 const INTERVAL: Duration = Duration::from_millis(250);
 
+/// Forwards to the system allocator unless `--heap` starts a profiler.
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
 #[derive(Clone)]
 struct Args {
     sizes: Vec<usize>,
@@ -63,6 +72,7 @@ struct Args {
     port: u16,
     signed: bool,
     zones: usize,
+    heap: bool,
 }
 
 /// Bridges per zone, as `docs/scale.md` plans.
@@ -91,6 +101,7 @@ fn args() -> Args {
         port: value("--port").map_or(30_000, |p| p.parse().expect("--port P")),
         signed: argv.iter().any(|a| a == "--signed"),
         zones: value("--zones").map_or(1, |z| z.parse().expect("--zones Z")),
+        heap: argv.iter().any(|a| a == "--heap"),
     }
 }
 
@@ -372,6 +383,13 @@ async fn measure(n: usize, args: &Args) -> Row {
     };
     let total = n * args.zones;
     let key: [u8; 32] = rand::thread_rng().gen();
+    // Live heap by allocation site, written when the rest window ends.
+    let heap = args.heap.then(|| {
+        dhat::Profiler::builder()
+            .file_name(format!("dhat-heap-{total}.json"))
+            .trim_backtraces(Some(16))
+            .build()
+    });
     let signers = args.signed.then(Signers::new);
     let mut attestors: Vec<_> = (0..total)
         .map(|i| signers.as_ref().map(|s| s.attestor(&format!("n{i}"))))
@@ -437,6 +455,7 @@ async fn measure(n: usize, args: &Args) -> Row {
         }
     }
     let false_deaths = doubting.len();
+    drop(heap);
     let rss_mb = rss_bytes() as f64 / 1e6;
     let between_reach = offer_reach(&bridges, &nodes).await;
     let (derive, derive_one, encode) = catalog_costs(&nodes[0].views.borrow());
