@@ -28,8 +28,9 @@
 //! and a fourth row measures an offer a bridge writes reaching every other
 //! bridge.
 //!
-//! `--heap` profiles the heap (dhat) from the start until the end of the
-//! rest window and writes `dhat-heap-<N>.json`, whose bytes live at the end
+//! `--heap` (built with `--features heap-profile`) profiles the heap
+//! (dhat) from the start until the end of the rest window and writes
+//! `dhat-heap-<N>.json`, whose bytes live at the end
 //! `bench/heap_sites.py` sums by allocation site. It slows every
 //! allocation: use it for memory, not for times.
 //!
@@ -59,7 +60,9 @@ use weft_gossip::{Cluster, ClusterConfig, ClusterView, Key};
 
 const INTERVAL: Duration = Duration::from_millis(250);
 
-/// Forwards to the system allocator unless `--heap` starts a profiler.
+/// Built with `--features heap-profile`: forwards to the system allocator
+/// unless `--heap` starts a profiler.
+#[cfg(feature = "heap-profile")]
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
 
@@ -384,12 +387,7 @@ async fn measure(n: usize, args: &Args) -> Row {
     let total = n * args.zones;
     let key: [u8; 32] = rand::thread_rng().gen();
     // Live heap by allocation site, written when the rest window ends.
-    let heap = args.heap.then(|| {
-        dhat::Profiler::builder()
-            .file_name(format!("dhat-heap-{total}.json"))
-            .trim_backtraces(Some(16))
-            .build()
-    });
+    let heap = args.heap.then(|| heap_profiler(total));
     let signers = args.signed.then(Signers::new);
     let mut attestors: Vec<_> = (0..total)
         .map(|i| signers.as_ref().map(|s| s.attestor(&format!("n{i}"))))
@@ -590,6 +588,22 @@ async fn offer_reach(bridges: &[Node], nodes: &[Node]) -> Option<Duration> {
     seen.into_iter()
         .collect::<Option<Vec<_>>>()
         .and_then(|t| t.into_iter().max())
+}
+
+#[cfg(feature = "heap-profile")]
+fn heap_profiler(nodes: usize) -> dhat::Profiler {
+    dhat::Profiler::builder()
+        .file_name(format!("dhat-heap-{nodes}.json"))
+        .build()
+}
+
+/// What `--heap` holds without the feature: nothing, as it refuses to run.
+#[cfg(not(feature = "heap-profile"))]
+struct NoHeapProfile;
+
+#[cfg(not(feature = "heap-profile"))]
+fn heap_profiler(_: usize) -> NoHeapProfile {
+    panic!("--heap needs the harness built with --features heap-profile");
 }
 
 /// The process's resident memory, from /proc.

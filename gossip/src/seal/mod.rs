@@ -2,35 +2,24 @@
 //! encrypted with a cluster-wide key before it leaves the node, and every
 //! incoming datagram is verified before chitchat ever sees it.
 //!
-//! # Why a codec detour
+//! # Pipeline
 //!
-//! chitchat's [`Transport`]/[`Socket`] traits only exchange typed
-//! [`ChitchatEnvelope`]s; the byte encoding is private to chitchat. To get at
-//! the bytes we use chitchat's own public [`chitchat::transport::UdpSocket`] as
-//! a codec, over private loopback sockets:
+//! chitchat's [`Transport`]/[`Socket`] traits exchange typed
+//! [`ChitchatEnvelope`]s; the sealed socket encodes each one with
+//! chitchat's own encoding (public in the patched copy) and seals it:
 //!
 //! ```text
-//! send:  envelope -> codec_tx (chitchat UdpSocket) --loopback--> tap
-//!        tap bytes -> fragment + seal -> outer socket -> peer
+//! send:  envelope -> chitchat bytes -> fragment + seal -> outer socket -> peer
 //!
 //! recv:  peer -> outer socket -> open/verify -> replay window -> reassemble
-//!        plaintext -> replayer --loopback--> codec_rx (chitchat UdpSocket)
-//!        fence (chitchat UdpSocket) --loopback--> codec_rx
-//!        codec_rx decodes -> RecvOutcome { from_addr: sealed sender, .. } -> channel
+//!        plaintext -> chitchat decode -> RecvOutcome { from_addr: sealed sender, .. } -> channel
 //! ```
 //!
 //! The receive pipeline runs in one spawned task feeding a bounded channel, so
 //! [`Socket::recv`] (whose future chitchat drops on every gossip tick) only
-//! awaits a cancel-safe channel receive. A supervisor restarts the reader with
-//! fresh codec sockets if it ever panics (e.g. a decode bug in chitchat hit by
-//! a datagram from a key holder).
-//!
-//! chitchat's `UdpSocket::recv` silently loops forever on undecodable bytes,
-//! so after writing the plaintext the reader writes a tiny, always-decodable
-//! "fence" envelope from a third socket: seeing the fence without having seen
-//! the plaintext means the plaintext did not decode. A 1 s deadline backs this
-//! up, and any doubt resets the codec sockets. Datagrams reaching the codec
-//! sockets from any other local address are discarded.
+//! awaits a cancel-safe channel receive. A supervisor restarts the reader if
+//! it ever panics (e.g. a decode bug in chitchat hit by a datagram from a key
+//! holder). Authentic bytes that do not decode are dropped and counted.
 //!
 //! # Wire format
 //!
@@ -108,7 +97,7 @@
 //! - [`replay`]: the window of recently accepted nonces.
 //! - [`fragment`]: the sealed plaintext (route, fragment header) and the split
 //!   of large messages; [`reassembly`]: putting fragments back together.
-//! - `codec`: chitchat's `UdpSocket` as the envelope codec over loopback.
+//! - `codec`: chitchat's byte encoding of envelopes, called in place.
 //! - [`transport`]: the chitchat [`Transport`] and its sockets (send side).
 //! - `reader`: the receive pipeline and its supervisor.
 //! - [`stats`]: counters exported as metrics.

@@ -1,6 +1,6 @@
 //! The receive pipeline: one task per socket reads, opens, replay-checks,
 //! routes, reassembles and decodes, feeding a bounded channel; a supervisor
-//! restarts it with fresh codec sockets if it panics.
+//! restarts it if it panics.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, warn};
 
-use super::codec::{Decoder, RECV_BUF_LEN};
+use super::codec::{self, RECV_BUF_LEN};
 use super::datagram::unix_now_ms;
 use super::fragment::parse_routed;
 use super::keyring::SharedKeyring;
@@ -24,8 +24,6 @@ use super::stats::{bump, SealStats, WarnLimiter};
 
 /// Pause before restarting a panicked reader.
 const RESTART_BACKOFF: Duration = Duration::from_millis(50);
-/// Pause before retrying after the codec sockets could not be created.
-const CODEC_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 /// Consecutive non-transient receive errors after which the socket is broken.
 const MAX_CONSECUTIVE_RECV_ERRORS: u32 = 16;
 #[cfg(test)]
@@ -56,8 +54,6 @@ enum ReaderExit {
     InboxClosed,
     /// The outer socket is broken: report to chitchat and stop.
     Fatal(anyhow::Error),
-    /// The loopback codec sockets could not be created: retry later.
-    Codec(anyhow::Error),
 }
 
 pub(super) async fn supervise_reader(
@@ -74,11 +70,6 @@ pub(super) async fn supervise_reader(
                 let _ = inbox.send(Err(err)).await;
                 return;
             }
-            Ok(ReaderExit::Codec(err)) => {
-                let restarts = bump(&shared.stats.reader_restarts);
-                warn!(error = %format!("{err:#}"), restarts, "gossip decode codec unavailable, retrying");
-                tokio::time::sleep(CODEC_RETRY_BACKOFF).await;
-            }
             Err(join_err) if join_err.is_panic() => {
                 let restarts = bump(&shared.stats.reader_restarts);
                 let panic = join_err.into_panic();
@@ -88,7 +79,7 @@ pub(super) async fn supervise_reader(
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "<non-string panic>".to_string());
                 error!(panic = %message, restarts,
-                    "sealed gossip reader panicked; restarting with fresh codec sockets");
+                    "sealed gossip reader panicked; restarting it");
                 tokio::time::sleep(RESTART_BACKOFF).await;
             }
             // Cancelled: only happens at runtime shutdown.
@@ -115,10 +106,6 @@ async fn run_reader(
     shared: Arc<ReaderShared>,
     inbox: mpsc::Sender<anyhow::Result<RecvOutcome>>,
 ) -> ReaderExit {
-    let mut decoder = match Decoder::open().await {
-        Ok(decoder) => decoder,
-        Err(err) => return ReaderExit::Codec(err),
-    };
     let mut reassembler = Reassembler::default();
     let mut buf = vec![0u8; RECV_BUF_LEN];
     let mut warn_limiter = WarnLimiter::default();
@@ -161,27 +148,23 @@ async fn run_reader(
         else {
             continue;
         };
-        let (decoded, reset) = decoder.decode(&message).await;
-        if reset {
-            decoder = match Decoder::open().await {
-                Ok(decoder) => decoder,
-                Err(err) => return ReaderExit::Codec(err),
-            };
-        }
-        let Some(outcome) = decoded else {
-            let total = bump(&shared.stats.decode_failures);
-            if warn_limiter.allow("decode") {
-                warn!(%from, len = message.len(), decode_failures = total,
-                    "authentic gossip message could not be decoded by chitchat");
+        let envelope = match codec::decode(&message) {
+            Ok(envelope) => envelope,
+            Err(err) => {
+                let total = bump(&shared.stats.decode_failures);
+                if warn_limiter.allow("decode") {
+                    warn!(%from, len = message.len(), decode_failures = total, error = %err,
+                        "authentic gossip message could not be decoded by chitchat");
+                }
+                continue;
             }
-            continue;
         };
         bump(&shared.stats.messages_received);
         // Answers go to the sealed sender, never to an unauthenticated source.
         let outcome = RecvOutcome {
             from_addr: sender,
-            envelope: outcome.envelope,
-            num_bytes_received: outcome.num_bytes_received,
+            envelope,
+            num_bytes_received: message.len(),
         };
         if inbox.send(Ok(outcome)).await.is_err() {
             return ReaderExit::InboxClosed;

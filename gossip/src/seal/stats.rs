@@ -27,7 +27,7 @@ pub struct SealStats {
     pub decode_failures: AtomicU64,
     /// Messages that could not be sent (encoding failure, oversized, socket error).
     pub send_failures: AtomicU64,
-    /// Times the reader task was restarted (panic or codec socket failure).
+    /// Times the reader task was restarted (after a panic).
     pub reader_restarts: AtomicU64,
     /// Sealed datagrams sent.
     pub datagrams_sent: AtomicU64,

@@ -106,9 +106,6 @@ impl Transport for SealedTransport {
         let local_addr = outer
             .local_addr()
             .with_context(|| format!("failed to read address of gossip socket {listen_addr}"))?;
-        let encoder = Encoder::open()
-            .await
-            .context("failed to open the gossip send codec")?;
         let me = self.advertised.unwrap_or(local_addr);
         let shared = Arc::new(ReaderShared {
             outer: Arc::new(outer),
@@ -126,7 +123,7 @@ impl Transport for SealedTransport {
             keyring: self.keyring.clone(),
             stats: self.stats.clone(),
             max_datagram_len: self.max_datagram_len,
-            encoder,
+            encoder: Encoder::default(),
             rng: StdRng::from_entropy(),
             inbox: inbox_rx,
             supervisor,
@@ -180,13 +177,6 @@ impl SealedSocket {
             debug!(%to, error = %err, "sealed gossip send failed: {what}");
         }
     }
-
-    async fn reset_encoder(&mut self) {
-        match Encoder::open().await {
-            Ok(encoder) => self.encoder = encoder,
-            Err(err) => warn!(error = %err, "failed to reset the gossip send codec"),
-        }
-    }
 }
 
 #[async_trait]
@@ -201,21 +191,14 @@ impl Socket for SealedSocket {
         envelope: ChitchatEnvelope,
     ) -> anyhow::Result<SendOutcome> {
         const FAILED: SendOutcome = SendOutcome { num_bytes_sent: 0 };
-        let len = match self.encoder.encode(envelope).await {
-            Ok(len) => len,
-            Err(err) => {
-                let timed_out = err.is::<tokio::time::error::Elapsed>();
-                self.send_failed(to, "encode", &format_args!("{err:#}"));
-                if timed_out {
-                    self.reset_encoder().await;
-                }
-                return Ok(FAILED);
-            }
-        };
-        let Some(plaintext) = self.encoder.buf.get(..len) else {
-            self.send_failed(to, "encode", &"encoded length out of range");
+        let plaintext = self.encoder.encode(&envelope);
+        let len = plaintext.len();
+        // chitchat sizes its messages to one UDP payload; receivers
+        // reassemble no more.
+        if len > MAX_UDP_PAYLOAD_LEN {
+            self.send_failed(to, "too large", &format_args!("{len} bytes"));
             return Ok(FAILED);
-        };
+        }
         let route = Route { from: self.me, to };
         let datagrams = seal_message(
             self.keyring.load().primary(),
@@ -268,8 +251,11 @@ mod tests {
     use chitchat::{ChitchatMessage, ProtocolVersion};
 
     use super::*;
-    use crate::seal::codec::loopback_any;
     use crate::seal::key::SealKey;
+
+    fn loopback_any() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    }
     use crate::seal::reader::TEST_PANIC_PAYLOAD;
 
     const KEY: [u8; 32] = [7u8; 32];
@@ -378,7 +364,7 @@ mod tests {
             1
         );
 
-        // Larger than a UDP datagram: chitchat's codec cannot even emit it.
+        // Larger than a UDP payload: no receiver would reassemble it.
         // The send is counted as failed, but reported Ok so gossip goes on.
         let too_big = a.send(b_addr, syn("y".repeat(65_535))).await.unwrap();
         assert_eq!(too_big.num_bytes_sent, 0);
@@ -411,11 +397,7 @@ mod tests {
         let (b_addr, c_addr) = (b.local_addr().unwrap(), c.local_addr().unwrap());
         let a_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
         let attacker = TokioUdpSocket::bind(loopback_any()).await.unwrap();
-        let encoded = {
-            let mut encoder = Encoder::open().await.unwrap();
-            let len = encoder.encode(syn("weft".into())).await.unwrap();
-            encoder.buf[..len].to_vec()
-        };
+        let encoded = { Encoder::default().encode(&syn("weft".into())).to_vec() };
         let route = Route {
             from: a_addr,
             to: b_addr,
@@ -456,11 +438,7 @@ mod tests {
         let mut rng = rng();
 
         // A valid sealed message, delivered twice: the second is a replay.
-        let encoded = {
-            let mut encoder = Encoder::open().await.unwrap();
-            let len = encoder.encode(syn("weft".into())).await.unwrap();
-            encoder.buf[..len].to_vec()
-        };
+        let encoded = { Encoder::default().encode(&syn("weft".into())).to_vec() };
         let datagrams = seal_message(
             &key(),
             &encoded,

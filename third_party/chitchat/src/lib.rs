@@ -151,15 +151,22 @@ impl Chitchat {
     /// Digest contains important information about the list of members in
     /// the cluster.
     fn report_heartbeats_in_digest(&mut self, digest: &Digest) {
-        for (chitchat_id, node_digest) in &digest.node_digests {
+        // Known nodes first, in one walk beside the digest (a weft patch; at
+        // rest every entry is one). A peer never sets this node's own
+        // heartbeat.
+        let failure_detector = &mut self.failure_detector;
+        let mut unknown: Vec<(&ChitchatId, Heartbeat)> = Vec::new();
+        self.cluster_state.set_known_heartbeats(
+            digest,
+            &self.config.chitchat_id,
+            |id| failure_detector.report_heartbeat(id),
+            |id, heartbeat| unknown.push((id, heartbeat)),
+        );
+        for (chitchat_id, heartbeat) in unknown {
             match self.about_self(chitchat_id) {
-                // Every peer's digest lists this node; its heartbeat is ours.
-                AboutSelf::Own => continue,
-                AboutSelf::Claim => {
-                    self.claims_about_self += 1;
-                    continue;
-                }
-                AboutSelf::No => self.report_heartbeat(chitchat_id, node_digest.heartbeat),
+                AboutSelf::Own => {}
+                AboutSelf::Claim => self.claims_about_self += 1,
+                AboutSelf::No => self.report_heartbeat(chitchat_id, heartbeat),
             }
         }
     }

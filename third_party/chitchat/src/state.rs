@@ -577,6 +577,34 @@ impl ClusterState {
     }
 
     /// Get a mutable node state if it exists.
+    /// Sets the heartbeats of `digest` on the known nodes it lists, but
+    /// `own` (weft patch): one walk of both sorted maps side by side, a
+    /// comparison per step, instead of a search of the node map per entry.
+    /// Calls `advanced` with each node whose heartbeat moved on, `unknown`
+    /// with each entry of a node this state does not hold.
+    pub(crate) fn set_known_heartbeats<'a>(
+        &mut self,
+        digest: &'a crate::digest::Digest,
+        own: &ChitchatId,
+        mut advanced: impl FnMut(&ChitchatId),
+        mut unknown: impl FnMut(&'a ChitchatId, Heartbeat),
+    ) {
+        let mut known = self.node_states.iter_mut().peekable();
+        for (chitchat_id, node_digest) in &digest.node_digests {
+            while known.next_if(|(id, _)| *id < chitchat_id).is_some() {}
+            match known.next_if(|(id, _)| *id == chitchat_id) {
+                // Every peer's digest lists this node; its heartbeat is ours.
+                Some((id, _)) if id == own => {}
+                Some((id, node_state)) => {
+                    if node_state.try_set_heartbeat(node_digest.heartbeat) {
+                        advanced(id);
+                    }
+                }
+                None => unknown(chitchat_id, node_digest.heartbeat),
+            }
+        }
+    }
+
     pub(crate) fn node_state_mut(&mut self, chitchat_id: &ChitchatId) -> Option<&mut NodeState> {
         self.node_states.get_mut(chitchat_id)
     }
