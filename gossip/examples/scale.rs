@@ -590,19 +590,18 @@ async fn offer_reach(bridges: &[Node], nodes: &[Node]) -> Option<Duration> {
         .and_then(|t| t.into_iter().max())
 }
 
+/// The heap profiler `--heap` runs: its file is written when it drops.
 #[cfg(feature = "heap-profile")]
-fn heap_profiler(nodes: usize) -> dhat::Profiler {
-    dhat::Profiler::builder()
-        .file_name(format!("dhat-heap-{nodes}.json"))
-        .build()
+fn heap_profiler(nodes: usize) -> Box<dyn std::any::Any> {
+    Box::new(
+        dhat::Profiler::builder()
+            .file_name(format!("dhat-heap-{nodes}.json"))
+            .build(),
+    )
 }
 
-/// What `--heap` holds without the feature: nothing, as it refuses to run.
 #[cfg(not(feature = "heap-profile"))]
-struct NoHeapProfile;
-
-#[cfg(not(feature = "heap-profile"))]
-fn heap_profiler(_: usize) -> NoHeapProfile {
+fn heap_profiler(_: usize) -> Box<dyn std::any::Any> {
     panic!("--heap needs the harness built with --features heap-profile");
 }
 
