@@ -1,19 +1,27 @@
 //! A bridge's part in zones ([`weft_gossip::zones`]): a second gossip pool
-//! between zones, the view the bridge routes from (its zone's joined with
-//! that pool), and once a second the offers it writes: its zone's services
-//! into the pool between zones, every other zone's into its zone.
+//! between zones ([`BetweenZones`]), the view the bridge routes from (its
+//! zone's joined with that pool), and once a second the offers it writes:
+//! its zone's services into the pool between zones, every other zone's
+//! into its zone.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use weft_gossip::seal::SealedTransport;
 use weft_gossip::zones::{self, gateway_zone};
-use weft_gossip::{Cluster, ClusterConfig, ClusterView, Key, ZoneOffer};
+use weft_gossip::{Cluster, ClusterConfig, ClusterView, Key, NodeInfo, ZoneOffer};
 use weft_runtime::dataplane::tables::{RouterHandle, StatsHandle};
 use weft_runtime::gossip_writer::GossipWriter;
 use weft_runtime::policy::stats::Summary;
+use weft_runtime::tls;
+use weft_runtime::tunnel::TunnelPool;
+
+use crate::config::{BridgeConfig, NodeConfig};
+use crate::keyring::ClusterKeys;
+use crate::NodeError;
 
 /// How often the offers are written (when they changed).
 const OFFER_PERIOD: Duration = Duration::from_secs(1);
@@ -47,7 +55,7 @@ pub struct Bridge {
 impl Bridge {
     /// Joins the pool between zones and starts the view joiner and the
     /// offer writer.
-    pub async fn start(
+    async fn start(
         config: &ClusterConfig,
         initial: Vec<(Key, String)>,
         transport: &SealedTransport,
@@ -67,6 +75,62 @@ impl Bridge {
         };
         tokio::spawn(offers.run());
         Ok(Bridge { between, views })
+    }
+}
+
+/// What a bridge needs to join the pool between zones.
+pub struct BetweenZones<'a> {
+    /// The node's configuration (name, interval, advertised address).
+    pub cfg: &'a NodeConfig,
+    /// Its `--bridge` address and seeds.
+    pub bridge: &'a BridgeConfig,
+    /// The cluster's id, from which the pool's is made.
+    pub cluster_id: String,
+    /// The node's incarnation, the same in both pools.
+    pub generation: u64,
+    /// The node record it writes in both pools.
+    pub info: &'a NodeInfo,
+}
+
+impl BetweenZones<'_> {
+    /// Joins the pool between zones, sealed with the cluster's gossip keys
+    /// and signed with the node's certificate as its zone's pool is.
+    pub async fn start(
+        self,
+        identity: &tls::Identity,
+        tunnels: &TunnelPool,
+        keys: &ClusterKeys,
+        zone: (&str, &Cluster, GossipWriter),
+        tables: (RouterHandle, StatsHandle),
+    ) -> Result<Bridge, NodeError> {
+        let listen = self.bridge.listen;
+        let advertise = if listen.ip().is_unspecified() {
+            let ip = self.cfg.advertise_gossip.map_or(listen.ip(), |a| a.ip());
+            SocketAddr::new(ip, listen.port())
+        } else {
+            listen
+        };
+        let attestor = tls::NodeAttestor::new(identity, tunnels.trust())
+            .map_err(|e| NodeError::Config(e.to_string()))?;
+        let config = ClusterConfig {
+            node_name: self.cfg.name.clone(),
+            generation: self.generation,
+            listen_addr: listen,
+            advertise_addr: advertise,
+            seeds: self.bridge.seeds.clone(),
+            interval: self.cfg.gossip_interval * ROUND_FACTOR,
+            cluster_id: between_id(&self.cluster_id),
+            attestor: Some(Arc::new(attestor)),
+        };
+        let transport = weft_gossip::seal::SealedTransport::with_keyring(keys.ring())
+            .with_advertised(advertise);
+        let initial = vec![(
+            Key::Node,
+            serde_json::to_string(self.info).unwrap_or_default(),
+        )];
+        Bridge::start(&config, initial, &transport, zone, tables)
+            .await
+            .map_err(|e| NodeError::Config(format!("--bridge {listen}: {e}")))
     }
 }
 

@@ -25,10 +25,10 @@ use weft_runtime::trace::Tracer;
 use weft_runtime::tunnel::TunnelPool;
 
 use crate::api::{self, ApiState, Faults};
-use crate::bridge::{self, Bridge};
+use crate::bridge::{self, BetweenZones};
 use crate::callers::CallerPorts;
 use crate::cli::NodeArgs;
-use crate::config::{BridgeConfig, NodeConfig};
+use crate::config::NodeConfig;
 use crate::crl;
 use crate::init;
 use crate::keyring::ClusterKeys;
@@ -872,54 +872,6 @@ fn describe_metrics() {
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
-}
-
-/// What a bridge needs to join the pool between zones.
-struct BetweenZones<'a> {
-    cfg: &'a NodeConfig,
-    bridge: &'a BridgeConfig,
-    cluster_id: String,
-    generation: u64,
-    info: &'a NodeInfo,
-}
-
-impl BetweenZones<'_> {
-    /// Joins the pool between zones, sealed with the cluster's gossip keys
-    /// and signed with the node's certificate as its zone's pool is.
-    async fn start(
-        self,
-        identity: &tls::Identity,
-        tunnels: &TunnelPool,
-        keys: &ClusterKeys,
-        zone: (&str, &Cluster, GossipWriter),
-        tables: (RouterHandle, StatsHandle),
-    ) -> Result<Bridge, NodeError> {
-        let listen = self.bridge.listen;
-        let advertise = if listen.ip().is_unspecified() {
-            let ip = self.cfg.advertise_gossip.map_or(listen.ip(), |a| a.ip());
-            SocketAddr::new(ip, listen.port())
-        } else {
-            listen
-        };
-        let attestor = tls::NodeAttestor::new(identity, tunnels.trust())
-            .map_err(|e| NodeError::Config(e.to_string()))?;
-        let config = ClusterConfig {
-            node_name: self.cfg.name.clone(),
-            generation: self.generation,
-            listen_addr: listen,
-            advertise_addr: advertise,
-            seeds: self.bridge.seeds.clone(),
-            interval: self.cfg.gossip_interval * bridge::ROUND_FACTOR,
-            cluster_id: bridge::between_id(&self.cluster_id),
-            attestor: Some(Arc::new(attestor)),
-        };
-        let transport = weft_gossip::seal::SealedTransport::with_keyring(keys.ring())
-            .with_advertised(advertise);
-        let initial = vec![(Key::Node, to_json(self.info))];
-        Bridge::start(&config, initial, &transport, zone, tables)
-            .await
-            .map_err(|e| NodeError::Config(format!("--bridge {listen}: {e}")))
-    }
 }
 
 /// Distinct clusters never mix: the id is derived from the cluster CA
