@@ -65,6 +65,12 @@ pub(crate) struct Parsed {
 }
 
 impl NodeKeys {
+    /// The `zone/<zone>/<service>` offers among these keys, as (zone,
+    /// service, offer), parsed once.
+    pub fn offers(&self) -> &[(String, String, ZoneOffer)] {
+        &self.parsed().offers
+    }
+
     pub(crate) fn parsed(&self) -> &Parsed {
         self.parsed.get_or_init(|| {
             let mut parsed = Parsed {

@@ -36,6 +36,11 @@ pub fn gateway_zone(id: &str) -> Option<&str> {
     id.strip_prefix(GATEWAY_PREFIX)
 }
 
+/// Whether `id` is a gateway's rather than a registered instance's.
+pub fn is_gateway(id: &str) -> bool {
+    gateway_zone(id).is_some()
+}
+
 /// Where the node that took a view stands: its zone and whether it
 /// bridges it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -83,9 +88,9 @@ fn zone_of(node: &NodeSnapshot) -> Option<Option<&str>> {
 }
 
 /// The gateway instances of every service another zone offers, by service:
-/// the next hops toward each zone that has a routable instance of it.
-pub fn gateways(view: &ClusterView) -> BTreeMap<String, Vec<Arc<Instance>>> {
-    let me = Place::of(view);
+/// the next hops toward each zone that has a routable instance of it, from
+/// the view of a node standing at `me`.
+pub fn gateways(view: &ClusterView, me: &Place) -> BTreeMap<String, Vec<Arc<Instance>>> {
     let mut out: BTreeMap<String, Vec<Arc<Instance>>> = BTreeMap::new();
     // The default zone has no bridges: nothing leads out of it.
     if me.zone.is_none() {
@@ -102,7 +107,7 @@ pub fn gateways(view: &ClusterView) -> BTreeMap<String, Vec<Arc<Instance>>> {
             continue;
         }
         let same_zone = info.zone == me.zone;
-        for (zone, service, offer) in &node.kv.parsed().offers {
+        for (zone, service, offer) in node.kv.offers() {
             let offered_by_own_zone = me.zone.as_deref() == Some(zone.as_str());
             // A bridge's next hop is the offering zone's own bridge; any
             // other node's is a bridge of its zone.
@@ -151,7 +156,7 @@ pub fn other_zones(between: &ClusterView) -> BTreeMap<(String, String), ZoneOffe
         if !node.live || info.status != NodeStatus::Alive || info.zone == own {
             continue;
         }
-        for (zone, service, offer) in &node.kv.parsed().offers {
+        for (zone, service, offer) in node.kv.offers() {
             // A bridge speaks for its own zone only.
             if info.zone.as_deref() != Some(zone.as_str()) {
                 continue;
@@ -238,7 +243,7 @@ mod tests {
     }
 
     fn hops(view: &ClusterView, service: &str) -> Vec<(String, String)> {
-        gateways(view)
+        gateways(view, &Place::of(view))
             .get(service)
             .map(|list| {
                 list.iter()
@@ -302,7 +307,7 @@ mod tests {
             ],
         );
         let empty = Arc::new(Catalog::default());
-        let with = with_gateways(&empty, &gateways(&v));
+        let with = with_gateways(&empty, &gateways(&v, &Place::of(&v)));
         assert_eq!(with.instances("echo")[0].id, "zone:b");
         assert_eq!(gateway_zone(&with.instances("echo")[0].id), Some("b"));
 
@@ -313,6 +318,9 @@ mod tests {
         own.services
             .insert("echo".into(), vec![Arc::new(local)].into());
         let own = Arc::new(own);
-        assert!(Arc::ptr_eq(&own, &with_gateways(&own, &gateways(&v))));
+        assert!(Arc::ptr_eq(
+            &own,
+            &with_gateways(&own, &gateways(&v, &Place::of(&v)))
+        ));
     }
 }

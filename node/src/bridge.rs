@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use weft_gossip::seal::SealedTransport;
-use weft_gossip::zones::{self, gateway_zone};
+use weft_gossip::zones::{self, is_gateway};
 use weft_gossip::{Cluster, ClusterConfig, ClusterView, Key, NodeInfo, ZoneOffer};
 use weft_runtime::dataplane::tables::{RouterHandle, StatsHandle};
 use weft_runtime::gossip_writer::GossipWriter;
@@ -66,7 +66,8 @@ impl Bridge {
         let views = joined_views(zone.views(), between.views());
         let offers = Offers {
             own_zone: own_zone.to_string(),
-            between: between.clone(),
+            between_views: between.views(),
+            between_writer: GossipWriter::spawn(between.clone()),
             zone_writer,
             router: tables.0,
             stats: tables.1,
@@ -160,7 +161,8 @@ fn joined_views(
 /// longer offered.
 struct Offers {
     own_zone: String,
-    between: Arc<Cluster>,
+    between_views: watch::Receiver<Arc<ClusterView>>,
+    between_writer: GossipWriter,
     zone_writer: GossipWriter,
     router: RouterHandle,
     stats: StatsHandle,
@@ -175,9 +177,12 @@ impl Offers {
         loop {
             tick.tick().await;
             let own = self.own_offers();
-            self.write_between(own).await;
-            let theirs = zones::other_zones(&self.between.views().borrow());
-            self.write_zone(theirs);
+            self.between_writer.sync(&mut self.written_between, own);
+            let theirs = zones::other_zones(&self.between_views.borrow())
+                .into_iter()
+                .map(|((zone, service), offer)| (Key::Zone { zone, service }, json(&offer)))
+                .collect();
+            self.zone_writer.sync(&mut self.written_zone, theirs);
         }
     }
 
@@ -187,10 +192,7 @@ impl Offers {
         let (routing, stats) = (self.router.load(), self.stats.load());
         let mut offers = BTreeMap::new();
         for (service, instances) in &routing.catalog.services {
-            let own: Vec<_> = instances
-                .iter()
-                .filter(|i| gateway_zone(&i.id).is_none())
-                .collect();
+            let own: Vec<_> = instances.iter().filter(|i| !is_gateway(&i.id)).collect();
             if own.is_empty() {
                 continue;
             }
@@ -209,40 +211,6 @@ impl Offers {
             offers.insert(key, json(&offer));
         }
         offers
-    }
-
-    async fn write_between(&mut self, offers: BTreeMap<Key, String>) {
-        for (key, value) in &offers {
-            if self.written_between.get(key) != Some(value) {
-                if let Err(e) = self.between.set(key, value).await {
-                    tracing::warn!(error = %e, "could not offer a service to other zones");
-                }
-            }
-        }
-        for key in self.written_between.keys() {
-            if !offers.contains_key(key) {
-                self.between.delete(key).await;
-            }
-        }
-        self.written_between = offers;
-    }
-
-    fn write_zone(&mut self, theirs: BTreeMap<(String, String), ZoneOffer>) {
-        let offers: BTreeMap<Key, String> = theirs
-            .into_iter()
-            .map(|((zone, service), offer)| (Key::Zone { zone, service }, json(&offer)))
-            .collect();
-        for (key, value) in &offers {
-            if self.written_zone.get(key) != Some(value) {
-                self.zone_writer.set(key.clone(), value.clone());
-            }
-        }
-        for key in self.written_zone.keys() {
-            if !offers.contains_key(key) {
-                self.zone_writer.delete(key.clone());
-            }
-        }
-        self.written_zone = offers;
     }
 }
 

@@ -1,6 +1,7 @@
 //! One ordered queue for the node's own gossip writes from actors, so that two
 //! quick changes of the same key land in the order they were decided.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -39,5 +40,22 @@ impl GossipWriter {
     /// Deletes `key`.
     pub fn delete(&self, key: Key) {
         let _ = self.tx.send((key, None));
+    }
+
+    /// Makes a set of keys `wanted`, given that `written` was written
+    /// last: writes what changed, deletes what is no longer wanted, and
+    /// remembers `wanted` as written.
+    pub fn sync(&self, written: &mut BTreeMap<Key, String>, wanted: BTreeMap<Key, String>) {
+        for (key, value) in &wanted {
+            if written.get(key) != Some(value) {
+                self.set(key.clone(), value.clone());
+            }
+        }
+        for key in written.keys() {
+            if !wanted.contains_key(key) {
+                self.delete(key.clone());
+            }
+        }
+        *written = wanted;
     }
 }

@@ -83,7 +83,8 @@ impl Router {
         let previous = self.handle.load();
         export_member_gauges(&members);
         let (derived, diff) = self.catalog.update(view);
-        let catalog = self.with_gateways(derived, view);
+        let place = zones::Place::of(view);
+        let catalog = self.with_gateways(derived, view, &place);
         let (catalog, endpoints) = if Arc::ptr_eq(&catalog, &previous.catalog) {
             (catalog, previous.endpoints.clone())
         } else {
@@ -95,7 +96,7 @@ impl Router {
             members,
             catalog,
             endpoints,
-            place: zones::Place::of(view),
+            place,
         });
     }
 }
@@ -103,8 +104,13 @@ impl Router {
 impl Router {
     /// `derived` with the gateways to the services only other zones offer;
     /// the previous result while neither moved, so the endpoints are kept.
-    fn with_gateways(&mut self, derived: Arc<Catalog>, view: &ClusterView) -> Arc<Catalog> {
-        let gateways = zones::gateways(view);
+    fn with_gateways(
+        &mut self,
+        derived: Arc<Catalog>,
+        view: &ClusterView,
+        place: &zones::Place,
+    ) -> Arc<Catalog> {
+        let gateways = zones::gateways(view, place);
         if gateways.is_empty() {
             self.zoned = None;
             return derived;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::{mpsc, watch};
-use weft_gossip::{ClusterView, Health, Key, ZoneOffer};
+use weft_gossip::{zones, ClusterView, Health, Key};
 
 use crate::caller::Caller;
 use crate::dataplane::tables::{EdgeStats, RouterHandle, ServiceStats, StatsHandle, StatsSnapshot};
@@ -209,19 +209,22 @@ impl StatsAggregator {
         let mut by_edge: BTreeMap<(String, String), Vec<(String, Summary)>> = BTreeMap::new();
         // Other zones' summaries, one per zone and service (each of the
         // zone's bridges copies the same one).
-        let mut zones: BTreeMap<(String, String), Summary> = BTreeMap::new();
+        let mut offered: BTreeMap<(String, String), Summary> = BTreeMap::new();
         for node in view.nodes.iter().filter(|n| n.live) {
+            for (zone, service, offer) in node.kv.offers() {
+                if Some(zone) == own_zone.as_ref() {
+                    continue;
+                }
+                if let Some(summary) = offer.stats.as_deref().and_then(Summary::decode) {
+                    // Merged under its gateway's id, which no node's name is.
+                    offered.insert((service.clone(), zones::gateway_id(zone)), summary);
+                }
+            }
             for (k, v) in node.kv.iter() {
                 let summaries = match Key::decode(k) {
                     Some(Key::Stats(service)) => by_service.entry(service).or_default(),
                     Some(Key::Edge { service, caller }) => {
                         by_edge.entry((caller, service)).or_default()
-                    }
-                    Some(Key::Zone { zone, service }) if Some(&zone) != own_zone.as_ref() => {
-                        if let Some(summary) = zone_summary(v) {
-                            zones.insert((service, zone_source(&zone)), summary);
-                        }
-                        continue;
                     }
                     _ => continue,
                 };
@@ -234,12 +237,12 @@ impl StatsAggregator {
         let names: BTreeSet<&String> = by_service
             .keys()
             .chain(self.local.keys())
-            .chain(zones.keys().map(|(service, _)| service))
+            .chain(offered.keys().map(|(service, _)| service))
             .collect();
         for name in names {
             let own = by_service.get(name).map_or(&[][..], Vec::as_slice);
             let zone = merge(own, Some(&self.node));
-            let mut from_zones = zones
+            let mut from_zones = offered
                 .range((name.clone(), String::new())..)
                 .take_while(|((service, _), _)| service == name)
                 .map(|((_, source), summary)| (source.clone(), *summary))
@@ -248,7 +251,7 @@ impl StatsAggregator {
                 zone
             } else {
                 let all: Vec<(String, Summary)> = own.iter().cloned().chain(from_zones).collect();
-                merge_trusting(&all, |n| *n == self.node || is_zone_source(n))
+                merge_trusting(&all, |n| *n == self.node || zones::is_gateway(n))
             };
             let (local, effective, episode_start, explore) = self
                 .local
@@ -286,22 +289,6 @@ impl StatsAggregator {
             .collect();
         self.handle.publish(StatsSnapshot { services, edges });
     }
-}
-
-/// The name another zone's summary is merged under: no node's name, as
-/// node names have no `:`.
-fn zone_source(zone: &str) -> String {
-    format!("zone:{zone}")
-}
-
-fn is_zone_source(name: &str) -> bool {
-    name.starts_with("zone:")
-}
-
-/// The statistics a zone offer carries.
-fn zone_summary(value: &str) -> Option<Summary> {
-    let offer: ZoneOffer = serde_json::from_str(value).ok()?;
-    Summary::decode(offer.stats.as_deref()?)
 }
 
 /// The success the calling apps saw, over the summaries that report it,

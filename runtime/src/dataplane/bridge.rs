@@ -9,20 +9,20 @@
 //!
 //! The relay reads the request head and the response head and passes the
 //! rest of both streams through untouched. The caller the head names is
-//! checked as a serving node checks it, unless the peer is a bridge, which
-//! checked it already; the last hop records the request's outcome, so the
+//! checked as a serving node checks it (a bridge's is believed, as it
+//! checked it already); the last hop records the request's outcome, so the
 //! serving zone learns from the calls other zones send it too.
 
 use std::time::{Duration, Instant};
 
 use quinn::{RecvStream, SendStream, VarInt};
 use rand::seq::SliceRandom;
-use weft_gossip::zones::gateway_zone;
+use weft_gossip::zones::{gateway_zone, is_gateway};
 use weft_gossip::Protocol;
 
 use super::endpoints::Endpoint;
 use super::error::MeshError;
-use super::inbound::refuse;
+use super::inbound::{check_claim, refuse};
 use super::request::{header_map, wire_pairs};
 use super::tables::RouterSnapshot;
 use super::DataPlane;
@@ -37,11 +37,6 @@ const RESET: VarInt = VarInt::from_u32(1);
 /// How much longer than the caller's deadline a relay waits for the next
 /// hop's response head.
 const HEAD_GRACE: Duration = Duration::from_secs(1);
-
-/// Whether `head` names a gateway instance rather than a registered one.
-pub(super) fn is_gateway(head: &RequestHead) -> bool {
-    gateway_zone(&head.instance).is_some()
-}
 
 /// What became of a stream for a gateway instance.
 pub(super) enum Relayed {
@@ -97,23 +92,11 @@ pub(super) async fn relay(
     Ok(Relayed::Done)
 }
 
-/// Believes the caller the head names when the peer is a bridge (it
-/// checked the claim where the request entered its zone); otherwise checks
-/// it as a serving node would, against the instances the peer hosts.
+/// Checks the caller the head names as a serving node does
+/// ([`check_claim`]), before the stream goes on.
 fn admit_relayed_caller(snap: &RouterSnapshot, peer: &str, head: &mut RequestHead) {
-    if snap.is_bridge(peer) {
-        return;
-    }
     let mut headers = header_map(std::mem::take(&mut head.headers));
-    let hosts = |service: &str| {
-        snap.catalog
-            .instances(service)
-            .iter()
-            .any(|i| i.node == peer)
-    };
-    if caller::admit_claim(&mut headers, peer, hosts) == caller::Claim::NotHosted {
-        metrics::counter!("weft_caller_claims_rejected_total").increment(1);
-    }
+    check_claim(snap, peer, &head.service, &mut headers);
     head.headers = wire_pairs(&headers);
 }
 
@@ -121,7 +104,7 @@ fn admit_relayed_caller(snap: &RouterSnapshot, peer: &str, head: &mut RequestHea
 /// zone has no routable instance, and the stream must not leave it again).
 fn in_zone(dp: &DataPlane, snap: &RouterSnapshot, service: &str) -> Result<Endpoint, MeshError> {
     let picked = dp.pick(snap, service, Protocol::Http, &[])?;
-    if gateway_zone(&picked.instance.id).is_some() {
+    if is_gateway(&picked.instance.id) {
         return Err(MeshError::NoHealthyInstance);
     }
     Ok(picked)

@@ -16,6 +16,7 @@ use super::local::LocalFailure;
 use super::request::{header_map, is_upgrade, wire_pairs, Forward};
 use super::spans::InboundSpan;
 use super::splice::{reset_tcp, splice};
+use super::tables::RouterSnapshot;
 use super::{body, ConnectionLimit, DataPlane, Limit, ProxyBody};
 use crate::caller::{self, Claim};
 use crate::outcome::{OutcomeClass, RequestMetrics};
@@ -280,7 +281,7 @@ async fn handle_stream(
         tunnel::close_read(recv);
         return super::tap::serve(dp, &head, send).await;
     }
-    let (head, mut send, recv) = if bridge::is_gateway(&head) {
+    let (head, mut send, recv) = if weft_gossip::zones::is_gateway(&head.instance) {
         match bridge::relay(dp, peer, head, send, recv).await? {
             Relayed::Done => return Ok(()),
             Relayed::Here(head, send, recv) => (head, send, recv),
@@ -549,18 +550,20 @@ impl Inbound<'_> {
     }
 }
 
-/// Believes the caller `peer` names only if the peer hosts that service
-/// (in this node's view of the catalog), and names the peer; then checks
-/// the cluster's intentions again here, where the instance is (the calling
-/// node checked them already). The caller the instance is told, or the
-/// denial.
-fn admit_caller(
-    dp: &DataPlane,
+/// Believes the caller `peer` names in a request for `service` only if
+/// the peer hosts that service (in `routing`'s catalog), and names the
+/// peer; a bridge's caller and calling node are believed as it relays
+/// them, as it or the bridge before it checked them.
+pub(super) fn check_claim(
+    routing: &RouterSnapshot,
     peer: &str,
     service: &str,
     headers: &mut http::HeaderMap,
-) -> Result<http::HeaderValue, Decision> {
-    let routing = dp.router.load();
+) {
+    let vouched = headers.contains_key(caller::CALLER_NODE) && routing.is_bridge(peer);
+    if vouched {
+        return;
+    }
     let hosts = |caller: &str| {
         routing
             .catalog
@@ -568,10 +571,7 @@ fn admit_caller(
             .iter()
             .any(|i| i.node == peer)
     };
-    // A bridge relays a caller it or the bridge before it checked, with
-    // the node the request came from.
-    let vouched = headers.contains_key(caller::CALLER_NODE) && routing.is_bridge(peer);
-    if !vouched && caller::admit_claim(headers, peer, hosts) == Claim::NotHosted {
+    if caller::admit_claim(headers, peer, hosts) == Claim::NotHosted {
         metrics::counter!("weft_caller_claims_rejected_total").increment(1);
         tracing::warn!(
             peer,
@@ -579,6 +579,18 @@ fn admit_caller(
             "a peer named a caller it hosts no registration of; treated as the anonymous caller"
         );
     }
+}
+
+/// [`check_claim`], then the cluster's intentions again here, where the
+/// instance is (the calling node checked them already). The caller the
+/// instance is told, or the denial.
+fn admit_caller(
+    dp: &DataPlane,
+    peer: &str,
+    service: &str,
+    headers: &mut http::HeaderMap,
+) -> Result<http::HeaderValue, Decision> {
+    check_claim(&dp.router.load(), peer, service, headers);
     let caller = headers
         .get(caller::CALLER)
         .cloned()

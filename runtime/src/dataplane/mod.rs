@@ -603,7 +603,7 @@ impl DataPlane {
                 .increment(1);
             // Vote in gossip; the owner's own instances are judged by its
             // checks, and a gateway to another zone is no one's instance.
-            let votes = node != self.node && weft_gossip::zones::gateway_zone(&id).is_none();
+            let votes = node != self.node && !weft_gossip::zones::is_gateway(&id);
             if let (Some(w), true) = (&self.writer, votes) {
                 w.set(Key::Eject { node, id }, "1".to_string());
             }
