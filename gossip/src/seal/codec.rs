@@ -4,9 +4,6 @@
 
 use chitchat::ChitchatEnvelope;
 
-/// Receive buffer size (larger than any UDP payload).
-pub(super) const RECV_BUF_LEN: usize = 65_536;
-
 /// Encodes envelopes into one reused buffer.
 #[derive(Default)]
 pub(super) struct Encoder {

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, warn};
 
-use super::codec::{self, RECV_BUF_LEN};
+use super::codec;
 use super::datagram::unix_now_ms;
 use super::fragment::parse_routed;
 use super::keyring::SharedKeyring;
@@ -22,6 +22,8 @@ use super::reassembly::Reassembler;
 use super::replay::ReplayWindow;
 use super::stats::{bump, SealStats, WarnLimiter};
 
+/// Receive buffer size (larger than any UDP payload).
+const RECV_BUF_LEN: usize = 65_536;
 /// Pause before restarting a panicked reader.
 const RESTART_BACKOFF: Duration = Duration::from_millis(50);
 /// Consecutive non-transient receive errors after which the socket is broken.
